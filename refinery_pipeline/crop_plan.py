@@ -1,0 +1,134 @@
+"""The crop plan: which box and flip every (image n, slot k) gets, and which slot each epoch uses.
+
+Every random number here comes from a counter-based generator: a 64-bit hash of
+``(seed, stream, a, b, draw)``. A crop therefore depends only on its own coordinates, never on
+batch size, worker count, rank count or visiting order, which is what lets a label computed
+offline be replayed exactly, and lets several ranks write one store byte-identically.
+
+Boxes follow ``torchvision.transforms.RandomResizedCrop.get_params``: area scale uniform in
+``scale``, log-uniform aspect ratio in ``ratio``, 10 tries, then the centre fallback. They are
+drawn in the pixel frame of the image *as stored in the .beton*, since that is what is decoded.
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# Distinct streams keep boxes, flips and slot choices statistically independent.
+STREAM_BOX, STREAM_FLIP, STREAM_SLOT = 1, 2, 3
+TRIES = 10  # torchvision's number of attempts before the centre fallback
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a bijective, well-mixed 64-bit hash (vectorised, wraps on overflow)."""
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniform(seed: int, stream: int, a, b, draw) -> np.ndarray:
+    """Uniform floats in [0, 1) that are a pure function of their (broadcast) integer coordinates."""
+    with np.errstate(over="ignore"):
+        x = _splitmix64(np.uint64(seed) ^ (np.uint64(stream) << np.uint64(56)))
+        for coord in (a, b, draw):
+            x = _splitmix64(x ^ np.asarray(coord, dtype=np.uint64))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """How crops are sampled; recorded verbatim in every label store."""
+
+    seed: int = 0
+    crops_per_image: int = 10
+    scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CropPlan":
+        return cls(seed=int(d["seed"]), crops_per_image=int(d["crops_per_image"]),
+                   scale=tuple(d["scale"]), ratio=tuple(d["ratio"]), flip=bool(d["flip"]))
+
+
+def sample_boxes(plan: CropPlan, image_ids: np.ndarray, heights: np.ndarray,
+                 widths: np.ndarray) -> np.ndarray:
+    """Boxes ``(y, x, h, w)`` as uint16, shape ``(len(image_ids), K, 4)``, for every slot of each image.
+
+    Vectorised over images, slots and the 10 tries; the first try that fits wins, exactly as in
+    torchvision's loop, and images where none fits get the centre fallback.
+    """
+    n = np.asarray(image_ids, dtype=np.uint64)[:, None, None]
+    k = np.arange(plan.crops_per_image, dtype=np.uint64)[None, :, None]
+    t = np.arange(TRIES, dtype=np.uint64)[None, None, :]
+    H = np.asarray(heights, dtype=np.float64)[:, None, None]
+    W = np.asarray(widths, dtype=np.float64)[:, None, None]
+
+    def draw(j):  # four independent draws per try
+        return counter_uniform(plan.seed, STREAM_BOX, n, k, t * np.uint64(4) + np.uint64(j))
+
+    log_lo, log_hi = np.log(plan.ratio[0]), np.log(plan.ratio[1])
+    target_area = H * W * (plan.scale[0] + (plan.scale[1] - plan.scale[0]) * draw(0))
+    aspect = np.exp(log_lo + (log_hi - log_lo) * draw(1))
+    w = np.round(np.sqrt(target_area * aspect))
+    h = np.round(np.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    y = np.floor(draw(2) * (H - h + 1))
+    x = np.floor(draw(3) * (W - w + 1))
+
+    first = np.argmax(fits, axis=2)[..., None]  # index of the first fitting try
+    any_fit = np.take_along_axis(fits, first, axis=2)[..., 0]
+    pick = lambda a: np.take_along_axis(np.broadcast_to(a, fits.shape), first, axis=2)[..., 0]
+    boxes = np.stack([pick(y), pick(x), pick(h), pick(w)], axis=-1)
+
+    fallback = centre_fallback(np.asarray(heights), np.asarray(widths), plan.ratio)
+    boxes = np.where(any_fit[..., None], boxes, fallback[:, None, :])
+    return boxes.astype(np.uint16)
+
+
+def centre_fallback(heights: np.ndarray, widths: np.ndarray, ratio) -> np.ndarray:
+    """torchvision's fallback box per image, ``(N, 4)``: the largest centred crop within ``ratio``."""
+    H = np.asarray(heights, dtype=np.int64)
+    W = np.asarray(widths, dtype=np.int64)
+    in_ratio = W / H
+    lo, hi = min(ratio), max(ratio)
+    w = np.where(in_ratio < lo, W, np.where(in_ratio > hi, np.round(H * hi), W)).astype(np.int64)
+    h = np.where(in_ratio < lo, np.round(W / lo), H).astype(np.int64)
+    return np.stack([(H - h) // 2, (W - w) // 2, h, w], axis=-1)
+
+
+def sample_flips(plan: CropPlan, image_ids: np.ndarray) -> np.ndarray:
+    """Horizontal flip flags, uint8 ``(len(image_ids), K)``; all zero when the plan has no flips."""
+    n = np.asarray(image_ids, dtype=np.uint64)[:, None]
+    k = np.arange(plan.crops_per_image, dtype=np.uint64)[None, :]
+    u = counter_uniform(plan.seed, STREAM_FLIP, n, k, 0)
+    return ((u < 0.5) & plan.flip).astype(np.uint8)
+
+
+SLOT_POLICIES = ("random", "cycle")
+
+
+def epoch_slots(seed: int, epoch: int, num_images: int, crops_per_image: int,
+                policy: str = "random") -> np.ndarray:
+    """Which stored slot each image replays in ``epoch``, int64 ``(num_images,)``.
+
+    ``random``: an independent uniform slot per (epoch, image). ``cycle``: each image visits its K
+    slots in a fresh random order every K epochs, so no slot repeats before all were used.
+    """
+    n = np.arange(num_images, dtype=np.uint64)
+    K = crops_per_image
+    if policy == "random":
+        u = counter_uniform(seed, STREAM_SLOT, epoch, n, 0)
+        return np.minimum((u * K).astype(np.int64), K - 1)
+    if policy == "cycle":
+        cycle, position = divmod(epoch, K)
+        keys = counter_uniform(seed, STREAM_SLOT, cycle, n[:, None],
+                               np.arange(K, dtype=np.uint64)[None, :] + np.uint64(1 << 32))
+        return np.argsort(keys, axis=1, kind="stable")[:, position].astype(np.int64)
+    raise ValueError(f"unknown slot policy {policy!r}; choose one of {SLOT_POLICIES}")

@@ -1,0 +1,29 @@
+"""Named errors whose messages say what is wrong *and* how to fix it.
+
+The CLI turns any :class:`RefineryError` into a one-line message and exit code 2, so users never
+see a traceback for bad input. Library code raises the most specific child it can.
+"""
+
+
+class RefineryError(Exception):
+    """Base class: a problem with the user's input that they can fix."""
+
+
+class DataSetError(RefineryError):
+    """The image data set (ImageFolder tree or .beton) cannot be used as given."""
+
+
+class StoreError(RefineryError):
+    """A label store is missing, malformed, or of an unsupported format version."""
+
+
+class StoreMismatchError(StoreError):
+    """A label store does not belong to this data set, plan or refinery."""
+
+
+class IncompleteStoreError(StoreError):
+    """A label store has chunks that were never written."""
+
+
+class CheckpointError(RefineryError):
+    """A model checkpoint cannot be loaded for the requested use."""
