@@ -1,0 +1,291 @@
+"""Image data sets as FFCV ``.beton`` files: conversion from ImageFolder trees, metadata, fingerprints.
+
+The ``.beton`` is the pixel source of truth. Crop boxes are drawn in its stored frame and both the
+refinery and the student decode its bytes with FFCV's own decoder, so we convert an ImageFolder
+tree once (cached) and always work from the file.
+
+ImageFolder trees list images class by class. We write them in a seeded random order, so any run of
+consecutive images (a store chunk, a precompute batch) mixes classes: the refinery's BatchNorm in
+train mode needs randomly composed batches, and class-sorted batches ruin its labels.
+"""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataSetError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+BETON_ORDER_SEED = 0  # fixed so that one tree always converts to the same image order
+META_SUFFIX = ".meta.json"
+
+
+@dataclass(frozen=True)
+class BetonOptions:
+    """How an ImageFolder tree is written to a .beton (part of the cache key)."""
+
+    max_resolution: int = 0  # 0 keeps the stored size; else the longer side is capped (INTER_AREA)
+    jpeg_quality: int = 90
+    write_mode: str = "jpg"  # 'jpg' or 'raw' (FFCV's 'proportion' mode is unseeded: not offered)
+
+
+class ImageDataset:
+    """A ``.beton`` with an image field ``image`` and an int field ``label``, plus a JSON sidecar.
+
+    The sidecar ``<file>.meta.json`` holds the class names, the source files in stored order, and a
+    cached fingerprint (re-hashed only when the .beton's size or mtime changes).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataSetError(f"{self.path}: no such .beton file; pass an ImageFolder tree or an "
+                               "existing FFCV .beton")
+        try:
+            from ffcv.reader import Reader
+            self.reader = Reader(str(self.path))
+        except Exception as exc:  # FFCV raises AssertionError/ValueError on foreign files
+            raise DataSetError(f"{self.path}: not a readable FFCV .beton ({exc}); rewrite it "
+                               "with `refine precompute` from the ImageFolder tree") from None
+        names = self.reader.field_names
+        if "image" not in names or "label" not in names:
+            raise DataSetError(f"{self.path}: needs fields 'image' and 'label', found {names}")
+        self.image_field = f"f{names.index('image')}"
+        self.label_field = f"f{names.index('label')}"
+
+    @property
+    def num_images(self) -> int:
+        return int(self.reader.num_samples)
+
+    @property
+    def heights(self) -> np.ndarray:
+        return self.reader.metadata[self.image_field]["height"].astype(np.int64)
+
+    @property
+    def widths(self) -> np.ndarray:
+        return self.reader.metadata[self.image_field]["width"].astype(np.int64)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.reader.metadata[self.label_field].astype(np.int64)
+
+    @cached_property
+    def meta(self) -> dict:
+        sidecar = Path(str(self.path) + META_SUFFIX)
+        return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+
+    @property
+    def classes(self) -> list:
+        if "classes" in self.meta:
+            return list(self.meta["classes"])
+        return [str(c) for c in range(int(self.labels.max()) + 1)]
+
+    @property
+    def max_size(self) -> tuple:
+        return int(self.heights.max()), int(self.widths.max())
+
+    def fingerprint(self) -> dict:
+        """Identity of the stored data: count, classes and a hash of every image's stored bytes."""
+        stat = self.path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        cached = self.meta.get("fingerprint")
+        if cached and self.meta.get("fingerprint_stamp") == stamp:
+            return cached
+        fp = {"num_images": self.num_images, "classes": self.classes,
+              "image_bytes_sha256": self._hash_image_bytes(), "labels_sha256": _sha(self.labels)}
+        self._update_meta(fingerprint=fp, fingerprint_stamp=stamp)
+        return fp
+
+    def _hash_image_bytes(self) -> str:
+        """SHA-256 over each image's encoded bytes in sample order (independent of page layout)."""
+        table = self.reader.alloc_table
+        sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
+        blob = np.memmap(self.path, dtype=np.uint8, mode="r")
+        h = hashlib.sha256()
+        for ptr in self.reader.metadata[self.image_field]["data_ptr"].tolist():
+            h.update(blob[ptr:ptr + sizes[ptr]])
+        return h.hexdigest()
+
+    def _update_meta(self, **entries):
+        meta = {**self.meta, **entries}
+        sidecar = Path(str(self.path) + META_SUFFIX)
+        try:
+            _atomic_write_text(sidecar, json.dumps(meta, indent=1))
+            self.__dict__["meta"] = meta
+        except OSError:
+            pass  # a read-only data set still works; the fingerprint is just not cached
+
+
+def _sha(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- writing .beton files
+
+class ArraySource:
+    """An indexable ``(HWC uint8 image, label)`` source for :func:`write_beton`."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return np.ascontiguousarray(self.images[i]), int(self.labels[i])
+
+
+class FileSource:
+    """Reads image files as RGB (grayscale, CMYK, palette and PNG inputs are converted).
+
+    FFCV's writer waits forever if a worker process raises, so a file that cannot be decoded is
+    recorded in ``error_log`` and replaced by a 1x1 placeholder; :func:`write_beton` then fails
+    with a message naming the file, and the partial ``.beton`` is discarded.
+    """
+
+    def __init__(self, files, labels):
+        self.files, self.labels = files, labels
+        self.error_log = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.files[i]) as im:
+                return np.asarray(im.convert("RGB")), int(self.labels[i])
+        except Exception as exc:
+            if self.error_log is None:
+                raise DataSetError(f"{self.files[i]}: cannot be read as an image ({exc}); "
+                                   "delete or replace the file") from None
+            with open(self.error_log, "a") as log:
+                log.write(f"{self.files[i]}\t{str(exc).splitlines()[0]}\n")
+            return np.zeros((1, 1, 3), np.uint8), int(self.labels[i])
+
+
+def _raise_logged_errors(error_log: Path):
+    if not error_log.is_file():
+        return
+    lines = error_log.read_text().splitlines()
+    error_log.unlink()
+    if lines:
+        path, reason = lines[0].split("\t", 1)
+        more = f" (and {len(lines) - 1} more files)" if len(lines) > 1 else ""
+        raise DataSetError(f"{path}: cannot be read as an image ({reason}){more}; delete or "
+                           "replace the file")
+
+
+class _Reordered:
+    def __init__(self, source, order):
+        self.source, self.order = source, order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, i):
+        return self.source[int(self.order[i])]
+
+
+def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=None,
+                files=None, num_workers: int = 2, shuffle: bool = True):
+    """Write ``source`` to ``path`` (atomically) in a seeded random order; returns the order used."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    if len(source) == 0:
+        raise DataSetError(f"{path}: the data set has no images")
+    order = (np.random.default_rng(BETON_ORDER_SEED).permutation(len(source)) if shuffle
+             else np.arange(len(source)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.partial")
+    image_field = RGBImageField(write_mode=options.write_mode, jpeg_quality=options.jpeg_quality,
+                                max_resolution=options.max_resolution or None)
+    writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()},
+                           num_workers=max(1, num_workers))
+    error_log = tmp.with_name(tmp.name + ".errors")
+    if hasattr(source, "error_log"):
+        source.error_log = str(error_log)
+    try:
+        writer.from_indexed_dataset(_Reordered(source, order))
+        _raise_logged_errors(error_log)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    meta = {"classes": list(classes) if classes is not None else None,
+            "files": [str(files[i]) for i in order] if files is not None else None,
+            "options": options.__dict__}
+    _atomic_write_text(Path(str(path) + META_SUFFIX), json.dumps(meta, indent=1))
+    os.replace(tmp, path)
+    return order
+
+
+def scan_image_folder(root) -> tuple:
+    """``(classes, files, labels)`` of a torchvision-style ImageFolder tree, with clear errors."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataSetError(f"{root}: not a directory; pass an ImageFolder tree (one folder per "
+                           "class) or a .beton file")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataSetError(f"{root}: no class folders; expected {root}/<class>/<image>")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            raise DataSetError(f"{root / name}: class folder holds no images; add images or "
+                               "remove the folder")
+        files += found
+        labels += [label] * len(found)
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def _tree_key(root: Path, files, options: BetonOptions) -> str:
+    h = hashlib.sha256(json.dumps([str(root.resolve()), options.__dict__]).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("REFINERY_CACHE", Path.home() / ".cache" / "refinery"))
+
+
+def split_dir(data, split: str) -> Path:
+    """``DATA/<split>`` when it exists (torchvision reference layout), else ``DATA`` itself."""
+    data = Path(data)
+    return data / split if (data / split).is_dir() else data
+
+
+def open_dataset(data, split: str = "train", cache_dir=None,
+                 options: BetonOptions = BetonOptions(), num_workers: int = 2) -> ImageDataset:
+    """Open ``data`` as an :class:`ImageDataset`, converting an ImageFolder tree once if needed.
+
+    ``data`` is a ``.beton`` file, or an ImageFolder tree (``DATA/<split>/<class>/*`` or
+    ``DATA/<class>/*``). Converted files are cached under ``cache_dir`` keyed by the tree's file
+    list, sizes, mtimes and ``options``, so precompute and train share one file.
+    """
+    data = Path(data)
+    if data.suffix == ".beton" or data.is_file():
+        return ImageDataset(data)
+    root = split_dir(data, split)
+    classes, files, labels = scan_image_folder(root)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    beton = cache / f"{root.parent.name}-{root.name}-{_tree_key(root, files, options)}.beton"
+    if not beton.is_file():
+        write_beton(FileSource(files, labels), beton, options, classes=classes, files=files,
+                    num_workers=num_workers)
+    return ImageDataset(beton)

@@ -1,0 +1,58 @@
+"""Tiny data made in tmp_path: procedural shapes written to real .beton files, a random refinery."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from refinery_pipeline.dataset import ArraySource, ImageDataset, write_beton
+from refinery_pipeline.models import create_model, save_checkpoint
+from refinery_pipeline.synthetic import SHAPES, make_shapes
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "imagenette-96"
+
+
+def _write_split(directory: Path, split: str, count: int, seed: int, size: int = 40):
+    data = make_shapes(count, size, seed)
+    path = directory / f"shapes_{split}.beton"
+    write_beton(ArraySource(data.images, data.labels), path, classes=SHAPES, num_workers=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """``shapes_train.beton`` (96 images) and ``shapes_val.beton`` (32 images); returns train."""
+    directory = tmp_path_factory.mktemp("data")
+    _write_split(directory, "val", 32, seed=1)
+    return _write_split(directory, "train", 96, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_data) -> ImageDataset:
+    return ImageDataset(tiny_data)
+
+
+@pytest.fixture(scope="session")
+def tiny_refinery_ckpt(tmp_path_factory) -> Path:
+    """A randomly initialised demo CNN saved the way `refine train` saves students."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "refinery.pt"
+    save_checkpoint(path, create_model("demo_cnn", len(SHAPES)), "demo_cnn", SHAPES, 24)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFINERY_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_data_or_skip() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data set not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
