@@ -1,0 +1,179 @@
+"""The label store: a Zarr v3 group holding, per (image, slot), the crop box, the flip and the
+refinery's sparse top-k label. Format spec: ``docs/label-store.md``.
+
+Choices, each from measurements in ``shared/notes/zarr-store.md``:
+
+* chunked along images only, ~1 MB objects; every chunk is written whole by exactly one process;
+* progress lives in a ``chunk_done`` uint8 array (one uncompressed chunk per flag), set only after
+  a chunk's data is written: attribute updates rewrite all of ``zarr.json`` and lose races;
+* Blosc/zstd with the shuffle that suits each array (~18 B per crop at top-5) using only codecs
+  from the v3 spec, so any Zarr v3 reader can open a store;
+* the group's ``zarr.json`` has no timestamps, so two runs that compute the same labels write
+  byte-identical stores.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IncompleteStoreError, StoreError, StoreMismatchError
+
+FORMAT_NAME = "refinery-label-store"
+FORMAT_VERSION = 1
+CROP_ARRAYS = ("boxes", "flips", "topk_indices", "topk_probs")
+
+
+def default_chunk_size(crops_per_image: int) -> int:
+    """Images per chunk: the power of two nearest 200,000 crops (~1 MB compressed objects)."""
+    return int(2 ** np.clip(np.round(np.log2(200_000 / max(1, crops_per_image))), 4, 20))
+
+
+def _codecs(name: str) -> dict:
+    from zarr.codecs import BloscCodec, TransposeCodec
+    blosc = lambda shuffle: BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+    if name == "boxes":  # (N, K, 4): put each coordinate's values side by side before shuffling
+        return {"filters": [TransposeCodec(order=(2, 0, 1))], "compressors": [blosc("shuffle")]}
+    if name in ("topk_indices", "flips"):
+        return {"compressors": [blosc("bitshuffle")]}
+    return {"compressors": [blosc("shuffle")]}
+
+
+@dataclass
+class StoreLayout:
+    num_images: int
+    crops_per_image: int
+    top_k: int
+    chunk_size: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_images // self.chunk_size)
+
+    def chunk_range(self, c: int) -> range:
+        return range(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_images))
+
+    def shapes(self) -> dict:
+        N, K, k = self.num_images, self.crops_per_image, self.top_k
+        return {"boxes": ((N, K, 4), "uint16"), "flips": ((N, K), "uint8"),
+                "topk_indices": ((N, K, k), "uint16"), "topk_probs": ((N, K, k), "float16")}
+
+
+class LabelStore:
+    """Create, fill, check and read a label store at a local path (or any zarr store-like)."""
+
+    def __init__(self, group, location):
+        self.group, self.location = group, str(location)
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT_NAME:
+            raise StoreError(f"{location}: not a refinery label store (no '{FORMAT_NAME}' format "
+                             "attribute); pass a directory written by `refine precompute`")
+        version = attrs.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(f"{location}: label store format version {version} is newer than this "
+                             f"refinery reads ({FORMAT_VERSION}); upgrade refinery")
+        self.attrs = attrs
+        lay = attrs["layout"]
+        self.layout = StoreLayout(lay["num_images"], lay["crops_per_image"], lay["top_k"],
+                                  lay["chunk_size"])
+
+    # ------------------------------------------------------------------ creating and opening
+    @classmethod
+    def create(cls, location, layout: StoreLayout, attrs: dict, labels=None) -> "LabelStore":
+        """Create an empty store; ``attrs`` carries plan, refinery, data set and versions.
+
+        ``labels`` (the data set's ground truth) is written whole at creation, so a store alone
+        can report how often the refinery agrees with the image labels.
+        """
+        import zarr
+        group = zarr.open_group(str(location), mode="w-", zarr_format=3)
+        group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                            "layout": layout.__dict__, **attrs})
+        chunk = layout.chunk_size
+        for name, (shape, dtype) in layout.shapes().items():
+            group.create_array(name, shape=shape, dtype=dtype, fill_value=0,
+                               chunks=(chunk,) + shape[1:], **_codecs(name))
+        gt = group.create_array("labels", shape=(layout.num_images,), dtype="uint16",
+                                chunks=(chunk,), fill_value=0, **_codecs("labels"))
+        if labels is not None:
+            gt[:] = np.asarray(labels, dtype=np.uint16)
+        group.create_array("chunk_done", shape=(layout.num_chunks,), dtype="uint8", chunks=(1,),
+                           fill_value=0, compressors=None)
+        return cls(group, location)
+
+    @classmethod
+    def open(cls, location, mode: str = "r") -> "LabelStore":
+        import zarr
+        if isinstance(location, (str, os.PathLike)) and "://" not in str(location) \
+                and not Path(location).exists():
+            raise StoreError(f"{location}: no label store there; create one with "
+                             "`refine precompute`")
+        try:
+            group = zarr.open_group(str(location), mode=mode, zarr_format=3)
+        except Exception as exc:
+            raise StoreError(f"{location}: cannot open as a Zarr v3 label store ({exc})") from None
+        return cls(group, location)
+
+    # ------------------------------------------------------------------ writing
+    def write_chunk(self, c: int, arrays: dict):
+        """Write all crop arrays of chunk ``c``, *then* mark it done (the order is the guarantee)."""
+        rows = self.layout.chunk_range(c)
+        for name in CROP_ARRAYS:
+            self.group[name][rows.start:rows.stop] = arrays[name]
+        self.group["chunk_done"][c] = 1
+
+    def finalize(self):
+        """Record completeness once, when every chunk is done."""
+        if self.done_chunks().all():
+            self.group.attrs["complete"] = True
+
+    # ------------------------------------------------------------------ reading and checking
+    def done_chunks(self) -> np.ndarray:
+        return self.group["chunk_done"][:].astype(bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done_chunks().all())
+
+    def done_images(self) -> np.ndarray:
+        """Boolean mask over images whose chunk has been written."""
+        return np.repeat(self.done_chunks(), self.layout.chunk_size)[:self.layout.num_images]
+
+    def read(self, names=CROP_ARRAYS) -> dict:
+        """Load whole arrays into memory (one pass; remote latency never reaches training)."""
+        return {name: self.group[name][:] for name in names}
+
+    def require_complete(self, allow_partial: bool = False):
+        done = self.done_chunks()
+        if not done.all() and not allow_partial:
+            raise IncompleteStoreError(
+                f"{self.location}: {int((~done).sum())} of {len(done)} chunks were never written; "
+                "rerun the same `refine precompute` command to finish it, or pass --allow-partial")
+
+    def check_matches(self, fingerprint: dict = None, **expected):
+        """Raise :class:`StoreMismatchError` naming the first attribute that differs."""
+        if fingerprint is not None:
+            ours = self.attrs.get("dataset", {})
+            for key in ("num_images", "classes", "image_bytes_sha256", "labels_sha256"):
+                if ours.get(key) != fingerprint.get(key):
+                    raise StoreMismatchError(
+                        f"{self.location}: data set mismatch in '{key}' (store: "
+                        f"{_short(ours.get(key))}, data: {_short(fingerprint.get(key))}); this "
+                        "store was made for other images; use the matching data or a new store")
+        for key, value in expected.items():
+            if self.attrs.get(key) != value:
+                raise StoreMismatchError(
+                    f"{self.location}: {key} mismatch (store: {_short(self.attrs.get(key))}, this "
+                    f"run: {_short(value)}); use the store's settings or write a new store")
+
+    def nbytes_on_disk(self) -> int:
+        """Bytes of all files below a local store (0 for remote stores)."""
+        root = Path(self.location)
+        if not root.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
