@@ -1,0 +1,128 @@
+"""Models by torchvision name (plus one tiny CNN for the CPU demo) and self-describing checkpoints.
+
+A checkpoint written by ``refine train`` records its architecture, classes, input size and
+normalisation, so it loads as the next refinery with no extra flags.
+"""
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+CHECKPOINT_FORMAT = "refinery-checkpoint"
+# ImageNet statistics in uint8 units: batches stay uint8 until they reach the device.
+IMAGENET_NORMALIZATION = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+
+
+def demo_cnn(num_classes: int, width: int = 16) -> nn.Module:
+    """A small all-convolutional net with BatchNorm, fast enough to train on 2 CPU cores."""
+    def block(cin, cout, stride):
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True)]
+    w = width
+    layers = (block(3, w, 1) + block(w, 2 * w, 2) + block(2 * w, 2 * w, 1) + block(2 * w, 4 * w, 2)
+              + block(4 * w, 4 * w, 1))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
+
+
+LOCAL_MODELS = {"demo_cnn": demo_cnn, "demo_cnn_wide": lambda num_classes: demo_cnn(num_classes, 32)}
+
+
+def available_models() -> list:
+    import torchvision
+    return sorted(LOCAL_MODELS) + sorted(torchvision.models.list_models(torchvision.models))
+
+
+def create_model(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised model by torchvision name (``resnet18``, ``mobilenet_v2``, ...)."""
+    import torchvision
+    if arch in LOCAL_MODELS:
+        return LOCAL_MODELS[arch](num_classes)
+    if arch not in torchvision.models.list_models(torchvision.models):
+        raise CheckpointError(f"unknown architecture {arch!r}; use a torchvision classification "
+                              "model name such as resnet18, resnet50 or mobilenet_v2")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def to_model_input(images: torch.Tensor, device, normalization=IMAGENET_NORMALIZATION,
+                   channels_last: bool = True) -> torch.Tensor:
+    """uint8 NHWC crops -> normalised float NCHW on ``device`` (channels_last memory)."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    mean = torch.tensor(normalization["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization["std"], device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, model: nn.Module, arch: str, classes, input_size: int, **extra):
+    """Write atomically: a crash mid-save never leaves a truncated checkpoint behind."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    state = {"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": len(classes),
+             "classes": list(classes), "input_size": int(input_size),
+             "normalization": IMAGENET_NORMALIZATION, "model": model.state_dict(), **extra}
+    path = Path(path)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint; a bare ``state_dict`` is accepted too (it then lacks arch and classes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}); pass a "
+                              "file written by `refine train` or torch.save(model.state_dict())") \
+            from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return state
+    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return {"model": state}
+    raise CheckpointError(f"{path}: not a model checkpoint (no state_dict inside); pass a file "
+                          "written by `refine train` or torch.save(model.state_dict())")
+
+
+def load_trained_model(weights, arch: str = None, num_classes: int = None):
+    """``(model, checkpoint)`` from ``weights``; ``arch``/``num_classes`` must agree if given."""
+    ckpt = load_checkpoint(weights)
+    arch = arch or ckpt.get("arch")
+    if arch is None:
+        raise CheckpointError(f"{weights}: a bare state_dict does not name its architecture; "
+                              "pass --refinery ARCH")
+    if ckpt.get("arch") not in (None, arch):
+        raise CheckpointError(f"{weights}: checkpoint is a {ckpt['arch']}, not a {arch}; drop "
+                              f"--refinery or pass --refinery {ckpt['arch']}")
+    saved_classes = ckpt.get("num_classes") or _head_size(ckpt["model"])
+    if num_classes is not None and saved_classes not in (None, num_classes):
+        raise CheckpointError(f"{weights}: checkpoint predicts {saved_classes} classes but the "
+                              f"data set has {num_classes}; use a refinery trained on these classes")
+    model = create_model(arch, num_classes or saved_classes)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{weights}: weights do not fit a {arch} ({first}); pass the "
+                              "architecture they were trained with") from None
+    ckpt["arch"] = arch
+    return model, ckpt
+
+
+def _head_size(state_dict) -> int:
+    """Class count from the last 2-D weight (the classifier) of a bare state_dict."""
+    mats = [v for v in state_dict.values() if getattr(v, "ndim", 0) == 2]
+    return int(mats[-1].shape[0]) if mats else None

@@ -1,0 +1,85 @@
+"""The refinery: a trained classifier that turns crops into soft labels.
+
+BatchNorm runs in train mode by default, as in the paper (the refinery was trained that way and
+labels its own training crops better so). Batch statistics then depend on which crops share a
+batch, so callers must feed randomly composed batches; precompute fixes that composition per
+chunk with a seeded permutation so labels stay reproducible. ``bn_mode="eval"`` uses running
+statistics and makes every crop's label independent of its neighbours.
+"""
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import IMAGENET_NORMALIZATION, file_sha256, load_trained_model, to_model_input
+
+BN_MODES = ("train", "eval")
+
+
+def set_bn_mode(model: nn.Module, bn_mode: str) -> nn.Module:
+    """Eval mode everywhere (no dropout), then BatchNorm layers in train mode if asked.
+
+    Momentum 0 keeps the running statistics untouched while batch statistics are used.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown BN mode {bn_mode!r}; choose one of {BN_MODES}")
+    model.eval()
+    if bn_mode == "train":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+                m.momentum = 0.0
+    return model
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; fp32 on the CPU, where bf16 is slower than fp32 on most chips."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Refinery:
+    """A frozen model that labels uint8 NHWC crops with softmax(logits / T)."""
+
+    def __init__(self, model: nn.Module, arch: str, weights_sha256: str, input_size: int,
+                 bn_mode: str = "train", temperature: float = 1.0, device="cpu",
+                 normalization=IMAGENET_NORMALIZATION, channels_last: bool = True):
+        self.device = torch.device(device)
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = set_bn_mode(model.to(self.device, memory_format=memory), bn_mode)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.arch, self.weights_sha256, self.input_size = arch, weights_sha256, int(input_size)
+        self.bn_mode, self.temperature = bn_mode, float(temperature)
+        self.normalization, self.channels_last = normalization, channels_last
+
+    @classmethod
+    def from_checkpoint(cls, weights, arch: str = None, num_classes: int = None,
+                        input_size: int = None, **kwargs) -> "Refinery":
+        """Load weights (a ``refine train`` checkpoint needs no ``arch``)."""
+        model, ckpt = load_trained_model(weights, arch, num_classes)
+        size = input_size or ckpt.get("input_size") or 224
+        return cls(model, ckpt["arch"], file_sha256(weights), size,
+                   normalization=ckpt.get("normalization", IMAGENET_NORMALIZATION), **kwargs)
+
+    def describe(self) -> dict:
+        """What a label store records about the refinery (its identity for mismatch checks)."""
+        return {"arch": self.arch, "weights_sha256": self.weights_sha256, "bn_mode": self.bn_mode,
+                "temperature": self.temperature, "input_size": self.input_size,
+                "normalization": self.normalization}
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Float32 class probabilities ``(B, C)`` for uint8 NHWC crops."""
+        x = to_model_input(images, self.device, self.normalization, self.channels_last)
+        with autocast_for(self.device):
+            logits = self.model(x)
+        return F.softmax(logits.float() / self.temperature, dim=1)
+
+    def top_k(self, images: torch.Tensor, k: int):
+        """``(indices uint16, probabilities float16)`` of the k most likely classes, on the CPU."""
+        values, indices = self.probabilities(images).topk(k, dim=1)
+        return indices.to(torch.int32).cpu().numpy().astype("uint16"), \
+            values.cpu().numpy().astype("float16")
