@@ -1,0 +1,69 @@
+"""Targets and losses. Every label mode becomes a dense target distribution ``(B, C)`` first, so
+one loss function serves ground truth, cached sparse labels and online teachers alike.
+
+Sparse top-k labels drop the mass outside the top k. ``rest="uniform"`` (default) spreads it evenly
+over the other classes, which keeps the target's entropy close to the refinery's full softmax;
+``rest="renormalize"`` divides the top-k probabilities by their sum instead.
+"""
+import torch
+import torch.nn.functional as F
+
+REST_POLICIES = ("uniform", "renormalize")
+LOSSES = ("kl", "soft_ce", "reverse_kl", "l2")
+
+
+def dense_from_sparse(indices: torch.Tensor, probs: torch.Tensor, num_classes: int,
+                      rest: str = "uniform") -> torch.Tensor:
+    """Expand top-k ``(indices, probs)`` of shape ``(B, k)`` into distributions ``(B, C)``."""
+    probs = probs.float()
+    k = indices.shape[1]
+    if rest == "renormalize" or k == num_classes:
+        target = torch.zeros(len(probs), num_classes, device=probs.device)
+        return target.scatter_(1, indices.long(), probs / probs.sum(1, keepdim=True))
+    if rest != "uniform":
+        raise ValueError(f"unknown rest policy {rest!r}; choose one of {REST_POLICIES}")
+    leftover = (1.0 - probs.sum(1, keepdim=True)).clamp_min(0.0)
+    target = (leftover / (num_classes - k)).expand(-1, num_classes).clone()
+    target.scatter_(1, indices.long(), probs)
+    return target / target.sum(1, keepdim=True)  # absorb float16 rounding
+
+
+def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Ground-truth targets, optionally label-smoothed as in Szegedy et al. (the paper's [11])."""
+    target = F.one_hot(labels.long(), num_classes).float()
+    return target * (1.0 - smoothing) + smoothing / num_classes
+
+
+def hard_from_soft(target: torch.Tensor) -> torch.Tensor:
+    """Arg-max of each target as a one-hot (the paper's "hard dynamic" labels)."""
+    return F.one_hot(target.argmax(1), target.shape[1]).float()
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: ``-sum_c p_c log q_c``, averaged over the batch."""
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def kl_divergence(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: ``KL(p || q)``; same gradient as Eq. 2, but 0 when the student matches the label."""
+    entropy = -(target * target.clamp_min(1e-12).log()).sum(1).mean()
+    return soft_cross_entropy(logits, target) - entropy
+
+
+def reverse_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``KL(q || p)`` (the paper's Table 7), with p floored to keep log p finite."""
+    log_q = F.log_softmax(logits.float(), dim=1)
+    return (log_q.exp() * (log_q - target.clamp_min(1e-8).log())).sum(1).mean()
+
+
+def l2_on_probabilities(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared distance between probability vectors (the paper's Table 7)."""
+    return ((F.softmax(logits.float(), dim=1) - target) ** 2).sum(1).mean()
+
+
+def get_loss(name: str):
+    table = {"kl": kl_divergence, "soft_ce": soft_cross_entropy, "reverse_kl": reverse_kl,
+             "l2": l2_on_probabilities}
+    if name not in table:
+        raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+    return table[name]

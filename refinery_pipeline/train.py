@@ -1,0 +1,284 @@
+"""``refine train``: train a student on ground truth or on a label store, replaying stored crops.
+
+Layout follows torchvision's classification reference: :func:`load_data`, :func:`train_one_epoch`,
+:func:`evaluate`, :func:`fit`. The label mode, loss and precision are chosen once in :func:`fit`
+and passed into the step loop as objects; the loop itself has no flag branches.
+"""
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .crop_plan import CropPlan
+from .dataset import open_dataset
+from .distributed import init_from_env, is_main
+from .errors import RefineryError
+from .label_store import LabelStore
+from .losses import dense_from_sparse, get_loss, hard_from_soft, one_hot
+from .models import create_model, save_checkpoint, to_model_input
+from .refinery import autocast_for
+from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out_dir: str
+    labels: str = None          # label store location; None trains on ground truth
+    arch: str = "resnet18"
+    epochs: int = 16
+    batch_size: int = 256
+    lr: float = 0.4
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 2.0
+    label_smoothing: float = 0.0
+    label_mode: str = "soft"    # 'soft' or 'hard' (arg-max of the stored label)
+    loss: str = "kl"
+    rest: str = "uniform"       # where the mass outside the stored top-k goes
+    slot_policy: str = "random"
+    res: int = None             # crop size; defaults to the store's refinery input size, else 224
+    workers: int = 2
+    seed: int = 0
+    eval_every: int = 1
+    device: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    resume: bool = False
+    allow_partial: bool = False
+    cache_dir: str = None
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    import os
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- label sources
+
+class GroundTruthTargets:
+    """One-hot (optionally smoothed) targets from the data set's labels."""
+
+    def __init__(self, num_classes: int, smoothing: float = 0.0):
+        self.num_classes, self.smoothing = num_classes, smoothing
+
+    def __call__(self, labels, indices, images):
+        return one_hot(labels, self.num_classes, self.smoothing)
+
+
+class StoredTargets:
+    """Sparse labels of the replayed slot of each image, looked up on the device."""
+
+    def __init__(self, arrays: dict, crops: ReplayedCrops, num_classes: int, device,
+                 rest: str = "uniform", hard: bool = False):
+        self.indices = torch.from_numpy(arrays["topk_indices"].astype(np.int64)).to(device)
+        self.probs = torch.from_numpy(arrays["topk_probs"]).to(device)
+        self.crops, self.num_classes, self.rest, self.hard = crops, num_classes, rest, hard
+
+    def __call__(self, labels, indices, images):
+        slots = torch.from_numpy(self.crops.slots).to(indices.device)[indices]
+        target = dense_from_sparse(self.indices[indices, slots], self.probs[indices, slots],
+                                   self.num_classes, self.rest)
+        return hard_from_soft(target) if self.hard else target
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_data(cfg: TrainConfig, device):
+    """Data sets, loaders and the target source for ``cfg``."""
+    train_ds = open_dataset(cfg.data, "train", cfg.cache_dir, num_workers=cfg.workers)
+    val_ds = open_dataset(_val_location(cfg.data), "val", cfg.cache_dir, num_workers=cfg.workers)
+    if val_ds.classes != train_ds.classes:
+        raise RefineryError(f"{val_ds.path}: validation classes differ from the training classes; "
+                            "give both splits the same class folders")
+    C = len(train_ds.classes)
+    if cfg.labels is None:
+        res = cfg.res or 224
+        crops = FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths)
+        targets = GroundTruthTargets(C, cfg.label_smoothing)
+    else:
+        store = LabelStore.open(cfg.labels)
+        store.check_matches(train_ds.fingerprint())
+        store.require_complete(cfg.allow_partial)
+        res = cfg.res or store.attrs["refinery"]["input_size"]
+        arrays = store.read()
+        crops = ReplayedCrops(arrays["boxes"], arrays["flips"], cfg.seed, cfg.slot_policy)
+        targets = StoredTargets(arrays, crops, C, device, cfg.rest, cfg.label_mode == "hard")
+    indices = _trainable_indices(cfg, train_ds)
+    train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
+                               train=True, seed=cfg.seed, indices=indices,
+                               distributed=torch.distributed.is_initialized())
+    val_loader = make_loader(val_ds, FixedCrops(val_ds.heights, val_ds.widths), (res, res),
+                             cfg.batch_size, cfg.workers, train=False)
+    return train_ds, train_loader, val_loader, targets, res
+
+
+def _val_location(data):
+    """The validation split: ``DATA/val`` for a tree, ``X_val.beton`` beside ``X_train.beton``."""
+    p = Path(data)
+    if p.suffix == ".beton":
+        guess = p.with_name(p.name.replace("train", "val"))
+        if guess == p or not guess.is_file():
+            raise RefineryError(f"{p}: cannot find its validation .beton; name the pair "
+                                "'<name>train.beton' and '<name>val.beton', or pass an ImageFolder "
+                                "tree with train/ and val/")
+        return guess
+    if not (p / "val").is_dir():
+        raise RefineryError(f"{p}: no val/ folder; training evaluates on DATA/val (ImageFolder)")
+    return p
+
+
+def _trainable_indices(cfg, train_ds):
+    if cfg.labels is None or not cfg.allow_partial:
+        return None
+    return np.flatnonzero(LabelStore.open(cfg.labels).done_images())
+
+
+# ----------------------------------------------------------------------------- steps
+
+def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, device, num_classes,
+                    channels_last=True, progress=False, desc="train"):
+    """One pass over ``loader``; returns mean loss, train top-1 and per-class train accuracy."""
+    from tqdm import tqdm
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros(num_classes, device=device)
+    seen = torch.zeros(num_classes, device=device)
+    for images, rows in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        rows = rows.to(device, non_blocking=True)
+        labels, indices = rows[:, 0], rows[:, 1]
+        x = to_model_input(images, device, channels_last=channels_last)
+        target = targets(labels, indices, x)
+        with autocast_for(device):
+            logits = model(x)
+        loss = loss_fn(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.detach()
+        hit = (logits.argmax(1) == labels).float()
+        correct.index_add_(0, labels, hit)
+        seen.index_add_(0, labels, torch.ones_like(hit))
+    per_class = (correct / seen.clamp_min(1)).tolist()  # note: the only CPU-GPU sync per epoch
+    return {"train_loss": total_loss.item() / max(1, len(loader)),
+            "train_top1": 100 * correct.sum().item() / max(1, seen.sum().item()),
+            "train_per_class": per_class}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes, channels_last=True):
+    """Top-1, top-5 and per-class top-1 (percent) on a single centred crop per image."""
+    model.eval()
+    correct1 = torch.zeros(num_classes, device=device)
+    correct5 = torch.zeros((), device=device)
+    seen = torch.zeros(num_classes, device=device)
+    for images, rows in loader:
+        labels = rows[:, 0].to(device)
+        with autocast_for(device):
+            logits = model(to_model_input(images, device, channels_last=channels_last))
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        correct1.index_add_(0, labels, (top[:, 0] == labels).float())
+        correct5 += (top == labels[:, None]).any(1).sum()
+        seen.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
+    n = seen.sum().item()
+    return {"val_top1": 100 * correct1.sum().item() / n, "val_top5": 100 * correct5.item() / n,
+            "val_per_class": (100 * correct1 / seen.clamp_min(1)).tolist()}
+
+
+def warmup_linear_decay(steps_per_epoch: int, epochs: int, warmup_epochs: float):
+    """LR factor per step: linear warm-up from ~0, then linear decay to 0."""
+    total, warm = steps_per_epoch * epochs, max(1, int(steps_per_epoch * warmup_epochs))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+    return factor
+
+
+# ----------------------------------------------------------------------------- fit
+
+def fit(cfg: TrainConfig) -> dict:
+    """Train, evaluate, checkpoint. Writes ``config.json``, ``metrics.jsonl``, ``last.pt`` (for
+    ``--resume``) and ``model.pt`` (loadable as a refinery) under ``cfg.out_dir``."""
+    device = resolve_device(cfg.device)
+    init_from_env(device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_ds, train_loader, val_loader, targets, res = load_data(cfg, device)
+    classes = train_ds.classes
+    model = create_model(cfg.arch, len(classes)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear_decay(len(train_loader), cfg.epochs, cfg.warmup_epochs))
+    start_epoch = _maybe_resume(cfg, out, model, optimizer, scheduler)
+    train_loader.next_epoch = start_epoch
+    step_model = _wrap(model, cfg, device)
+    loss_fn = get_loss(cfg.loss)
+    if is_main():
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "res": res}, indent=1))
+    record = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        record = train_one_epoch(step_model, train_loader, targets, loss_fn, optimizer, scheduler,
+                                 device, len(classes), cfg.channels_last,
+                                 cfg.progress and is_main(), f"epoch {epoch + 1}/{cfg.epochs}")
+        record.update(epoch=epoch + 1, epoch_seconds=time.perf_counter() - t0,
+                      lr=scheduler.get_last_lr()[0])
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            record.update(evaluate(model, val_loader, device, len(classes), cfg.channels_last))
+        if is_main():
+            _log(out, record, cfg.progress)
+            save_checkpoint(out / "last.pt", model, cfg.arch, classes, res, epoch=epoch + 1,
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            torch_rng=torch.get_rng_state())
+    if is_main():
+        save_checkpoint(out / "model.pt", model, cfg.arch, classes, res, metrics=record)
+    return record
+
+
+def _wrap(model, cfg, device):
+    if torch.distributed.is_initialized():
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(model) if cfg.compile else model
+
+
+def _maybe_resume(cfg, out, model, optimizer, scheduler) -> int:
+    last = out / "last.pt"
+    if not cfg.resume or not last.is_file():
+        return 0
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"])
+
+
+def _log(out: Path, record: dict, echo: bool):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if echo:
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()
+                 if not k.endswith("per_class")}
+        print(json.dumps(shown), flush=True)
+
+
+def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
+    return replace(cfg, **kw)
