@@ -1,0 +1,1 @@
+"""The ``refine`` command line: thin click commands that build a config and call the library."""

@@ -1,0 +1,141 @@
+"""``refine``: precompute, train, inspect, demo. Bad input ends in one line naming the fix."""
+import functools
+import json
+import sys
+
+import click
+
+from refinery_pipeline.errors import RefineryError
+
+
+def friendly_errors(command):
+    """Turn RefineryError into ``error: <message>`` and exit code 2, with no traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RefineryError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="refinery")
+def cli():
+    """Offline Label Refinery: label every crop once, replay crops and labels while training."""
+
+
+@cli.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.argument("store", type=click.Path())
+@click.option("--refinery", "arch", default=None,
+              help="torchvision architecture; read from the checkpoint when omitted")
+@click.option("--weights", required=True, type=click.Path(),
+              help="refinery checkpoint (a `refine train` model.pt or a state_dict)")
+@click.option("--crops-per-image", "-K", default=10, help="crops sampled per image")
+@click.option("--top-k", default=5, help="classes stored per crop")
+@click.option("--seed", default=0, help="crop plan seed")
+@click.option("--input-size", default=None, type=int,
+              help="crop size fed to the refinery [default: the checkpoint's]")
+@click.option("--bn-mode", type=click.Choice(["train", "eval"]), default="train",
+              help="refinery BatchNorm mode (paper: train)")
+@click.option("--temperature", default=1.0, help="softmax temperature")
+@click.option("--batch-size", default=512, help="crops per refinery forward pass")
+@click.option("--chunk-size", default=None, type=int, help="images per store chunk")
+@click.option("--workers", default=2, help="decoding threads")
+@click.option("--device", default="auto")
+@click.option("--cache-dir", default=None, help="where converted .beton files are kept")
+@friendly_errors
+def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
+               temperature, batch_size, chunk_size, workers, device, cache_dir):
+    """Label K planned crops of every image in DATA and write the label store STORE."""
+    from refinery_pipeline.crop_plan import CropPlan
+    from refinery_pipeline.dataset import open_dataset
+    from refinery_pipeline.precompute import precompute as run
+    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.train import resolve_device
+
+    dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
+    refinery = Refinery.from_checkpoint(weights, arch, len(dataset.classes), input_size,
+                                        bn_mode=bn_mode, temperature=temperature,
+                                        device=resolve_device(device))
+    plan = CropPlan(seed=seed, crops_per_image=crops_per_image)
+    s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers)
+    click.echo(f"{s.crops:,} crops labelled in {s.seconds:.1f} s ({s.crops_per_second:,.0f} "
+               f"crops/s); {s.chunks_written} chunks written, {s.chunks_skipped} already done; "
+               f"store {s.store_bytes / 1e6:.2f} MB, {s.bytes_per_crop:.1f} bytes/crop")
+
+
+@cli.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--labels", default="none", help="label store, or 'none' for ground truth")
+@click.option("--out", "out_dir", default="runs/student", type=click.Path())
+@click.option("--arch", default="resnet18", help="torchvision architecture of the student")
+@click.option("--epochs", default=16)
+@click.option("--batch-size", default=256)
+@click.option("--lr", default=0.4)
+@click.option("--weight-decay", "--wd", default=5e-4)
+@click.option("--warmup-epochs", default=2.0)
+@click.option("--label-smoothing", default=0.0, help="ground-truth mode only")
+@click.option("--label-mode", type=click.Choice(["soft", "hard"]), default="soft")
+@click.option("--loss", type=click.Choice(["kl", "soft_ce", "reverse_kl", "l2"]), default="kl")
+@click.option("--rest", type=click.Choice(["uniform", "renormalize"]), default="uniform",
+              help="where the probability mass outside the stored top-k goes")
+@click.option("--slot-policy", type=click.Choice(["random", "cycle"]), default="random")
+@click.option("--res", default=None, type=int,
+              help="crop size [default: the store's refinery input size, else 224]")
+@click.option("--workers", default=2)
+@click.option("--seed", default=0)
+@click.option("--eval-every", default=1)
+@click.option("--device", default="auto")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the student")
+@click.option("--resume", is_flag=True, help="continue from OUT/last.pt")
+@click.option("--allow-partial", is_flag=True, help="train on the finished chunks of a store")
+@click.option("--cache-dir", default=None)
+@friendly_errors
+def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
+          label_smoothing, label_mode, loss, rest, slot_policy, res, workers, seed, eval_every,
+          device, compile_, resume, allow_partial, cache_dir):
+    """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton)."""
+    from refinery_pipeline.train import TrainConfig, fit
+
+    cfg = TrainConfig(data=data, out_dir=out_dir, labels=None if labels == "none" else labels,
+                      arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                      label_smoothing=label_smoothing, label_mode=label_mode, loss=loss, rest=rest,
+                      slot_policy=slot_policy, res=res, workers=workers, seed=seed,
+                      eval_every=eval_every, device=device, compile=compile_, resume=resume,
+                      allow_partial=allow_partial, cache_dir=cache_dir)
+    m = fit(cfg)
+    click.echo(f"val top-1 {m['val_top1']:.2f}  top-5 {m['val_top5']:.2f}; "
+               f"checkpoint {out_dir}/model.pt")
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@friendly_errors
+def inspect(store, as_json):
+    """Show what a label store holds: plan, refinery, data set, size, completeness, labels."""
+    from refinery_pipeline.inspect_store import describe_store, format_summary
+    summary = describe_store(store)
+    click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="refinery-demo", type=click.Path())
+@click.option("--train-images", default=3000)
+@click.option("--epochs", default=30, help="student epochs (the refinery trains twice as long)")
+@click.option("--workers", default=2)
+@click.option("--seed", default=0)
+@friendly_errors
+def demo(out_dir, train_images, epochs, workers, seed):
+    """Run the whole path on procedural shapes (no data, no GPU, a few minutes)."""
+    from refinery_pipeline.demo import DemoConfig, run_demo
+    run_demo(DemoConfig(out_dir=out_dir, train_images=train_images, epochs=epochs,
+                        refinery_epochs=2 * epochs, workers=workers, seed=seed), echo=click.echo)
+
+
+if __name__ == "__main__":
+    cli()

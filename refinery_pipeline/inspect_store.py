@@ -1,0 +1,48 @@
+"""``refine inspect``: what a label store holds, computed from the store alone."""
+import numpy as np
+
+from .label_store import LabelStore
+
+
+def describe_store(location) -> dict:
+    store = LabelStore.open(location)
+    lay, attrs = store.layout, store.attrs
+    done = store.done_chunks()
+    summary = {
+        "location": str(location), "format_version": attrs["format_version"],
+        "images": lay.num_images, "crops_per_image": lay.crops_per_image, "top_k": lay.top_k,
+        "chunk_size": lay.chunk_size, "chunks_done": f"{int(done.sum())}/{len(done)}",
+        "complete": bool(done.all()), "plan": attrs["plan"], "refinery": attrs["refinery"],
+        "dataset": {k: v for k, v in attrs["dataset"].items() if k != "classes"},
+        "classes": len(attrs["dataset"]["classes"]), "software": attrs.get("software", {}),
+    }
+    size = store.nbytes_on_disk()
+    if size:
+        summary["bytes_on_disk"] = size
+        summary["bytes_per_crop"] = round(size / (lay.num_images * lay.crops_per_image), 2)
+    if done.any():
+        summary["labels"] = label_statistics(store)
+    return summary
+
+
+def label_statistics(store: LabelStore) -> dict:
+    """Mean top-1 probability, mean top-k mass and agreement with ground truth (done chunks)."""
+    rows = store.done_images()
+    arrays = store.read(("topk_indices", "topk_probs", "labels"))
+    idx, probs = arrays["topk_indices"][rows], arrays["topk_probs"][rows].astype(np.float64)
+    gt = arrays["labels"][rows].astype(np.int64)[:, None]
+    return {"mean_top1_probability": round(float(probs[..., 0].mean()), 4),
+            "mean_topk_mass": round(float(probs.sum(-1).mean()), 4),
+            "top1_agrees_with_ground_truth": round(float((idx[..., 0] == gt).mean()), 4),
+            "ground_truth_in_topk": round(float((idx == gt[..., None]).any(-1).mean()), 4)}
+
+
+def format_summary(s: dict, indent: int = 0) -> str:
+    lines = []
+    for key, value in s.items():
+        if isinstance(value, dict):
+            lines.append(" " * indent + f"{key}:")
+            lines.append(format_summary(value, indent + 2))
+        else:
+            lines.append(" " * indent + f"{key}: {value}")
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""The `refine` command end to end on tiny data, and its one-line errors on bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli.main import cli
+from refinery_pipeline.label_store import LabelStore
+
+from .conftest import shared_data_or_skip
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    # progress bars (e.g. an ImageFolder conversion) may precede it; the error ends the output
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
+    path = tmp_path_factory.mktemp("stores") / "labels.zarr"
+    run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 4, "--top-k", 3,
+        "--batch-size", 32, "--chunk-size", 32)
+    return path
+
+
+def test_precompute_writes_a_complete_store(store, tiny_dataset):
+    s = LabelStore.open(store)
+    assert s.complete and s.layout.num_chunks == 3
+    data = s.read()
+    assert data["topk_indices"].shape == (96, 4, 3)
+    p = data["topk_probs"].astype(np.float32)
+    assert (np.diff(p, axis=-1) <= 0).all() and (p.sum(-1) <= 1.002).all()
+    assert s.attrs["refinery"]["arch"] == "demo_cnn" and s.attrs["refinery"]["bn_mode"] == "train"
+    assert s.attrs["dataset"] == tiny_dataset.fingerprint()
+
+
+def test_rerun_resumes_and_changes_nothing(store, tiny_data, tiny_refinery_ckpt):
+    before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    result = run("precompute", tiny_data, store, "--weights", tiny_refinery_ckpt, "-K", 4,
+                 "--top-k", 3, "--batch-size", 32, "--chunk-size", 32)
+    assert "0 chunks written, 3 already done" in result.output
+    after = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_store_is_reproducible_byte_for_byte(store, tiny_data, tiny_refinery_ckpt, tmp_path):
+    """Same command, fresh store: identical files (labels do not depend on timing or threads)."""
+    other = tmp_path / "again.zarr"
+    run("precompute", tiny_data, other, "--weights", tiny_refinery_ckpt, "-K", 4, "--top-k", 3,
+        "--batch-size", 32, "--chunk-size", 32)
+    files = sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
+    for f in files:
+        assert (store / f).read_bytes() == (other / f).read_bytes(), f
+
+
+def test_inspect_reports_plan_size_and_label_statistics(store):
+    text = run("inspect", store).output
+    assert "complete: True" in text and "bytes_per_crop" in text and "mean_top1_probability" in text
+    summary = json.loads(run("inspect", store, "--json").output)
+    assert summary["crops_per_image"] == 4 and summary["plan"]["seed"] == 0
+    assert 0 <= summary["labels"]["top1_agrees_with_ground_truth"] <= 1
+    assert summary["bytes_per_crop"] > 0
+
+
+def test_extending_a_store_with_another_plan_names_the_mismatch(store, tiny_data,
+                                                                tiny_refinery_ckpt):
+    result = run("precompute", tiny_data, store, "--weights", tiny_refinery_ckpt, "-K", 4,
+                 "--top-k", 3, "--seed", 1, ok=False)
+    assert_one_line_error(result, "plan mismatch", str(store))
+    result = run("precompute", tiny_data, store, "--weights", tiny_refinery_ckpt, "-K", 4,
+                 "--top-k", 3, "--bn-mode", "eval", ok=False)
+    assert_one_line_error(result, "refinery mismatch")
+    result = run("precompute", tiny_data, store, "--weights", tiny_refinery_ckpt, "-K", 4,
+                 "--top-k", 2, ok=False)
+    assert_one_line_error(result, "top_k mismatch")
+
+
+@pytest.mark.parametrize("labels", ["store", "none"])
+def test_train_from_store_and_from_ground_truth(labels, store, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = run("train", tiny_data, "--labels", store if labels == "store" else "none",
+                 "--arch", "demo_cnn", "--epochs", 2, "--batch-size", 16, "--out", out,
+                 "--res", 24)
+    assert "val top-1" in result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"val_top1", "val_top5", "train_loss", "val_per_class"} <= set(records[-1])
+    assert (out / "model.pt").is_file() and (out / "last.pt").is_file()
+
+
+def test_a_trained_student_is_the_next_refinery(store, tiny_data, tmp_path):
+    """Chained generations: model.pt loads as a refinery with no architecture flag."""
+    out = tmp_path / "gen1"
+    run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
+        "--batch-size", 16, "--out", out)
+    run("precompute", tiny_data, tmp_path / "gen2.zarr", "--weights", out / "model.pt", "-K", 2,
+        "--top-k", 3)
+    attrs = LabelStore.open(tmp_path / "gen2.zarr").attrs
+    assert attrs["refinery"]["arch"] == "demo_cnn" and attrs["refinery"]["input_size"] == 24
+
+
+def test_store_for_other_images_is_refused(store, tmp_path):
+    from .conftest import _write_split
+    _write_split(tmp_path, "val", 8, seed=5)
+    other = _write_split(tmp_path, "train", 96, seed=6)
+    result = run("train", other, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
+                 "--out", tmp_path / "r", ok=False)
+    assert_one_line_error(result, "data set mismatch", "image_bytes_sha256")
+
+
+def test_bad_weights_and_missing_store_give_one_line_errors(tiny_data, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", junk, ok=False)
+    assert_one_line_error(result, str(junk), "not a PyTorch checkpoint")
+    assert not (tmp_path / "s.zarr").exists()
+    result = run("inspect", tmp_path / "nothing.zarr", ok=False)
+    assert_one_line_error(result, "no label store there")
+    result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", junk, "--refinery",
+                 "resnet9000", ok=False)
+    assert_one_line_error(result)
+
+
+def test_refinery_with_wrong_class_count_is_refused(tiny_data, tmp_path):
+    import torch
+    from refinery_pipeline.models import create_model, save_checkpoint
+    ckpt = tmp_path / "five.pt"
+    save_checkpoint(ckpt, create_model("demo_cnn", 5), "demo_cnn", list("abcde"), 24)
+    result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", ckpt, ok=False)
+    assert_one_line_error(result, "predicts 5 classes but the data set has 10")
+    sd = tmp_path / "sd.pt"
+    torch.save(create_model("resnet18", 10).state_dict(), sd)
+    result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", sd, "--refinery",
+                 "demo_cnn", ok=False)
+    assert_one_line_error(result, "do not fit a demo_cnn")
+
+
+def make_tree(root, classes=("cat", "dog"), per_class=6, size=(30, 40)):
+    """An ImageFolder tree with JPEG, PNG, grayscale and CMYK files."""
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "L", "CMYK", "RGB"]
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                array = rng.integers(0, 256, size + (3,), dtype=np.uint8)
+                image = Image.fromarray(array).convert(modes[i % 4])
+                image.save(root / split / c / f"{i}.{'png' if i % 4 == 3 else 'jpg'}")
+    return root
+
+
+def test_image_folder_tree_end_to_end(tmp_path, tiny_refinery_ckpt):
+    from refinery_pipeline.models import create_model, save_checkpoint
+    tree = make_tree(tmp_path / "tree")
+    ckpt = tmp_path / "two.pt"
+    save_checkpoint(ckpt, create_model("demo_cnn", 2), "demo_cnn", ["cat", "dog"], 16)
+    run("precompute", tree, tmp_path / "s.zarr", "--weights", ckpt, "-K", 3)
+    run("train", tree, "--labels", tmp_path / "s.zarr", "--arch", "demo_cnn", "--epochs", 1,
+        "--batch-size", 4, "--out", tmp_path / "run")
+    (tree / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    result = run("precompute", tree, tmp_path / "s2.zarr", "--weights", ckpt, ok=False)
+    assert_one_line_error(result, "broken.jpg", "cannot be read as an image")
+
+
+def test_demo_runs_on_tiny_settings(tmp_path):
+    result = run("demo", "--out", tmp_path / "demo", "--train-images", 96, "--epochs", 1)
+    assert "crops that show no pixel of the labelled object" in result.output
+    assert "refined labels" in result.output and "ground truth labels" in result.output
+    summary = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
+    assert 0 < summary["crop_labels"]["crops_missing_object_share"] < 1
+
+
+def test_shared_imagenette_subset_replays_exactly(tmp_path):
+    """Real JPEGs from the shared data set (skipped where it is absent)."""
+    from refinery_pipeline.crop_plan import CropPlan
+    from refinery_pipeline.dataset import open_dataset
+    from .test_replay import plan_arrays, precompute_pixels
+    from refinery_pipeline.replay import ReplayedCrops, make_loader
+    source = shared_data_or_skip()
+    tree = tmp_path / "nette"
+    for c in sorted((source / "train").iterdir())[:3]:
+        (tree / "train" / c.name).mkdir(parents=True)
+        for f in sorted(c.iterdir())[:12]:
+            shutil.copy(f, tree / "train" / c.name / f.name)
+    dataset = open_dataset(tree, "train")
+    boxes, flips = plan_arrays(dataset, CropPlan(seed=4, crops_per_image=3))
+    stored = precompute_pixels(dataset, boxes, flips, 64)
+    crops = ReplayedCrops(boxes, flips, seed=1)
+    for images, rows in make_loader(dataset, crops, (64, 64), 8):
+        n = rows[:, 1].numpy()
+        assert np.array_equal(images.numpy(), stored[n, crops.slots[n]])
