@@ -103,6 +103,14 @@ def centre_fallback(heights: np.ndarray, widths: np.ndarray, ratio) -> np.ndarra
     return np.stack([(H - h) // 2, (W - w) // 2, h, w], axis=-1)
 
 
+def centre_square(heights, widths) -> np.ndarray:
+    """The largest centred square of each image, ``(N, 4)``: how images are shown for evaluation
+    and for soft-static labels."""
+    heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    side = np.minimum(heights, widths)
+    return np.stack([(heights - side) // 2, (widths - side) // 2, side, side], -1)
+
+
 def sample_flips(plan: CropPlan, image_ids: np.ndarray) -> np.ndarray:
     """Horizontal flip flags, uint8 ``(len(image_ids), K)``; all zero when the plan has no flips."""
     n = np.asarray(image_ids, dtype=np.uint64)[:, None]

@@ -12,6 +12,7 @@ Choices, each from measurements in ``shared/notes/zarr-store.md``:
   byte-identical stores.
 """
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def _codecs(name: str) -> dict:
     blosc = lambda shuffle: BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
     if name == "boxes":  # (N, K, 4): put each coordinate's values side by side before shuffling
         return {"filters": [TransposeCodec(order=(2, 0, 1))], "compressors": [blosc("shuffle")]}
-    if name in ("topk_indices", "flips"):
+    if name in ("topk_indices", "static_indices", "flips"):
         return {"compressors": [blosc("bitshuffle")]}
     return {"compressors": [blosc("shuffle")]}
 
@@ -45,6 +46,7 @@ class StoreLayout:
     crops_per_image: int
     top_k: int
     chunk_size: int
+    soft_static: bool = False  # also store the refinery's label of the whole (centred) image
 
     @property
     def num_chunks(self) -> int:
@@ -54,9 +56,17 @@ class StoreLayout:
         return range(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_images))
 
     def shapes(self) -> dict:
+        """Per-image arrays written chunk by chunk: name -> (shape, dtype)."""
         N, K, k = self.num_images, self.crops_per_image, self.top_k
-        return {"boxes": ((N, K, 4), "uint16"), "flips": ((N, K), "uint8"),
-                "topk_indices": ((N, K, k), "uint16"), "topk_probs": ((N, K, k), "float16")}
+        shapes = {"boxes": ((N, K, 4), "uint16"), "flips": ((N, K), "uint8"),
+                  "topk_indices": ((N, K, k), "uint16"), "topk_probs": ((N, K, k), "float16")}
+        if self.soft_static:
+            shapes.update(static_indices=((N, k), "uint16"), static_probs=((N, k), "float16"))
+        return shapes
+
+    @property
+    def array_names(self) -> tuple:
+        return tuple(self.shapes())
 
 
 class LabelStore:
@@ -74,8 +84,7 @@ class LabelStore:
                              f"refinery reads ({FORMAT_VERSION}); upgrade refinery")
         self.attrs = attrs
         lay = attrs["layout"]
-        self.layout = StoreLayout(lay["num_images"], lay["crops_per_image"], lay["top_k"],
-                                  lay["chunk_size"])
+        self.layout = StoreLayout(**lay)
 
     # ------------------------------------------------------------------ creating and opening
     @classmethod
@@ -83,8 +92,19 @@ class LabelStore:
         """Create an empty store; ``attrs`` carries plan, refinery, data set and versions.
 
         ``labels`` (the data set's ground truth) is written whole at creation, so a store alone
-        can report how often the refinery agrees with the image labels.
+        can report how often the refinery agrees with the image labels. A local store is built
+        under a temporary name and renamed into place, so a kill mid-creation leaves no
+        half-made store behind.
         """
+        location = Path(location)
+        building = location.with_name(f".{location.name}.creating-{os.getpid()}")
+        shutil.rmtree(building, ignore_errors=True)
+        cls._create_at(building, layout, attrs, labels)
+        os.rename(building, location)
+        return cls.open(location, mode="r+")
+
+    @classmethod
+    def _create_at(cls, location, layout: StoreLayout, attrs: dict, labels=None):
         import zarr
         group = zarr.open_group(str(location), mode="w-", zarr_format=3)
         group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -99,7 +119,6 @@ class LabelStore:
             gt[:] = np.asarray(labels, dtype=np.uint16)
         group.create_array("chunk_done", shape=(layout.num_chunks,), dtype="uint8", chunks=(1,),
                            fill_value=0, compressors=None)
-        return cls(group, location)
 
     @classmethod
     def open(cls, location, mode: str = "r") -> "LabelStore":
@@ -118,14 +137,23 @@ class LabelStore:
     def write_chunk(self, c: int, arrays: dict):
         """Write all crop arrays of chunk ``c``, *then* mark it done (the order is the guarantee)."""
         rows = self.layout.chunk_range(c)
-        for name in CROP_ARRAYS:
+        for name in self.layout.array_names:
             self.group[name][rows.start:rows.stop] = arrays[name]
         self.group["chunk_done"][c] = 1
 
     def finalize(self):
-        """Record completeness once, when every chunk is done."""
-        if self.done_chunks().all():
+        """Once every writer has finished: drop stale temporary files, record completeness.
+
+        zarr's LocalStore writes ``<key>.<uuid>.partial`` and renames it; a killed writer leaves
+        these behind. They are never valid data, so removing them keeps stores identical.
+        """
+        root = Path(self.location)
+        if root.is_dir():
+            for leftover in root.rglob("*.partial"):
+                leftover.unlink(missing_ok=True)
+        if self.done_chunks().all() and not self.attrs.get("complete"):
             self.group.attrs["complete"] = True
+            self.attrs["complete"] = True
 
     # ------------------------------------------------------------------ reading and checking
     def done_chunks(self) -> np.ndarray:

@@ -13,12 +13,14 @@ labels do not depend on the rank count or on interruptions.
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .crop_plan import CropPlan, sample_boxes, sample_flips
+from .crop_plan import CropPlan, centre_square, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
+from .errors import StoreMismatchError
 from .label_store import LabelStore, StoreLayout, default_chunk_size
 from .replay import crop_table, multi_crop_loader
 
@@ -45,76 +47,118 @@ def software_versions() -> dict:
             "numcodecs": numcodecs.__version__, "numpy": np.__version__}
 
 
-def store_attributes(dataset, refinery, plan: CropPlan) -> dict:
+@dataclass(frozen=True)
+class Batching:
+    """What fixes the composition of every refinery batch (recorded in the store: train-mode BN
+    labels depend on it, so a resume or an audit must batch exactly the same way)."""
+
+    crop_batch: int        # crops per refinery forward pass
+    images_per_batch: int  # images per loader batch; a power of two dividing the chunk size
+
+    @classmethod
+    def for_layout(cls, layout: StoreLayout, crop_batch: int) -> "Batching":
+        target = max(1, min(crop_batch, 16384 // layout.crops_per_image, layout.chunk_size))
+        return cls(crop_batch, 1 << (target.bit_length() - 1))
+
+
+def store_attributes(dataset, refinery, plan: CropPlan, batching: Batching) -> dict:
     return {"plan": plan.to_dict(), "refinery": refinery.describe(),
-            "dataset": dataset.fingerprint(), "software": software_versions()}
+            "dataset": dataset.fingerprint(), "batching": batching.__dict__,
+            "software": software_versions()}
 
 
 def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int,
-                         chunk_size: int = None) -> LabelStore:
+                         crop_batch: int, chunk_size: int = None,
+                         soft_static: bool = False) -> LabelStore:
     """Create the store, or reopen it to resume after checking it was made for this very run."""
-    from pathlib import Path
-    attrs = store_attributes(dataset, refinery, plan)
+    layout = StoreLayout(dataset.num_images, plan.crops_per_image, top_k,
+                         chunk_size or default_chunk_size(plan.crops_per_image), soft_static)
     if "://" not in str(location) and Path(location).exists():
         store = LabelStore.open(location, mode="r+")
-        store.check_matches(attrs["dataset"], plan=attrs["plan"], refinery=attrs["refinery"])
-        lay = store.layout
-        expected = {"top_k": top_k, "crops_per_image": plan.crops_per_image}
-        for key, value in expected.items():
-            if getattr(lay, key) != value:
-                from .errors import StoreMismatchError
-                raise StoreMismatchError(f"{location}: {key} mismatch (store: {getattr(lay, key)}, "
-                                         f"this run: {value}); use the store's settings or a new "
-                                         "store")
-        return store
-    layout = StoreLayout(dataset.num_images, plan.crops_per_image, top_k,
-                         chunk_size or default_chunk_size(plan.crops_per_image))
-    return LabelStore.create(location, layout, attrs, labels=dataset.labels)
+        layout.chunk_size = store.layout.chunk_size  # a resume keeps the store's chunking
+    else:
+        store = None
+    attrs = store_attributes(dataset, refinery, plan, Batching.for_layout(layout, crop_batch))
+    if store is None:
+        return LabelStore.create(location, layout, attrs, labels=dataset.labels)
+    store.check_matches(attrs["dataset"], plan=attrs["plan"], refinery=attrs["refinery"])
+    for key in ("top_k", "crops_per_image", "soft_static"):
+        if getattr(store.layout, key) != getattr(layout, key):
+            raise StoreMismatchError(f"{location}: {key} mismatch (store: "
+                                     f"{getattr(store.layout, key)}, this run: "
+                                     f"{getattr(layout, key)}); use the store's settings or a new "
+                                     "store")
+    if store.attrs["batching"]["crop_batch"] != crop_batch:
+        raise StoreMismatchError(f"{location}: batch size mismatch (store: "
+                                 f"{store.attrs['batching']['crop_batch']}, this run: {crop_batch})"
+                                 f"; resume with --batch-size {store.attrs['batching']['crop_batch']}"
+                                 " (batch composition shapes train-mode BN labels)")
+    return store
 
 
-def images_per_loader_batch(chunk_size: int, crop_batch: int, crops_per_image: int) -> int:
-    """A power of two that divides the chunk size, holding about one crop batch per slot."""
-    target = max(1, min(crop_batch, 16384 // crops_per_image, chunk_size))
-    return 1 << (target.bit_length() - 1)
+def build_crop_table(dataset, plan: CropPlan, ids: np.ndarray, soft_static: bool) -> np.ndarray:
+    """Crop table ``(N, K [+1], 5)`` for images ``ids``: the plan's boxes and flips, plus the
+    centred square as an extra slot when soft-static labels are wanted (same decode, ~1/K cost)."""
+    slots = plan.crops_per_image + int(soft_static)
+    table = np.zeros((dataset.num_images, slots, 5), np.int32)
+    h, w = dataset.heights[ids], dataset.widths[ids]
+    table[ids, :plan.crops_per_image] = crop_table(sample_boxes(plan, ids, h, w),
+                                                   sample_flips(plan, ids))
+    if soft_static:
+        table[ids, -1, :4] = centre_square(h, w)
+    return table
 
 
-def label_crops(refinery, crops: np.ndarray, crop_batch: int, top_k: int, seed: int,
-                chunk: int, start: int):
-    """Label ``crops`` (M, H, W, 3) in seeded random batches; return labels in input order."""
+def label_loader_batch(refinery, images, crop_batch: int, top_k: int, seed: int, chunk: int,
+                       start: int):
+    """Top-k labels ``(B, S, k)`` for a loader batch of crops ``(B, S, H, W, 3)``.
+
+    The B*S crops are shuffled with a seed of (plan seed, chunk, first image) and split into
+    near-equal forward batches: every batch mixes images (train-mode BN needs that) and its
+    composition never depends on rank count, resumption or timing. Results stay on the device
+    until the whole loader batch is done: one host sync per loader batch, not per forward pass.
+    """
     import torch
-    order = np.random.default_rng([seed, chunk, start]).permutation(len(crops))
-    indices = np.empty((len(crops), top_k), np.uint16)
-    probs = np.empty((len(crops), top_k), np.float16)
-    for part in np.array_split(order, max(1, -(-len(crops) // crop_batch))):
-        indices[part], probs[part] = refinery.top_k(torch.from_numpy(crops[part]), top_k)
-    return indices, probs
+    B, S = images.shape[:2]
+    crops = images.reshape((B * S,) + tuple(images.shape[2:]))
+    order = torch.from_numpy(np.random.default_rng([seed, chunk, start]).permutation(B * S))
+    on_cuda = refinery.device.type == "cuda"
+    indices, probs = [], []
+    for part in torch.tensor_split(order, max(1, -(-(B * S) // crop_batch))):
+        batch = crops.index_select(0, part)
+        if on_cuda:
+            batch = batch.pin_memory()  # lets the copy to the device run asynchronously
+        values, classes = refinery.probabilities(batch).topk(top_k, dim=1)
+        indices.append(classes)
+        probs.append(values)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B * S))
+    classes = torch.cat(indices)[inverse.to(indices[0].device)]
+    values = torch.cat(probs)[inverse.to(probs[0].device)]
+    return (classes.to(torch.int32).cpu().numpy().astype(np.uint16).reshape(B, S, top_k),
+            values.cpu().numpy().astype(np.float16).reshape(B, S, top_k))
 
 
 def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = 5,
                crop_batch: int = 512, chunk_size: int = None, num_workers: int = 2,
-               progress: bool = True) -> PrecomputeSummary:
+               progress: bool = True, soft_static: bool = False) -> PrecomputeSummary:
     """Fill the label store at ``location`` (creating or resuming it); see the module docstring.
 
     ``top_k`` is capped at the number of classes (top-5 of a 2-class problem stores 2).
     """
-    from tqdm import tqdm
-
     top_k = min(top_k, len(dataset.classes))
-
     rank, world = init_from_env(refinery.device)
-    if is_main():
-        store = open_or_create_store(location, dataset, refinery, plan, top_k, chunk_size)
-    barrier()
-    if not is_main():
-        store = open_or_create_store(location, dataset, refinery, plan, top_k, chunk_size)
+    args = (location, dataset, refinery, plan, top_k, crop_batch, chunk_size, soft_static)
+    store = open_or_create_store(*args) if is_main() else None
+    barrier()  # rank 0 creates; the others open what it made
+    store = store or open_or_create_store(*args)
     lay = store.layout
     done = store.done_chunks()
     mine = [c for c in range(lay.num_chunks) if c % world == rank and not done[c]]
     summary = PrecomputeSummary(chunks_skipped=int(done.sum()))
     start_time = time.perf_counter()
     if mine:
-        _run_chunks(dataset, store, refinery, plan, mine, crop_batch, num_workers,
-                    progress and is_main(), summary, tqdm)
+        _run_chunks(dataset, store, refinery, plan, mine, num_workers, progress and is_main(),
+                    summary)
     barrier()
     summary.seconds = time.perf_counter() - start_time
     if is_main():
@@ -125,41 +169,38 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = 5,
     return summary
 
 
-def _run_chunks(dataset, store, refinery, plan, chunks, crop_batch, num_workers, show, summary,
-                tqdm):
+def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summary):
+    from tqdm import tqdm
     lay = store.layout
+    batching = Batching(**store.attrs["batching"])
     ids = np.concatenate([np.arange(r.start, r.stop) for r in map(lay.chunk_range, chunks)])
-    table = np.zeros((dataset.num_images, plan.crops_per_image, 5), np.int32)
-    boxes = sample_boxes(plan, ids, dataset.heights[ids], dataset.widths[ids])
-    flips = sample_flips(plan, ids)
-    table[ids] = crop_table(boxes, flips)
-    per_batch = images_per_loader_batch(lay.chunk_size, crop_batch, plan.crops_per_image)
+    table = build_crop_table(dataset, plan, ids, lay.soft_static)
     size = (refinery.input_size, refinery.input_size)
-    loader = multi_crop_loader(dataset, table, size, per_batch, ids, num_workers)
+    loader = multi_crop_loader(dataset, table, size, batching.images_per_batch, ids, num_workers)
     pending = {}  # chunk -> buffers being filled
-    bar = tqdm(total=len(ids) * plan.crops_per_image, unit="crop", unit_scale=True,
-               disable=not show, desc="labelling crops", smoothing=0.05)
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    K = lay.crops_per_image
+    bar = tqdm(total=len(ids) * K, unit="crop", unit_scale=True, disable=not show,
+               desc="labelling crops", smoothing=0.05)
+    with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap the next batches
         writes = []
         for images, rows in loader:
-            index = rows[:, 1].numpy()
+            index = rows[:, 1].numpy().copy()
             c = int(index[0]) // lay.chunk_size
-            B, K = images.shape[:2]
-            crops = images.numpy().reshape((B * K,) + tuple(images.shape[2:]))
-            top_idx, top_p = label_crops(refinery, crops, crop_batch, lay.top_k, plan.seed, c,
-                                         int(index[0]))
+            classes, probs = label_loader_batch(refinery, images, batching.crop_batch,
+                                                lay.top_k, plan.seed, c, int(index[0]))
             buf = pending.setdefault(c, _chunk_buffers(lay, c))
             local = index - lay.chunk_range(c).start
-            buf["topk_indices"][local] = top_idx.reshape(B, K, -1)
-            buf["topk_probs"][local] = top_p.reshape(B, K, -1)
-            buf["boxes"][local] = table[index, :, :4]
-            buf["flips"][local] = table[index, :, 4]
-            buf["filled"] += B
+            buf["topk_indices"][local], buf["topk_probs"][local] = classes[:, :K], probs[:, :K]
+            buf["boxes"][local] = table[index, :K, :4]
+            buf["flips"][local] = table[index, :K, 4]
+            if lay.soft_static:
+                buf["static_indices"][local], buf["static_probs"][local] = classes[:, K], probs[:, K]
+            buf["filled"] += len(index)
             if buf["filled"] == len(lay.chunk_range(c)):
                 writes.append(writer.submit(store.write_chunk, c, pending.pop(c)))
                 summary.chunks_written += 1
-            summary.crops += B * K
-            bar.update(B * K)
+            summary.crops += len(index) * K
+            bar.update(len(index) * K)
         for w in writes:
             w.result()  # surface write errors
     bar.close()
@@ -167,8 +208,7 @@ def _run_chunks(dataset, store, refinery, plan, chunks, crop_batch, num_workers,
 
 def _chunk_buffers(lay: StoreLayout, c: int) -> dict:
     n = len(lay.chunk_range(c))
-    return {"boxes": np.zeros((n, lay.crops_per_image, 4), np.uint16),
-            "flips": np.zeros((n, lay.crops_per_image), np.uint8),
-            "topk_indices": np.zeros((n, lay.crops_per_image, lay.top_k), np.uint16),
-            "topk_probs": np.zeros((n, lay.crops_per_image, lay.top_k), np.float16),
-            "filled": 0}
+    buffers = {name: np.zeros((n,) + shape[1:], dtype)
+               for name, (shape, dtype) in lay.shapes().items()}
+    buffers["filled"] = 0
+    return buffers

@@ -31,7 +31,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToTensor
 
-from .crop_plan import CropPlan, epoch_slots, sample_boxes, sample_flips
+from .crop_plan import CropPlan, centre_square, epoch_slots, sample_boxes, sample_flips
 
 TABLE_FIELDS = 5  # y, x, h, w, flip
 
@@ -203,8 +203,7 @@ class FixedCrops:
     """The same crop every epoch: used for evaluation (the centred square of each image)."""
 
     def __init__(self, heights, widths):
-        side = np.minimum(heights, widths)
-        self.boxes = np.stack([(heights - side) // 2, (widths - side) // 2, side, side], -1)
+        self.boxes = centre_square(heights, widths)
         self.slots = None
 
     def fill(self, table: np.ndarray, epoch: int):
