@@ -43,12 +43,14 @@ def cli():
 @click.option("--temperature", default=1.0, help="softmax temperature")
 @click.option("--batch-size", default=512, help="crops per refinery forward pass")
 @click.option("--chunk-size", default=None, type=int, help="images per store chunk")
+@click.option("--soft-static", is_flag=True,
+              help="also store the label of the whole (centred) image, for the paper's Table 4")
 @click.option("--workers", default=2, help="decoding threads")
 @click.option("--device", default="auto")
 @click.option("--cache-dir", default=None, help="where converted .beton files are kept")
 @friendly_errors
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
-               temperature, batch_size, chunk_size, workers, device, cache_dir):
+               temperature, batch_size, chunk_size, soft_static, workers, device, cache_dir):
     """Label K planned crops of every image in DATA and write the label store STORE."""
     from refinery_pipeline.crop_plan import CropPlan
     from refinery_pipeline.dataset import open_dataset
@@ -61,10 +63,14 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                                         bn_mode=bn_mode, temperature=temperature,
                                         device=resolve_device(device))
     plan = CropPlan(seed=seed, crops_per_image=crops_per_image)
-    s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers)
-    click.echo(f"{s.crops:,} crops labelled in {s.seconds:.1f} s ({s.crops_per_second:,.0f} "
-               f"crops/s); {s.chunks_written} chunks written, {s.chunks_skipped} already done; "
-               f"store {s.store_bytes / 1e6:.2f} MB, {s.bytes_per_crop:.1f} bytes/crop")
+    s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
+            soft_static=soft_static)
+    from refinery_pipeline.distributed import is_main
+    if is_main():
+            click.echo(f"{s.crops:,} crops labelled in {s.seconds:.1f} s "
+                   f"({s.crops_per_second:,.0f} crops/s); {s.chunks_written} chunks written, "
+                   f"{s.chunks_skipped} already done; store {s.store_bytes / 1e6:.2f} MB, "
+                   f"{s.bytes_per_crop:.1f} bytes/crop")
 
 
 @cli.command()
@@ -121,6 +127,42 @@ def inspect(store, as_json):
     from refinery_pipeline.inspect_store import describe_store, format_summary
     summary = describe_store(store)
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+
+
+@cli.command()
+@click.argument("store")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--weights", required=True, type=click.Path(), help="the store's refinery checkpoint")
+@click.option("--sample-crops", default=20000, help="about this many stored crops are re-labelled")
+@click.option("--min-agreement", default=0.999, help="exit 1 when top-1 agreement is lower")
+@click.option("--seed", default=0, help="which loader batches are sampled")
+@click.option("--workers", default=2)
+@click.option("--device", default="auto")
+@click.option("--cache-dir", default=None)
+@friendly_errors
+def audit(store, data, weights, sample_crops, min_agreement, seed, workers, device, cache_dir):
+    """Re-run the refinery on sampled stored crops of STORE (made from DATA) and compare."""
+    from refinery_pipeline.audit import audit_store
+    from refinery_pipeline.dataset import open_dataset
+    from refinery_pipeline.label_store import LabelStore
+    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.train import resolve_device
+
+    recorded = LabelStore.open(store).attrs["refinery"]
+    refinery = Refinery.from_checkpoint(weights, recorded["arch"], input_size=recorded["input_size"],
+                                        bn_mode=recorded["bn_mode"],
+                                        temperature=recorded["temperature"],
+                                        device=resolve_device(device))
+    dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
+    r = audit_store(dataset, store, refinery, sample_crops, seed, workers)
+    click.echo(f"{r.crops:,} crops in {r.loader_batches} batches re-labelled (BN {r.bn_mode}): "
+               f"top-1 agreement {100 * r.top1_agreement:.3f}%, top-k indices agreement "
+               f"{100 * r.topk_indices_agreement:.3f}%, probability error max "
+               f"{r.max_probability_error:.2e} mean {r.mean_probability_error:.2e}")
+    if r.top1_agreement < min_agreement:
+        click.echo(f"error: {store}: top-1 agreement below {100 * min_agreement:.1f}%; the store "
+                   "does not match this refinery and data", err=True)
+        sys.exit(1)
 
 
 @cli.command()

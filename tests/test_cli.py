@@ -206,3 +206,46 @@ def test_shared_imagenette_subset_replays_exactly(tmp_path):
     for images, rows in make_loader(dataset, crops, (64, 64), 8):
         n = rows[:, 1].numpy()
         assert np.array_equal(images.numpy(), stored[n, crops.slots[n]])
+
+
+def test_audit_reproduces_a_train_mode_store_exactly(store, tiny_data, tiny_refinery_ckpt):
+    """Train-mode BN labels depend on batch neighbours; audit rebuilds the same batches."""
+    result = run("audit", store, tiny_data, "--weights", tiny_refinery_ckpt, "--sample-crops", 200)
+    assert "top-1 agreement 100.000%" in result.output, result.output
+    assert "max 0.00e+00" in result.output
+
+
+def test_audit_flags_labels_from_another_refinery(store, tiny_data, tmp_path):
+    import torch
+    from refinery_pipeline.models import create_model, save_checkpoint
+    from refinery_pipeline.synthetic import SHAPES
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, create_model("demo_cnn", 10), "demo_cnn", SHAPES, 24)
+    result = run("audit", store, tiny_data, "--weights", other, ok=False)
+    assert_one_line_error(result, "refinery differs", "weights_sha256")
+
+
+def test_soft_static_labels_are_the_refinery_on_the_centred_image(tiny_data, tiny_dataset,
+                                                                   tiny_refinery_ckpt, tmp_path):
+    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.replay import FixedCrops, make_loader
+    path = tmp_path / "static.zarr"
+    run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3,
+        "--bn-mode", "eval", "--soft-static", "--chunk-size", 32)
+    arrays = LabelStore.open(path).read(("static_indices", "static_probs", "topk_indices"))
+    assert arrays["static_indices"].shape == (96, 3)
+    refinery = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval")
+    loader = make_loader(tiny_dataset, FixedCrops(tiny_dataset.heights, tiny_dataset.widths),
+                         (24, 24), 32, train=False)
+    for images, rows in loader:
+        n = rows[:, 1].numpy()
+        idx, probs = refinery.top_k(images, 3)
+        assert np.array_equal(idx, arrays["static_indices"][n])
+        np.testing.assert_allclose(probs.astype(np.float32),
+                                   arrays["static_probs"][n].astype(np.float32), atol=2e-3)
+    result = run("audit", path, tiny_data, "--weights", tiny_refinery_ckpt)
+    assert "top-1 agreement 100.000%" in result.output
+    result = run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 3,
+                 "--top-k", 3, "--bn-mode", "eval", ok=False)
+    assert_one_line_error(result, "soft_static mismatch")

@@ -1,0 +1,82 @@
+"""``refine audit``: recompute a random sample of stored labels and compare.
+
+The sample is made of whole loader batches of the original run (a chunk and a batch start), and
+each is relabelled by :func:`precompute.label_loader_batch` with the store's recorded batching:
+the same crops, cut by the same decoder, in the same forward batches. So even train-mode BN
+labels, which depend on their batch neighbours, can be checked crop for crop.
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .crop_plan import CropPlan
+from .errors import StoreMismatchError
+from .label_store import LabelStore
+from .precompute import Batching, build_crop_table, label_loader_batch
+from .replay import multi_crop_loader
+
+
+@dataclass
+class AuditReport:
+    crops: int
+    loader_batches: int
+    top1_agreement: float
+    topk_indices_agreement: float
+    max_probability_error: float
+    mean_probability_error: float
+    bn_mode: str
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def sample_loader_batches(store: LabelStore, batching: Batching, sample_crops: int,
+                          seed: int) -> list:
+    """Random ``range``s of image ids, each exactly one loader batch of the original run."""
+    lay = store.layout
+    units = [range(start, min(start + batching.images_per_batch, r.stop))
+             for c in np.flatnonzero(store.done_chunks())
+             for r in [lay.chunk_range(int(c))]
+             for start in range(r.start, r.stop, batching.images_per_batch)]
+    crops_per_unit = batching.images_per_batch * lay.crops_per_image
+    wanted = min(len(units), max(1, -(-sample_crops // crops_per_unit)))
+    chosen = np.random.default_rng(seed).choice(len(units), wanted, replace=False)
+    # a short unit (the end of the last chunk) goes last so loader batches stay aligned
+    return sorted((units[i] for i in chosen), key=lambda u: (len(u) < batching.images_per_batch,
+                                                              u.start))
+
+
+def audit_store(dataset, location, refinery, sample_crops: int = 20000, seed: int = 0,
+                num_workers: int = 2) -> AuditReport:
+    store = LabelStore.open(location)
+    store.check_matches(dataset.fingerprint())
+    recorded = store.attrs["refinery"]
+    if refinery.describe() != recorded:
+        diff = [k for k in recorded if recorded[k] != refinery.describe().get(k)]
+        raise StoreMismatchError(f"{location}: refinery differs from the one that wrote the store "
+                                 f"in {diff}; pass its weights and --bn-mode {recorded['bn_mode']}")
+    lay, plan = store.layout, CropPlan.from_dict(store.attrs["plan"])
+    batching = Batching(**store.attrs["batching"])
+    units = sample_loader_batches(store, batching, sample_crops, seed)
+    ids = np.concatenate([np.arange(u.start, u.stop) for u in units])
+    table = build_crop_table(dataset, plan, ids, lay.soft_static)
+    stored = store.read(("topk_indices", "topk_probs"))
+    size = (refinery.input_size, refinery.input_size)
+    loader = multi_crop_loader(dataset, table, size, batching.images_per_batch, ids, num_workers)
+    same_top1, same_topk, errors = [], [], []
+    for images, rows in loader:
+        index = rows[:, 1].numpy().copy()
+        chunk = int(index[0]) // lay.chunk_size
+        classes, probs = label_loader_batch(refinery, images, batching.crop_batch, lay.top_k,
+                                            plan.seed, chunk, int(index[0]))
+        K = lay.crops_per_image
+        old_i, old_p = stored["topk_indices"][index], stored["topk_probs"][index]
+        same_top1.append((classes[:, :K, 0] == old_i[..., 0]).ravel())
+        same_topk.append((classes[:, :K] == old_i).all(-1).ravel())
+        errors.append(np.abs(probs[:, :K].astype(np.float32) - old_p.astype(np.float32)).ravel())
+    errors = np.concatenate(errors)
+    return AuditReport(crops=int(sum(len(a) for a in same_top1)), loader_batches=len(units),
+                       top1_agreement=float(np.concatenate(same_top1).mean()),
+                       topk_indices_agreement=float(np.concatenate(same_topk).mean()),
+                       max_probability_error=float(errors.max()),
+                       mean_probability_error=float(errors.mean()), bn_mode=recorded["bn_mode"])
