@@ -84,7 +84,13 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--weight-decay", "--wd", default=5e-4)
 @click.option("--warmup-epochs", default=2.0)
 @click.option("--label-smoothing", default=0.0, help="ground-truth mode only")
-@click.option("--label-mode", type=click.Choice(["soft", "hard"]), default="soft")
+@click.option("--label-mode", type=click.Choice(["soft", "hard", "static"]), default="soft",
+              help="stored soft labels, their arg-max, or the whole-image (soft-static) label")
+@click.option("--teacher", default=None, type=click.Path(),
+              help="online refinery checkpoint: label every crop during training")
+@click.option("--teacher-bn", type=click.Choice(["train", "eval"]), default="train")
+@click.option("--teacher-crops", type=click.Choice(["fresh", "replay"]), default="fresh",
+              help="online teacher on fresh random crops, or on the store's crops (parity)")
 @click.option("--loss", type=click.Choice(["kl", "soft_ce", "reverse_kl", "l2"]), default="kl")
 @click.option("--rest", type=click.Choice(["uniform", "renormalize"]), default="uniform",
               help="where the probability mass outside the stored top-k goes")
@@ -101,7 +107,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--cache-dir", default=None)
 @friendly_errors
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
-          label_smoothing, label_mode, loss, rest, slot_policy, res, workers, seed, eval_every,
+          label_smoothing, label_mode, teacher, teacher_bn, teacher_crops, loss, rest, slot_policy, res, workers, seed, eval_every,
           device, compile_, resume, allow_partial, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton)."""
     from refinery_pipeline.train import TrainConfig, fit
@@ -109,7 +115,8 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
     cfg = TrainConfig(data=data, out_dir=out_dir, labels=None if labels == "none" else labels,
                       arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                      label_smoothing=label_smoothing, label_mode=label_mode, loss=loss, rest=rest,
+                      label_smoothing=label_smoothing, label_mode=label_mode, teacher=teacher,
+                      teacher_bn=teacher_bn, teacher_crops=teacher_crops, loss=loss, rest=rest,
                       slot_policy=slot_policy, res=res, workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,
                       allow_partial=allow_partial, cache_dir=cache_dir)

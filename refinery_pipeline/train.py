@@ -38,7 +38,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.0
-    label_mode: str = "soft"    # 'soft' or 'hard' (arg-max of the stored label)
+    label_mode: str = "soft"    # 'soft', 'hard' (arg-max) or 'static' (whole-image label)
+    teacher: str = None         # online refinery checkpoint: labels every crop as it is shown
+    teacher_bn: str = "train"
+    teacher_crops: str = "fresh"  # 'fresh' random crops, or 'replay' the store's crops (parity)
     loss: str = "kl"
     rest: str = "uniform"       # where the mass outside the stored top-k goes
     slot_policy: str = "random"
@@ -77,19 +80,42 @@ class GroundTruthTargets:
 
 
 class StoredTargets:
-    """Sparse labels of the replayed slot of each image, looked up on the device."""
+    """Sparse stored labels, looked up on the device: per replayed slot of each image (dynamic),
+    or one per image (``slots=None``: soft-static labels of the whole image)."""
 
-    def __init__(self, arrays: dict, crops: ReplayedCrops, num_classes: int, device,
-                 rest: str = "uniform", hard: bool = False):
-        self.indices = torch.from_numpy(arrays["topk_indices"].astype(np.int64)).to(device)
-        self.probs = torch.from_numpy(arrays["topk_probs"]).to(device)
-        self.crops, self.num_classes, self.rest, self.hard = crops, num_classes, rest, hard
+    def __init__(self, indices: np.ndarray, probs: np.ndarray, num_classes: int, device,
+                 rest: str = "uniform", crops: ReplayedCrops = None):
+        self.indices = torch.from_numpy(indices.astype(np.int64)).to(device)
+        self.probs = torch.from_numpy(probs).to(device)
+        self.crops, self.num_classes, self.rest = crops, num_classes, rest
 
     def __call__(self, labels, indices, images):
-        slots = torch.from_numpy(self.crops.slots).to(indices.device)[indices]
-        target = dense_from_sparse(self.indices[indices, slots], self.probs[indices, slots],
-                                   self.num_classes, self.rest)
-        return hard_from_soft(target) if self.hard else target
+        if self.crops is None:
+            top, p = self.indices[indices], self.probs[indices]
+        else:
+            slots = torch.from_numpy(self.crops.slots).to(indices.device)[indices]
+            top, p = self.indices[indices, slots], self.probs[indices, slots]
+        return dense_from_sparse(top, p, self.num_classes, self.rest)
+
+
+class OnlineTargets:
+    """The paper's online refinery: the teacher labels each batch's crops as they are shown."""
+
+    def __init__(self, refinery):
+        self.refinery = refinery
+
+    def __call__(self, labels, indices, images):
+        return self.refinery.probabilities(images)
+
+
+class HardTargets:
+    """Arg-max of another source's soft labels (the paper's "hard dynamic" ablation)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, labels, indices, images):
+        return hard_from_soft(self.source(labels, indices, images))
 
 
 # ----------------------------------------------------------------------------- data
@@ -101,19 +127,10 @@ def load_data(cfg: TrainConfig, device):
     if val_ds.classes != train_ds.classes:
         raise RefineryError(f"{val_ds.path}: validation classes differ from the training classes; "
                             "give both splits the same class folders")
-    C = len(train_ds.classes)
-    if cfg.labels is None:
-        res = cfg.res or 224
-        crops = FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths)
-        targets = GroundTruthTargets(C, cfg.label_smoothing)
-    else:
-        store = LabelStore.open(cfg.labels)
-        store.check_matches(train_ds.fingerprint())
-        store.require_complete(cfg.allow_partial)
-        res = cfg.res or store.attrs["refinery"]["input_size"]
-        arrays = store.read()
-        crops = ReplayedCrops(arrays["boxes"], arrays["flips"], cfg.seed, cfg.slot_policy)
-        targets = StoredTargets(arrays, crops, C, device, cfg.rest, cfg.label_mode == "hard")
+    store = _open_store(cfg, train_ds)
+    res = cfg.res or _default_res(cfg, store)
+    crops, arrays = _crop_source(cfg, train_ds, store)
+    targets = _target_source(cfg, len(train_ds.classes), res, device, crops, arrays)
     indices = _trainable_indices(cfg, train_ds)
     train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
                                train=True, seed=cfg.seed, indices=indices,
@@ -121,6 +138,61 @@ def load_data(cfg: TrainConfig, device):
     val_loader = make_loader(val_ds, FixedCrops(val_ds.heights, val_ds.widths), (res, res),
                              cfg.batch_size, cfg.workers, train=False)
     return train_ds, train_loader, val_loader, targets, res
+
+
+def _open_store(cfg: TrainConfig, train_ds):
+    if cfg.labels is None:
+        return None
+    store = LabelStore.open(cfg.labels)
+    store.check_matches(train_ds.fingerprint())  # cached fingerprint: well under a second
+    store.require_complete(cfg.allow_partial)
+    return store
+
+
+def _default_res(cfg: TrainConfig, store) -> int:
+    """Crop size: the store's (so replayed pixels are the labelled pixels), the teacher's, 224."""
+    if store is not None:
+        return store.attrs["refinery"]["input_size"]
+    if cfg.teacher is not None:
+        from .models import load_checkpoint
+        return load_checkpoint(cfg.teacher).get("input_size") or 224
+    return 224
+
+
+def _crop_source(cfg: TrainConfig, train_ds, store):
+    """Replay the store's crops, or draw fresh seeded crops every epoch."""
+    fresh = store is None or (cfg.teacher is not None and cfg.teacher_crops == "fresh")
+    if cfg.teacher is not None and cfg.teacher_crops == "replay" and store is None:
+        raise RefineryError("--teacher-crops replay needs --labels STORE to replay; pass a store "
+                            "or use --teacher-crops fresh")
+    if fresh:
+        return FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths), None
+    names = ("boxes", "flips", "topk_indices", "topk_probs")
+    if cfg.label_mode == "static":
+        if not store.layout.soft_static:
+            raise RefineryError(f"{cfg.labels}: store has no soft-static labels; recompute it "
+                                "with `refine precompute --soft-static`")
+        names += ("static_indices", "static_probs")
+    arrays = store.read(names)
+    return ReplayedCrops(arrays["boxes"], arrays["flips"], cfg.seed, cfg.slot_policy), arrays
+
+
+def _target_source(cfg: TrainConfig, num_classes: int, res: int, device, crops, arrays):
+    """Ground truth, stored labels (dynamic or static) or an online teacher; hard if asked."""
+    if cfg.teacher is not None:
+        from .refinery import Refinery
+        source = OnlineTargets(Refinery.from_checkpoint(cfg.teacher, num_classes=num_classes,
+                                                        input_size=res, bn_mode=cfg.teacher_bn,
+                                                        device=device))
+    elif arrays is None:
+        return GroundTruthTargets(num_classes, cfg.label_smoothing)
+    elif cfg.label_mode == "static":
+        return StoredTargets(arrays["static_indices"], arrays["static_probs"], num_classes,
+                             device, cfg.rest)
+    else:
+        source = StoredTargets(arrays["topk_indices"], arrays["topk_probs"], num_classes, device,
+                               cfg.rest, crops)
+    return HardTargets(source) if cfg.label_mode == "hard" else source
 
 
 def _val_location(data):
@@ -158,7 +230,7 @@ def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, devic
         rows = rows.to(device, non_blocking=True)
         labels, indices = rows[:, 0], rows[:, 1]
         x = to_model_input(images, device, channels_last=channels_last)
-        target = targets(labels, indices, x)
+        target = targets(labels, indices, images)
         with autocast_for(device):
             logits = model(x)
         loss = loss_fn(logits, target)

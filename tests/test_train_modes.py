@@ -1,0 +1,108 @@
+"""Every labelling mode and loss trains end to end; cached labels equal online ones; resume is exact."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from refinery_pipeline import train as train_module
+from refinery_pipeline.crop_plan import CropPlan
+from refinery_pipeline.label_store import LabelStore
+from refinery_pipeline.precompute import precompute
+from refinery_pipeline.refinery import Refinery
+from refinery_pipeline.replay import ReplayedCrops, make_loader
+from refinery_pipeline.train import OnlineTargets, StoredTargets, TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def full_store(tiny_dataset, tiny_refinery_ckpt, tmp_path_factory):
+    """BN-eval store with all 10 classes stored (top-k = C) and soft-static labels."""
+    path = tmp_path_factory.mktemp("full") / "full.zarr"
+    refinery = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval")
+    precompute(tiny_dataset, path, refinery, CropPlan(seed=3, crops_per_image=3), top_k=10,
+               crop_batch=32, chunk_size=32, progress=False, soft_static=True)
+    return path
+
+
+def config(tiny_data, tmp_path, **kw):
+    base = dict(data=str(tiny_data), out_dir=str(tmp_path / "run"), arch="demo_cnn", epochs=1,
+                batch_size=16, res=24, workers=1, progress=False, warmup_epochs=0.5)
+    return TrainConfig(**{**base, **kw})
+
+
+MODES = {
+    "ground truth": dict(),
+    "ground truth, smoothed": dict(label_smoothing=0.1),
+    "cached soft": dict(labels="STORE"),
+    "cached hard": dict(labels="STORE", label_mode="hard"),
+    "soft static": dict(labels="STORE", label_mode="static"),
+    "cached soft, renormalised, cycle slots": dict(labels="STORE", rest="renormalize",
+                                                   slot_policy="cycle"),
+    "online teacher, fresh crops": dict(teacher="CKPT"),
+    "online teacher, replayed crops, BN eval": dict(labels="STORE", teacher="CKPT",
+                                                    teacher_crops="replay", teacher_bn="eval"),
+    "online hard": dict(teacher="CKPT", label_mode="hard"),
+    "reverse KL": dict(labels="STORE", loss="reverse_kl"),
+    "L2 on probabilities": dict(labels="STORE", loss="l2"),
+    "soft cross-entropy": dict(labels="STORE", loss="soft_ce"),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_trains_and_evaluates(mode, tiny_data, full_store, tiny_refinery_ckpt,
+                                         tmp_path):
+    kw = {k: {"STORE": str(full_store), "CKPT": str(tiny_refinery_ckpt)}.get(v, v)
+          for k, v in MODES[mode].items()}
+    record = fit(config(tiny_data, tmp_path, **kw))
+    assert np.isfinite(record["train_loss"]) and 0 <= record["val_top1"] <= 100
+    assert len(record["val_per_class"]) == 10 and len(record["train_per_class"]) == 10
+
+
+def test_cached_labels_equal_the_online_teacher_on_the_same_crops(tiny_dataset, full_store,
+                                                                  tiny_refinery_ckpt):
+    """Parity: with top-k = C and BN eval, a cached label is the online label up to float16."""
+    arrays = LabelStore.open(full_store).read()
+    crops = ReplayedCrops(arrays["boxes"], arrays["flips"], seed=0)
+    cached = StoredTargets(arrays["topk_indices"], arrays["topk_probs"], 10, "cpu", crops=crops)
+    online = OnlineTargets(Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"))
+    for images, rows in make_loader(tiny_dataset, crops, (24, 24), 16, num_workers=1):
+        a = cached(rows[:, 0], rows[:, 1], images)
+        b = online(rows[:, 0], rows[:, 1], images)
+        assert torch.allclose(a, b, atol=2e-3)
+
+
+def test_static_mode_needs_a_soft_static_store(tiny_data, tmp_path, tiny_dataset,
+                                               tiny_refinery_ckpt):
+    from refinery_pipeline.errors import RefineryError
+    path = tmp_path / "dyn.zarr"
+    precompute(tiny_dataset, path, Refinery.from_checkpoint(tiny_refinery_ckpt),
+               CropPlan(crops_per_image=2), top_k=3, crop_batch=32, progress=False)
+    with pytest.raises(RefineryError, match="no soft-static labels"):
+        fit(config(tiny_data, tmp_path, labels=str(path), label_mode="static"))
+
+
+def test_resume_after_an_interruption_is_bit_for_bit(tiny_data, full_store, tmp_path,
+                                                     monkeypatch):
+    straight = config(tiny_data, tmp_path / "a", labels=str(full_store), epochs=3)
+    fit(straight)
+    resumed = config(tiny_data, tmp_path / "b", labels=str(full_store), epochs=3, resume=True)
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third epoch
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(resumed)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    fit(resumed)
+    a = torch.load(tmp_path / "a" / "run" / "model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "model.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "b" / "run" / "metrics.jsonl")
+              .read_text().splitlines()]
+    assert epochs == [1, 2, 3]
