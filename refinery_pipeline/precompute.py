@@ -31,6 +31,8 @@ class PrecomputeSummary:
     seconds: float = 0.0
     chunks_written: int = 0
     chunks_skipped: int = 0
+    warmup_seconds: float = 0.0  # start until the first loader batch is labelled (compilation)
+    warmup_crops: int = 0
     store_bytes: int = 0
     bytes_per_crop: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -38,6 +40,12 @@ class PrecomputeSummary:
     @property
     def crops_per_second(self) -> float:
         return self.crops / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_crops_per_second(self) -> float:
+        """Throughput after the first loader batch, i.e. without one-off compilation."""
+        seconds = self.seconds - self.warmup_seconds
+        return (self.crops - self.warmup_crops) / seconds if seconds > 0 else 0.0
 
 
 def software_versions() -> dict:
@@ -140,10 +148,13 @@ def label_loader_batch(refinery, images, crop_batch: int, top_k: int, seed: int,
 
 def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = 5,
                crop_batch: int = 512, chunk_size: int = None, num_workers: int = 2,
-               progress: bool = True, soft_static: bool = False) -> PrecomputeSummary:
+               progress: bool = True, soft_static: bool = False,
+               only_chunks=None) -> PrecomputeSummary:
     """Fill the label store at ``location`` (creating or resuming it); see the module docstring.
 
     ``top_k`` is capped at the number of classes (top-5 of a 2-class problem stores 2).
+    ``only_chunks`` restricts this call to some chunks (benchmarks, manual sharding); the store
+    stays resumable and completes when a later call covers the rest.
     """
     top_k = min(top_k, len(dataset.classes))
     rank, world = init_from_env(refinery.device)
@@ -153,7 +164,8 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = 5,
     store = store or open_or_create_store(*args)
     lay = store.layout
     done = store.done_chunks()
-    mine = [c for c in range(lay.num_chunks) if c % world == rank and not done[c]]
+    wanted = range(lay.num_chunks) if only_chunks is None else only_chunks
+    mine = [c for c in wanted if c % world == rank and not done[c]]
     summary = PrecomputeSummary(chunks_skipped=int(done.sum()))
     start_time = time.perf_counter()
     if mine:
@@ -171,6 +183,7 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = 5,
 
 def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summary):
     from tqdm import tqdm
+    started = time.perf_counter()
     lay = store.layout
     batching = Batching(**store.attrs["batching"])
     ids = np.concatenate([np.arange(r.start, r.stop) for r in map(lay.chunk_range, chunks)])
@@ -200,6 +213,9 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
                 writes.append(writer.submit(store.write_chunk, c, pending.pop(c)))
                 summary.chunks_written += 1
             summary.crops += len(index) * K
+            if not summary.warmup_crops:
+                summary.warmup_crops = summary.crops
+                summary.warmup_seconds = time.perf_counter() - started
             bar.update(len(index) * K)
         for w in writes:
             w.result()  # surface write errors
