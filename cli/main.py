@@ -43,6 +43,7 @@ def cli():
 @click.option("--temperature", default=1.0, help="softmax temperature")
 @click.option("--batch-size", default=512, help="crops per refinery forward pass")
 @click.option("--chunk-size", default=None, type=int, help="images per store chunk")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the refinery")
 @click.option("--soft-static", is_flag=True,
               help="also store the label of the whole (centred) image, for the paper's Table 4")
 @click.option("--workers", default=2, help="decoding threads")
@@ -50,7 +51,8 @@ def cli():
 @click.option("--cache-dir", default=None, help="where converted .beton files are kept")
 @friendly_errors
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
-               temperature, batch_size, chunk_size, soft_static, workers, device, cache_dir):
+               temperature, batch_size, chunk_size, compile_, soft_static, workers, device,
+               cache_dir):
     """Label K planned crops of every image in DATA and write the label store STORE."""
     from refinery_pipeline.crop_plan import CropPlan
     from refinery_pipeline.dataset import open_dataset
@@ -61,7 +63,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
     refinery = Refinery.from_checkpoint(weights, arch, len(dataset.classes), input_size,
                                         bn_mode=bn_mode, temperature=temperature,
-                                        device=resolve_device(device))
+                                        device=resolve_device(device), compile=compile_)
     plan = CropPlan(seed=seed, crops_per_image=crops_per_image)
     s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
             soft_static=soft_static)

@@ -45,12 +45,15 @@ class Refinery:
 
     def __init__(self, model: nn.Module, arch: str, weights_sha256: str, input_size: int,
                  bn_mode: str = "train", temperature: float = 1.0, device="cpu",
-                 normalization=IMAGENET_NORMALIZATION, channels_last: bool = True):
+                 normalization=IMAGENET_NORMALIZATION, channels_last: bool = True,
+                 compile: bool = False):
         self.device = torch.device(device)
         memory = torch.channels_last if channels_last else torch.contiguous_format
         self.model = set_bn_mode(model.to(self.device, memory_format=memory), bn_mode)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if compile:  # pays off on long GPU runs; numerics may differ slightly from eager mode
+            self.model = torch.compile(self.model)
         self.arch, self.weights_sha256, self.input_size = arch, weights_sha256, int(input_size)
         self.bn_mode, self.temperature = bn_mode, float(temperature)
         self.normalization, self.channels_last = normalization, channels_last
