@@ -1,0 +1,79 @@
+"""Claim: a cached-label epoch costs about a ground-truth epoch, and far less than an online one.
+
+Times whole training epochs (`train.train_one_epoch`, the same step loop `refine train` uses) of
+one student in three label modes, interleaved over rounds: ground truth (fresh crops), cached
+soft labels (replayed crops, store in memory), and an online refinery on fresh crops.
+
+  python benchmarks/epoch_time.py DATA --store S.zarr --teacher R50.pt --arch resnet18 \
+      --res 96 --batch-size 256 --workers 16 --tag epoch_time_h100
+"""
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from refinery_pipeline.losses import get_loss
+from refinery_pipeline.models import create_model
+from refinery_pipeline.precompute import software_versions
+from refinery_pipeline.train import (TrainConfig, load_data, resolve_device, train_one_epoch,
+                                     warmup_linear_decay)
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("data")
+    p.add_argument("--store", required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--res", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tag", default="epoch_time")
+    args = p.parse_args()
+    device = resolve_device("auto")
+    base = TrainConfig(data=args.data, out_dir="unused", arch=args.arch, res=args.res,
+                       batch_size=args.batch_size, workers=args.workers, progress=False)
+    modes = {"ground truth": base, "cached soft (store)": replace(base, labels=args.store),
+             "online teacher (fresh crops)": replace(base, teacher=args.teacher)}
+    setups = {}
+    for name, cfg in modes.items():
+        _, loader, _, targets, _ = load_data(cfg, device)
+        model = create_model(args.arch, 10).to(device, memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(len(loader), 100, 1))
+        setups[name] = (model, loader, targets, opt, sched)
+    times = {name: [] for name in modes}
+    for round_ in range(args.rounds + 1):  # round 0 warms up (compilation)
+        for name, (model, loader, targets, opt, sched) in setups.items():
+            start = time.perf_counter()
+            train_one_epoch(model, loader, targets, get_loss("kl"), opt, sched, device, 10)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    gt = statistics.median(times["ground truth"])
+    rows = [{"mode": n, "median_epoch_seconds": statistics.median(t), "all": t,
+             "relative_to_ground_truth": statistics.median(t) / gt} for n, t in times.items()]
+    result = {"args": vars(args), "device": str(device), "software": software_versions(),
+              "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Epoch time by label mode: `{args.tag}`", "",
+             f"Device {device}; student {args.arch} @ {args.res} px, batch {args.batch_size}, "
+             f"{args.workers} workers; median of {args.rounds} interleaved epochs after a warm-up.",
+             "", "| label mode | median epoch (s) | relative to ground truth |", "|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['median_epoch_seconds']:.1f} | "
+              f"{r['relative_to_ground_truth']:.2f}× |" for r in rows]
+    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
