@@ -8,22 +8,18 @@ soft labels (replayed crops, store in memory), and an online refinery on fresh c
       --res 96 --batch-size 256 --workers 16 --tag epoch_time_h100
 """
 import argparse
-import json
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+from _results import write_results
 
 from refinery_pipeline.losses import get_loss
 from refinery_pipeline.models import create_model
 from refinery_pipeline.precompute import software_versions
 from refinery_pipeline.train import (TrainConfig, load_data, resolve_device, train_one_epoch,
                                      warmup_linear_decay)
-
-RESULTS = Path(__file__).parent / "results"
-
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -63,16 +59,13 @@ def main():
              "relative_to_ground_truth": statistics.median(t) / gt} for n, t in times.items()]
     result = {"args": vars(args), "device": str(device), "software": software_versions(),
               "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Epoch time by label mode: `{args.tag}`", "",
              f"Device {device}; student {args.arch} @ {args.res} px, batch {args.batch_size}, "
              f"{args.workers} workers; median of {args.rounds} interleaved epochs after a warm-up.",
              "", "| label mode | median epoch (s) | relative to ground truth |", "|---|---|---|"]
     lines += [f"| {r['mode']} | {r['median_epoch_seconds']:.1f} | "
               f"{r['relative_to_ground_truth']:.2f}× |" for r in rows]
-    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.tag, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,20 +10,16 @@ epoch each; the first epoch's numba compilation is excluded.
   python benchmarks/loader_throughput.py DATA --res 96 --batch-size 256 --workers 2 --tag loader_cpu
 """
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
+from _results import write_results
 
 from refinery_pipeline.crop_plan import CropPlan, sample_boxes, sample_flips
 from refinery_pipeline.dataset import open_dataset
 from refinery_pipeline.precompute import software_versions
 from refinery_pipeline.replay import FreshCrops, ReplayedCrops, make_loader
-
-RESULTS = Path(__file__).parent / "results"
-
 
 def stock_loader(dataset, res, batch_size, workers, seed):
     from ffcv.fields.basics import IntDecoder
@@ -80,8 +76,6 @@ def main():
              "min": min(r), "max": max(r), "ratio_to_stock": statistics.median(r) / stock}
             for n, r in rates.items()]
     result = {"args": vars(args), "software": software_versions(), "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Loader throughput: `{args.tag}`", "",
              f"`{args.data}` train ({dataset.num_images:,} images), {args.res} px output, batch "
              f"{args.batch_size}, {args.workers} workers, random order, uint8 NHWC tensors on "
@@ -89,8 +83,7 @@ def main():
              "| loader | median img/s | min | max | ratio to stock |", "|---|---|---|---|---|"]
     lines += [f"| {r['loader']} | {r['median_images_per_second']:,.0f} | {r['min']:,.0f} | "
               f"{r['max']:,.0f} | {r['ratio_to_stock']:.3f} |" for r in rows]
-    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.tag, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ CPU at reduced scale:
       --workers 2 --tag precompute_cpu
 """
 import argparse
-import json
 import shutil
 import tempfile
 import threading
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_results
 
 from refinery_pipeline.crop_plan import CropPlan
 from refinery_pipeline.dataset import open_dataset
@@ -30,9 +30,6 @@ from refinery_pipeline.models import create_model
 from refinery_pipeline.precompute import precompute, software_versions
 from refinery_pipeline.refinery import Refinery, autocast_for
 from refinery_pipeline.train import resolve_device
-
-RESULTS = Path(__file__).parent / "results"
-
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -140,10 +137,7 @@ def main():
               "CPU", "threads": torch.get_num_threads(), "software": software_versions(),
               "ceiling_images_per_second": {"before": ceiling_before, "after": ceiling_after},
               "runs": runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{args.tag}.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(args.tag, result, to_markdown(result))
 
 
 def to_markdown(r) -> str:

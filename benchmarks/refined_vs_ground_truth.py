@@ -12,21 +12,18 @@ CPU at reduced scale (what a session without a GPU can run):
       --refinery-epochs 16 --epochs 8 --batch-size 128 --tag imagenette96_cpu32
 """
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+from _results import write_results
 
 from refinery_pipeline.crop_plan import CropPlan
 from refinery_pipeline.dataset import open_dataset
 from refinery_pipeline.precompute import precompute, software_versions
 from refinery_pipeline.refinery import Refinery
 from refinery_pipeline.train import TrainConfig, fit, resolve_device
-
-RESULTS = Path(__file__).parent / "results"
-
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -84,10 +81,7 @@ def main():
                              "crops_per_second": summary.crops_per_second,
                              "bytes_per_crop": summary.bytes_per_crop},
               "students": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{args.tag}.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(args.tag, result, to_markdown(result))
 
 
 def to_markdown(r) -> str:

@@ -12,7 +12,7 @@ labels do not depend on the rank count or on interruptions.
 """
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,6 @@ class PrecomputeSummary:
     warmup_crops: int = 0
     store_bytes: int = 0
     bytes_per_crop: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def crops_per_second(self) -> float:

@@ -131,7 +131,10 @@ def load_data(cfg: TrainConfig, device):
     res = cfg.res or _default_res(cfg, store)
     crops, arrays = _crop_source(cfg, train_ds, store)
     targets = _target_source(cfg, len(train_ds.classes), res, device, crops, arrays)
-    indices = _trainable_indices(cfg, train_ds)
+    # --allow-partial: train only on images whose chunk is done
+    indices = None
+    if store is not None and cfg.allow_partial:
+        indices = np.flatnonzero(store.done_images())
     train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
                                train=True, seed=cfg.seed, indices=indices,
                                distributed=torch.distributed.is_initialized())
@@ -208,12 +211,6 @@ def _val_location(data):
     if not (p / "val").is_dir():
         raise RefineryError(f"{p}: no val/ folder; training evaluates on DATA/val (ImageFolder)")
     return p
-
-
-def _trainable_indices(cfg, train_ds):
-    if cfg.labels is None or not cfg.allow_partial:
-        return None
-    return np.flatnonzero(LabelStore.open(cfg.labels).done_images())
 
 
 # ----------------------------------------------------------------------------- steps

@@ -2,7 +2,6 @@
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from refinery_pipeline.crop_plan import CropPlan, sample_boxes, sample_flips
 from refinery_pipeline.dataset import ArraySource, BetonOptions, ImageDataset, write_beton

@@ -106,3 +106,20 @@ def test_resume_after_an_interruption_is_bit_for_bit(tiny_data, full_store, tmp_
     epochs = [json.loads(l)["epoch"] for l in (tmp_path / "b" / "run" / "metrics.jsonl")
               .read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+def test_partial_store_trains_only_with_allow_partial(tiny_data, tiny_dataset, tiny_refinery_ckpt,
+                                                      tmp_path):
+    from refinery_pipeline.errors import IncompleteStoreError
+    path = tmp_path / "partial.zarr"
+    precompute(tiny_dataset, path, Refinery.from_checkpoint(tiny_refinery_ckpt),
+               CropPlan(crops_per_image=2), top_k=3, crop_batch=32, chunk_size=32,
+               progress=False, only_chunks=[1])
+    with pytest.raises(IncompleteStoreError, match="2 of 3 chunks were never written"):
+        fit(config(tiny_data, tmp_path, labels=str(path)))
+    record = fit(config(tiny_data, tmp_path, labels=str(path), allow_partial=True,
+                        batch_size=8))
+    assert np.isfinite(record["train_loss"])
+    loader_ids = train_module.load_data(
+        config(tiny_data, tmp_path, labels=str(path), allow_partial=True), "cpu")[1].indices
+    assert sorted(loader_ids.tolist()) == list(range(32, 64))  # chunk 1 only
