@@ -65,13 +65,20 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                                         bn_mode=bn_mode, temperature=temperature,
                                         device=resolve_device(device), compile=compile_)
     plan = CropPlan(seed=seed, crops_per_image=crops_per_image)
-    s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
-            soft_static=soft_static)
+    try:
+        s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
+                soft_static=soft_static)
+    except OSError as exc:  # disk full, network error: finished chunks stay valid
+        raise RefineryError(f"{store}: writing failed ({exc.strerror or exc}); chunks already "
+                            "finished are kept; fix the cause and rerun the same command to "
+                            "resume") from None
     from refinery_pipeline.distributed import is_main
     if is_main():
-            click.echo(f"{s.crops:,} crops labelled in {s.seconds:.1f} s "
+        busy = (f", {s.chunks_claimed_elsewhere} being written by another process"
+                if s.chunks_claimed_elsewhere else "")
+        click.echo(f"{s.crops:,} crops labelled in {s.seconds:.1f} s "
                    f"({s.crops_per_second:,.0f} crops/s); {s.chunks_written} chunks written, "
-                   f"{s.chunks_skipped} already done; store {s.store_bytes / 1e6:.2f} MB, "
+                   f"{s.chunks_skipped} already done{busy}; store {s.store_bytes / 1e6:.2f} MB, "
                    f"{s.bytes_per_crop:.1f} bytes/crop")
 
 
@@ -172,6 +179,37 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
         click.echo(f"error: {store}: top-1 agreement below {100 * min_agreement:.1f}%; the store "
                    "does not match this refinery and data", err=True)
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_zip", type=click.Path())
+@friendly_errors
+def pack(store, out_zip):
+    """Pack a complete STORE directory into one reproducible zip (readable in place)."""
+    from refinery_pipeline.store_tools import pack_store
+    size = pack_store(store, out_zip)
+    click.echo(f"{out_zip}: {size / 1e6:.2f} MB")
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--data", default=None, type=click.Path(exists=True),
+              help="also check the store against this data set's fingerprint")
+@click.option("--cache-dir", default=None)
+@friendly_errors
+def verify(store, data, cache_dir):
+    """Check every chunk of STORE against its recorded checksums; exit 1 naming what is wrong."""
+    from refinery_pipeline.dataset import open_dataset
+    from refinery_pipeline.store_tools import verify_store
+    dataset = open_dataset(data, "train", cache_dir) if data else None
+    report = verify_store(store, dataset)
+    for problem in report.problems:
+        click.echo(f"error: {store}: {problem}", err=True)
+    if not report.ok:
+        sys.exit(1)
+    click.echo(f"{store}: {report.verified}/{report.chunks} chunks verified"
+               + (", data set fingerprint matches" if dataset else ""))
 
 
 @cli.command()

@@ -11,6 +11,7 @@ Choices, each from measurements in ``shared/notes/zarr-store.md``:
 * the group's ``zarr.json`` has no timestamps, so two runs that compute the same labels write
   byte-identical stores.
 """
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -100,7 +101,12 @@ class LabelStore:
         building = location.with_name(f".{location.name}.creating-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
         cls._create_at(building, layout, attrs, labels)
-        os.rename(building, location)
+        try:
+            os.rename(building, location)
+        except OSError:
+            if not location.exists():
+                raise
+            shutil.rmtree(building)  # another process created it first: use theirs
         return cls.open(location, mode="r+")
 
     @classmethod
@@ -117,41 +123,61 @@ class LabelStore:
                                 chunks=(chunk,), fill_value=0, **_codecs("labels"))
         if labels is not None:
             gt[:] = np.asarray(labels, dtype=np.uint16)
+        group.create_array("chunk_sha256", shape=(layout.num_chunks, len(layout.array_names), 32),
+                           dtype="uint8", chunks=(1, len(layout.array_names), 32), fill_value=0,
+                           compressors=None)
         group.create_array("chunk_done", shape=(layout.num_chunks,), dtype="uint8", chunks=(1,),
                            fill_value=0, compressors=None)
 
     @classmethod
     def open(cls, location, mode: str = "r") -> "LabelStore":
+        """Open a store directory, or a zip made by ``refine pack`` (read-only, in place)."""
         import zarr
-        if isinstance(location, (str, os.PathLike)) and "://" not in str(location) \
-                and not Path(location).exists():
+        if "://" not in str(location) and not Path(location).exists():
             raise StoreError(f"{location}: no label store there; create one with "
                              "`refine precompute`")
+        target = str(location)
         try:
-            group = zarr.open_group(str(location), mode=mode, zarr_format=3)
+            if target.endswith(".zip"):
+                if mode != "r":
+                    raise StoreError(f"{location}: a packed store is read-only; unpack it to "
+                                     "extend it")
+                target = zarr.storage.ZipStore(target, mode="r")
+            group = zarr.open_group(target, mode=mode, zarr_format=3)
+        except StoreError:
+            raise
         except Exception as exc:
             raise StoreError(f"{location}: cannot open as a Zarr v3 label store ({exc})") from None
         return cls(group, location)
 
     # ------------------------------------------------------------------ writing
     def write_chunk(self, c: int, arrays: dict):
-        """Write all crop arrays of chunk ``c``, *then* mark it done (the order is the guarantee)."""
+        """Write chunk ``c``'s arrays and their checksums, *then* mark it done (the order is the
+        guarantee: a flagged chunk is whole)."""
         rows = self.layout.chunk_range(c)
         for name in self.layout.array_names:
             self.group[name][rows.start:rows.stop] = arrays[name]
+        self.group["chunk_sha256"][c] = chunk_checksums(self.layout, arrays)
         self.group["chunk_done"][c] = 1
 
+    def read_chunk(self, c: int) -> dict:
+        rows = self.layout.chunk_range(c)
+        return {name: self.group[name][rows.start:rows.stop] for name in self.layout.array_names}
+
     def finalize(self):
-        """Once every writer has finished: drop stale temporary files, record completeness.
+        """When every chunk is done: drop stale temporary files, record completeness.
 
         zarr's LocalStore writes ``<key>.<uuid>.partial`` and renames it; a killed writer leaves
-        these behind. They are never valid data, so removing them keeps stores identical.
+        these behind. They are never valid data. Only a complete store is cleaned, because until
+        then another process may be writing (and renaming) its own partial files.
         """
+        if not self.done_chunks().all():
+            return
         root = Path(self.location)
         if root.is_dir():
             for leftover in root.rglob("*.partial"):
                 leftover.unlink(missing_ok=True)
-        if self.done_chunks().all() and not self.attrs.get("complete"):
+        if not self.attrs.get("complete"):
             self.group.attrs["complete"] = True
             self.attrs["complete"] = True
 
@@ -195,11 +221,27 @@ class LabelStore:
                     f"run: {_short(value)}); use the store's settings or write a new store")
 
     def nbytes_on_disk(self) -> int:
-        """Bytes of all files below a local store (0 for remote stores)."""
+        """Bytes of a local store directory or zip (0 for remote stores)."""
         root = Path(self.location)
+        if root.is_file():
+            return root.stat().st_size
         if not root.is_dir():
             return 0
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def chunk_checksums(layout: StoreLayout, arrays: dict) -> np.ndarray:
+    """SHA-256 of each array's *decoded* values in a chunk, ``(arrays, 32)`` uint8.
+
+    Hashing values rather than compressed bytes keeps checksums valid across codec versions.
+    """
+    digests = []
+    for name, (_, dtype) in layout.shapes().items():
+        values = np.ascontiguousarray(arrays[name], dtype=dtype)
+        h = hashlib.sha256(f"{name}|{values.dtype.str}|{values.shape}|".encode())
+        h.update(values.tobytes())
+        digests.append(np.frombuffer(h.digest(), np.uint8))
+    return np.stack(digests)
 
 
 def _short(value, limit: int = 80) -> str:

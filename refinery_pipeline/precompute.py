@@ -33,6 +33,7 @@ class PrecomputeSummary:
     chunks_skipped: int = 0
     warmup_seconds: float = 0.0  # start until the first loader batch is labelled (compilation)
     warmup_crops: int = 0
+    chunks_claimed_elsewhere: int = 0  # being written by another process on this host
     store_bytes: int = 0
     bytes_per_crop: float = 0.0
 
@@ -103,6 +104,43 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
     return store
 
 
+class ChunkClaims:
+    """Cooperative chunk locks for several processes on one host writing one local store.
+
+    ``flock``-based lock files live beside the store (``<store>.locks/``), never inside it, and
+    the kernel drops them when a process dies, even by ``kill -9``. A chunk locked by another
+    process is skipped; rerunning after it finishes (or dies) picks up whatever is left.
+    Object stores have no locks: there, split work with torchrun ranks instead.
+    """
+
+    def __init__(self, location):
+        self.locks = {}
+        local = "://" not in str(location)
+        self.directory = Path(str(location) + ".locks") if local else None
+
+    def claim(self, c: int) -> bool:
+        if self.directory is None:
+            return True
+        from filelock import FileLock, Timeout
+        self.directory.mkdir(exist_ok=True)
+        lock = FileLock(str(self.directory / f"{c}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        self.locks[c] = lock
+        return True
+
+    def release(self, c: int):
+        lock = self.locks.pop(c, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self):
+        for c in list(self.locks):
+            self.release(c)
+
+
 def build_crop_table(dataset, plan: CropPlan, ids: np.ndarray, soft_static: bool) -> np.ndarray:
     """Crop table ``(N, K [+1], 5)`` for images ``ids``: the plan's boxes and flips, plus the
     centred square as an extra slot when soft-static labels are wanted (same decode, ~1/K cost)."""
@@ -164,12 +202,22 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = 5,
     lay = store.layout
     done = store.done_chunks()
     wanted = range(lay.num_chunks) if only_chunks is None else only_chunks
-    mine = [c for c in wanted if c % world == rank and not done[c]]
+    claims = ChunkClaims(location)
+    mine = [c for c in wanted if c % world == rank and not done[c] and claims.claim(c)]
+    done = store.done_chunks()  # re-read: another process may have finished a chunk meanwhile
+    for c in [c for c in mine if done[c]]:
+        claims.release(c)
+    mine = [c for c in mine if not done[c]]
     summary = PrecomputeSummary(chunks_skipped=int(done.sum()))
     start_time = time.perf_counter()
-    if mine:
-        _run_chunks(dataset, store, refinery, plan, mine, num_workers, progress and is_main(),
-                    summary)
+    summary.chunks_claimed_elsewhere = sum(1 for c in wanted if c % world == rank
+                                           and not done[c] and c not in mine)
+    try:
+        if mine:
+            _run_chunks(dataset, store, refinery, plan, mine, num_workers,
+                        progress and is_main(), summary)
+    finally:
+        claims.release_all()
     barrier()
     summary.seconds = time.perf_counter() - start_time
     if is_main():
@@ -193,7 +241,8 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
     K = lay.crops_per_image
     bar = tqdm(total=len(ids) * K, unit="crop", unit_scale=True, disable=not show,
                desc="labelling crops", smoothing=0.05)
-    with ThreadPoolExecutor(max_workers=1) as writer:  # writes overlap the next batches
+    # the bar closes (ending its line) even when a write fails; writes overlap the next batches
+    with bar, ThreadPoolExecutor(max_workers=1) as writer:
         writes = []
         for images, rows in loader:
             index = rows[:, 1].numpy().copy()
@@ -209,6 +258,7 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
                 buf["static_indices"][local], buf["static_probs"][local] = classes[:, K], probs[:, K]
             buf["filled"] += len(index)
             if buf["filled"] == len(lay.chunk_range(c)):
+                del buf["filled"]
                 writes.append(writer.submit(store.write_chunk, c, pending.pop(c)))
                 summary.chunks_written += 1
             summary.crops += len(index) * K
@@ -218,7 +268,6 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
             bar.update(len(index) * K)
         for w in writes:
             w.result()  # surface write errors
-    bar.close()
 
 
 def _chunk_buffers(lay: StoreLayout, c: int) -> dict:
