@@ -97,6 +97,9 @@ class LabelStore:
         under a temporary name and renamed into place, so a kill mid-creation leaves no
         half-made store behind.
         """
+        if is_remote(location):  # object stores have no rename: objects appear whole or not
+            cls._create_at(location, layout, attrs, labels)
+            return cls.open(location, mode="r+")
         location = Path(location)
         building = location.with_name(f".{location.name}.creating-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
@@ -133,7 +136,7 @@ class LabelStore:
     def open(cls, location, mode: str = "r") -> "LabelStore":
         """Open a store directory, or a zip made by ``refine pack`` (read-only, in place)."""
         import zarr
-        if "://" not in str(location) and not Path(location).exists():
+        if not store_exists(location):
             raise StoreError(f"{location}: no label store there; create one with "
                              "`refine precompute`")
         target = str(location)
@@ -221,13 +224,36 @@ class LabelStore:
                     f"run: {_short(value)}); use the store's settings or write a new store")
 
     def nbytes_on_disk(self) -> int:
-        """Bytes of a local store directory or zip (0 for remote stores)."""
+        """Bytes of the store's files (directory, zip or objects under a URL; 0 if unknown)."""
+        if is_remote(self.location):
+            try:
+                import fsspec
+                fs, path = fsspec.core.url_to_fs(self.location)
+                return int(fs.du(path))
+            except Exception:  # e.g. HTTP cannot list
+                return 0
         root = Path(self.location)
         if root.is_file():
             return root.stat().st_size
         if not root.is_dir():
             return 0
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def is_remote(location) -> bool:
+    """An fsspec URL (``s3://``, ``gs://``, ``http(s)://``, ...) rather than a local path."""
+    return "://" in str(location)
+
+
+def store_exists(location) -> bool:
+    if not is_remote(location):
+        return Path(location).exists()
+    import zarr
+    try:
+        zarr.open_group(str(location), mode="r", zarr_format=3)
+        return True
+    except Exception:
+        return False
 
 
 def chunk_checksums(layout: StoreLayout, arrays: dict) -> np.ndarray:

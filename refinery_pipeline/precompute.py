@@ -21,7 +21,8 @@ from . import __version__
 from .crop_plan import CropPlan, centre_square, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
 from .errors import StoreMismatchError
-from .label_store import LabelStore, StoreLayout, default_chunk_size
+from .label_store import (LabelStore, StoreLayout, default_chunk_size, is_remote,
+                          store_exists)
 from .replay import crop_table, multi_crop_loader
 
 
@@ -81,7 +82,7 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
     """Create the store, or reopen it to resume after checking it was made for this very run."""
     layout = StoreLayout(dataset.num_images, plan.crops_per_image, top_k,
                          chunk_size or default_chunk_size(plan.crops_per_image), soft_static)
-    if "://" not in str(location) and Path(location).exists():
+    if store_exists(location):
         store = LabelStore.open(location, mode="r+")
         layout.chunk_size = store.layout.chunk_size  # a resume keeps the store's chunking
     else:
@@ -115,8 +116,7 @@ class ChunkClaims:
 
     def __init__(self, location):
         self.locks = {}
-        local = "://" not in str(location)
-        self.directory = Path(str(location) + ".locks") if local else None
+        self.directory = None if is_remote(location) else Path(str(location) + ".locks")
 
     def claim(self, c: int) -> bool:
         if self.directory is None:

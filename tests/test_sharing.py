@@ -151,3 +151,41 @@ def test_empty_class_folder_is_named(tmp_path, tiny_refinery_ckpt):
     result = run("precompute", tree, tmp_path / "s.zarr", "--weights", tiny_refinery_ckpt,
                  ok=False)
     assert_one_line_error(result, "zebra", "class folder holds no images")
+
+
+def test_store_on_s3_is_written_resumed_verified_and_trained_from(s3_server, store, tiny_data,
+                                                                   tiny_refinery_ckpt, tmp_path):
+    url = f"{s3_server}/team/labels.zarr"
+    args = ["--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3, "--batch-size", 32,
+            "--chunk-size", 32]
+    result = run("precompute", tiny_data, url, *args)
+    assert "3 chunks written" in result.output
+    assert "0 chunks written, 3 already done" in run("precompute", tiny_data, url, *args).output
+    remote, local = LabelStore.open(url).read(), LabelStore.open(store).read()
+    assert all(np.array_equal(remote[k], local[k]) for k in local)  # same labels as on disk
+    assert "3/3 chunks verified" in run("verify", url, "--data", tiny_data).output
+    assert "complete: True" in run("inspect", url).output
+    assert "agreement 100.000%" in run("audit", url, tiny_data, "--weights", tiny_refinery_ckpt,
+                                       "--sample-crops", 64).output
+    run("train", tiny_data, "--labels", url, "--arch", "demo_cnn", "--epochs", 1,
+        "--batch-size", 16, "--out", tmp_path / "run")
+    result = run("inspect", f"{s3_server}/team/missing.zarr", ok=False)
+    assert_one_line_error(result, "no label store there")
+
+
+def test_store_over_http_is_read_only_and_usable(store, tiny_data, tmp_path):
+    pytest.importorskip("aiohttp")
+    import functools
+    import http.server
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(store.parent))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{store.name}"
+        assert "complete: True" in run("inspect", url).output
+        run("train", tiny_data, "--labels", url, "--arch", "demo_cnn", "--epochs", 1,
+            "--batch-size", 16, "--out", tmp_path / "run")
+    finally:
+        server.shutdown()
