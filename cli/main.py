@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from refinery_pipeline.errors import RefineryError
+from refinery_pipeline.errors import RefineryError, storage_io_errors
 
 
 def friendly_errors(command):
@@ -68,10 +68,10 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     try:
         s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
                 soft_static=soft_static)
-    except OSError as exc:  # disk full, network error: finished chunks stay valid
-        raise RefineryError(f"{store}: writing failed ({exc.strerror or exc}); chunks already "
-                            "finished are kept; fix the cause and rerun the same command to "
-                            "resume") from None
+    except storage_io_errors() as exc:  # disk full, network down: finished chunks stay valid
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise RefineryError(f"{store}: writing failed ({reason}); chunks already finished are "
+                            "kept; fix the cause and rerun the same command to resume") from None
     from refinery_pipeline.distributed import is_main
     if is_main():
         busy = (f", {s.chunks_claimed_elsewhere} being written by another process"

@@ -27,3 +27,23 @@ class IncompleteStoreError(StoreError):
 
 class CheckpointError(RefineryError):
     """A model checkpoint cannot be loaded for the requested use."""
+
+
+def storage_io_errors() -> tuple:
+    """Exception types meaning "the storage failed" (disk full, network down), not a bug.
+
+    Object-store clients raise their own types for network failures (botocore's
+    ``EndpointConnectionError`` is no ``OSError``), so they are listed when installed.
+    """
+    errors = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError
+        errors.append(BotoCoreError)
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+        errors.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)

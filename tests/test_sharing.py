@@ -189,3 +189,27 @@ def test_store_over_http_is_read_only_and_usable(store, tiny_data, tmp_path):
             "--batch-size", 16, "--out", tmp_path / "run")
     finally:
         server.shutdown()
+
+
+def test_network_failure_mid_write_to_s3_keeps_chunks_and_resumes(s3_server, store, tiny_data,
+                                                                   tiny_refinery_ckpt,
+                                                                   monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+    url = f"{s3_server}/flaky/labels.zarr"
+    args = ["--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3, "--batch-size", 32,
+            "--chunk-size", 32]
+    real_write = LabelStore.write_chunk
+
+    def flaky_write(self, c, arrays):
+        if c == 2:
+            raise EndpointConnectionError(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        return real_write(self, c, arrays)
+
+    monkeypatch.setattr(LabelStore, "write_chunk", flaky_write)
+    result = run("precompute", tiny_data, url, *args, ok=False)
+    assert_one_line_error(result, "writing failed", "Could not connect", "rerun the same command")
+    assert list(LabelStore.open(url).done_chunks()) == [True, True, False]
+    monkeypatch.setattr(LabelStore, "write_chunk", real_write)
+    assert "1 chunks written, 2 already done" in run("precompute", tiny_data, url, *args).output
+    remote, local = LabelStore.open(url).read(), LabelStore.open(store).read()
+    assert all(np.array_equal(remote[k], local[k]) for k in local)
