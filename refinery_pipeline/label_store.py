@@ -211,7 +211,7 @@ class LabelStore:
         """Raise :class:`StoreMismatchError` naming the first attribute that differs."""
         if fingerprint is not None:
             ours = self.attrs.get("dataset", {})
-            for key in ("num_images", "classes", "image_bytes_sha256", "labels_sha256"):
+            for key in ("classes", "num_images", "image_bytes_sha256", "labels_sha256"):
                 if ours.get(key) != fingerprint.get(key):
                     raise StoreMismatchError(
                         f"{self.location}: data set mismatch in '{key}' (store: "

@@ -213,3 +213,16 @@ def test_network_failure_mid_write_to_s3_keeps_chunks_and_resumes(s3_server, sto
     assert "1 chunks written, 2 already done" in run("precompute", tiny_data, url, *args).output
     remote, local = LabelStore.open(url).read(), LabelStore.open(store).read()
     assert all(np.array_equal(remote[k], local[k]) for k in local)
+
+
+def test_a_data_set_with_other_classes_is_named(tmp_path):
+    from refinery_pipeline.models import create_model, save_checkpoint
+    from .test_cli import make_tree
+    ours = make_tree(tmp_path / "ours", classes=("cat", "dog"))
+    theirs = make_tree(tmp_path / "theirs", classes=("cat", "fox"))
+    ckpt = tmp_path / "two.pt"
+    save_checkpoint(ckpt, create_model("demo_cnn", 2), "demo_cnn", ["cat", "dog"], 16)
+    run("precompute", ours, tmp_path / "s.zarr", "--weights", ckpt, "-K", 2)
+    result = run("train", theirs, "--labels", tmp_path / "s.zarr", "--arch", "demo_cnn",
+                 "--epochs", 1, "--out", tmp_path / "run", ok=False)
+    assert_one_line_error(result, "data set mismatch in 'classes'", "'dog'", "'fox'")
