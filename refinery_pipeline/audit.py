@@ -5,7 +5,7 @@ each is relabelled by :func:`precompute.label_loader_batch` with the store's rec
 the same crops, cut by the same decoder, in the same forward batches. So even train-mode BN
 labels, which depend on their batch neighbours, can be checked crop for crop.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,9 +25,6 @@ class AuditReport:
     max_probability_error: float
     mean_probability_error: float
     bn_mode: str
-
-    def to_dict(self):
-        return asdict(self)
 
 
 def sample_loader_batches(store: LabelStore, batching: Batching, sample_crops: int,
@@ -50,9 +47,9 @@ def audit_store(dataset, location, refinery, sample_crops: int = 20000, seed: in
                 num_workers: int = 2) -> AuditReport:
     store = LabelStore.open(location)
     store.check_matches(dataset.fingerprint())
-    recorded = store.attrs["refinery"]
-    if refinery.describe() != recorded:
-        diff = [k for k in recorded if recorded[k] != refinery.describe().get(k)]
+    recorded, ours = store.attrs["refinery"], refinery.describe()
+    if ours != recorded:
+        diff = [k for k in recorded if recorded[k] != ours.get(k)]
         raise StoreMismatchError(f"{location}: refinery differs from the one that wrote the store "
                                  f"in {diff}; pass its weights and --bn-mode {recorded['bn_mode']}")
     lay, plan = store.layout, CropPlan.from_dict(store.attrs["plan"])

@@ -17,6 +17,10 @@ class StoreError(RefineryError):
     """A label store is missing, malformed, or of an unsupported format version."""
 
 
+class StoreNotFoundError(StoreError):
+    """Nothing is stored at the given path or URL."""
+
+
 class StoreMismatchError(StoreError):
     """A label store does not belong to this data set, plan or refinery."""
 

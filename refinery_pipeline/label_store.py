@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IncompleteStoreError, StoreError, StoreMismatchError
+from .errors import IncompleteStoreError, StoreError, StoreMismatchError, StoreNotFoundError
 
 FORMAT_NAME = "refinery-label-store"
 FORMAT_VERSION = 1
@@ -136,9 +136,10 @@ class LabelStore:
     def open(cls, location, mode: str = "r") -> "LabelStore":
         """Open a store directory, or a zip made by ``refine pack`` (read-only, in place)."""
         import zarr
-        if not store_exists(location):
-            raise StoreError(f"{location}: no label store there; create one with "
-                             "`refine precompute`")
+        missing = StoreNotFoundError(f"{location}: no label store there; create one with "
+                                     "`refine precompute`")
+        if not is_remote(location) and not Path(location).exists():
+            raise missing
         target = str(location)
         try:
             if target.endswith(".zip"):
@@ -149,6 +150,8 @@ class LabelStore:
             group = zarr.open_group(target, mode=mode, zarr_format=3)
         except StoreError:
             raise
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            raise missing from None  # a URL with nothing behind it
         except Exception as exc:
             raise StoreError(f"{location}: cannot open as a Zarr v3 label store ({exc})") from None
         return cls(group, location)
@@ -162,10 +165,6 @@ class LabelStore:
             self.group[name][rows.start:rows.stop] = arrays[name]
         self.group["chunk_sha256"][c] = chunk_checksums(self.layout, arrays)
         self.group["chunk_done"][c] = 1
-
-    def read_chunk(self, c: int) -> dict:
-        rows = self.layout.chunk_range(c)
-        return {name: self.group[name][rows.start:rows.stop] for name in self.layout.array_names}
 
     def finalize(self):
         """When every chunk is done: drop stale temporary files, record completeness.
@@ -243,17 +242,6 @@ class LabelStore:
 def is_remote(location) -> bool:
     """An fsspec URL (``s3://``, ``gs://``, ``http(s)://``, ...) rather than a local path."""
     return "://" in str(location)
-
-
-def store_exists(location) -> bool:
-    if not is_remote(location):
-        return Path(location).exists()
-    import zarr
-    try:
-        zarr.open_group(str(location), mode="r", zarr_format=3)
-        return True
-    except Exception:
-        return False
 
 
 def chunk_checksums(layout: StoreLayout, arrays: dict) -> np.ndarray:

@@ -20,9 +20,8 @@ import numpy as np
 from . import __version__
 from .crop_plan import CropPlan, centre_square, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
-from .errors import StoreMismatchError
-from .label_store import (LabelStore, StoreLayout, default_chunk_size, is_remote,
-                          store_exists)
+from .errors import StoreMismatchError, StoreNotFoundError
+from .label_store import LabelStore, StoreLayout, default_chunk_size, is_remote
 from .replay import crop_table, multi_crop_loader
 
 
@@ -82,10 +81,10 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
     """Create the store, or reopen it to resume after checking it was made for this very run."""
     layout = StoreLayout(dataset.num_images, plan.crops_per_image, top_k,
                          chunk_size or default_chunk_size(plan.crops_per_image), soft_static)
-    if store_exists(location):
+    try:
         store = LabelStore.open(location, mode="r+")
         layout.chunk_size = store.layout.chunk_size  # a resume keeps the store's chunking
-    else:
+    except StoreNotFoundError:
         store = None
     attrs = store_attributes(dataset, refinery, plan, Batching.for_layout(layout, crop_batch))
     if store is None:
@@ -237,7 +236,7 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
     table = build_crop_table(dataset, plan, ids, lay.soft_static)
     size = (refinery.input_size, refinery.input_size)
     loader = multi_crop_loader(dataset, table, size, batching.images_per_batch, ids, num_workers)
-    pending = {}  # chunk -> buffers being filled
+    pending, filled = {}, {}  # chunk -> buffers being filled, images placed so far
     K = lay.crops_per_image
     bar = tqdm(total=len(ids) * K, unit="crop", unit_scale=True, disable=not show,
                desc="labelling crops", smoothing=0.05)
@@ -256,9 +255,8 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
             buf["flips"][local] = table[index, :K, 4]
             if lay.soft_static:
                 buf["static_indices"][local], buf["static_probs"][local] = classes[:, K], probs[:, K]
-            buf["filled"] += len(index)
-            if buf["filled"] == len(lay.chunk_range(c)):
-                del buf["filled"]
+            filled[c] = filled.get(c, 0) + len(index)
+            if filled[c] == len(lay.chunk_range(c)):
                 writes.append(writer.submit(store.write_chunk, c, pending.pop(c)))
                 summary.chunks_written += 1
             summary.crops += len(index) * K
@@ -272,7 +270,5 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
 
 def _chunk_buffers(lay: StoreLayout, c: int) -> dict:
     n = len(lay.chunk_range(c))
-    buffers = {name: np.zeros((n,) + shape[1:], dtype)
-               for name, (shape, dtype) in lay.shapes().items()}
-    buffers["filled"] = 0
-    return buffers
+    return {name: np.zeros((n,) + shape[1:], dtype)
+            for name, (shape, dtype) in lay.shapes().items()}

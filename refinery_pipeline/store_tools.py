@@ -69,12 +69,17 @@ def verify_store(location, dataset=None) -> VerifyReport:
     return report
 
 
+def _chunk_key(store: LabelStore, name: str, c: int) -> str:
+    """The key of chunk ``c`` of array ``name`` (arrays are chunked along images only)."""
+    return f"{name}/c/{c}" + "/0" * (len(store.group[name].shape) - 1)
+
+
 def _check_chunk(store: LabelStore, c: int, recorded: np.ndarray) -> list:
     lay = store.layout
+    rows = lay.chunk_range(c)
     arrays, problems = {}, []
     for name in lay.array_names:
-        rows = lay.chunk_range(c)
-        key = f"{name}/c/{c}" + "/0" * (len(store.group[name].shape) - 1)
+        key = _chunk_key(store, name, c)
         try:
             arrays[name] = store.group[name][rows.start:rows.stop]
         except Exception as exc:
@@ -85,7 +90,6 @@ def _check_chunk(store: LabelStore, c: int, recorded: np.ndarray) -> list:
     actual = chunk_checksums(lay, arrays)
     for i, name in enumerate(lay.array_names):
         if not np.array_equal(actual[i], recorded[i]):
-            key = f"{name}/c/{c}" + "/0" * (len(store.group[name].shape) - 1)
-            problems.append(f"chunk {c}: {name} (key {key}) does not match its checksum; "
-                            "recompute it or restore the file")
+            problems.append(f"chunk {c}: {name} (key {_chunk_key(store, name, c)}) does not "
+                            "match its checksum; recompute it or restore the file")
     return problems
