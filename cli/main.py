@@ -2,10 +2,22 @@
 import functools
 import json
 import sys
+import warnings
 
 import click
 
-from refinery_pipeline.errors import RefineryError, storage_io_errors
+from refinery_pipeline.errors import RefineryError, RefineryWarning, storage_io_errors
+
+
+def _one_line_warnings():
+    """Our warnings read like our errors: ``warning: <message>``, no source line."""
+    default = warnings.formatwarning
+
+    def format_warning(message, category, *args, **kwargs):
+        if issubclass(category, RefineryWarning):
+            return f"warning: {message}\n"
+        return default(message, category, *args, **kwargs)
+    warnings.formatwarning = format_warning
 
 
 def friendly_errors(command):
@@ -24,6 +36,7 @@ def friendly_errors(command):
 @click.version_option(package_name="refinery")
 def cli():
     """Offline Label Refinery: label every crop once, replay crops and labels while training."""
+    _one_line_warnings()
 
 
 @cli.command()

@@ -9,6 +9,10 @@ class RefineryError(Exception):
     """Base class: a problem with the user's input that they can fix."""
 
 
+class RefineryWarning(UserWarning):
+    """Input that works but probably not as meant; the CLI prints it as one ``warning:`` line."""
+
+
 class DataSetError(RefineryError):
     """The image data set (ImageFolder tree or .beton) cannot be used as given."""
 

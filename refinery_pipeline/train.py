@@ -6,6 +6,7 @@ and passed into the step loop as objects; the loop itself has no flag branches.
 """
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from torch import nn
 from .crop_plan import CropPlan
 from .dataset import open_dataset
 from .distributed import init_from_env, is_main
-from .errors import RefineryError
+from .errors import RefineryError, RefineryWarning
 from .label_store import LabelStore
 from .losses import dense_from_sparse, get_loss, hard_from_soft, one_hot
 from .models import create_model, save_checkpoint, to_model_input
@@ -129,6 +130,7 @@ def load_data(cfg: TrainConfig, device):
                             "give both splits the same class folders")
     store = _open_store(cfg, train_ds)
     res = cfg.res or _default_res(cfg, store)
+    _warn_if_resampled(cfg, store, res)
     crops, arrays = _crop_source(cfg, train_ds, store)
     targets = _target_source(cfg, len(train_ds.classes), res, device, crops, arrays)
     # --allow-partial: train only on images whose chunk is done
@@ -160,6 +162,18 @@ def _default_res(cfg: TrainConfig, store) -> int:
         from .models import load_checkpoint
         return load_checkpoint(cfg.teacher).get("input_size") or 224
     return 224
+
+
+def _warn_if_resampled(cfg: TrainConfig, store, res: int):
+    """A replayed box shown at another size than it was labelled at is the same region but not
+    the same pixels: allowed (a deliberate resolution change), but never silently."""
+    if store is None or (cfg.teacher is not None and cfg.teacher_crops == "fresh"):
+        return
+    labelled = store.attrs["refinery"]["input_size"]
+    if res != labelled and is_main():
+        warnings.warn(f"{cfg.labels}: labels were computed on {labelled} px crops but training "
+                      f"shows them at {res} px; omit --res to replay the labelled pixels",
+                      RefineryWarning, stacklevel=2)
 
 
 def _crop_source(cfg: TrainConfig, train_ds, store):

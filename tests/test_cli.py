@@ -1,13 +1,15 @@
 """The `refine` command end to end on tiny data, and its one-line errors on bad input."""
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.main import cli
+from cli.main import _one_line_warnings, cli
+from refinery_pipeline.errors import RefineryWarning
 from refinery_pipeline.label_store import LabelStore
 
 from .conftest import shared_data_or_skip
@@ -103,6 +105,19 @@ def test_train_from_store_and_from_ground_truth(labels, store, tiny_data, tmp_pa
     assert [r["epoch"] for r in records] == [1, 2]
     assert {"val_top1", "val_top5", "train_loss", "val_per_class"} <= set(records[-1])
     assert (out / "model.pt").is_file() and (out / "last.pt").is_file()
+
+
+def test_training_at_another_size_than_labelled_warns_in_one_line(store, tiny_data, tmp_path,
+                                                                   monkeypatch):
+    """Same boxes, resampled pixels: allowed, never silent (the store was labelled at 24 px)."""
+    with pytest.warns(RefineryWarning, match="computed on 24 px crops .* at 16 px; omit --res"):
+        run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
+            "--batch-size", 16, "--out", tmp_path / "run", "--res", 16)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    _one_line_warnings()
+    assert warnings.formatwarning("labels at 24 px", RefineryWarning, "x.py", 1) == \
+        "warning: labels at 24 px\n"
+    assert "UserWarning" in warnings.formatwarning("other", UserWarning, "x.py", 1)
 
 
 def test_a_trained_student_is_the_next_refinery(store, tiny_data, tmp_path):
