@@ -1,0 +1,81 @@
+"""Shared by the accuracy benchmarks: run `refine` commands as a user would, resumably.
+
+Each training is a ``refine train`` subprocess (so the CLI itself is what gets measured), logs
+to a file, and is skipped when its ``model.pt`` exists, so an interrupted benchmark continues
+where it stopped. Several trainings may run side by side with the cores split between them.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def run_logged(command: list[str], log: Path, threads: int) -> float:
+    """Run one CLI command with ``threads`` intra-op threads, output to ``log``; return seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        sys.exit(f"error: {' '.join(command)} failed (exit {done.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def device_name() -> str:
+    """Where the trainings ran, for the results file."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def final_metrics(run_dir: Path) -> dict:
+    """The last evaluated epoch of a finished ``refine train`` run."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if "val_top1" in line][-1]
+
+
+def precompute_once(work: Path, store: Path, options: list[str]) -> float:
+    """``refine precompute`` into ``store`` unless done before; return the seconds it took."""
+    marker = store.with_suffix(".seconds")
+    if not marker.exists():
+        seconds = run_logged(["refine", "precompute", *options, str(store)],
+                             work / "logs" / f"precompute_{store.stem}.log",
+                             threads=os.cpu_count() or 1)
+        marker.write_text(f"{seconds}\n")
+    return float(marker.read_text())
+
+
+class StudentRuns:
+    """Train students with shared options; each run is a dict with a name, seed and options."""
+
+    def __init__(self, work: Path, common: list[str], epochs: int, jobs: int):
+        self.work, self.common, self.epochs, self.jobs = work, common, epochs, jobs
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+
+    def train(self, run: dict) -> dict:
+        """Train one student unless its model.pt exists; return the run with its final metrics."""
+        name = run["name"].replace(" ", "_").replace("=", "").replace(",", "")
+        name += f"_seed{run['seed']}"
+        out = self.work / "students" / name
+        if not (out / "model.pt").exists():
+            seconds = run_logged(
+                ["refine", "train", *self.common, "--out", str(out), "--epochs", str(self.epochs),
+                 "--seed", str(run["seed"]), "--eval-every", str(self.epochs), "--resume",
+                 *run["options"]],
+                self.work / "logs" / f"{name}.log", threads=self.threads)
+            (out / "seconds").write_text(f"{seconds}\n")
+        m = final_metrics(out)
+        row = {k: v for k, v in run.items() if k != "options"}
+        row.update(val_top1=m["val_top1"], val_top5=m["val_top5"],
+                   seconds=float((out / "seconds").read_text()))
+        print(f"{run['name']:>34} seed {run['seed']}: {row['val_top1']:.2f}", flush=True)
+        return row
+
+    def train_all(self, runs: list[dict]) -> list[dict]:
+        with ThreadPoolExecutor(self.jobs) as pool:
+            return list(pool.map(self.train, runs))
