@@ -9,7 +9,8 @@ is within ``--tolerance`` points of the online mean is the recommended default.
 Every run goes through the CLI exactly as a user would type it, and is skipped when its
 ``model.pt`` already exists, so an interrupted sweep continues where it stopped. ``--jobs``
 runs several trainings side by side with the cores split between them (on a small CPU two
-single-threaded runs finish sooner than one run on two threads; on one GPU keep ``--jobs 1``).
+single-threaded runs with ``--workers 1`` finish sooner than one run on two threads; on one GPU
+keep ``--jobs 1``).
 
 Each seed gets its own store (crop plan seed = student seed): the randomness of *which* K crops
 were drawn is exactly what K controls, so it belongs in the spread.
@@ -20,7 +21,7 @@ GPU (the issue's setting; reference teacher ResNet-50 81.9%):
 CPU at reduced scale (what a session without a GPU can run; K scaled with the epochs so that
 epochs / K spans the same 8 ... 1 views per slot as K = 5 ... 40 over 40 epochs):
   python benchmarks/parity_sweep.py DATA --refinery /tmp/rvg/refinery/model.pt --res 32 \
-      --epochs 16 --batch-size 128 --lr 0.2 -K 2 4 8 16 --jobs 2 --tag parity_cpu32
+      --epochs 16 --batch-size 128 --lr 0.2 -K 2 4 8 16 --jobs 2 --workers 1 --no-ground-truth --tag parity_cpu32
 """
 import argparse
 import os

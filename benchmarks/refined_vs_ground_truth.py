@@ -13,7 +13,7 @@ GPU (the reference's setting):
       --refinery-epochs 100 --epochs 40 --batch-size 256 --lr 0.4 --tag imagenette96_gpu
 CPU at reduced scale (what a session without a GPU can run):
   python benchmarks/refined_vs_ground_truth.py DATA --refinery-arch resnet18 --res 32 \
-      --refinery-epochs 16 --epochs 8 --batch-size 128 --lr 0.2 --jobs 2 --tag imagenette96_cpu32
+      --refinery-epochs 16 --epochs 8 --batch-size 128 --lr 0.2 --jobs 2 --workers 1 --tag imagenette96_cpu32
 """
 import argparse
 import os
