@@ -53,7 +53,9 @@ def get_args():
     p.add_argument("--tolerance", type=float, default=0.2,
                    help="points of val top-1 below the online mean that still count as parity")
     p.add_argument("--no-ground-truth", action="store_true", help="skip ground-truth students")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="loader workers per student")
+    p.add_argument("--precompute-workers", type=int, default=os.cpu_count() or 1,
+                   help="loader workers for precompute, which runs alone [default: all cores]")
     p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
     p.add_argument("--tag", default="parity")
     return p.parse_args()
@@ -169,7 +171,8 @@ def main():
 
     precomputed = [{"K": k, "seed": seed, "seconds": precompute_once(work, store(k, seed), [
         args.data, "--weights", args.refinery, "-K", str(k), "--top-k", str(args.top_k),
-        "--seed", str(seed), "--input-size", str(args.res), "--workers", str(args.workers)])}
+        "--seed", str(seed), "--input-size", str(args.res),
+        "--workers", str(args.precompute_workers)])}
         for seed in args.seeds for k in args.crops_per_image]
     students = StudentRuns(work, [args.data, "--arch", args.arch, "--res", str(args.res),
                                   "--batch-size", str(args.batch_size), "--lr", str(args.lr),
