@@ -6,6 +6,7 @@ import warnings
 
 import click
 
+from refinery_pipeline.crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES
 from refinery_pipeline.errors import RefineryError, RefineryWarning, storage_io_errors
 
 
@@ -116,7 +117,9 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--loss", type=click.Choice(["kl", "soft_ce", "reverse_kl", "l2"]), default="kl")
 @click.option("--rest", type=click.Choice(["uniform", "renormalize"]), default="uniform",
               help="where the probability mass outside the stored top-k goes")
-@click.option("--slot-policy", type=click.Choice(["random", "cycle"]), default="random")
+@click.option("--slot-policy", type=click.Choice(SLOT_POLICIES), default=DEFAULT_SLOT_POLICY,
+              show_default=True,
+              help="each stored crop once before any repeats (cycle), or a random one per epoch")
 @click.option("--res", default=None, type=int,
               help="crop size [default: the store's refinery input size, else 224]")
 @click.option("--workers", default=2)

@@ -120,10 +120,21 @@ def sample_flips(plan: CropPlan, image_ids: np.ndarray) -> np.ndarray:
 
 
 SLOT_POLICIES = ("random", "cycle")
+# Each slot once before any repeats: never worse than random in the parity sweeps
+# (benchmarks/results/parity_cpu32.md), because no stored crop waits while another repeats.
+DEFAULT_SLOT_POLICY = "cycle"
+# Most times each stored crop may be replayed (epochs / K, slots visited in turn) with students
+# still within 0.2 points of an online refinery: benchmarks/results/parity_cpu32.md.
+PARITY_VIEWS_PER_CROP = 2
+
+
+def crops_for_parity(epochs: int) -> int:
+    """The smallest K whose stored crops serve ``epochs`` epochs at parity with online labels."""
+    return -(-epochs // PARITY_VIEWS_PER_CROP)
 
 
 def epoch_slots(seed: int, epoch: int, num_images: int, crops_per_image: int,
-                policy: str = "random") -> np.ndarray:
+                policy: str = DEFAULT_SLOT_POLICY) -> np.ndarray:
     """Which stored slot each image replays in ``epoch``, int64 ``(num_images,)``.
 
     ``random``: an independent uniform slot per (epoch, image). ``cycle``: each image visits its K

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .crop_plan import CropPlan
+from .crop_plan import CropPlan, crops_for_parity
 from .dataset import ArraySource, ImageDataset, write_beton
 from .label_store import LabelStore
 from .precompute import precompute
@@ -31,10 +31,15 @@ class DemoConfig:
     refinery_epochs: int = 60  # twice the students': a refinery must be stronger than them
     arch: str = "demo_cnn"
     refinery_arch: str = "demo_cnn"
-    crops_per_image: int = 10
+    crops_per_image: int = None  # default: enough crops for the students' epochs at parity
     top_k: int = 5
     seed: int = 0
     workers: int = 2
+
+
+    def __post_init__(self):
+        if self.crops_per_image is None:
+            object.__setattr__(self, "crops_per_image", crops_for_parity(self.epochs))
 
 
 def write_shapes(cfg: DemoConfig, out: Path):

@@ -31,7 +31,8 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToTensor
 
-from .crop_plan import CropPlan, centre_square, epoch_slots, sample_boxes, sample_flips
+from .crop_plan import (DEFAULT_SLOT_POLICY, CropPlan, centre_square, epoch_slots, sample_boxes,
+                        sample_flips)
 
 TABLE_FIELDS = 5  # y, x, h, w, flip
 
@@ -172,7 +173,7 @@ class WithSampleIndex(Operation):
 class ReplayedCrops:
     """Each epoch, every image replays one of its stored slots (chosen by ``slot_policy``)."""
 
-    def __init__(self, boxes, flips, seed: int, slot_policy: str = "random"):
+    def __init__(self, boxes, flips, seed: int, slot_policy: str = DEFAULT_SLOT_POLICY):
         self.boxes, self.flips = boxes, flips
         self.seed, self.slot_policy = seed, slot_policy
         self.slots = np.zeros(len(boxes), dtype=np.int64)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .crop_plan import CropPlan
+from .crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
 from .dataset import open_dataset
 from .distributed import init_from_env, is_main
 from .errors import RefineryError, RefineryWarning
@@ -45,7 +45,7 @@ class TrainConfig:
     teacher_crops: str = "fresh"  # 'fresh' random crops, or 'replay' the store's crops (parity)
     loss: str = "kl"
     rest: str = "uniform"       # where the mass outside the stored top-k goes
-    slot_policy: str = "random"
+    slot_policy: str = DEFAULT_SLOT_POLICY  # or "random": an independent slot every epoch
     res: int = None             # crop size; defaults to the store's refinery input size, else 224
     workers: int = 2
     seed: int = 0
@@ -131,6 +131,7 @@ def load_data(cfg: TrainConfig, device):
     store = _open_store(cfg, train_ds)
     res = cfg.res or _default_res(cfg, store)
     _warn_if_resampled(cfg, store, res)
+    _warn_if_crops_overused(cfg, store)
     crops, arrays = _crop_source(cfg, train_ds, store)
     targets = _target_source(cfg, len(train_ds.classes), res, device, crops, arrays)
     # --allow-partial: train only on images whose chunk is done
@@ -173,6 +174,20 @@ def _warn_if_resampled(cfg: TrainConfig, store, res: int):
     if res != labelled and is_main():
         warnings.warn(f"{cfg.labels}: labels were computed on {labelled} px crops but training "
                       f"shows them at {res} px; omit --res to replay the labelled pixels",
+                      RefineryWarning, stacklevel=2)
+
+
+def _warn_if_crops_overused(cfg: TrainConfig, store):
+    """Too few stored crops for the schedule costs accuracy against an online refinery; say how
+    many crops would not, since the fix (a larger K) is a precompute away."""
+    if store is None or cfg.teacher is not None or cfg.label_mode == "static":
+        return
+    k = store.layout.crops_per_image
+    if cfg.epochs > PARITY_VIEWS_PER_CROP * k and is_main():
+        needed = crops_for_parity(cfg.epochs)
+        warnings.warn(f"{cfg.labels}: {cfg.epochs} epochs replay each of its {k} crops per image "
+                      f"{cfg.epochs / k:.1f} times; parity with an online refinery was measured "
+                      f"at <= {PARITY_VIEWS_PER_CROP} (precompute with -K {needed} or more)",
                       RefineryWarning, stacklevel=2)
 
 

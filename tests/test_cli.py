@@ -113,11 +113,24 @@ def test_training_at_another_size_than_labelled_warns_in_one_line(store, tiny_da
     with pytest.warns(RefineryWarning, match="computed on 24 px crops .* at 16 px; omit --res"):
         run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
             "--batch-size", 16, "--out", tmp_path / "run", "--res", 16)
+    with warnings.catch_warnings():  # 2 epochs over K=4 crops: no reuse warning
+        warnings.simplefilter("error", RefineryWarning)
+        run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 2,
+            "--batch-size", 16, "--out", tmp_path / "fits", "--eval-every", 2)
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     _one_line_warnings()
     assert warnings.formatwarning("labels at 24 px", RefineryWarning, "x.py", 1) == \
         "warning: labels at 24 px\n"
     assert "UserWarning" in warnings.formatwarning("other", UserWarning, "x.py", 1)
+
+
+def test_more_epochs_than_the_store_has_crops_for_warns_with_the_k_to_use(store, tiny_data,
+                                                                         tmp_path):
+    """K=4 stored crops cover 8 epochs at parity; 9 epochs reuse them too often (-K 5 fixes it)."""
+    with pytest.warns(RefineryWarning, match="9 epochs replay each of its 4 crops per image "
+                                             r"2\.2 times; .*precompute with -K 5 or more"):
+        run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 9,
+            "--batch-size", 64, "--out", tmp_path / "run", "--eval-every", 9)
 
 
 def test_a_trained_student_is_the_next_refinery(store, tiny_data, tmp_path):

@@ -75,10 +75,10 @@ def test_counter_uniform_is_uniform_and_decorrelated():
 
 
 def test_epoch_slots_random_policy_changes_across_epochs():
-    a, b = epoch_slots(0, 0, 1000, 10), epoch_slots(0, 1, 1000, 10)
+    a, b = epoch_slots(0, 0, 1000, 10, "random"), epoch_slots(0, 1, 1000, 10, "random")
     assert a.min() >= 0 and a.max() <= 9
     assert (a != b).mean() > 0.8
-    assert np.array_equal(a, epoch_slots(0, 0, 1000, 10))
+    assert np.array_equal(a, epoch_slots(0, 0, 1000, 10, "random"))
     counts = np.bincount(a, minlength=10)
     assert counts.min() > 60
 
