@@ -6,7 +6,7 @@ import warnings
 
 import click
 
-from refinery_pipeline.crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES
+from refinery_pipeline.crop_plan import DEFAULT_CROPS_PER_IMAGE, DEFAULT_SLOT_POLICY, SLOT_POLICIES
 from refinery_pipeline.errors import RefineryError, RefineryWarning, storage_io_errors
 
 
@@ -47,7 +47,8 @@ def cli():
               help="torchvision architecture; read from the checkpoint when omitted")
 @click.option("--weights", required=True, type=click.Path(),
               help="refinery checkpoint (a `refine train` model.pt or a state_dict)")
-@click.option("--crops-per-image", "-K", default=10, help="crops sampled per image")
+@click.option("--crops-per-image", "-K", default=DEFAULT_CROPS_PER_IMAGE, show_default=True,
+              help="crops sampled per image; a student of E epochs needs K >= E for parity")
 @click.option("--top-k", default=5, help="classes stored per crop")
 @click.option("--seed", default=0, help="crop plan seed")
 @click.option("--input-size", default=None, type=int,

@@ -36,12 +36,28 @@ def counter_uniform(seed: int, stream: int, a, b, draw) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+# Most times each stored crop may be replayed (epochs / K, slots visited in turn) at parity with
+# an online refinery. At 1 (K = epochs, cycle policy) the student sees what an online student sees:
+# a fresh RandomResizedCrop every epoch, labelled by the refinery (top-k). Replaying twice or
+# more cost 0.6 and 1.4 points: benchmarks/results/parity_cpu32.md.
+PARITY_VIEWS_PER_CROP = 1
+
+
+def crops_for_parity(epochs: int) -> int:
+    """The smallest K whose stored crops serve ``epochs`` epochs at parity with online labels."""
+    return -(-epochs // PARITY_VIEWS_PER_CROP)
+
+
+# Enough crops for the reference schedule (40-epoch students) at parity.
+DEFAULT_CROPS_PER_IMAGE = crops_for_parity(40)
+
+
 @dataclass(frozen=True)
 class CropPlan:
     """How crops are sampled; recorded verbatim in every label store."""
 
     seed: int = 0
-    crops_per_image: int = 10
+    crops_per_image: int = DEFAULT_CROPS_PER_IMAGE
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
     flip: bool = True
@@ -120,17 +136,10 @@ def sample_flips(plan: CropPlan, image_ids: np.ndarray) -> np.ndarray:
 
 
 SLOT_POLICIES = ("random", "cycle")
-# Each slot once before any repeats: never worse than random in the parity sweeps
-# (benchmarks/results/parity_cpu32.md), because no stored crop waits while another repeats.
+# Each slot once before any repeats: no stored crop waits while another repeats, so E = K epochs
+# show every crop once (random leaves ~1/e unseen); it led random at K = 2 and 4 in the CPU
+# parity sweep (docs/design.md, "Choosing K and the slot policy").
 DEFAULT_SLOT_POLICY = "cycle"
-# Most times each stored crop may be replayed (epochs / K, slots visited in turn) with students
-# still within 0.2 points of an online refinery: benchmarks/results/parity_cpu32.md.
-PARITY_VIEWS_PER_CROP = 2
-
-
-def crops_for_parity(epochs: int) -> int:
-    """The smallest K whose stored crops serve ``epochs`` epochs at parity with online labels."""
-    return -(-epochs // PARITY_VIEWS_PER_CROP)
 
 
 def epoch_slots(seed: int, epoch: int, num_images: int, crops_per_image: int,

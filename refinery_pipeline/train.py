@@ -186,8 +186,8 @@ def _warn_if_crops_overused(cfg: TrainConfig, store):
     if cfg.epochs > PARITY_VIEWS_PER_CROP * k and is_main():
         needed = crops_for_parity(cfg.epochs)
         warnings.warn(f"{cfg.labels}: {cfg.epochs} epochs replay each of its {k} crops per image "
-                      f"{cfg.epochs / k:.1f} times; parity with an online refinery was measured "
-                      f"at <= {PARITY_VIEWS_PER_CROP} (precompute with -K {needed} or more)",
+                      f"{cfg.epochs / k:.1f} times; more than {PARITY_VIEWS_PER_CROP} costs accuracy "
+                      f"against an online refinery (precompute with -K {needed} or more)",
                       RefineryWarning, stacklevel=2)
 
 

@@ -126,9 +126,9 @@ def test_training_at_another_size_than_labelled_warns_in_one_line(store, tiny_da
 
 def test_more_epochs_than_the_store_has_crops_for_warns_with_the_k_to_use(store, tiny_data,
                                                                          tmp_path):
-    """K=4 stored crops cover 8 epochs at parity; 9 epochs reuse them too often (-K 5 fixes it)."""
+    """K=4 stored crops cover 4 epochs at parity; 9 epochs reuse them (-K 9 fixes it)."""
     with pytest.warns(RefineryWarning, match="9 epochs replay each of its 4 crops per image "
-                                             r"2\.2 times; .*precompute with -K 5 or more"):
+                                             r"2\.2 times; .*precompute with -K 9 or more"):
         run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 9,
             "--batch-size", 64, "--out", tmp_path / "run", "--eval-every", 9)
 
