@@ -163,6 +163,8 @@ def label_loader_batch(refinery, images, crop_batch: int, top_k: int, seed: int,
     until the whole loader batch is done: one host sync per loader batch, not per forward pass.
     """
     import torch
+    if images.ndim == 4:  # one slot per image (K = 1): the decoder emits plain (B, H, W, 3) crops
+        images = images[:, None]
     B, S = images.shape[:2]
     crops = images.reshape((B * S,) + tuple(images.shape[2:]))
     order = torch.from_numpy(np.random.default_rng([seed, chunk, start]).permutation(B * S))

@@ -52,6 +52,15 @@ def test_precompute_writes_a_complete_store(store, tiny_dataset):
     assert s.attrs["dataset"] == tiny_dataset.fingerprint()
 
 
+def test_one_crop_per_image_is_a_valid_plan(tiny_data, tiny_refinery_ckpt, tmp_path):
+    """K = 1 (a one-epoch student at parity): the decoder then emits plain crops, no slot axis."""
+    path = tmp_path / "k1.zarr"
+    run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 1, "--top-k", 3,
+        "--batch-size", 32)
+    arrays = LabelStore.open(path).read(("boxes", "topk_indices"))
+    assert arrays["boxes"].shape[1:] == (1, 4) and arrays["topk_indices"].shape[1:] == (1, 3)
+
+
 def test_rerun_resumes_and_changes_nothing(store, tiny_data, tiny_refinery_ckpt):
     before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
     result = run("precompute", tiny_data, store, "--weights", tiny_refinery_ckpt, "-K", 4,
