@@ -182,9 +182,8 @@ def _warn_if_crops_overused(cfg: TrainConfig, store):
     many crops would not, since the fix (a larger K) is a precompute away."""
     if store is None or cfg.teacher is not None or cfg.label_mode == "static":
         return
-    k = store.layout.crops_per_image
-    if cfg.epochs > PARITY_VIEWS_PER_CROP * k and is_main():
-        needed = crops_for_parity(cfg.epochs)
+    k, needed = store.layout.crops_per_image, crops_for_parity(cfg.epochs)
+    if k < needed and is_main():
         warnings.warn(f"{cfg.labels}: {cfg.epochs} epochs replay each of its {k} crops per image "
                       f"{cfg.epochs / k:.1f} times; more than {PARITY_VIEWS_PER_CROP} costs accuracy "
                       f"against an online refinery (precompute with -K {needed} or more)",
