@@ -36,7 +36,6 @@ class DemoConfig:
     seed: int = 0
     workers: int = 2
 
-
     def __post_init__(self):
         if self.crops_per_image is None:
             object.__setattr__(self, "crops_per_image", crops_for_parity(self.epochs))
