@@ -14,6 +14,7 @@ numba freezes small captured arrays into compiled code, so the table is reached 
 address (``carray`` over an ``inttoptr``), never captured as an array; the loader keeps it alive
 and only ever writes it in place.
 """
+import warnings
 from dataclasses import replace
 from typing import Callable
 
@@ -31,10 +32,22 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToTensor
 
+from .errors import RefineryWarning
 from .crop_plan import (DEFAULT_SLOT_POLICY, CropPlan, centre_square, epoch_slots, sample_boxes,
                         sample_flips)
 
 TABLE_FIELDS = 5  # y, x, h, w, flip
+
+
+def usable_workers(requested: int) -> int:
+    """FFCV decodes with numba threads, and numba refuses more threads than this machine has
+    (a ValueError deep inside the loader); cap the request there and say so once."""
+    available = numba.config.NUMBA_NUM_THREADS
+    if requested > available:  # reported once per loader kind (one warning location each)
+        warnings.warn(f"--workers {requested}: this machine runs at most {available} decoding "
+                      f"threads; using {available}", RefineryWarning, stacklevel=2)
+        return available
+    return max(1, requested)
 
 
 @intrinsic
@@ -239,7 +252,8 @@ def make_loader(dataset, crops, output_size, batch_size: int, num_workers: int =
     }
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
     return CropLoader(str(dataset.path), crops, table, batch_size=batch_size,
-                      num_workers=num_workers, order=order, seed=seed, drop_last=train,
+                      num_workers=usable_workers(num_workers), order=order, seed=seed,
+                      drop_last=train,
                       distributed=distributed, indices=indices, pipelines=pipelines,
                       batches_ahead=2)
 
@@ -251,6 +265,7 @@ def multi_crop_loader(dataset, table: np.ndarray, output_size, images_per_batch:
         "image": [PlannedCropDecoder(table, output_size), ToTensor()],
         "label": [IntDecoder(), WithSampleIndex(), ToTensor()],
     }
-    return Loader(str(dataset.path), batch_size=images_per_batch, num_workers=num_workers,
+    return Loader(str(dataset.path), batch_size=images_per_batch,
+                  num_workers=usable_workers(num_workers),
                   order=OrderOption.SEQUENTIAL, indices=np.asarray(indices), drop_last=False,
                   pipelines=pipelines, batches_ahead=2)

@@ -109,3 +109,16 @@ def test_decoder_runs_without_numba(tiny_dataset, numba_enabled):
     finally:
         Compiler.set_enabled(True)
     assert np.array_equal(compiled, python)
+
+
+def test_more_workers_than_cores_is_capped_with_a_warning(tiny_dataset):
+    """numba refuses more threads than the machine has; the loader caps and says so."""
+    import numba
+
+    from refinery_pipeline.errors import RefineryWarning
+    too_many = numba.config.NUMBA_NUM_THREADS + 3
+    crops = FixedCrops(tiny_dataset.heights, tiny_dataset.widths)
+    with pytest.warns(RefineryWarning, match=f"--workers {too_many}"):
+        loader = make_loader(tiny_dataset, crops, (20, 20), 16, num_workers=too_many, train=False)
+    seen = sum(images.shape[0] for images, _ in loader)
+    assert seen == tiny_dataset.num_images
