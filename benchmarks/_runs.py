@@ -36,36 +36,60 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
+def recorded_device(work: Path, collect_only: bool) -> str:
+    """The device the runs in ``work`` trained on: this machine's, recorded for a later
+    ``--collect-only`` (which may run elsewhere, on run directories copied back)."""
+    marker = work / "device"
+    if not collect_only:
+        work.mkdir(parents=True, exist_ok=True)
+        marker.write_text(device_name() + "\n")
+    return marker.read_text().strip() if marker.exists() else device_name()
+
+
 def final_metrics(run_dir: Path) -> dict:
     """The last evaluated epoch of a finished ``refine train`` run."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if "val_top1" in line][-1]
 
 
+def precompute_seconds(store: Path) -> float | None:
+    """How long the finished ``refine precompute`` of ``store`` took; None if it has not run."""
+    marker = store.with_suffix(".seconds")
+    return float(marker.read_text()) if marker.exists() else None
+
+
 def precompute_once(work: Path, store: Path, options: list[str]) -> float:
     """``refine precompute`` into ``store`` unless done before; return the seconds it took."""
-    marker = store.with_suffix(".seconds")
-    if not marker.exists():
+    if precompute_seconds(store) is None:
         seconds = run_logged(["refine", "precompute", *options, str(store)],
                              work / "logs" / f"precompute_{store.stem}.log",
                              threads=os.cpu_count() or 1)
-        marker.write_text(f"{seconds}\n")
-    return float(marker.read_text())
+        store.with_suffix(".seconds").write_text(f"{seconds}\n")
+    return precompute_seconds(store)
 
 
 class StudentRuns:
     """Train students with shared options; each run is a dict with a name, seed and options."""
 
-    def __init__(self, work: Path, common: list[str], epochs: int, jobs: int):
+    def __init__(self, work: Path, common: list[str], epochs: int, jobs: int,
+                 collect_only: bool = False):
         self.work, self.common, self.epochs, self.jobs = work, common, epochs, jobs
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.collect_only = collect_only  # report finished runs, train none
 
-    def train(self, run: dict) -> dict:
-        """Train one student unless its model.pt exists; return the run with its final metrics."""
+    def train(self, run: dict) -> dict | None:
+        """Train one student unless its model.pt exists; return the run with its final metrics
+        (None for a run that is not finished when only collecting)."""
         name = run["name"].replace(" ", "_").replace("=", "").replace(",", "")
         name += f"_seed{run['seed']}"
         out = self.work / "students" / name
-        if not (out / "model.pt").exists():
+        if self.collect_only:
+            # A run is finished once its wall time is recorded; run directories copied back from
+            # another machine carry metrics and seconds without the (large) checkpoints.
+            if not (out / "seconds").exists():
+                print(f"{run['name']:>34} seed {run['seed']}: not finished, left out", flush=True)
+                return None
+        elif not (out / "model.pt").exists():
             seconds = run_logged(
                 ["refine", "train", *self.common, "--out", str(out), "--epochs", str(self.epochs),
                  "--seed", str(run["seed"]), "--eval-every", str(self.epochs), "--resume",
@@ -80,5 +104,6 @@ class StudentRuns:
         return row
 
     def train_all(self, runs: list[dict]) -> list[dict]:
+        """Every finished run's row, in the order given."""
         with ThreadPoolExecutor(self.jobs) as pool:
-            return list(pool.map(self.train, runs))
+            return [row for row in pool.map(self.train, runs) if row is not None]

@@ -29,7 +29,7 @@ import statistics
 from pathlib import Path
 
 from _results import RESULTS, write_results
-from _runs import StudentRuns, device_name, precompute_once
+from _runs import StudentRuns, precompute_once, precompute_seconds, recorded_device
 
 # Matplotlib without a display: the plot is a file.
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -58,6 +58,13 @@ def get_args():
                    help="loader workers for precompute, which runs alone [default: all cores]")
     p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
     p.add_argument("--tag", default="parity")
+    stage = p.add_mutually_exclusive_group()
+    stage.add_argument("--precompute-only", action="store_true",
+                       help="make every store, train nothing (e.g. to time other benchmarks on "
+                            "them before the students start)")
+    stage.add_argument("--collect-only", action="store_true",
+                       help="train nothing; summarise the students finished so far (a sweep cut "
+                            "short by a time limit, or run directories copied back)")
     return p.parse_args()
 
 
@@ -89,10 +96,10 @@ def summarise(rows: list[dict], tolerance: float) -> dict:
                           "mean": statistics.fmean(accs), "min": min(accs), "max": max(accs),
                           "seeds": {r["seed"]: r["val_top1"] for r in group},
                           "train_seconds": statistics.fmean(r["seconds"] for r in group)}
-    online = settings["online"]["mean"]
+    online = settings["online"]["mean"] if "online" in settings else None
     cached = sorted((s for s in settings.values() if s["K"] is not None),
                     key=lambda s: (s["K"], -s["mean"]))
-    within = [s for s in cached if s["mean"] >= online - tolerance]
+    within = [s for s in cached if online is not None and s["mean"] >= online - tolerance]
     choice = within[0] if within else None
     return {"settings": settings, "online_mean": online, "tolerance": tolerance,
             "choice": None if choice is None else {"K": choice["K"], "policy": choice["policy"],
@@ -106,17 +113,19 @@ def plot(summary: dict, ks: list[int], policies: list[str], path: Path, title: s
     settings = summary["settings"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for offset, policy in zip((-0.04, 0.04), policies):
-        xs = [k * 2 ** offset for k in ks]
-        means = [settings[f"K={k} {policy}"]["mean"] for k in ks]
+        done = [k for k in ks if f"K={k} {policy}" in settings]  # a cut-short sweep lacks some
+        xs = [k * 2 ** offset for k in done]
+        means = [settings[f"K={k} {policy}"]["mean"] for k in done]
         line, = ax.plot(xs, means, marker="o", label=f"cached, {policy} slot per epoch"
                         if policy == "random" else "cached, each slot once before repeats")
-        for x, k in zip(xs, ks):
+        for x, k in zip(xs, done):
             seeds = settings[f"K={k} {policy}"]["seeds"].values()
             ax.scatter([x] * len(seeds), list(seeds), s=12, color=line.get_color(), alpha=0.5)
     online = summary["online_mean"]
-    ax.axhline(online, color="black", label="online refinery (fresh crops)")
-    ax.axhspan(online - summary["tolerance"], online, color="black", alpha=0.1,
-               label=f"within {summary['tolerance']} points of online")
+    if online is not None:
+        ax.axhline(online, color="black", label="online refinery (fresh crops)")
+        ax.axhspan(online - summary["tolerance"], online, color="black", alpha=0.1,
+                   label=f"within {summary['tolerance']} points of online")
     if "ground truth" in settings:
         ax.axhline(settings["ground truth"]["mean"], color="grey", linestyle="--",
                    label="ground truth")
@@ -146,41 +155,74 @@ def to_markdown(result: dict) -> str:
     for name, st in s["settings"].items():
         k = st["K"]
         seeds = ", ".join(f"{v:.2f}" for v in st["seeds"].values())
-        cost = (f"{statistics.fmean(pre[(k, seed)] for seed in st['seeds']):.0f}"
-                if k is not None else "")
+        times = [pre[(k, seed)] for seed in st["seeds"] if (k, seed) in pre]
+        cost = f"{statistics.fmean(times):.0f}" if times else ""
         per_slot = f"{a['epochs'] / k:.1f}" if k is not None else ""
+        versus = f"{st['mean'] - online:+.2f}" if online is not None else ""
         lines.append(f"| {name if k is None else 'cached soft'} | {k or ''} | "
                      f"{st['policy'] or ''} | {per_slot} | {st['mean']:.2f} | {seeds} | "
-                     f"{st['mean'] - online:+.2f} | {cost} |")
+                     f"{versus} | {cost} |")
     choice = s["choice"]
-    lines += ["", (f"Cheapest setting within {s['tolerance']} points of the online mean "
+    if online is None:
+        verdict = "No online student finished: parity cannot be judged."
+    elif choice:
+        verdict = (f"Cheapest setting within {s['tolerance']} points of the online mean "
                    f"({online:.2f}): **K = {choice['K']}, {choice['policy']} policy** "
-                   f"({choice['mean']:.2f})." if choice else
-                   f"No cached setting came within {s['tolerance']} points of the online mean "
-                   f"({online:.2f})."), ""]
+                   f"({choice['mean']:.2f}).")
+    else:
+        verdict = (f"No cached setting came within {s['tolerance']} points of the online mean "
+                   f"({online:.2f}).")
+    lines += ["", verdict, ""]
+    if a.get("collect_only"):
+        lines += ["Students trained by the command below without `--collect-only`; this table "
+                  "summarises those that finished.", ""]
+    missing = result.get("unfinished", [])
+    if missing:
+        lines += [f"Not finished (left out above): {', '.join(missing)}.", ""]
     return "\n".join(lines)
+
+
+def precompute_stores(args, work: Path, store) -> list[dict]:
+    """Each seed's store for every K, made unless done before; only the finished ones' times
+    when collecting."""
+    done = []
+    for seed in args.seeds:
+        for k in args.crops_per_image:
+            if args.collect_only:
+                seconds = precompute_seconds(store(k, seed))
+            else:
+                seconds = precompute_once(work, store(k, seed), [
+                    args.data, "--weights", args.refinery, "-K", str(k), "--top-k",
+                    str(args.top_k), "--seed", str(seed), "--input-size", str(args.res),
+                    "--workers", str(args.precompute_workers)])
+            if seconds is not None:
+                done.append({"K": k, "seed": seed, "seconds": seconds})
+    return done
 
 
 def main():
     args = get_args()
-    device = device_name()
     work = Path(args.work)
+    device = recorded_device(work, args.collect_only)
 
     def store(k, seed):
         return work / "stores" / f"K{k}_seed{seed}.zarr"
 
-    precomputed = [{"K": k, "seed": seed, "seconds": precompute_once(work, store(k, seed), [
-        args.data, "--weights", args.refinery, "-K", str(k), "--top-k", str(args.top_k),
-        "--seed", str(seed), "--input-size", str(args.res),
-        "--workers", str(args.precompute_workers)])}
-        for seed in args.seeds for k in args.crops_per_image]
+    precomputed = precompute_stores(args, work, store)
+    if args.precompute_only:
+        return
     students = StudentRuns(work, [args.data, "--arch", args.arch, "--res", str(args.res),
                                   "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                                  "--workers", str(args.workers)], args.epochs, args.jobs)
-    rows = students.train_all(sweep_runs(args, store))
+                                  "--workers", str(args.workers)], args.epochs, args.jobs,
+                           collect_only=args.collect_only)
+    runs = sweep_runs(args, store)
+    rows = students.train_all(runs)
+    finished = {(r["name"], r["seed"]) for r in rows}
+    unfinished = [f"{r['name']} seed {r['seed']}" for r in runs
+                  if (r["name"], r["seed"]) not in finished]
     summary = summarise(rows, args.tolerance)
     result = {"args": vars(args), "device": device, "precompute": precomputed,
-              "students": rows, "summary": summary}
+              "students": rows, "unfinished": unfinished, "summary": summary}
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(summary, args.crops_per_image, args.policies, RESULTS / f"{args.tag}.png",
          f"{args.arch} students, {args.epochs} epochs @ {args.res} px, {device}")

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Issue 4's GPU benchmarks in one bounded run, most important first: GPU time is scarce and
+# machines are lent for minutes, so every stage gets at most the time left, and what finished
+# is written to benchmarks/results/ even when later stages run out of time.
+#
+#   bash benchmarks/gpu_suite.sh DATA [SECONDS] [JOBS]
+#
+# DATA is an ImageFolder tree with train/ and val/ (imagenette-96); SECONDS the whole budget
+# (default 540); JOBS the parity students trained side by side on the one GPU (default 4, with
+# the CPU cores split between them). Needs `refine` on the PATH. Stages:
+#   1. loader throughput: replay vs FFCV's stock RandomResizedCrop, 16 and 4 workers
+#   2. refinery: ResNet-18, 40 epochs on ground truth (the reference's student recipe), and a
+#      1-epoch ResNet-50 whose only use is timing an online ResNet-50 refinery (speed does not
+#      depend on the weights)
+#   3. fidelity: stored labels vs the refinery on the student's replayed pixels (real data)
+#   4. parity stores (K = 5 10 20 40, seeds 0 1), then `refine audit` of one of them
+#   5. epoch time: ground truth vs cached labels vs an online ResNet-50 refinery
+#   6. parity students with whatever time is left, then the summary of those that finished
+# Rerunning on the same machine reuses finished work (runs/gpu).
+set -u
+DATA=$1
+BUDGET=${2:-540}
+JOBS=${3:-4}
+RES=${RES:-96}        # crop size (the reference's); a CPU rehearsal sets RES=32 EPOCHS=2 KS="1 2"
+EPOCHS=${EPOCHS:-40}  # refinery and student epochs
+KS=${KS:-5 10 20 40}  # stored crops per image in the parity sweep
+CORES=$(nproc)
+REFINERY_WORKERS=$(( CORES > 8 ? CORES - 4 : CORES ))  # 4 go to the ResNet-50 beside it
+STUDENT_WORKERS=$(( CORES / JOBS > 1 ? CORES / JOBS : 1 ))
+DEADLINE=$(( $(date +%s) + BUDGET ))
+W=runs/gpu
+LOGS=$W/logs
+mkdir -p "$LOGS"
+
+left() { echo $(( DEADLINE - $(date +%s) )); }
+
+# stage NAME MIN_SECONDS COMMAND...: run COMMAND with the time left (less a reserve for the
+# summary), log to $LOGS/NAME.log; skipped when fewer than MIN_SECONDS are left.
+stage() {
+  local name=$1 min=$2; shift 2
+  local budget=$(( $(left) - 30 ))
+  if (( budget < min )); then echo "[suite] skip $name: ${budget}s left"; return 1; fi
+  echo "[suite] $name (${budget}s left)"
+  local start=$(date +%s)
+  timeout "$budget" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "[suite] $name exit $rc after $(( $(date +%s) - start ))s"
+  tr "\r" "\n" <"$LOGS/$name.log" | grep -v "it/s\]" | tail -n 4 | cut -c1-400
+  return $rc
+}
+
+stage convert 10 python3 -c "
+from refinery_pipeline.dataset import open_dataset
+for split in ('train', 'val'):
+    print(open_dataset('$DATA', split, num_workers=$CORES).path)" || exit 1
+
+stage loader_w16 30 python3 benchmarks/loader_throughput.py "$DATA" --res "$RES" --batch-size 256 \
+  --workers 16 --rounds 5 --tag loader_gpu_w16
+stage loader_w4 30 python3 benchmarks/loader_throughput.py "$DATA" --res "$RES" --batch-size 256 \
+  --workers 4 --rounds 3 --tag loader_gpu_w4
+
+REFINERY=$W/refinery/model.pt
+TIMING_R50=$W/r50_timing/model.pt
+if [ ! -f $REFINERY ] || [ ! -f $TIMING_R50 ]; then
+  refine train "$DATA" --arch resnet50 --res "$RES" --epochs 1 --batch-size 256 --workers 4 \
+    --out $W/r50_timing --resume >"$LOGS/r50_timing.log" 2>&1 &
+  TIMING_PID=$!
+  stage refinery 60 refine train "$DATA" --arch resnet18 --res "$RES" --epochs "$EPOCHS" \
+    --batch-size 256 --lr 0.4 --workers "$REFINERY_WORKERS" --eval-every 10 --out $W/refinery \
+    --resume || exit 1
+  wait $TIMING_PID || echo "[suite] the ResNet-50 timing teacher failed: $LOGS/r50_timing.log"
+fi
+
+stage fidelity 20 python3 benchmarks/replay_fidelity.py "$DATA" --refinery $REFINERY -K 4 \
+  --epochs 2 --workers "$CORES" --tag fidelity_gpu
+
+SWEEP=(benchmarks/parity_sweep.py "$DATA" --refinery $REFINERY --work $W/parity --res "$RES"
+       --epochs "$EPOCHS" --batch-size 256 --lr 0.4 -K $KS --jobs "$JOBS"
+       --workers "$STUDENT_WORKERS" --precompute-workers "$CORES" --tag parity_gpu)
+STORE=$W/parity/stores/K${KS%% *}_seed0.zarr  # the smallest K: cheapest to audit
+stage stores 60 python3 "${SWEEP[@]}" --precompute-only || exit 1
+stage audit 15 refine audit $STORE "$DATA" --weights $REFINERY --workers "$CORES"
+
+stage epoch_time 40 python3 benchmarks/epoch_time.py "$DATA" --store $STORE --teacher $TIMING_R50 \
+  --arch resnet18 --res "$RES" --batch-size 256 --workers "$CORES" --rounds 3 --tag epoch_time_gpu
+
+stage students 60 python3 "${SWEEP[@]}"
+DEADLINE=$(( DEADLINE + 30 ))  # the reserve is for the summary
+stage summary 5 python3 "${SWEEP[@]}" --collect-only
+echo "[suite] done with $(left)s to spare"
