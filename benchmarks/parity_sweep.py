@@ -17,7 +17,7 @@ were drawn is exactly what K controls, so it belongs in the spread.
 
 GPU (the issue's setting; reference teacher ResNet-50 81.9%):
   python benchmarks/parity_sweep.py DATA --refinery runs/refinery/model.pt --res 96 \
-      --epochs 40 --batch-size 256 --lr 0.4 -K 5 10 20 40 --tag parity_gpu
+      --epochs 40 --batch-size 256 --lr 0.4 -K 10 20 40 --jobs 4 --workers 4 --tag parity_gpu
 CPU at reduced scale (what a session without a GPU can run; K scaled with the epochs so that
 epochs / K spans the same 8 ... 1 views per slot as K = 5 ... 40 over 40 epochs):
   python benchmarks/parity_sweep.py DATA --refinery /tmp/rvg/refinery/model.pt --res 32 \
@@ -27,6 +27,8 @@ import argparse
 import os
 import statistics
 from pathlib import Path
+
+from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 from _results import RESULTS, write_results
 from _runs import StudentRuns, precompute_once, precompute_seconds, recorded_device
@@ -49,7 +51,7 @@ def get_args():
     p.add_argument("--policies", nargs="+", default=["random", "cycle"],
                    choices=["random", "cycle"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     p.add_argument("--tolerance", type=float, default=0.2,
                    help="points of val top-1 below the online mean that still count as parity")
     p.add_argument("--no-ground-truth", action="store_true", help="skip ground-truth students")

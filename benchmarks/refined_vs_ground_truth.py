@@ -19,6 +19,8 @@ import argparse
 import os
 from pathlib import Path
 
+from refinery_pipeline.label_store import DEFAULT_TOP_K
+
 from _results import write_results
 from _runs import StudentRuns, device_name, final_metrics, precompute_once, run_logged
 
@@ -36,7 +38,7 @@ def get_args():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("-K", "--crops-per-image", type=int, default=10)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")

@@ -8,6 +8,7 @@ import click
 
 from refinery_pipeline.crop_plan import DEFAULT_CROPS_PER_IMAGE, DEFAULT_SLOT_POLICY, SLOT_POLICIES
 from refinery_pipeline.errors import RefineryError, RefineryWarning, storage_io_errors
+from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 
 def _one_line_warnings():
@@ -49,7 +50,9 @@ def cli():
               help="refinery checkpoint (a `refine train` model.pt or a state_dict)")
 @click.option("--crops-per-image", "-K", default=DEFAULT_CROPS_PER_IMAGE, show_default=True,
               help="crops sampled per image; a student of E epochs needs K >= E for parity")
-@click.option("--top-k", default=5, help="classes stored per crop")
+@click.option("--top-k", default=DEFAULT_TOP_K,
+              help="classes stored per crop, capped at the number of classes (fewer cost "
+                   "accuracy against an online refinery: see README, choosing K and top-k)")
 @click.option("--seed", default=0, help="crop plan seed")
 @click.option("--input-size", default=None, type=int,
               help="crop size fed to the refinery [default: the checkpoint's]")

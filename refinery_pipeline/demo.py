@@ -13,7 +13,7 @@ import numpy as np
 
 from .crop_plan import CropPlan, crops_for_parity
 from .dataset import ArraySource, ImageDataset, write_beton
-from .label_store import LabelStore
+from .label_store import DEFAULT_TOP_K, LabelStore
 from .precompute import precompute
 from .refinery import Refinery
 from .synthetic import SHAPES, make_shapes, visible_fraction
@@ -32,7 +32,7 @@ class DemoConfig:
     arch: str = "demo_cnn"
     refinery_arch: str = "demo_cnn"
     crops_per_image: int = None  # default: enough crops for the students' epochs at parity
-    top_k: int = 5
+    top_k: int = DEFAULT_TOP_K
     seed: int = 0
     workers: int = 2
 

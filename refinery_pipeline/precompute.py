@@ -21,7 +21,7 @@ from . import __version__
 from .crop_plan import CropPlan, centre_square, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
 from .errors import StoreMismatchError, StoreNotFoundError
-from .label_store import LabelStore, StoreLayout, default_chunk_size, is_remote
+from .label_store import DEFAULT_TOP_K, LabelStore, StoreLayout, default_chunk_size, is_remote
 from .replay import crop_table, multi_crop_loader
 
 
@@ -184,7 +184,7 @@ def label_loader_batch(refinery, images, crop_batch: int, top_k: int, seed: int,
             values.cpu().numpy().astype(np.float16).reshape(B, S, top_k))
 
 
-def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = 5,
+def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = DEFAULT_TOP_K,
                crop_batch: int = 512, chunk_size: int = None, num_workers: int = 2,
                progress: bool = True, soft_static: bool = False,
                only_chunks=None) -> PrecomputeSummary:

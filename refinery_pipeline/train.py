@@ -18,7 +18,7 @@ from .crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, cro
 from .dataset import open_dataset
 from .distributed import init_from_env, is_main
 from .errors import RefineryError, RefineryWarning
-from .label_store import LabelStore
+from .label_store import DEFAULT_TOP_K, LabelStore
 from .losses import dense_from_sparse, get_loss, hard_from_soft, one_hot
 from .models import create_model, save_checkpoint, to_model_input
 from .refinery import autocast_for
@@ -132,6 +132,7 @@ def load_data(cfg: TrainConfig, device):
     res = cfg.res or _default_res(cfg, store)
     _warn_if_resampled(cfg, store, res)
     _warn_if_crops_overused(cfg, store)
+    _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
     crops, arrays = _crop_source(cfg, train_ds, store)
     targets = _target_source(cfg, len(train_ds.classes), res, device, crops, arrays)
     # --allow-partial: train only on images whose chunk is done
@@ -188,6 +189,18 @@ def _warn_if_crops_overused(cfg: TrainConfig, store):
                       f"{cfg.epochs / k:.1f} times; more than {PARITY_VIEWS_PER_CROP} costs accuracy "
                       f"against an online refinery (precompute with -K {needed} or more)",
                       RefineryWarning, stacklevel=2)
+
+
+def _warn_if_labels_truncated(cfg: TrainConfig, store, num_classes: int):
+    """Dropping all but the top few classes of each label cost accuracy against an online
+    refinery; say how many classes to store, as for K."""
+    if store is None or cfg.teacher is not None or cfg.label_mode == "hard":
+        return
+    k, needed = store.layout.top_k, min(num_classes, DEFAULT_TOP_K)
+    if k < needed and is_main():
+        warnings.warn(f"{cfg.labels}: keeps the top {k} of {num_classes} classes per crop; fewer "
+                      f"than {needed} cost accuracy against an online refinery (precompute with "
+                      f"--top-k {needed})", RefineryWarning, stacklevel=2)
 
 
 def _crop_source(cfg: TrainConfig, train_ds, store):

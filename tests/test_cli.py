@@ -124,6 +124,7 @@ def test_training_at_another_size_than_labelled_warns_in_one_line(store, tiny_da
             "--batch-size", 16, "--out", tmp_path / "run", "--res", 16)
     with warnings.catch_warnings():  # 2 epochs over K=4 crops: no reuse warning
         warnings.simplefilter("error", RefineryWarning)
+        warnings.filterwarnings("ignore", ".*keeps the top 3", RefineryWarning)  # tested below
         run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 2,
             "--batch-size", 16, "--out", tmp_path / "fits", "--eval-every", 2)
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
@@ -140,6 +141,15 @@ def test_more_epochs_than_the_store_has_crops_for_warns_with_the_k_to_use(store,
                                              r"2\.2 times; .*precompute with -K 9 or more"):
         run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 9,
             "--batch-size", 64, "--out", tmp_path / "run", "--eval-every", 9)
+
+
+def test_labels_truncated_below_the_default_top_k_warn_with_the_top_k_to_use(store, tiny_data,
+                                                                            tmp_path):
+    """The store keeps 3 of 10 classes; parity needed all 10 (--top-k 10 fixes it)."""
+    with pytest.warns(RefineryWarning, match="keeps the top 3 of 10 classes per crop; .*"
+                                             "precompute with --top-k 10"):
+        run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
+            "--batch-size", 64, "--out", tmp_path / "run")
 
 
 def test_a_trained_student_is_the_next_refinery(store, tiny_data, tmp_path):
