@@ -60,12 +60,13 @@ def precompute_seconds(store: Path) -> float | None:
 
 def precompute_once(work: Path, store: Path, options: list[str]) -> float:
     """``refine precompute`` into ``store`` unless done before; return the seconds it took."""
-    if precompute_seconds(store) is None:
+    seconds = precompute_seconds(store)
+    if seconds is None:
         seconds = run_logged(["refine", "precompute", *options, str(store)],
                              work / "logs" / f"precompute_{store.stem}.log",
                              threads=os.cpu_count() or 1)
         store.with_suffix(".seconds").write_text(f"{seconds}\n")
-    return precompute_seconds(store)
+    return seconds
 
 
 class StudentRuns:

@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 CROP_ARRAYS = ("boxes", "flips", "topk_indices", "topk_probs")
 # Classes stored per crop. On imagenette-96 (10 classes, GPU parity sweep) students on top-5
 # labels trailed the online refinery by 1.15 points at K = 40; storing all 10 closed the gap to
-# 0.06 (benchmarks/results/parity_gpu_top10.md): the shape of the tail matters, not just its mass.
+# 0.06 (benchmarks/results/parity_gpu_top10.md; docs/design.md, choosing K and top-k).
 DEFAULT_TOP_K = 10
 
 

@@ -32,9 +32,9 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToTensor
 
-from .errors import RefineryWarning
 from .crop_plan import (DEFAULT_SLOT_POLICY, CropPlan, centre_square, epoch_slots, sample_boxes,
                         sample_flips)
+from .errors import RefineryWarning
 
 TABLE_FIELDS = 5  # y, x, h, w, flip
 
