@@ -78,5 +78,6 @@ def to_markdown(result: dict) -> str:
               f"faster than the online refinery `{a['teacher']}`."]
     return "\n".join(lines) + "\n"
 
+
 if __name__ == "__main__":
     main()

@@ -81,7 +81,7 @@ stage fidelity 20 python3 benchmarks/replay_fidelity.py "$DATA" --refinery $REFI
 SWEEP=(benchmarks/parity_sweep.py "$DATA" --refinery $REFINERY --work $W/parity --res "$RES"
        --epochs "$EPOCHS" --batch-size 256 --lr 0.4 -K $KS --jobs "$JOBS"
        --workers "$STUDENT_WORKERS" --precompute-workers "$CORES" --tag parity_gpu)
-STORE=$W/parity/stores/K${KS%% *}_seed0.zarr  # the smallest K: cheapest to audit
+STORE=$W/parity/stores/K${KS%% *}_seed0.zarr  # the first K listed (10: the reference's store)
 stage stores 60 python3 "${SWEEP[@]}" --precompute-only || exit 1
 stage audit 15 refine audit $STORE "$DATA" --weights $REFINERY --workers "$CORES"
 

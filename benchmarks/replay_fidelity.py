@@ -51,7 +51,7 @@ def compare_epochs(dataset, store_path: Path, refinery: Refinery, epochs: int, b
             fresh = online(None, indices, images)
             same_top1.append((stored.argmax(1) == fresh.argmax(1)).cpu())
             errors.append((stored - fresh).abs().max(1).values.cpu())
-            slots.update(np.unique(crops.slots).tolist())
+        slots.update(np.unique(crops.slots).tolist())  # this epoch's slots, set when it began
     same, err = torch.cat(same_top1).float(), torch.cat(errors)
     return {"crops": int(same.numel()), "slots_visited": sorted(slots),
             "top1_agreement": same.mean().item(), "max_probability_error": err.max().item(),
