@@ -58,13 +58,14 @@ def precompute_seconds(store: Path) -> float | None:
     return float(marker.read_text()) if marker.exists() else None
 
 
-def precompute_once(work: Path, store: Path, options: list[str]) -> float:
-    """``refine precompute`` into ``store`` unless done before; return the seconds it took."""
+def precompute_once(work: Path, store: Path, options: list[str],
+                    threads: int = os.cpu_count() or 1) -> float:
+    """``refine precompute`` into ``store`` unless done before; return the seconds it took
+    (wall time: with other stores made beside it, that includes sharing the machine)."""
     seconds = precompute_seconds(store)
     if seconds is None:
         seconds = run_logged(["refine", "precompute", *options, str(store)],
-                             work / "logs" / f"precompute_{store.stem}.log",
-                             threads=os.cpu_count() or 1)
+                             work / "logs" / f"precompute_{store.stem}.log", threads=threads)
         store.with_suffix(".seconds").write_text(f"{seconds}\n")
     return seconds
 
