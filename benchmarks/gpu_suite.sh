@@ -14,10 +14,13 @@
 #      depend on the weights)
 #   3. fidelity: stored labels vs the refinery on the student's replayed pixels (real data)
 #   4. parity stores (K = 10 20 40, seeds 0 1), then `refine audit` of one of them
-#   5. epoch time: ground truth vs cached labels vs an online ResNet-50 refinery
+#   5. epoch time: ground truth vs cached labels vs an online ResNet-50 refinery, at RES and
+#      at 224 px (where the teacher's share of an online step is larger)
 #   6. parity students with whatever time is left, then the summary of those that finished
-# Rerunning on the same machine reuses finished work (runs/gpu). On an H200 the whole suite needs
-# about 10 minutes (stages 1-5 about 6); results: README, "Results".
+#   7. every labelling mode of the paper, one student each (refined_vs_ground_truth.py)
+# Rerunning on the same machine reuses finished work (runs/gpu), and SKIP="loader_w16 fidelity"
+# leaves out stages by name, so a suite cut short by a time limit continues in a second call.
+# On an H200 stages 1-6 need about 10 minutes and stage 7 about 4; results: README, "Results".
 #
 # On a lent machine without this package installed, put it on the path first, e.g.
 #   export PYTHONPATH=$PWD; printf '#!/bin/sh\nexec python3 -m cli.main "$@"\n' >/tmp/bin/refine
@@ -26,8 +29,11 @@ DATA=$1
 BUDGET=${2:-540}
 JOBS=${3:-4}
 RES=${RES:-96}        # crop size (the reference's); a CPU rehearsal sets RES=32 EPOCHS=2 KS="1 2"
+                      # SKIP=epoch_time_224
 EPOCHS=${EPOCHS:-40}  # refinery and student epochs
-KS=${KS:-10 20 40}   # stored crops per image in the parity sweep
+KS=${KS:-5 10 20 40}  # stored crops per image in the parity sweep
+TOP_K=${TOP_K:-10}    # classes kept per stored label
+SKIP=${SKIP:-}        # stage names not to run
 CORES=$(nproc)
 REFINERY_WORKERS=$(( CORES > 8 ? CORES - 4 : CORES ))  # 4 go to the ResNet-50 beside it
 STUDENT_WORKERS=$(( CORES / JOBS > 1 ? CORES / JOBS : 1 ))
@@ -42,6 +48,7 @@ left() { echo $(( DEADLINE - $(date +%s) )); }
 # summary), log to $LOGS/NAME.log; skipped when fewer than MIN_SECONDS are left.
 stage() {
   local name=$1 min=$2; shift 2
+  if [[ " $SKIP " == *" $name "* ]]; then echo "[suite] $name skipped (SKIP)"; return 0; fi
   local budget=$(( $(left) - 30 ))
   if (( budget < min )); then echo "[suite] skip $name: ${budget}s left"; return 1; fi
   echo "[suite] $name (${budget}s left)"
@@ -80,15 +87,23 @@ stage fidelity 20 python3 benchmarks/replay_fidelity.py "$DATA" --refinery $REFI
 
 SWEEP=(benchmarks/parity_sweep.py "$DATA" --refinery $REFINERY --work $W/parity --res "$RES"
        --epochs "$EPOCHS" --batch-size 256 --lr 0.4 -K $KS --jobs "$JOBS"
-       --workers "$STUDENT_WORKERS" --precompute-workers "$CORES" --tag parity_gpu)
-STORE=$W/parity/stores/K${KS%% *}_seed0.zarr  # the first K listed (10: the reference's store)
+       --top-k "$TOP_K" --workers "$STUDENT_WORKERS" --precompute-workers "$CORES"
+       --precompute-jobs "$JOBS" --tag parity_gpu_top$TOP_K)
+TIMED_K=${KS%% *}; [[ " $KS " == *" 10 "* ]] && TIMED_K=10  # the reference's K when swept
+STORE=$W/parity/stores/K${TIMED_K}_seed0.zarr  # audited and timed
 stage stores 60 python3 "${SWEEP[@]}" --precompute-only || exit 1
 stage audit 15 refine audit $STORE "$DATA" --weights $REFINERY --workers "$CORES"
 
 stage epoch_time 40 python3 benchmarks/epoch_time.py "$DATA" --store $STORE --teacher $TIMING_R50 \
   --arch resnet18 --res "$RES" --batch-size 256 --workers "$CORES" --rounds 3 --tag epoch_time_gpu
+stage epoch_time_224 40 python3 benchmarks/epoch_time.py "$DATA" --store $STORE \
+  --teacher $TIMING_R50 --arch resnet18 --res 224 --batch-size 256 --workers "$CORES" --rounds 3 \
+  --tag epoch_time_gpu224
 
 stage students 60 python3 "${SWEEP[@]}"
 DEADLINE=$(( DEADLINE + 30 ))  # the reserve is for the summary
 stage summary 5 python3 "${SWEEP[@]}" --collect-only
+stage modes 60 python3 benchmarks/refined_vs_ground_truth.py "$DATA" --refinery $REFINERY \
+  --work $W/modes --res "$RES" --epochs "$EPOCHS" --batch-size 256 --lr 0.4 --top-k "$TOP_K" \
+  --jobs "$JOBS" --workers "$STUDENT_WORKERS" --tag imagenette96_gpu
 echo "[suite] done with $(left)s to spare"
