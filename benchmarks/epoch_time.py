@@ -19,8 +19,8 @@ from _runs import device_name
 from refinery_pipeline.losses import get_loss
 from refinery_pipeline.models import create_model
 from refinery_pipeline.precompute import software_versions
-from refinery_pipeline.train import (TrainConfig, load_data, resolve_device, train_one_epoch,
-                                     warmup_linear_decay)
+from refinery_pipeline.schedule import lr_factor
+from refinery_pipeline.train import TrainConfig, load_data, resolve_device, train_one_epoch
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -44,7 +44,7 @@ def main():
         _, loader, _, targets, _ = load_data(cfg, device)
         model = create_model(args.arch, 10).to(device, memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(len(loader), 100, 1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor("linear", len(loader), 100, 1))
         setups[name] = (model, loader, targets, opt, sched)
     times = {name: [] for name in modes}
     for round_ in range(args.rounds + 1):  # round 0 warms up (compilation)

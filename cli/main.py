@@ -3,12 +3,14 @@ import functools
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
 from refinery_pipeline.crop_plan import DEFAULT_CROPS_PER_IMAGE, DEFAULT_SLOT_POLICY, SLOT_POLICIES
 from refinery_pipeline.errors import RefineryError, RefineryWarning, storage_io_errors
 from refinery_pipeline.label_store import DEFAULT_TOP_K
+from refinery_pipeline.schedule import LR_SCHEDULERS
 
 
 def _one_line_warnings():
@@ -109,7 +111,12 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--batch-size", default=256)
 @click.option("--lr", default=0.4)
 @click.option("--weight-decay", "--wd", default=5e-4)
-@click.option("--warmup-epochs", default=2.0)
+@click.option("--warmup-epochs", "--lr-warmup-epochs", default=2.0,
+              help="linear warm-up from ~0 to --lr (fractions allowed)")
+@click.option("--lr-scheduler", type=click.Choice(LR_SCHEDULERS), default="linear",
+              help="decay after the warm-up: linear to 0, cosine to 0, or step")
+@click.option("--lr-step-size", default=30, help="step scheduler: epochs between decays")
+@click.option("--lr-gamma", default=0.1, help="step scheduler: LR factor per decay")
 @click.option("--label-smoothing", default=0.0, help="ground-truth mode only")
 @click.option("--label-mode", type=click.Choice(["soft", "hard", "static"]), default="soft",
               help="stored soft labels, their arg-max, or the whole-image (soft-static) label")
@@ -136,22 +143,56 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--cache-dir", default=None)
 @friendly_errors
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
-          label_smoothing, label_mode, teacher, teacher_bn, teacher_crops, loss, rest, slot_policy, res, workers, seed, eval_every,
-          device, compile_, resume, allow_partial, cache_dir):
-    """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton)."""
+          lr_scheduler, lr_step_size, lr_gamma, label_smoothing, label_mode, teacher, teacher_bn,
+          teacher_crops, loss, rest, slot_policy, res, workers, seed, eval_every, device,
+          compile_, resume, allow_partial, cache_dir):
+    """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
+
+    Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
+    from refinery_pipeline.distributed import is_main
+    from refinery_pipeline.plots import plot_runs, read_run
     from refinery_pipeline.train import TrainConfig, fit
 
     cfg = TrainConfig(data=data, out_dir=out_dir, labels=None if labels == "none" else labels,
                       arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                      lr_scheduler=lr_scheduler, lr_step_size=lr_step_size, lr_gamma=lr_gamma,
                       label_smoothing=label_smoothing, label_mode=label_mode, teacher=teacher,
                       teacher_bn=teacher_bn, teacher_crops=teacher_crops, loss=loss, rest=rest,
                       slot_policy=slot_policy, res=res, workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,
                       allow_partial=allow_partial, cache_dir=cache_dir)
     m = fit(cfg)
-    click.echo(f"val top-1 {m['val_top1']:.2f}  top-5 {m['val_top5']:.2f}; "
-               f"checkpoint {out_dir}/model.pt")
+    if is_main():
+        figure = plot_runs([read_run(out_dir)], Path(out_dir) / "plot.png")
+        click.echo(f"val top-1 {m['val_top1']:.2f}  top-5 {m['val_top5']:.2f}; "
+                   f"checkpoint {out_dir}/model.pt; plot {figure}")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default=None, type=click.Path(),
+              help="image to write (.png, .pdf, .svg) [default: RUN/plot.png for one run, "
+                   "runs.png for several]")
+@click.option("--name", "names", multiple=True,
+              help="legend name of each run, in order [default: its directory name]")
+@friendly_errors
+def plot(runs, out, names):
+    """Plot accuracy per epoch and per class of one or several `refine train` RUNS (their --out
+    directories): validation vs training crops, side by side in one figure."""
+    from refinery_pipeline.plots import plot_runs, read_run
+    if names and len(names) != len(runs):
+        raise RefineryError(f"{len(names)} --name for {len(runs)} runs; give one per run or none")
+    if not names:
+        short = [Path(r).name for r in runs]
+        names = short if len(set(short)) == len(short) else runs  # the paths where names clash
+    loaded = [read_run(run, name) for run, name in zip(runs, names)]
+    default = Path(runs[0]) / "plot.png" if len(runs) == 1 else Path("runs.png")
+    figure = plot_runs(loaded, out or default)
+    for run in loaded:
+        last = run.evaluated[-1]
+        click.echo(f"{run.name}: val top-1 {last['val_top1']:.2f} (epoch {last['epoch']})")
+    click.echo(f"plot: {figure}")
 
 
 @cli.command()

@@ -23,6 +23,7 @@ from .losses import dense_from_sparse, get_loss, hard_from_soft, one_hot
 from .models import create_model, save_checkpoint, to_model_input
 from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
+from .schedule import lr_factor
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     warmup_epochs: float = 2.0
+    lr_scheduler: str = "linear"  # decay after the warm-up: linear, cosine or step
+    lr_step_size: int = 30      # step: epochs between decays
+    lr_gamma: float = 0.1       # step: factor per decay
     label_smoothing: float = 0.0
     label_mode: str = "soft"    # 'soft', 'hard' (arg-max) or 'static' (whole-image label)
     teacher: str = None         # online refinery checkpoint: labels every crop as it is shown
@@ -280,7 +284,7 @@ def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, devic
         hit = (logits.argmax(1) == labels).float()
         correct.index_add_(0, labels, hit)
         seen.index_add_(0, labels, torch.ones_like(hit))
-    per_class = (correct / seen.clamp_min(1)).tolist()  # note: the only CPU-GPU sync per epoch
+    per_class = (100 * correct / seen.clamp_min(1)).tolist()  # the only CPU-GPU sync per epoch
     return {"train_loss": total_loss.item() / max(1, len(loader)),
             "train_top1": 100 * correct.sum().item() / max(1, seen.sum().item()),
             "train_per_class": per_class}
@@ -306,17 +310,6 @@ def evaluate(model, loader, device, num_classes, channels_last=True):
             "val_per_class": (100 * correct1 / seen.clamp_min(1)).tolist()}
 
 
-def warmup_linear_decay(steps_per_epoch: int, epochs: int, warmup_epochs: float):
-    """LR factor per step: linear warm-up from ~0, then linear decay to 0."""
-    total, warm = steps_per_epoch * epochs, max(1, int(steps_per_epoch * warmup_epochs))
-
-    def factor(step):
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
-    return factor
-
-
 # ----------------------------------------------------------------------------- fit
 
 def fit(cfg: TrainConfig) -> dict:
@@ -334,14 +327,16 @@ def fit(cfg: TrainConfig) -> dict:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear_decay(len(train_loader), cfg.epochs, cfg.warmup_epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
+        cfg.lr_scheduler, len(train_loader), cfg.epochs, cfg.warmup_epochs, cfg.lr_step_size,
+        cfg.lr_gamma))
     start_epoch = _maybe_resume(cfg, out, model, optimizer, scheduler)
     train_loader.next_epoch = start_epoch
     step_model = _wrap(model, cfg, device)
     loss_fn = get_loss(cfg.loss)
     if is_main():
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "res": res}, indent=1))
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "res": res,
+                                                     "classes": classes}, indent=1))
     record = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()

@@ -114,6 +114,17 @@ def test_train_from_store_and_from_ground_truth(labels, store, tiny_data, tmp_pa
     assert [r["epoch"] for r in records] == [1, 2]
     assert {"val_top1", "val_top5", "train_loss", "val_per_class"} <= set(records[-1])
     assert (out / "model.pt").is_file() and (out / "last.pt").is_file()
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG" and "plot.png" in result.output
+    assert json.loads((out / "config.json").read_text())["classes"][0] == "disk"
+
+
+def test_step_lr_scheduler_reaches_the_optimizer(store, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 2,
+        "--batch-size", 16, "--out", out, "--res", 24, "--lr", 0.4, "--lr-scheduler", "step",
+        "--lr-step-size", 1, "--lr-gamma", 0.5, "--lr-warmup-epochs", 0, "--eval-every", 2)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([0.2, 0.1])  # after each epoch's steps
 
 
 def test_training_at_another_size_than_labelled_warns_in_one_line(store, tiny_data, tmp_path,

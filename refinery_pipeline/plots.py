@@ -1,0 +1,103 @@
+"""``refine plot``: look at one or several ``refine train`` runs instead of reading their JSON.
+
+Two panels, one colour per run: validation top-1 (solid) and top-1 on the training crops
+(dashed) per epoch, where the gap between them is the overfitting the paper's refinery reduces;
+and per-class validation (filled) and training (hollow) accuracy at each run's last evaluated
+epoch, the paper's Fig. 5 view, with classes ordered by the first run's validation accuracy.
+Reads only ``OUT/metrics.jsonl`` and ``OUT/config.json``, so it works on a run still training.
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RefineryError
+
+CLASS_NAMES_SHOWN = 40  # above this many classes the per-class axis drops its tick labels
+
+
+@dataclass
+class RunMetrics:
+    name: str
+    epochs: list[dict]        # every metrics.jsonl record, in order
+    classes: list[str]
+
+    @property
+    def evaluated(self) -> list[dict]:
+        return [r for r in self.epochs if "val_top1" in r]
+
+
+def read_run(run_dir: str | os.PathLike, name: str = None) -> RunMetrics:
+    """A run's per-epoch records and class names; a one-line error for anything else."""
+    run = Path(run_dir)
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        raise RefineryError(f"{run}: no metrics.jsonl; pass the --out directory of a "
+                            "`refine train` run")
+    try:
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise RefineryError(f"{metrics}: not JSON lines ({exc.msg}, line {exc.lineno}); was it "
+                            "written by `refine train`?") from None
+    if not any("val_top1" in r for r in records):
+        raise RefineryError(f"{run}: no evaluated epoch yet; plot again after the first "
+                            "evaluation (`refine train --eval-every`)")
+    num_classes = len(next(r for r in records if "val_per_class" in r)["val_per_class"])
+    classes = _recorded_classes(run)
+    if classes is None:  # written before config.json named the classes: fractions, not percent
+        for r in records:
+            r["train_per_class"] = [100 * v for v in r.get("train_per_class", [])]
+    if classes is None or len(classes) != num_classes:
+        classes = [str(i) for i in range(num_classes)]
+    return RunMetrics(name or run.name, records, classes)
+
+
+def _recorded_classes(run: Path) -> list[str] | None:
+    """The class names `refine train` records in config.json (since per-class training accuracy
+    is logged in percent, like everything else); None for older runs."""
+    config = run / "config.json"
+    return json.loads(config.read_text()).get("classes") if config.is_file() else None
+
+
+def plot_runs(runs: list[RunMetrics], out: str | os.PathLike) -> Path:
+    """Write the two-panel figure for ``runs`` to ``out`` (any format matplotlib writes)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")  # a file, never a window
+    import matplotlib.pyplot as plt
+
+    classes = runs[0].classes
+    if any(r.classes != classes for r in runs[1:]):
+        raise RefineryError("runs trained on different classes cannot share the per-class "
+                            "panel; plot them separately")
+    fig, (curves, per_class) = plt.subplots(
+        1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
+    order = sorted(range(len(classes)),
+                   key=lambda c: -runs[0].evaluated[-1]["val_per_class"][c])
+    for run in runs:
+        colour = curves.plot([r["epoch"] for r in run.evaluated],
+                             [r["val_top1"] for r in run.evaluated], marker=".",
+                             label=f"{run.name}: val {run.evaluated[-1]['val_top1']:.2f}")[0].get_color()
+        curves.plot([r["epoch"] for r in run.epochs], [r["train_top1"] for r in run.epochs],
+                    linestyle="--", color=colour)
+        last = run.evaluated[-1]
+        xs = range(len(order))
+        per_class.plot(xs, [last["val_per_class"][c] for c in order], marker="o",
+                       linestyle="none", color=colour, label=f"{run.name} (epoch {last['epoch']})")
+        per_class.plot(xs, [last["train_per_class"][c] for c in order], marker="o",
+                       linestyle="none", markerfacecolor="none", color=colour)
+    curves.set(xlabel="epoch", ylabel="top-1 (%)",
+               title="validation (solid) and training crops (dashed)")
+    curves.legend(fontsize=8)
+    per_class.set(ylabel="top-1 (%)", title="per class at the last evaluation: "
+                  "validation (filled), training crops (hollow)")
+    if len(classes) <= CLASS_NAMES_SHOWN:
+        per_class.set_xticks(range(len(order)), [classes[c] for c in order], rotation=45,
+                             ha="right", fontsize=8)
+    else:
+        per_class.set_xlabel(f"{len(classes)} classes, by the first run's validation accuracy")
+    per_class.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
