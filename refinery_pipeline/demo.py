@@ -14,6 +14,7 @@ import numpy as np
 from .crop_plan import CropPlan, crops_for_parity
 from .dataset import ArraySource, ImageDataset, write_beton
 from .label_store import DEFAULT_TOP_K, LabelStore
+from .plots import plot_runs, read_run
 from .precompute import precompute
 from .refinery import Refinery
 from .synthetic import SHAPES, make_shapes, visible_fraction
@@ -110,7 +111,11 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
               "student_gt": {k: gt[k] for k in ("val_top1", "val_top5")},
               "student_refined": {k: refined[k] for k in ("val_top1", "val_top5")}}
     (out / "demo_result.json").write_text(json.dumps(result, indent=1))
-    echo(format_result(result))
+    figure = plot_runs([read_run(out / "refinery", "refinery (ground truth)"),
+                        read_run(out / "student_gt", "student, ground truth"),
+                        read_run(out / "student_refined", "student, refined labels")],
+                       out / "students.png")
+    echo(format_result(result) + f"\nPlot: {figure}")
     return result
 
 

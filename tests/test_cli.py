@@ -243,6 +243,7 @@ def test_demo_runs_on_tiny_settings(tmp_path):
     assert "refined labels" in result.output and "ground truth labels" in result.output
     summary = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
     assert 0 < summary["crop_labels"]["crops_missing_object_share"] < 1
+    assert (tmp_path / "demo" / "students.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_shared_imagenette_subset_replays_exactly(tmp_path):
