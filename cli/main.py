@@ -164,9 +164,9 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       allow_partial=allow_partial, cache_dir=cache_dir)
     m = fit(cfg)
     if is_main():
-        figure = plot_runs([read_run(out_dir)], Path(out_dir) / "plot.png")
         click.echo(f"val top-1 {m['val_top1']:.2f}  top-5 {m['val_top5']:.2f}; "
-                   f"checkpoint {out_dir}/model.pt; plot {figure}")
+                   f"checkpoint {out_dir}/model.pt")
+        click.echo(f"plot: {plot_runs([read_run(out_dir)], Path(out_dir) / 'plot.png')}")
 
 
 @cli.command()

@@ -46,7 +46,8 @@ def read_run(run_dir: str | os.PathLike, name: str = None) -> RunMetrics:
     classes = _recorded_classes(run)
     if classes is None:  # written before config.json named the classes: fractions, not percent
         for r in records:
-            r["train_per_class"] = [100 * v for v in r.get("train_per_class", [])]
+            if "train_per_class" in r:
+                r["train_per_class"] = [100 * v for v in r["train_per_class"]]
     if classes is None or len(classes) != num_classes:
         classes = [str(i) for i in range(num_classes)]
     return RunMetrics(name or run.name, records, classes)
@@ -70,23 +71,12 @@ def plot_runs(runs: list[RunMetrics], out: str | os.PathLike) -> Path:
                             "panel; plot them separately")
     fig, (curves, per_class) = plt.subplots(
         1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
-    order = sorted(range(len(classes)),
-                   key=lambda c: -runs[0].evaluated[-1]["val_per_class"][c])
+    order = sorted(range(len(classes)), key=lambda c: -runs[0].evaluated[-1]["val_per_class"][c])
     for run in runs:
-        colour = curves.plot([r["epoch"] for r in run.evaluated],
-                             [r["val_top1"] for r in run.evaluated], marker=".",
-                             label=f"{run.name}: val {run.evaluated[-1]['val_top1']:.2f}")[0].get_color()
-        curves.plot([r["epoch"] for r in run.epochs], [r["train_top1"] for r in run.epochs],
-                    linestyle="--", color=colour)
-        last = run.evaluated[-1]
-        xs = range(len(order))
-        per_class.plot(xs, [last["val_per_class"][c] for c in order], marker="o",
-                       linestyle="none", color=colour, label=f"{run.name} (epoch {last['epoch']})")
-        per_class.plot(xs, [last["train_per_class"][c] for c in order], marker="o",
-                       linestyle="none", markerfacecolor="none", color=colour)
+        colour = _draw_curves(curves, run)
+        _draw_per_class(per_class, run, order, colour)
     curves.set(xlabel="epoch", ylabel="top-1 (%)",
                title="validation (solid) and training crops (dashed)")
-    curves.legend(fontsize=8)
     per_class.set(ylabel="top-1 (%)", title="per class at the last evaluation: "
                   "validation (filled), training crops (hollow)")
     if len(classes) <= CLASS_NAMES_SHOWN:
@@ -94,10 +84,32 @@ def plot_runs(runs: list[RunMetrics], out: str | os.PathLike) -> Path:
                              ha="right", fontsize=8)
     else:
         per_class.set_xlabel(f"{len(classes)} classes, by the first run's validation accuracy")
-    per_class.legend(fontsize=8)
+    for ax in (curves, per_class):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _draw_curves(ax, run: RunMetrics) -> str:
+    """Validation top-1 at each evaluation, training-crop top-1 every epoch; returns the colour."""
+    evaluated = run.evaluated
+    line, = ax.plot([r["epoch"] for r in evaluated], [r["val_top1"] for r in evaluated],
+                    marker=".", label=f"{run.name}: val {evaluated[-1]['val_top1']:.2f}")
+    ax.plot([r["epoch"] for r in run.epochs], [r["train_top1"] for r in run.epochs],
+            linestyle="--", color=line.get_color())
+    return line.get_color()
+
+
+def _draw_per_class(ax, run: RunMetrics, order: list[int], colour: str):
+    """Per-class validation (filled) and training-crop (hollow) top-1 at the last evaluation."""
+    last = run.evaluated[-1]
+    xs = range(len(order))
+    ax.plot(xs, [last["val_per_class"][c] for c in order], marker="o", linestyle="none",
+            color=colour, label=f"{run.name} (epoch {last['epoch']})")
+    if "train_per_class" in last:
+        ax.plot(xs, [last["train_per_class"][c] for c in order], marker="o", linestyle="none",
+                markerfacecolor="none", color=colour)
