@@ -58,8 +58,13 @@ def precompute_seconds(store: Path) -> float | None:
     return float(marker.read_text()) if marker.exists() else None
 
 
+def threads_per_job(jobs: int) -> int:
+    """Intra-op threads for each of ``jobs`` commands run side by side on this machine."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def precompute_once(work: Path, store: Path, options: list[str],
-                    threads: int = os.cpu_count() or 1) -> float:
+                    threads: int = threads_per_job(1)) -> float:
     """``refine precompute`` into ``store`` unless done before; return the seconds it took
     (wall time: with other stores made beside it, that includes sharing the machine)."""
     seconds = precompute_seconds(store)
@@ -76,7 +81,7 @@ class StudentRuns:
     def __init__(self, work: Path, common: list[str], epochs: int, jobs: int,
                  collect_only: bool = False):
         self.work, self.common, self.epochs, self.jobs = work, common, epochs, jobs
-        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.threads = threads_per_job(jobs)
         self.collect_only = collect_only  # report finished runs, train none
 
     def train(self, run: dict) -> dict | None:

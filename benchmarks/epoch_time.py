@@ -22,6 +22,7 @@ from refinery_pipeline.precompute import software_versions
 from refinery_pipeline.schedule import lr_factor
 from refinery_pipeline.train import TrainConfig, load_data, resolve_device, train_one_epoch
 
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data")

@@ -13,7 +13,7 @@
 #      1-epoch ResNet-50 whose only use is timing an online ResNet-50 refinery (speed does not
 #      depend on the weights)
 #   3. fidelity: stored labels vs the refinery on the student's replayed pixels (real data)
-#   4. parity stores (K = 10 20 40, seeds 0 1), then `refine audit` of one of them
+#   4. parity stores (every K in KS, seeds 0 1), then `refine audit` of the K = 10 one
 #   5. epoch time: ground truth vs cached labels vs an online ResNet-50 refinery, at RES and
 #      at 224 px (where the teacher's share of an online step is larger)
 #   6. parity students with whatever time is left, then the summary of those that finished

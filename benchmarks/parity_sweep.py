@@ -33,7 +33,8 @@ from pathlib import Path
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 from _results import RESULTS, write_results
-from _runs import StudentRuns, precompute_once, precompute_seconds, recorded_device
+from _runs import (StudentRuns, precompute_once, precompute_seconds, recorded_device,
+                   threads_per_job)
 
 # Matplotlib without a display: the plot is a file.
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -207,7 +208,7 @@ def precompute_stores(args, work: Path, store) -> list[dict]:
         return precompute_once(work, store(k, seed), [
             args.data, "--weights", args.refinery, "-K", str(k), "--top-k", str(args.top_k),
             "--seed", str(seed), "--input-size", str(args.res), "--workers", str(workers)],
-            threads=max(1, (os.cpu_count() or 1) // jobs))
+            threads=threads_per_job(jobs))
 
     with ThreadPoolExecutor(jobs) as pool:
         seconds = list(pool.map(lambda ks: make(*ks), wanted))
