@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import IMAGENET_NORMALIZATION, file_sha256, load_trained_model, to_model_input
+from .models import IMAGENET_NORMALIZATION, file_sha256, load_trained_model, normalize, to_pixels
 
 BN_MODES = ("train", "eval")
 
@@ -73,10 +73,14 @@ class Refinery:
                 "temperature": self.temperature, "input_size": self.input_size,
                 "normalization": self.normalization}
 
-    @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 class probabilities ``(B, C)`` for uint8 NHWC crops."""
-        x = to_model_input(images, self.device, self.normalization, self.channels_last)
+        return self.probabilities_of_pixels(to_pixels(images, self.device))
+
+    @torch.no_grad()
+    def probabilities_of_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Probabilities for float NCHW pixel values (0-255), e.g. crops perturbed in training."""
+        x = normalize(pixels.to(self.device), self.normalization, self.channels_last)
         with autocast_for(self.device):
             logits = self.model(x)
         return F.softmax(logits.float() / self.temperature, dim=1)

@@ -24,6 +24,7 @@ from .models import create_model, save_checkpoint, to_model_input
 from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
 from .schedule import lr_factor
+from .steps import AdversarialStep, NaturalStep
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class TrainConfig:
     teacher_bn: str = "train"
     teacher_crops: str = "fresh"  # 'fresh' random crops, or 'replay' the store's crops (parity)
     loss: str = "kl"
+    adversarial_eta: float = 0.0  # > 0: also train on adversarial twins (needs a teacher)
     rest: str = "uniform"       # where the mass outside the stored top-k goes
     slot_policy: str = DEFAULT_SLOT_POLICY  # or "random": an independent slot every epoch
     res: int = None             # crop size; defaults to the store's refinery input size, else 224
@@ -112,6 +114,10 @@ class OnlineTargets:
     def __call__(self, labels, indices, images):
         return self.refinery.probabilities(images)
 
+    def label_pixels(self, pixels):
+        """Label any float pixels, e.g. adversarial twins of the shown crops."""
+        return self.refinery.probabilities_of_pixels(pixels)
+
 
 class HardTargets:
     """Arg-max of another source's soft labels (the paper's "hard dynamic" ablation)."""
@@ -121,6 +127,9 @@ class HardTargets:
 
     def __call__(self, labels, indices, images):
         return hard_from_soft(self.source(labels, indices, images))
+
+    def label_pixels(self, pixels):
+        return hard_from_soft(self.source.label_pixels(pixels))
 
 
 # ----------------------------------------------------------------------------- data
@@ -261,8 +270,9 @@ def _val_location(data):
 # ----------------------------------------------------------------------------- steps
 
 def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, device, num_classes,
-                    channels_last=True, progress=False, desc="train"):
-    """One pass over ``loader``; returns mean loss, train top-1 and per-class train accuracy."""
+                    channels_last=True, progress=False, desc="train", step=NaturalStep()):
+    """One pass over ``loader``; returns mean loss, train top-1 and per-class train accuracy (on
+    the crops as shown), plus what ``step`` reports (see :mod:`.steps`)."""
     from tqdm import tqdm
     model.train()
     total_loss = torch.zeros((), device=device)
@@ -273,21 +283,18 @@ def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, devic
         labels, indices = rows[:, 0], rows[:, 1]
         x = to_model_input(images, device, channels_last=channels_last)
         target = targets(labels, indices, images)
-        with autocast_for(device):
-            logits = model(x)
-        loss = loss_fn(logits, target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logits = step(model, x, target, loss_fn)
         optimizer.step()
         scheduler.step()
-        total_loss += loss.detach()
+        total_loss += loss
         hit = (logits.argmax(1) == labels).float()
         correct.index_add_(0, labels, hit)
         seen.index_add_(0, labels, torch.ones_like(hit))
     per_class = (100 * correct / seen.clamp_min(1)).tolist()  # the only CPU-GPU sync per epoch
     return {"train_loss": total_loss.item() / max(1, len(loader)),
             "train_top1": 100 * correct.sum().item() / max(1, seen.sum().item()),
-            "train_per_class": per_class}
+            "train_per_class": per_class, **step.summary()}
 
 
 @torch.no_grad()
@@ -315,6 +322,7 @@ def evaluate(model, loader, device, num_classes, channels_last=True):
 def fit(cfg: TrainConfig) -> dict:
     """Train, evaluate, checkpoint. Writes ``config.json``, ``metrics.jsonl``, ``last.pt`` (for
     ``--resume``) and ``model.pt`` (loadable as a refinery) under ``cfg.out_dir``."""
+    _check_adversarial(cfg)
     device = resolve_device(cfg.device)
     init_from_env(device)
     torch.manual_seed(cfg.seed)
@@ -334,6 +342,7 @@ def fit(cfg: TrainConfig) -> dict:
     train_loader.next_epoch = start_epoch
     step_model = _wrap(model, cfg, device)
     loss_fn = get_loss(cfg.loss)
+    step = _training_step(cfg, targets)
     if is_main():
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "res": res,
                                                      "classes": classes}, indent=1))
@@ -342,7 +351,8 @@ def fit(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         record = train_one_epoch(step_model, train_loader, targets, loss_fn, optimizer, scheduler,
                                  device, len(classes), cfg.channels_last,
-                                 cfg.progress and is_main(), f"epoch {epoch + 1}/{cfg.epochs}")
+                                 cfg.progress and is_main(), f"epoch {epoch + 1}/{cfg.epochs}",
+                                 step)
         record.update(epoch=epoch + 1, epoch_seconds=time.perf_counter() - t0,
                       lr=scheduler.get_last_lr()[0])
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -355,6 +365,22 @@ def fit(cfg: TrainConfig) -> dict:
     if is_main():
         save_checkpoint(out / "model.pt", model, cfg.arch, classes, res, metrics=record)
     return record
+
+
+def _check_adversarial(cfg: TrainConfig):
+    """Adversarial twins need labels of pixels no store holds: only an online refinery has them.
+    Checked before any data is read or converted."""
+    if cfg.adversarial_eta and (cfg.adversarial_eta < 0 or cfg.teacher is None):
+        raise RefineryError(f"--adversarial-eta {cfg.adversarial_eta}: adversarial jittering "
+                            "needs a positive step and an online refinery to label the perturbed "
+                            "crops; pass --teacher CHECKPOINT")
+
+
+def _training_step(cfg: TrainConfig, targets):
+    if not cfg.adversarial_eta:
+        return NaturalStep()
+    return AdversarialStep(targets.label_pixels, cfg.adversarial_eta,
+                           channels_last=cfg.channels_last)
 
 
 def _wrap(model, cfg, device):

@@ -196,6 +196,14 @@ def test_bad_weights_and_missing_store_give_one_line_errors(tiny_data, tmp_path)
     assert_one_line_error(result)
 
 
+def test_adversarial_jittering_without_an_online_refinery_is_refused(store, tiny_data, tmp_path):
+    """Twins are made during training, so no store can hold their labels."""
+    result = run("train", tiny_data, "--labels", store, "--adversarial-eta", 1, "--out",
+                 tmp_path / "run", ok=False)
+    assert_one_line_error(result, "--adversarial-eta 1.0", "--teacher")
+    assert not (tmp_path / "run").exists()
+
+
 def test_refinery_with_wrong_class_count_is_refused(tiny_data, tmp_path):
     import torch
     from refinery_pipeline.models import create_model, save_checkpoint

@@ -93,14 +93,19 @@ def test_kill_at_random_points_then_resume_is_byte_identical(tiny_data, slow_ref
     assert killed_mid_run >= 1, "no kill landed mid-run; the test proved nothing"
 
 
-def test_torchrun_ddp_training_shards_images_across_ranks(tiny_data, tiny_refinery_ckpt,
+@pytest.mark.parametrize("labels", ["store", "online teacher with adversarial twins"])
+def test_torchrun_ddp_training_shards_images_across_ranks(labels, tiny_data, tiny_refinery_ckpt,
                                                           tmp_path):
-    store = tmp_path / "s.zarr"
-    assert run_python(precompute_cmd(tiny_data, store, tiny_refinery_ckpt)).returncode == 0
+    if labels == "store":
+        store = tmp_path / "s.zarr"
+        assert run_python(precompute_cmd(tiny_data, store, tiny_refinery_ckpt)).returncode == 0
+        options = ["--labels", str(store)]
+    else:  # two backward passes per step: gradients reduced once (no_sync), ranks stay in step
+        options = ["--teacher", str(tiny_refinery_ckpt), "--adversarial-eta", "50"]
     out = tmp_path / "ddp"
     result = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2",
                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                         "-m", "cli.main", "train", str(tiny_data), "--labels", str(store),
+                         "-m", "cli.main", "train", str(tiny_data), *options,
                          "--arch", "demo_cnn", "--epochs", "2", "--batch-size", "8",
                          "--workers", "1", "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]

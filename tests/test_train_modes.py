@@ -42,6 +42,7 @@ MODES = {
     "online teacher, replayed crops, BN eval": dict(labels="STORE", teacher="CKPT",
                                                     teacher_crops="replay", teacher_bn="eval"),
     "online hard": dict(teacher="CKPT", label_mode="hard"),
+    "online, adversarial jittering": dict(teacher="CKPT", adversarial_eta=50.0),
     "reverse KL": dict(labels="STORE", loss="reverse_kl"),
     "L2 on probabilities": dict(labels="STORE", loss="l2"),
     "soft cross-entropy": dict(labels="STORE", loss="soft_ce"),
@@ -56,6 +57,8 @@ def test_every_mode_trains_and_evaluates(mode, tiny_data, full_store, tiny_refin
     record = fit(config(tiny_data, tmp_path, **kw))
     assert np.isfinite(record["train_loss"]) and 0 <= record["val_top1"] <= 100
     assert len(record["val_per_class"]) == 10 and len(record["train_per_class"]) == 10
+    if "adversarial_eta" in kw:
+        assert np.isfinite(record["adv_loss"]) and record["adv_rms"] > 0
 
 
 def test_cached_labels_equal_the_online_teacher_on_the_same_crops(tiny_dataset, full_store,

@@ -1,0 +1,97 @@
+"""What one optimizer step trains on: the batch as shown (:class:`NaturalStep`), or the batch and
+its adversarial twins (:class:`AdversarialStep`, the paper's adversarial jittering, §3.1, Eq. 3,
+Table 3), crops pushed towards where the student and the refinery disagree.
+
+Each training crop ``x`` gets a twin ``x + eta * dL/dx``: one step of gradient ascent on the
+student's loss against the refinery's label of ``x``, taken in the student's normalised input
+space and clipped back to valid pixel values. The refinery then labels the twin, and the optimizer
+step averages the loss over the natural crops and their twins, so the student never drifts far
+from natural images. The twins depend on the student of the moment, so their labels cannot be
+cached: this mode needs an online refinery (``refine train --teacher``).
+
+Choices the paper leaves open, and why:
+- ``dL/dx`` is the gradient of each crop's own loss (the batch-mean loss times the batch size), so
+  ``eta`` means the same at any batch size and any number of ranks.
+- The gradient goes through the student only (the refinery's label of ``x`` is held fixed), as in
+  gradient-sign attacks on one model; it is also what the natural half's backward pass already
+  computes, so finding the twins costs no extra pass.
+- Natural crops and twins share the optimizer step but not the BatchNorm batch: each half is
+  normalised by its own statistics (AdvProp, Xie et al. 2020, found mixing them hurts) and the
+  natural half's backward pass is reused, so a step costs two student passes, not three.
+  BatchNorm running statistics are therefore updated twice per step.
+"""
+from contextlib import nullcontext
+
+import torch
+
+from .models import IMAGENET_NORMALIZATION, denormalize, normalize
+from .refinery import autocast_for
+
+
+def forward_backward(model, x, target, loss_fn, weight: float = 1.0):
+    """Loss and logits of one batch, its gradient (times ``weight``) accumulated."""
+    with autocast_for(x.device):
+        logits = model(x)
+    loss = loss_fn(logits, target)
+    (loss * weight).backward()
+    return loss.detach(), logits.detach()
+
+
+class NaturalStep:
+    """One forward and backward pass on the crops as shown: every mode but adversarial."""
+
+    def __call__(self, model, x, target, loss_fn):
+        return forward_backward(model, x, target, loss_fn)
+
+    def summary(self) -> dict:
+        return {}
+
+
+class AdversarialStep:
+    """The natural batch and its adversarial twins in one optimizer step (see module docstring).
+
+    ``summary()`` reports, per epoch, the loss on the twins (``adv_loss``, against the refinery's
+    labels of the twins) and how far they moved (``adv_rms``: root mean square change per pixel
+    value, 0-255 scale), the number to look at when choosing ``eta``.
+    """
+
+    def __init__(self, label_pixels, eta: float, normalization=IMAGENET_NORMALIZATION,
+                 channels_last: bool = True):
+        """``label_pixels``: float NCHW pixels -> target distributions (the online refinery)."""
+        if not eta > 0:
+            raise ValueError(f"adversarial step size must be positive, got {eta}")
+        self.label_pixels, self.eta = label_pixels, float(eta)
+        self.normalization, self.channels_last = normalization, channels_last
+        self._totals = None
+
+    def __call__(self, model, x, target, loss_fn):
+        x = x.detach().requires_grad_(True)
+        with _local_accumulation(model):  # under DDP, gradients are reduced once, after the twins
+            natural, logits = forward_backward(model, x, target, loss_fn, weight=0.5)
+        per_crop_grad = x.grad * (2 * len(x))  # undo the batch mean and the 0.5 weight
+        pixels = denormalize(x.detach(), self.normalization)
+        twins = denormalize(x.detach() + self.eta * per_crop_grad, self.normalization)
+        twins = twins.clamp_(0, 255)
+        twin_input = normalize(twins, self.normalization, self.channels_last)
+        adversarial, _ = forward_backward(model, twin_input, self.label_pixels(twins), loss_fn,
+                                          weight=0.5)
+        self._add(adversarial, (twins - pixels).square().mean().sqrt())
+        return (natural + adversarial) / 2, logits
+
+    def _add(self, adversarial_loss, rms):
+        batch = torch.stack([adversarial_loss.float(), rms.float(), torch.ones_like(rms)])
+        self._totals = batch if self._totals is None else self._totals + batch
+
+    def summary(self) -> dict:
+        """Epoch means since the last call (one CPU-GPU sync), then reset."""
+        if self._totals is None:
+            return {}
+        loss, rms, steps = self._totals.tolist()
+        self._totals = None
+        return {"adv_loss": loss / steps, "adv_rms": rms / steps}
+
+
+def _local_accumulation(model):
+    """DDP's ``no_sync`` when ``model`` has it (also through ``torch.compile``), else nothing."""
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if no_sync is not None else nullcontext()
