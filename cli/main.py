@@ -141,7 +141,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--seed", default=0)
 @click.option("--eval-every", default=1)
 @click.option("--device", default="auto")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the student")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the student and an online --teacher")
 @click.option("--resume", is_flag=True, help="continue from OUT/last.pt")
 @click.option("--allow-partial", is_flag=True, help="train on the finished chunks of a store")
 @click.option("--cache-dir", default=None)

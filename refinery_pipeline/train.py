@@ -240,7 +240,7 @@ def _target_source(cfg: TrainConfig, num_classes: int, res: int, device, crops, 
         from .refinery import Refinery
         source = OnlineTargets(Refinery.from_checkpoint(cfg.teacher, num_classes=num_classes,
                                                         input_size=res, bn_mode=cfg.teacher_bn,
-                                                        device=device))
+                                                        device=device, compile=cfg.compile))
     elif arrays is None:
         return GroundTruthTargets(num_classes, cfg.label_smoothing)
     elif cfg.label_mode == "static":
