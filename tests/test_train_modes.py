@@ -126,3 +126,16 @@ def test_partial_store_trains_only_with_allow_partial(tiny_data, tiny_dataset, t
     loader_ids = train_module.load_data(
         config(tiny_data, tmp_path, labels=str(path), allow_partial=True), "cpu")[1].indices
     assert sorted(loader_ids.tolist()) == list(range(32, 64))  # chunk 1 only
+
+
+def test_compiled_student_and_teacher_train_with_adversarial_twins(tiny_data, tiny_refinery_ckpt,
+                                                                   tmp_path, monkeypatch):
+    """--compile wraps both models; input gradients and checkpoints go through the wrappers."""
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m))
+    record = fit(config(tiny_data, tmp_path, teacher=str(tiny_refinery_ckpt), compile=True,
+                        adversarial_eta=50.0))
+    assert np.isfinite(record["train_loss"]) and record["adv_rms"] > 0
+    assert len(compiled) == 2  # the student and the online teacher
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)["model"]
+    assert not any(k.startswith("_orig_mod") for k in saved)  # loads as a plain refinery
