@@ -107,6 +107,7 @@ class StudentRuns:
         row = {k: v for k, v in run.items() if k != "options"}
         row.update(val_top1=m["val_top1"], val_top5=m["val_top5"],
                    seconds=float((out / "seconds").read_text()))
+        row.update({k: m[k] for k in ("adv_loss", "adv_rms") if k in m})  # adversarial runs
         print(f"{run['name']:>34} seed {run['seed']}: {row['val_top1']:.2f}", flush=True)
         return row
 

@@ -18,6 +18,8 @@
 #      at 224 px (where the teacher's share of an online step is larger)
 #   6. parity students with whatever time is left, then the summary of those that finished
 #   7. every labelling mode of the paper, one student each (refined_vs_ground_truth.py)
+#   8. adversarial jittering (adversarial_jitter.py, ETAS, seeds 0 1; reuses stage 7's ground
+#      truth and online students)
 # Rerunning on the same machine reuses finished work (runs/gpu), and SKIP="loader_w16 fidelity"
 # leaves out stages by name, so a suite cut short by a time limit continues in a second call.
 # On an H200 stages 1-6 need about 10 minutes and stage 7 about 4; results: README, "Results".
@@ -34,6 +36,9 @@ EPOCHS=${EPOCHS:-40}  # refinery and student epochs
 KS=${KS:-5 10 20 40}  # stored crops per image in the parity sweep
 TOP_K=${TOP_K:-10}    # classes kept per stored label
 SKIP=${SKIP:-}        # stage names not to run
+ETAS=${ETAS:-8 64}    # adversarial step sizes: eta 1 and 8 moved 32 px twins by ~0.3 and ~1.5
+                      # pixel values; per-pixel gradients likely shrink with the pixel count
+                      # (an estimate: the results' adv_rms column says what they did)
 CORES=$(nproc)
 REFINERY_WORKERS=$(( CORES > 8 ? CORES - 4 : CORES ))  # 4 go to the ResNet-50 beside it
 STUDENT_WORKERS=$(( CORES / JOBS > 1 ? CORES / JOBS : 1 ))
@@ -106,4 +111,7 @@ stage summary 5 python3 "${SWEEP[@]}" --collect-only
 stage modes 60 python3 benchmarks/refined_vs_ground_truth.py "$DATA" --refinery $REFINERY \
   --work $W/modes --res "$RES" --epochs "$EPOCHS" --batch-size 256 --lr 0.4 --top-k "$TOP_K" \
   --jobs "$JOBS" --workers "$STUDENT_WORKERS" --tag imagenette96_gpu
+stage adversarial 60 python3 benchmarks/adversarial_jitter.py "$DATA" --refinery $REFINERY \
+  --work $W/modes --res "$RES" --epochs "$EPOCHS" --batch-size 256 --lr 0.4 --etas $ETAS \
+  --seeds 0 1 --jobs "$JOBS" --workers "$STUDENT_WORKERS" --tag adversarial_gpu
 echo "[suite] done with $(left)s to spare"

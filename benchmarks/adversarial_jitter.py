@@ -1,0 +1,106 @@
+"""Claim (paper Table 3): adversarial jittering improves students beyond the refinery alone.
+
+Trains one student per seed on ground truth, on the online refinery (fresh crops, BN train: the
+paper's setting), and on the online refinery with adversarial twins for each ``--etas`` step
+(``refine train --teacher R --adversarial-eta ETA``). Twins cannot be cached, so every row but
+ground truth runs the refinery in the loop. Reports mean val top-1 over seeds, each seed, how far
+the twins moved in the last epoch (``adv_rms``, pixel values 0-255) and the wall time, which shows
+the mode's cost: two student passes and two refinery passes per step.
+
+Run names match ``refined_vs_ground_truth.py``'s, so with the same ``--work`` and settings its
+ground-truth and online students are reused, not trained again.
+
+GPU:
+  python benchmarks/adversarial_jitter.py DATA --refinery runs/refinery/model.pt --res 96 \
+      --epochs 40 --batch-size 256 --lr 0.4 --etas 8 64 --seeds 0 1 --tag adversarial_gpu
+CPU at reduced scale (what a session without a GPU can run):
+  python benchmarks/adversarial_jitter.py DATA --refinery /tmp/rvg/refinery/model.pt \
+      --work /tmp/rvg --res 32 --epochs 8 --batch-size 128 --lr 0.2 --etas 1 8 --seeds 0 1 \
+      --jobs 2 --workers 1 --tag adversarial_cpu32
+"""
+import argparse
+import statistics
+from pathlib import Path
+
+from _results import write_results
+from _runs import StudentRuns, final_metrics, recorded_device
+
+GROUND_TRUTH, ONLINE = "ground truth", "online, fresh crops, BN train"
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("data", help="ImageFolder tree with train/ and val/")
+    p.add_argument("--refinery", required=True, help="refinery checkpoint (model.pt)")
+    p.add_argument("--work", default="runs/adversarial")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--res", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--etas", type=float, nargs="+", default=[1.0, 8.0],
+                   help="adversarial step sizes, one row each")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
+    p.add_argument("--tag", default="adversarial")
+    return p.parse_args()
+
+
+def modes(teacher: str, etas: list[float]) -> list[tuple[str, list[str]]]:
+    online = ["--teacher", teacher]
+    return [(GROUND_TRUTH, []), (ONLINE, online)] + [
+        (f"online + adversarial, eta {eta:g}", online + ["--adversarial-eta", str(eta)])
+        for eta in etas]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per mode: mean over seeds, the seeds' values, twins' movement, mean wall time."""
+    by_mode = {}
+    for row in rows:
+        by_mode.setdefault(row["name"], []).append(row)
+    ground_truth = statistics.mean(r["val_top1"] for r in by_mode[GROUND_TRUTH])
+    summary = []
+    for name, runs in by_mode.items():
+        mean = statistics.mean(r["val_top1"] for r in runs)
+        rms = [r["adv_rms"] for r in runs if "adv_rms" in r]
+        summary.append({"mode": name, "mean_val_top1": mean, "vs_ground_truth": mean - ground_truth,
+                        "per_seed": [r["val_top1"] for r in runs],
+                        "adv_rms": statistics.mean(rms) if rms else None,
+                        "mean_seconds": statistics.mean(r["seconds"] for r in runs)})
+    return summary
+
+
+def to_markdown(result: dict) -> str:
+    a = result["args"]
+    lines = [f"# Adversarial jittering: `{a['tag']}`", "",
+             f"Device: {result['device']}. Data `{a['data']}` at {a['res']} px. Refinery "
+             f"`{a['refinery']}` (val top-1 {result['refinery_val_top1']:.2f}). Students {a['arch']}, {a['epochs']} epochs, batch "
+             f"{a['batch_size']}, lr {a['lr']}, seeds {a['seeds']}.", "",
+             "| student labels | mean val top-1 | vs ground truth | per seed | twins moved "
+             "(RMS, 0-255) | wall time per run (s) |", "|---|---|---|---|---|---|"]
+    for s in result["summary"]:
+        rms = "" if s["adv_rms"] is None else f"{s['adv_rms']:.2f}"
+        seeds = ", ".join(f"{v:.2f}" for v in s["per_seed"])
+        lines.append(f"| {s['mode']} | {s['mean_val_top1']:.2f} | {s['vs_ground_truth']:+.2f} | "
+                     f"{seeds} | {rms} | {s['mean_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    args = get_args()
+    work = Path(args.work)
+    students = StudentRuns(work, [args.data, "--arch", args.arch, "--res", str(args.res),
+                                  "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                                  "--workers", str(args.workers)], args.epochs, args.jobs)
+    rows = students.train_all([{"name": name, "seed": seed, "options": options}
+                               for seed in args.seeds
+                               for name, options in modes(args.refinery, args.etas)])
+    result = {"args": vars(args), "device": recorded_device(work, collect_only=False),
+              "refinery_val_top1": final_metrics(Path(args.refinery).parent)["val_top1"],
+              "students": rows, "summary": summarise(rows)}
+    write_results(args.tag, result, to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()
