@@ -75,6 +75,18 @@ def precompute_once(work: Path, store: Path, options: list[str],
     return seconds
 
 
+def add_student_arguments(p, work: str, epochs: int):
+    """The options every student-training benchmark shares (see :meth:`StudentRuns.from_args`)."""
+    p.add_argument("--work", default=work)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--res", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--workers", type=int, default=2, help="loader workers per student")
+    p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
+
+
 class StudentRuns:
     """Train students with shared options; each run is a dict with a name, seed and options."""
 
@@ -83,6 +95,13 @@ class StudentRuns:
         self.work, self.common, self.epochs, self.jobs = work, common, epochs, jobs
         self.threads = threads_per_job(jobs)
         self.collect_only = collect_only  # report finished runs, train none
+
+    @classmethod
+    def from_args(cls, args, collect_only: bool = False) -> "StudentRuns":
+        """Students of ``args.data`` with the options of :func:`add_student_arguments`."""
+        common = [args.data, "--arch", args.arch, "--res", str(args.res), "--batch-size",
+                  str(args.batch_size), "--lr", str(args.lr), "--workers", str(args.workers)]
+        return cls(Path(args.work), common, args.epochs, args.jobs, collect_only)
 
     def train(self, run: dict) -> dict | None:
         """Train one student unless its model.pt exists; return the run with its final metrics

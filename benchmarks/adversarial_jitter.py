@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from _results import write_results
-from _runs import StudentRuns, final_metrics, recorded_device
+from _runs import StudentRuns, add_student_arguments, final_metrics, recorded_device
 
 GROUND_TRUTH, ONLINE = "ground truth", "online, fresh crops, BN train"
 
@@ -32,17 +32,10 @@ def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data", help="ImageFolder tree with train/ and val/")
     p.add_argument("--refinery", required=True, help="refinery checkpoint (model.pt)")
-    p.add_argument("--work", default="runs/adversarial")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--res", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.2)
+    add_student_arguments(p, work="runs/adversarial", epochs=8)
     p.add_argument("--etas", type=float, nargs="+", default=[1.0, 8.0],
                    help="adversarial step sizes, one row each")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
     p.add_argument("--tag", default="adversarial")
     return p.parse_args()
 
@@ -90,9 +83,7 @@ def to_markdown(result: dict) -> str:
 def main():
     args = get_args()
     work = Path(args.work)
-    students = StudentRuns(work, [args.data, "--arch", args.arch, "--res", str(args.res),
-                                  "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                                  "--workers", str(args.workers)], args.epochs, args.jobs)
+    students = StudentRuns.from_args(args)
     rows = students.train_all([{"name": name, "seed": seed, "options": options}
                                for seed in args.seeds
                                for name, options in modes(args.refinery, args.etas)])

@@ -33,8 +33,8 @@ from pathlib import Path
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 from _results import RESULTS, write_results
-from _runs import (StudentRuns, precompute_once, precompute_seconds, recorded_device,
-                   threads_per_job)
+from _runs import (StudentRuns, add_student_arguments, precompute_once, precompute_seconds,
+                   recorded_device, threads_per_job)
 
 # Matplotlib without a display: the plot is a file.
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -44,12 +44,7 @@ def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data", help="ImageFolder tree with train/ and val/")
     p.add_argument("--refinery", required=True, help="refinery checkpoint (model.pt)")
-    p.add_argument("--work", default="runs/parity_sweep")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--res", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.2)
+    add_student_arguments(p, work="runs/parity_sweep", epochs=16)
     p.add_argument("-K", "--crops-per-image", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--policies", nargs="+", default=["random", "cycle"],
                    choices=["random", "cycle"])
@@ -58,14 +53,12 @@ def get_args():
     p.add_argument("--tolerance", type=float, default=0.2,
                    help="points of val top-1 below the online mean that still count as parity")
     p.add_argument("--no-ground-truth", action="store_true", help="skip ground-truth students")
-    p.add_argument("--workers", type=int, default=2, help="loader workers per student")
     p.add_argument("--precompute-workers", type=int, default=os.cpu_count() or 1,
                    help="loader workers for precompute, split between its jobs "
                         "[default: all cores]")
     p.add_argument("--precompute-jobs", type=int, default=1,
                    help="stores made side by side (process start-up dominates a small store's "
                         "time, so on a GPU several at once finish sooner)")
-    p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
     p.add_argument("--tag", default="parity")
     stage = p.add_mutually_exclusive_group()
     stage.add_argument("--precompute-only", action="store_true",
@@ -227,10 +220,7 @@ def main():
     precomputed = precompute_stores(args, work, store)
     if args.precompute_only:
         return
-    students = StudentRuns(work, [args.data, "--arch", args.arch, "--res", str(args.res),
-                                  "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                                  "--workers", str(args.workers)], args.epochs, args.jobs,
-                           collect_only=args.collect_only)
+    students = StudentRuns.from_args(args, collect_only=args.collect_only)
     runs = sweep_runs(args, store)
     rows = students.train_all(runs)
     finished = {(r["name"], r["seed"]) for r in rows}

@@ -22,26 +22,20 @@ from pathlib import Path
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 from _results import write_results
-from _runs import StudentRuns, device_name, final_metrics, precompute_once, run_logged
+from _runs import (StudentRuns, add_student_arguments, device_name, final_metrics,
+                   precompute_once, run_logged)
 
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data")
-    p.add_argument("--work", default="runs/refined_vs_gt")
+    add_student_arguments(p, work="runs/refined_vs_gt", epochs=8)
     p.add_argument("--refinery", help="an existing refinery model.pt (else one is trained)")
     p.add_argument("--refinery-arch", default="resnet18")
     p.add_argument("--refinery-epochs", type=int, default=16)
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--res", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("-K", "--crops-per-image", type=int, default=10)
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
     p.add_argument("--tag", default="run")
     return p.parse_args()
 
@@ -86,9 +80,7 @@ def main():
         args.data, "--weights", teacher, "-K", str(args.crops_per_image), "--top-k",
         str(args.top_k), "--input-size", str(args.res), "--workers", str(args.workers),
         "--soft-static"])
-    students = StudentRuns(work, [args.data, "--arch", args.arch, "--res", str(args.res),
-                                  "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                                  "--workers", str(args.workers)], args.epochs, args.jobs)
+    students = StudentRuns.from_args(args)
     rows = students.train_all([{"name": name, "seed": seed, "options": options}
                                for seed in args.seeds
                                for name, options in label_modes(str(store), teacher)])
