@@ -68,7 +68,8 @@ def to_markdown(result: dict) -> str:
     a = result["args"]
     lines = [f"# Adversarial jittering: `{a['tag']}`", "",
              f"Device: {result['device']}. Data `{a['data']}` at {a['res']} px. Refinery "
-             f"`{a['refinery']}` (val top-1 {result['refinery_val_top1']:.2f}). Students {a['arch']}, {a['epochs']} epochs, batch "
+             f"`{a['refinery']}` (val top-1 {result['refinery_val_top1']:.2f}). Students "
+             f"{a['arch']}, {a['epochs']} epochs, batch "
              f"{a['batch_size']}, lr {a['lr']}, seeds {a['seeds']}.", "",
              "| student labels | mean val top-1 | vs ground truth | per seed | twins moved "
              "(RMS, 0-255) | wall time per run (s) |", "|---|---|---|---|---|---|"]

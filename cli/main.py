@@ -149,8 +149,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @friendly_errors
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
           lr_scheduler, lr_step_size, lr_gamma, label_smoothing, label_mode, teacher, teacher_bn,
-          teacher_crops, loss, adversarial_eta, rest, slot_policy, res, workers, seed, eval_every, device,
-          compile_, resume, allow_partial, cache_dir):
+          teacher_crops, loss, adversarial_eta, rest, slot_policy, res, workers, seed, eval_every,
+          device, compile_, resume, allow_partial, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
