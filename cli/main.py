@@ -130,6 +130,10 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
               help="adversarial jittering (paper 3.1): also train on each crop moved by ETA x the "
                    "gradient of its loss, labelled by --teacher; watch adv_rms in the log "
                    "[default: off]")
+@click.option("--precise-bn", default=0, metavar="BATCHES",
+              help="before each evaluation, recompute BatchNorm statistics over BATCHES batches of "
+                   "training crops (e.g. 100): for slow-momentum BN (MobileNetV3) on short "
+                   "schedules [default: off]")
 @click.option("--rest", type=click.Choice(["uniform", "renormalize"]), default="uniform",
               help="where the probability mass outside the stored top-k goes")
 @click.option("--slot-policy", type=click.Choice(SLOT_POLICIES), default=DEFAULT_SLOT_POLICY,
@@ -149,8 +153,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @friendly_errors
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
           lr_scheduler, lr_step_size, lr_gamma, label_smoothing, label_mode, teacher, teacher_bn,
-          teacher_crops, loss, adversarial_eta, rest, slot_policy, res, workers, seed, eval_every,
-          device, compile_, resume, allow_partial, cache_dir):
+          teacher_crops, loss, adversarial_eta, precise_bn, rest, slot_policy, res, workers, seed,
+          eval_every, device, compile_, resume, allow_partial, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
@@ -164,7 +168,7 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       lr_scheduler=lr_scheduler, lr_step_size=lr_step_size, lr_gamma=lr_gamma,
                       label_smoothing=label_smoothing, label_mode=label_mode, teacher=teacher,
                       teacher_bn=teacher_bn, teacher_crops=teacher_crops, loss=loss,
-                      adversarial_eta=adversarial_eta, rest=rest,
+                      adversarial_eta=adversarial_eta, precise_bn=precise_bn, rest=rest,
                       slot_policy=slot_policy, res=res, workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,
                       allow_partial=allow_partial, cache_dir=cache_dir)

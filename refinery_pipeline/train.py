@@ -4,6 +4,7 @@ Layout follows torchvision's classification reference: :func:`load_data`, :func:
 :func:`evaluate`, :func:`fit`. The label mode, loss and precision are chosen once in :func:`fit`
 and passed into the step loop as objects; the loop itself has no flag branches.
 """
+import itertools
 import json
 import time
 import warnings
@@ -21,6 +22,7 @@ from .errors import RefineryError, RefineryWarning
 from .label_store import DEFAULT_TOP_K, LabelStore
 from .losses import dense_from_sparse, get_loss, hard_from_soft, one_hot
 from .models import create_model, save_checkpoint, to_model_input
+from .precise_bn import recompute_bn_statistics
 from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
 from .schedule import lr_factor
@@ -50,6 +52,7 @@ class TrainConfig:
     teacher_crops: str = "fresh"  # 'fresh' random crops, or 'replay' the store's crops (parity)
     loss: str = "kl"
     adversarial_eta: float = 0.0  # > 0: also train on adversarial twins (needs a teacher)
+    precise_bn: int = 0         # > 0: recompute BN statistics over this many batches before eval
     rest: str = "uniform"       # where the mass outside the stored top-k goes
     slot_policy: str = DEFAULT_SLOT_POLICY  # or "random": an independent slot every epoch
     res: int = None             # crop size; defaults to the store's refinery input size, else 224
@@ -323,6 +326,7 @@ def fit(cfg: TrainConfig) -> dict:
     """Train, evaluate, checkpoint. Writes ``config.json``, ``metrics.jsonl``, ``last.pt`` (for
     ``--resume``) and ``model.pt`` (loadable as a refinery) under ``cfg.out_dir``."""
     _check_adversarial(cfg)
+    _check_precise_bn(cfg)
     device = resolve_device(cfg.device)
     init_from_env(device)
     torch.manual_seed(cfg.seed)
@@ -343,6 +347,7 @@ def fit(cfg: TrainConfig) -> dict:
     step_model = _wrap(model, cfg, device)
     loss_fn = get_loss(cfg.loss)
     step = _training_step(cfg, targets)
+    bn_loader = _bn_statistics_loader(cfg, train_ds, res) if cfg.precise_bn else None
     if is_main():
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "res": res,
                                                      "classes": classes}, indent=1))
@@ -356,6 +361,8 @@ def fit(cfg: TrainConfig) -> dict:
         record.update(epoch=epoch + 1, epoch_seconds=time.perf_counter() - t0,
                       lr=scheduler.get_last_lr()[0])
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            if bn_loader is not None:
+                record["precise_bn_batches"] = _recompute_bn(model, bn_loader, epoch, cfg, device)
             record.update(evaluate(model, val_loader, device, len(classes), cfg.channels_last))
         if is_main():
             _log(out, record, cfg.progress)
@@ -374,6 +381,33 @@ def _check_adversarial(cfg: TrainConfig):
         raise RefineryError(f"--adversarial-eta {cfg.adversarial_eta}: adversarial jittering "
                             "needs a positive step and an online refinery to label the perturbed "
                             "crops; pass --teacher CHECKPOINT")
+
+
+def _check_precise_bn(cfg: TrainConfig):
+    if cfg.precise_bn < 0:
+        raise RefineryError(f"--precise-bn {cfg.precise_bn}: give the number of training batches "
+                            "to recompute BatchNorm statistics over (e.g. 100), or 0 for off")
+
+
+def _bn_statistics_loader(cfg: TrainConfig, train_ds, res: int):
+    """Fresh random training crops for precise BN, from a loader of their own so the training
+    loader's epochs (and with them resume) are untouched."""
+    crops = FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths)
+    return make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers, train=True,
+                       seed=cfg.seed, distributed=torch.distributed.is_initialized())
+
+
+def _recompute_bn(model, loader, epoch: int, cfg: TrainConfig, device) -> int:
+    """Precise BN before an evaluation, over ``cfg.precise_bn`` batches of this epoch's crops
+    (seeded by epoch, so a resumed run recomputes the same statistics)."""
+    loader.next_epoch = epoch
+    batches = iter(loader)
+    try:
+        inputs = (to_model_input(images, device, channels_last=cfg.channels_last)
+                  for images, _ in itertools.islice(batches, cfg.precise_bn))
+        return recompute_bn_statistics(model, inputs)
+    finally:
+        batches.close()  # stop FFCV's decoding thread for the batches not taken
 
 
 def _training_step(cfg: TrainConfig, targets):

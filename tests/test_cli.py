@@ -204,6 +204,12 @@ def test_adversarial_jittering_without_an_online_refinery_is_refused(store, tiny
     assert not (tmp_path / "run").exists()
 
 
+def test_negative_precise_bn_is_refused(tiny_data, tmp_path):
+    result = run("train", tiny_data, "--precise-bn", -1, "--out", tmp_path / "run", ok=False)
+    assert_one_line_error(result, "--precise-bn -1", "number of training batches")
+    assert not (tmp_path / "run").exists()
+
+
 def test_refinery_with_wrong_class_count_is_refused(tiny_data, tmp_path):
     import torch
     from refinery_pipeline.models import create_model, save_checkpoint

@@ -1,4 +1,5 @@
 """Precompute is trustworthy: rank count and interruptions never change a single stored byte."""
+import json
 import os
 import random
 import signal
@@ -99,7 +100,7 @@ def test_torchrun_ddp_training_shards_images_across_ranks(labels, tiny_data, tin
     if labels == "store":
         store = tmp_path / "s.zarr"
         assert run_python(precompute_cmd(tiny_data, store, tiny_refinery_ckpt)).returncode == 0
-        options = ["--labels", str(store)]
+        options = ["--labels", str(store), "--precise-bn", "2"]  # statistics averaged over ranks
     else:  # two backward passes per step: gradients reduced once (no_sync), ranks stay in step
         options = ["--teacher", str(tiny_refinery_ckpt), "--adversarial-eta", "50"]
     out = tmp_path / "ddp"
@@ -111,4 +112,6 @@ def test_torchrun_ddp_training_shards_images_across_ranks(labels, tiny_data, tin
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # only rank 0 logs
+    if labels == "store":
+        assert json.loads(lines[-1])["precise_bn_batches"] == 2
     assert (out / "model.pt").is_file()

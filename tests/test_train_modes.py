@@ -84,11 +84,13 @@ def test_static_mode_needs_a_soft_static_store(tiny_data, tmp_path, tiny_dataset
         fit(config(tiny_data, tmp_path, labels=str(path), label_mode="static"))
 
 
-def test_resume_after_an_interruption_is_bit_for_bit(tiny_data, full_store, tmp_path,
+@pytest.mark.parametrize("extra", [{}, {"precise_bn": 2}], ids=["plain", "precise BN"])
+def test_resume_after_an_interruption_is_bit_for_bit(extra, tiny_data, full_store, tmp_path,
                                                      monkeypatch):
-    straight = config(tiny_data, tmp_path / "a", labels=str(full_store), epochs=3)
+    straight = config(tiny_data, tmp_path / "a", labels=str(full_store), epochs=3, **extra)
     fit(straight)
-    resumed = config(tiny_data, tmp_path / "b", labels=str(full_store), epochs=3, resume=True)
+    resumed = config(tiny_data, tmp_path / "b", labels=str(full_store), epochs=3, resume=True,
+                     **extra)
     real_epoch = train_module.train_one_epoch
     calls = {"n": 0}
 

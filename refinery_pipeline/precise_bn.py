@@ -1,0 +1,66 @@
+"""Precise BatchNorm statistics: recompute running means and variances for the weights as they are.
+
+BatchNorm evaluates with running statistics, an exponential average of batch statistics taken while
+the weights were still moving. With a slow momentum (torchvision's MobileNetV3 uses 0.01, a memory
+of ~100 steps) and a short schedule that average lags the final weights, and a model evaluates far
+below what its weights can do: 15 to 28 points for MobileNetV3-small students after 8 epochs at
+32 px (``benchmarks/results/bn_recalibration_cpu32.md``), and by different amounts in different
+label modes, which makes comparisons between them wrong. Recomputing the statistics as a plain
+average over a few hundred training crops with the weights frozen ("precise BN", Wu & Johnson
+2021; ``torch.optim.swa_utils.update_bn``, fvcore's ``update_bn_stats``) removes the lag.
+
+Training is unchanged: in train mode BatchNorm normalises with batch statistics, so the running
+statistics are read only by evaluation, by the saved checkpoint, and by a refinery in BN eval mode.
+"""
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .refinery import autocast_for
+
+
+def batchnorm_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recompute_bn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
+    """Replace every BatchNorm layer's running statistics by their plain average over ``inputs``
+    (model-ready batches), then average them over ranks under ``torch.distributed``.
+
+    Only BatchNorm layers see train mode (dropout stays off, as at evaluation); momenta and the
+    model's mode are restored. Returns the number of batches used.
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs the same
+        m.train()
+    batches = 0
+    try:
+        for x in inputs:
+            with autocast_for(x.device):
+                model(x)
+            batches += 1
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    _average_over_ranks(layers)
+    return batches
+
+
+def _average_over_ranks(layers: list):
+    """Each rank saw its own shard of images: give all ranks the mean of their statistics."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for m in layers:
+        for buffer in (m.running_mean, m.running_var):
+            torch.distributed.all_reduce(buffer)
+            buffer /= world
