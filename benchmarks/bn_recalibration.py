@@ -4,13 +4,13 @@ Runs that update BN statistics at different rates (adversarial jittering updates
 step) or models with slow BN momentum (torchvision's MobileNetV3 uses 0.01) in short schedules
 can differ at evaluation only because their running statistics lag the weights. For each run
 directory this evaluates ``model.pt`` as saved, then again after recomputing every BN layer's
-running statistics as a plain average over ``--batches`` training batches
-(``torch.optim.swa_utils.update_bn``; "precise BN"), and prints both.
+running statistics as a plain average over ``--batches`` training batches ("precise BN",
+:func:`refinery_pipeline.precise_bn.recompute_from_loader`, what ``refine train --precise-bn``
+does before each evaluation), and prints both: the check for runs trained without it.
 
   python benchmarks/bn_recalibration.py DATA RUN [RUN ...] --res 32 --tag bn_recalibration_cpu32
 """
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -18,7 +18,8 @@ import torch
 from _results import write_results
 from _runs import device_name
 
-from refinery_pipeline.models import load_trained_model, to_model_input
+from refinery_pipeline.models import load_trained_model
+from refinery_pipeline.precise_bn import recompute_from_loader
 from refinery_pipeline.train import TrainConfig, evaluate, load_data, resolve_device
 
 
@@ -41,8 +42,7 @@ def main():
         model, ckpt = load_trained_model(Path(run) / "model.pt")
         model = model.to(device, memory_format=torch.channels_last)
         saved = evaluate(model, val_loader, device, len(ckpt["classes"]))["val_top1"]
-        inputs = (to_model_input(images, device) for images, _ in train_loader)
-        torch.optim.swa_utils.update_bn(itertools.islice(inputs, args.batches), model)
+        recompute_from_loader(model, train_loader, args.batches, device)
         recalibrated = evaluate(model, val_loader, device, len(ckpt["classes"]))["val_top1"]
         config = json.loads((Path(run) / "config.json").read_text())
         rows.append({"run": Path(run).name, "arch": config["arch"], "val_top1_saved": saved,
@@ -57,7 +57,7 @@ def to_markdown(result: dict) -> str:
     lines = [f"# Val top-1 with BatchNorm statistics recomputed: `{a['tag']}`", "",
              f"Device {result['device']}; {a['res']} px; running statistics recomputed as the "
              f"plain average over {a['batches']} training batches of {a['batch_size']} fresh "
-             "crops (torch.optim.swa_utils.update_bn).", "",
+             "crops, weights frozen, dropout off (`refinery_pipeline.precise_bn`).", "",
              "| run | arch | val top-1 as saved | recomputed BN statistics | change |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['arch']} | {r['val_top1_saved']:.2f} | "

@@ -12,11 +12,13 @@ average over a few hundred training crops with the weights frozen ("precise BN",
 Training is unchanged: in train mode BatchNorm normalises with batch statistics, so the running
 statistics are read only by evaluation, by the saved checkpoint, and by a refinery in BN eval mode.
 """
+import itertools
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from .models import to_model_input
 from .refinery import autocast_for
 
 
@@ -53,6 +55,19 @@ def recompute_bn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor]) ->
         model.train(was_training)
     _average_over_ranks(layers)
     return batches
+
+
+def recompute_from_loader(model: nn.Module, loader, batches: int, device,
+                          channels_last: bool = True) -> int:
+    """:func:`recompute_bn_statistics` over the first ``batches`` batches of a crop loader's next
+    epoch (``(uint8 NHWC crops, rows)`` as :func:`.replay.make_loader` yields them)."""
+    epoch = iter(loader)
+    try:
+        return recompute_bn_statistics(model, (
+            to_model_input(images, device, channels_last=channels_last)
+            for images, _ in itertools.islice(epoch, batches)))
+    finally:
+        epoch.close()  # stop FFCV's decoding thread for the batches not taken
 
 
 def _average_over_ranks(layers: list):

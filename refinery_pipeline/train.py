@@ -4,7 +4,6 @@ Layout follows torchvision's classification reference: :func:`load_data`, :func:
 :func:`evaluate`, :func:`fit`. The label mode, loss and precision are chosen once in :func:`fit`
 and passed into the step loop as objects; the loop itself has no flag branches.
 """
-import itertools
 import json
 import time
 import warnings
@@ -22,7 +21,7 @@ from .errors import RefineryError, RefineryWarning
 from .label_store import DEFAULT_TOP_K, LabelStore
 from .losses import dense_from_sparse, get_loss, hard_from_soft, one_hot
 from .models import create_model, save_checkpoint, to_model_input
-from .precise_bn import recompute_bn_statistics
+from .precise_bn import recompute_from_loader
 from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
 from .schedule import lr_factor
@@ -401,13 +400,7 @@ def _recompute_bn(model, loader, epoch: int, cfg: TrainConfig, device) -> int:
     """Precise BN before an evaluation, over ``cfg.precise_bn`` batches of this epoch's crops
     (seeded by epoch, so a resumed run recomputes the same statistics)."""
     loader.next_epoch = epoch
-    batches = iter(loader)
-    try:
-        inputs = (to_model_input(images, device, channels_last=cfg.channels_last)
-                  for images, _ in itertools.islice(batches, cfg.precise_bn))
-        return recompute_bn_statistics(model, inputs)
-    finally:
-        batches.close()  # stop FFCV's decoding thread for the batches not taken
+    return recompute_from_loader(model, loader, cfg.precise_bn, device, cfg.channels_last)
 
 
 def _training_step(cfg: TrainConfig, targets):
