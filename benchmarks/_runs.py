@@ -75,6 +75,14 @@ def precompute_once(work: Path, store: Path, options: list[str],
     return seconds
 
 
+def describe_students(a: dict) -> str:
+    """The options of :func:`add_student_arguments` (``vars(args)``) for a results header."""
+    bn = (f", BatchNorm statistics recomputed over {a['precise_bn']} training batches before "
+          "evaluation (`--precise-bn`)" if a.get("precise_bn") else "")
+    return (f"{a['arch']} @ {a['res']} px, {a['epochs']} epochs, batch {a['batch_size']}, "
+            f"lr {a['lr']}{bn}")
+
+
 def add_student_arguments(p, work: str, epochs: int):
     """The options every student-training benchmark shares (see :meth:`StudentRuns.from_args`)."""
     p.add_argument("--work", default=work)
@@ -85,6 +93,8 @@ def add_student_arguments(p, work: str, epochs: int):
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--workers", type=int, default=2, help="loader workers per student")
     p.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
+    p.add_argument("--precise-bn", type=int, default=0,
+                   help="students' `refine train --precise-bn` batches (default 0: off)")
 
 
 class StudentRuns:
@@ -101,6 +111,8 @@ class StudentRuns:
         """Students of ``args.data`` with the options of :func:`add_student_arguments`."""
         common = [args.data, "--arch", args.arch, "--res", str(args.res), "--batch-size",
                   str(args.batch_size), "--lr", str(args.lr), "--workers", str(args.workers)]
+        if args.precise_bn:
+            common += ["--precise-bn", str(args.precise_bn)]
         return cls(Path(args.work), common, args.epochs, args.jobs, collect_only)
 
     def train(self, run: dict) -> dict | None:

@@ -23,7 +23,8 @@ import statistics
 from pathlib import Path
 
 from _results import write_results
-from _runs import StudentRuns, add_student_arguments, final_metrics, recorded_device
+from _runs import (StudentRuns, add_student_arguments, describe_students, final_metrics,
+                   recorded_device)
 
 GROUND_TRUTH, ONLINE = "ground truth", "online, fresh crops, BN train"
 
@@ -69,8 +70,7 @@ def to_markdown(result: dict) -> str:
     lines = [f"# Adversarial jittering: `{a['tag']}`", "",
              f"Device: {result['device']}. Data `{a['data']}` at {a['res']} px. Refinery "
              f"`{a['refinery']}` (val top-1 {result['refinery_val_top1']:.2f}). Students "
-             f"{a['arch']}, {a['epochs']} epochs, batch "
-             f"{a['batch_size']}, lr {a['lr']}, seeds {a['seeds']}.", "",
+             f"{describe_students(a)}, seeds {a['seeds']}.", "",
              "| student labels | mean val top-1 | vs ground truth | per seed | twins moved "
              "(RMS, 0-255) | wall time per run (s) |", "|---|---|---|---|---|---|"]
     for s in result["summary"]:

@@ -33,8 +33,8 @@ from pathlib import Path
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 from _results import RESULTS, write_results
-from _runs import (StudentRuns, add_student_arguments, precompute_once, precompute_seconds,
-                   recorded_device, threads_per_job)
+from _runs import (StudentRuns, add_student_arguments, describe_students, precompute_once,
+                   precompute_seconds, recorded_device, threads_per_job)
 
 # Matplotlib without a display: the plot is a file.
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -145,8 +145,7 @@ def plot(summary: dict, ks: list[int], policies: list[str], path: Path, title: s
 def to_markdown(result: dict) -> str:
     a, s = result["args"], result["summary"]
     lines = [f"# Cached vs online parity sweep: `{a['tag']}`", "",
-             f"Students: {a['arch']} @ {a['res']} px, {a['epochs']} epochs, batch "
-             f"{a['batch_size']}, lr {a['lr']}, seeds {a['seeds']} (store crop-plan seed = "
+             f"Students: {describe_students(a)}, seeds {a['seeds']} (store crop-plan seed = "
              f"student seed). Refinery `{a['refinery']}`, BN train mode, top-{a['top_k']}. "
              f"Device: {result['device']}.", "",
              f"![accuracy vs K]({a['tag']}.png)", "",

@@ -22,8 +22,8 @@ from pathlib import Path
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 from _results import write_results
-from _runs import (StudentRuns, add_student_arguments, device_name, final_metrics,
-                   precompute_once, run_logged)
+from _runs import (StudentRuns, add_student_arguments, describe_students, device_name,
+                   final_metrics, precompute_once, run_logged)
 
 
 def get_args():
@@ -99,8 +99,8 @@ def to_markdown(r) -> str:
              f"Device: {r['device']}. Data: `{a['data']}` at {a['res']} px crops. Refinery "
              f"{refinery} (val top-1 {r['refinery']['val_top1']:.2f}). Store: K = "
              f"{a['crops_per_image']} crops per image, top-{a['top_k']}, soft-static labels, "
-             f"precomputed in {r['precompute']['seconds']:.0f} s. Students: {a['arch']}, "
-             f"{a['epochs']} epochs, batch {a['batch_size']}, lr {a['lr']}.", "",
+             f"precomputed in {r['precompute']['seconds']:.0f} s. Students: "
+             f"{describe_students(a)}.", "",
              "| student labels | seed | val top-1 | val top-5 | wall time (s) |",
              "|---|---|---|---|---|"]
     for row in r["students"]:
