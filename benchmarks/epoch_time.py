@@ -6,6 +6,9 @@ soft labels (replayed crops, store in memory), and an online refinery on fresh c
 
   python benchmarks/epoch_time.py DATA --store S.zarr --teacher R50.pt --arch resnet18 \
       --res 96 --batch-size 256 --workers 16 --tag epoch_time_h100
+
+``--compile`` times all three with ``torch.compile``d models (the student, and the online
+refinery as ``refine train --compile`` compiles it); compilation falls in the warm-up round.
 """
 import argparse
 import statistics
@@ -33,11 +36,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile student and refinery")
     p.add_argument("--tag", default="epoch_time")
     args = p.parse_args()
     device = resolve_device("auto")
     base = TrainConfig(data=args.data, out_dir="unused", arch=args.arch, res=args.res,
-                       batch_size=args.batch_size, workers=args.workers, progress=False)
+                       batch_size=args.batch_size, workers=args.workers, compile=args.compile,
+                       progress=False)
     modes = {"ground truth": base, "cached soft (store)": replace(base, labels=args.store),
              "online teacher (fresh crops)": replace(base, teacher=args.teacher)}
     setups = {}
@@ -45,6 +50,7 @@ def main():
         _, loader, _, targets, _ = load_data(cfg, device)
         model = create_model(args.arch, 10).to(device, memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        model = torch.compile(model) if args.compile else model
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor("linear", len(loader), 100, 1))
         setups[name] = (model, loader, targets, opt, sched)
     times = {name: [] for name in modes}
@@ -68,8 +74,9 @@ def to_markdown(result: dict) -> str:
     a = result["args"]
     lines = [f"# Epoch time by label mode: `{a['tag']}`", "",
              f"Device {result['device']}; student {a['arch']} @ {a['res']} px, batch "
-             f"{a['batch_size']}, {a['workers']} workers; median of {a['rounds']} interleaved "
-             "epochs after a warm-up.", "",
+             f"{a['batch_size']}, {a['workers']} workers"
+             f"{', torch.compile (student and refinery)' if a.get('compile') else ''}; median of "
+             f"{a['rounds']} interleaved epochs after a warm-up.", "",
              "| label mode | median epoch (s) | relative to ground truth |", "|---|---|---|"]
     lines += [f"| {r['mode']} | {r['median_epoch_seconds']:.3f} | "
               f"{r['relative_to_ground_truth']:.2f}× |" for r in result["rows"]]

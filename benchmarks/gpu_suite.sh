@@ -15,7 +15,8 @@
 #   3. fidelity: stored labels vs the refinery on the student's replayed pixels (real data)
 #   4. parity stores (every K in KS, seeds 0 1), then `refine audit` of the K = 10 one
 #   5. epoch time: ground truth vs cached labels vs an online ResNet-50 refinery, at RES and
-#      at 224 px (where the teacher's share of an online step is larger)
+#      at 224 px (where the teacher's share of an online step is larger), and at RES with
+#      student and refinery under torch.compile (`refine train --compile`)
 #   6. parity students with whatever time is left, then the summary of those that finished
 #   7. every labelling mode of the paper, one student each (refined_vs_ground_truth.py)
 #   8. adversarial jittering (adversarial_jitter.py, ETAS, seeds 0 1; reuses stage 7's ground
@@ -104,6 +105,9 @@ stage epoch_time 40 python3 benchmarks/epoch_time.py "$DATA" --store $STORE --te
 stage epoch_time_224 40 python3 benchmarks/epoch_time.py "$DATA" --store $STORE \
   --teacher $TIMING_R50 --arch resnet18 --res 224 --batch-size 256 --workers "$CORES" --rounds 3 \
   --tag epoch_time_gpu224
+stage epoch_time_compiled 90 python3 benchmarks/epoch_time.py "$DATA" --store $STORE \
+  --teacher $TIMING_R50 --arch resnet18 --res "$RES" --batch-size 256 --workers "$CORES" \
+  --rounds 3 --compile --tag epoch_time_gpu_compiled
 
 stage students 60 python3 "${SWEEP[@]}"
 DEADLINE=$(( DEADLINE + 30 ))  # the reserve is for the summary
