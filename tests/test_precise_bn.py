@@ -1,12 +1,15 @@
 """Precise BN: running statistics become the plain average over the given batches, and nothing
 else about the model or its training changes."""
 import json
+import warnings
 
+import pytest
 import torch
 from torch import nn
 
 from refinery_pipeline import train as train_module
 from refinery_pipeline.dataset import ImageDataset
+from refinery_pipeline.errors import RefineryWarning
 from refinery_pipeline.models import load_trained_model
 from refinery_pipeline.precise_bn import batchnorm_layers, recompute_bn_statistics
 
@@ -63,3 +66,30 @@ def test_training_is_unchanged_and_saved_statistics_are_reproducible(tiny_data, 
     assert torch.equal(means(a), means(b))
     log = (tmp_path / "precise" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["precise_bn_batches"] for line in log] == [2, 2]
+
+
+def slow_momentum_model(momentum):
+    model = small_model()
+    for bn in batchnorm_layers(model):
+        bn.momentum = momentum
+    return model
+
+
+@pytest.mark.parametrize("momentum, steps, precise_bn, warned", [
+    (0.01, 592, 0, True),      # MobileNetV3-small's 8 short epochs: 15-28 points low
+    (0.01, 592, 100, False),   # already recomputed
+    (0.01, 100_000, 0, False),  # a long run forgets the early statistics
+    (0.1, 100, 0, False),      # PyTorch's default momentum: measured harmless, even this short
+    (None, 592, 0, False),     # cumulative averages
+])
+def test_short_runs_with_slow_batchnorm_momentum_are_warned(momentum, steps, precise_bn, warned,
+                                                            tmp_path):
+    cfg = config("DATA", tmp_path, arch="mobilenet_v3_small", precise_bn=precise_bn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_module._warn_if_bn_statistics_lag(cfg, slow_momentum_model(momentum), steps)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RefineryWarning)]
+    assert len(messages) == int(warned), messages
+    if warned:
+        assert "~100 steps, 17% of this 592-step run" in messages[0]
+        assert "--precise-bn 100" in messages[0] and "\n" not in messages[0]
