@@ -7,6 +7,12 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines: ``header`` names the columns, ``rows`` holds formatted cells."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
 def write_results(tag: str, result: dict, markdown: str):
     """Write ``results/<tag>.json`` and ``results/<tag>.md`` (with the exact command) and print."""
     command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)

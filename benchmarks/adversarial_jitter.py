@@ -22,7 +22,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from _results import write_results
+from _results import markdown_table, write_results
 from _runs import (StudentRuns, add_student_arguments, describe_students, final_metrics,
                    recorded_device)
 
@@ -70,14 +70,14 @@ def to_markdown(result: dict) -> str:
     lines = [f"# Adversarial jittering: `{a['tag']}`", "",
              f"Device: {result['device']}. Data `{a['data']}` at {a['res']} px. Refinery "
              f"`{a['refinery']}` (val top-1 {result['refinery_val_top1']:.2f}). Students "
-             f"{describe_students(a)}, seeds {a['seeds']}.", "",
-             "| student labels | mean val top-1 | vs ground truth | per seed | twins moved "
-             "(RMS, 0-255) | wall time per run (s) |", "|---|---|---|---|---|---|"]
-    for s in result["summary"]:
-        rms = "" if s["adv_rms"] is None else f"{s['adv_rms']:.2f}"
-        seeds = ", ".join(f"{v:.2f}" for v in s["per_seed"])
-        lines.append(f"| {s['mode']} | {s['mean_val_top1']:.2f} | {s['vs_ground_truth']:+.2f} | "
-                     f"{seeds} | {rms} | {s['mean_seconds']:.0f} |")
+             f"{describe_students(a)}, seeds {a['seeds']}.", ""]
+    lines += markdown_table(
+        ["student labels", "mean val top-1", "vs ground truth", "per seed",
+         "twins moved (RMS, 0-255)", "wall time per run (s)"],
+        [[s["mode"], f"{s['mean_val_top1']:.2f}", f"{s['vs_ground_truth']:+.2f}",
+          ", ".join(f"{v:.2f}" for v in s["per_seed"]),
+          "" if s["adv_rms"] is None else f"{s['adv_rms']:.2f}", f"{s['mean_seconds']:.0f}"]
+         for s in result["summary"]])
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import torch
-from _results import write_results
+from _results import markdown_table, write_results
 from _runs import device_name
 
 from refinery_pipeline.models import load_trained_model
@@ -57,12 +57,11 @@ def to_markdown(result: dict) -> str:
     lines = [f"# Val top-1 with BatchNorm statistics recomputed: `{a['tag']}`", "",
              f"Device {result['device']}; {a['res']} px; running statistics recomputed as the "
              f"plain average over {a['batches']} training batches of {a['batch_size']} fresh "
-             "crops, weights frozen, dropout off (`refinery_pipeline.precise_bn`).", "",
-             "| run | arch | val top-1 as saved | recomputed BN statistics | change |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['arch']} | {r['val_top1_saved']:.2f} | "
-              f"{r['val_top1_recalibrated']:.2f} | "
-              f"{r['val_top1_recalibrated'] - r['val_top1_saved']:+.2f} |" for r in result["rows"]]
+             "crops, weights frozen, dropout off (`refinery_pipeline.precise_bn`).", ""]
+    lines += markdown_table(
+        ["run", "arch", "val top-1 as saved", "recomputed BN statistics", "change"],
+        [[r["run"], r["arch"], f"{r['val_top1_saved']:.2f}", f"{r['val_top1_recalibrated']:.2f}",
+          f"{r['val_top1_recalibrated'] - r['val_top1_saved']:+.2f}"] for r in result["rows"]])
     return "\n".join(lines) + "\n"
 
 

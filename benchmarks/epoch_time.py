@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 
 import torch
-from _results import write_results
+from _results import markdown_table, write_results
 from _runs import device_name
 
 from refinery_pipeline.losses import get_loss
@@ -76,10 +76,10 @@ def to_markdown(result: dict) -> str:
              f"Device {result['device']}; student {a['arch']} @ {a['res']} px, batch "
              f"{a['batch_size']}, {a['workers']} workers"
              f"{', torch.compile (student and refinery)' if a.get('compile') else ''}; median of "
-             f"{a['rounds']} interleaved epochs after a warm-up.", "",
-             "| label mode | median epoch (s) | relative to ground truth |", "|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['median_epoch_seconds']:.3f} | "
-              f"{r['relative_to_ground_truth']:.2f}× |" for r in result["rows"]]
+             f"{a['rounds']} interleaved epochs after a warm-up.", ""]
+    lines += markdown_table(["label mode", "median epoch (s)", "relative to ground truth"],
+                            [[r["mode"], f"{r['median_epoch_seconds']:.3f}",
+                              f"{r['relative_to_ground_truth']:.2f}×"] for r in result["rows"]])
     t = {r["mode"]: r["median_epoch_seconds"] for r in result["rows"]}
     lines += ["", f"Cached labels: {t['cached soft (store)'] / t['ground truth']:.2f}× a "
               f"ground-truth epoch, {t['online teacher (fresh crops)'] / t['cached soft (store)']:.2f}× "

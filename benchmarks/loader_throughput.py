@@ -14,7 +14,7 @@ import statistics
 import time
 
 import numpy as np
-from _results import write_results
+from _results import markdown_table, write_results
 
 from refinery_pipeline.crop_plan import CropPlan, sample_boxes, sample_flips
 from refinery_pipeline.dataset import open_dataset
@@ -79,10 +79,11 @@ def main():
     lines = [f"# Loader throughput: `{args.tag}`", "",
              f"`{args.data}` train ({dataset.num_images:,} images), {args.res} px output, batch "
              f"{args.batch_size}, {args.workers} workers, random order, uint8 NHWC tensors on "
-             f"the host; median of {args.rounds} interleaved epochs per loader.", "",
-             "| loader | median img/s | min | max | ratio to stock |", "|---|---|---|---|---|"]
-    lines += [f"| {r['loader']} | {r['median_images_per_second']:,.0f} | {r['min']:,.0f} | "
-              f"{r['max']:,.0f} | {r['ratio_to_stock']:.3f} |" for r in rows]
+             f"the host; median of {args.rounds} interleaved epochs per loader.", ""]
+    lines += markdown_table(["loader", "median img/s", "min", "max", "ratio to stock"],
+                            [[r["loader"], f"{r['median_images_per_second']:,.0f}",
+                              f"{r['min']:,.0f}", f"{r['max']:,.0f}", f"{r['ratio_to_stock']:.3f}"]
+                             for r in rows])
     write_results(args.tag, result, "\n".join(lines) + "\n")
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 
-from _results import RESULTS, write_results
+from _results import RESULTS, markdown_table, write_results
 from _runs import (StudentRuns, add_student_arguments, describe_students, precompute_once,
                    precompute_seconds, recorded_device, threads_per_job)
 
@@ -148,21 +148,20 @@ def to_markdown(result: dict) -> str:
              f"Students: {describe_students(a)}, seeds {a['seeds']} (store crop-plan seed = "
              f"student seed). Refinery `{a['refinery']}`, BN train mode, top-{a['top_k']}. "
              f"Device: {result['device']}.", "",
-             f"![accuracy vs K]({a['tag']}.png)", "",
-             "| labels | K | slot policy | epochs per slot | mean val top-1 | seeds | "
-             "vs online | precompute s |", "|---|---|---|---|---|---|---|---|"]
+             f"![accuracy vs K]({a['tag']}.png)", ""]
     pre = {(p["K"], p["seed"]): p["seconds"] for p in result["precompute"]}
     online = s["online_mean"]
+    rows = []
     for name, st in s["settings"].items():
         k = st["K"]
-        seeds = ", ".join(f"{v:.2f}" for v in st["seeds"].values())
         times = [pre[(k, seed)] for seed in st["seeds"] if (k, seed) in pre]
-        cost = f"{statistics.fmean(times):.0f}" if times else ""
-        per_slot = f"{a['epochs'] / k:.1f}" if k is not None else ""
-        versus = f"{st['mean'] - online:+.2f}" if online is not None else ""
-        lines.append(f"| {name if k is None else 'cached soft'} | {k or ''} | "
-                     f"{st['policy'] or ''} | {per_slot} | {st['mean']:.2f} | {seeds} | "
-                     f"{versus} | {cost} |")
+        rows.append([name if k is None else "cached soft", k or "", st["policy"] or "",
+                     f"{a['epochs'] / k:.1f}" if k is not None else "", f"{st['mean']:.2f}",
+                     ", ".join(f"{v:.2f}" for v in st["seeds"].values()),
+                     f"{st['mean'] - online:+.2f}" if online is not None else "",
+                     f"{statistics.fmean(times):.0f}" if times else ""])
+    lines += markdown_table(["labels", "K", "slot policy", "epochs per slot", "mean val top-1",
+                             "seeds", "vs online", "precompute s"], rows)
     choice = s["choice"]
     if online is None:
         verdict = "No online student finished: parity cannot be judged."

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import write_results
+from _results import markdown_table, write_results
 
 from refinery_pipeline.crop_plan import CropPlan
 from refinery_pipeline.dataset import open_dataset
@@ -147,15 +147,15 @@ def to_markdown(r) -> str:
              f"{a['res']} px, BN {a['bn_mode']}, batch {a['batch_size']}, {a['workers']} decode "
              f"workers, top-5. Data: `{a['data']}`.", "",
              f"Model-only ceiling (random input on the device, same batch/BN/precision): "
-             f"{c['before']:,.0f} img/s before the runs, {c['after']:,.0f} after.", "",
-             "| K | images | crops | total s | warm-up s | crops/s | steady crops/s | ratio to ceiling "
-             "| GPU util % | bytes/crop |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for x in r["runs"]:
-        util = f"{x['gpu_utilisation']:.0f}" if x["gpu_utilisation"] is not None else "n/a"
-        lines.append(f"| {x['K']} | {x['images']:,} | {x['crops']:,} | {x['seconds']:.1f} | "
-                     f"{x['warmup_seconds']:.1f} | {x['crops_per_second']:,.0f} | "
-                     f"{x['steady_crops_per_second']:,.0f} | {x['ratio_to_ceiling']:.2f} | {util} | "
-                     f"{x['store_bytes'] / x['crops']:.1f} |")
+             f"{c['before']:,.0f} img/s before the runs, {c['after']:,.0f} after.", ""]
+    lines += markdown_table(
+        ["K", "images", "crops", "total s", "warm-up s", "crops/s", "steady crops/s",
+         "ratio to ceiling", "GPU util %", "bytes/crop"],
+        [[x["K"], f"{x['images']:,}", f"{x['crops']:,}", f"{x['seconds']:.1f}",
+          f"{x['warmup_seconds']:.1f}", f"{x['crops_per_second']:,.0f}",
+          f"{x['steady_crops_per_second']:,.0f}", f"{x['ratio_to_ceiling']:.2f}",
+          "n/a" if x["gpu_utilisation"] is None else f"{x['gpu_utilisation']:.0f}",
+          f"{x['store_bytes'] / x['crops']:.1f}"] for x in r["runs"]])
     return "\n".join(lines) + "\n"
 
 

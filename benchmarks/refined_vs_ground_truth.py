@@ -21,7 +21,7 @@ from pathlib import Path
 
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 
-from _results import write_results
+from _results import markdown_table, write_results
 from _runs import (StudentRuns, add_student_arguments, describe_students, device_name,
                    final_metrics, precompute_once, run_logged)
 
@@ -100,12 +100,11 @@ def to_markdown(r) -> str:
              f"{refinery} (val top-1 {r['refinery']['val_top1']:.2f}). Store: K = "
              f"{a['crops_per_image']} crops per image, top-{a['top_k']}, soft-static labels, "
              f"precomputed in {r['precompute']['seconds']:.0f} s. Students: "
-             f"{describe_students(a)}.", "",
-             "| student labels | seed | val top-1 | val top-5 | wall time (s) |",
-             "|---|---|---|---|---|"]
-    for row in r["students"]:
-        lines.append(f"| {row['name']} | {row['seed']} | {row['val_top1']:.2f} | "
-                     f"{row['val_top5']:.2f} | {row['seconds']:.0f} |")
+             f"{describe_students(a)}.", ""]
+    lines += markdown_table(["student labels", "seed", "val top-1", "val top-5", "wall time (s)"],
+                            [[row["name"], row["seed"], f"{row['val_top1']:.2f}",
+                              f"{row['val_top5']:.2f}", f"{row['seconds']:.0f}"]
+                             for row in r["students"]])
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _results import write_results
+from _results import markdown_table, write_results
 from _runs import device_name
 
 from refinery_pipeline.crop_plan import CropPlan
@@ -88,14 +88,13 @@ def main():
              f"refinery {refinery.arch} @ {refinery.input_size} px, BN eval, "
              f"K = {args.crops_per_image}, all {len(dataset.classes)} classes stored. The "
              f"student's replay loader ran {args.epochs} epochs (slots "
-             f"{report['slots_visited']}); each batch was re-labelled online.", "",
-             "| crops compared | top-1 agreement | max prob. error | mean per-crop max error |",
-             "|---|---|---|---|",
-             f"| {report['crops']:,} | {100 * report['top1_agreement']:.3f}% | "
-             f"{report['max_probability_error']:.4f} | "
-             f"{report['mean_max_probability_error']:.5f} |", "",
-             f"{'PASS' if passed else 'FAIL'} (threshold {100 * args.min_agreement:.1f}% top-1 "
-             "agreement).", ""]
+             f"{report['slots_visited']}); each batch was re-labelled online.", ""]
+    lines += markdown_table(
+        ["crops compared", "top-1 agreement", "max prob. error", "mean per-crop max error"],
+        [[f"{report['crops']:,}", f"{100 * report['top1_agreement']:.3f}%",
+          f"{report['max_probability_error']:.4f}", f"{report['mean_max_probability_error']:.5f}"]])
+    lines += ["", f"{'PASS' if passed else 'FAIL'} (threshold {100 * args.min_agreement:.1f}% "
+              "top-1 agreement).", ""]
     write_results(args.tag, result, "\n".join(lines))
     sys.exit(0 if passed else 1)
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _results import write_results
+from _results import markdown_table, write_results
 
 from refinery_pipeline.label_store import CROP_ARRAYS, LabelStore, StoreLayout
 from refinery_pipeline.precompute import software_versions
@@ -105,9 +105,10 @@ def main():
              f"{args.images:,} images × K={args.K} × top-5 ({args.images * args.K:,} crops, "
              f"{size / 1e6:.1f} MB on disk, chunks of {args.chunk_size} images); moto S3 server on "
              f"127.0.0.1, zarr async concurrency 64; median of {args.rounds} interleaved rounds.",
-             "", "| source | open + read all arrays (s) | relative to local |", "|---|---|---|"]
-    lines += [f"| {r['source']} | {r['median_seconds']:.2f} | {r['relative_to_local']:.1f}× |"
-              for r in rows]
+             ""]
+    lines += markdown_table(["source", "open + read all arrays (s)", "relative to local"],
+                            [[r["source"], f"{r['median_seconds']:.2f}",
+                              f"{r['relative_to_local']:.1f}×"] for r in rows])
     write_results(args.tag, result, "\n".join(lines) + "\n")
 
 
