@@ -21,6 +21,8 @@
 #   7. every labelling mode of the paper, one student each (refined_vs_ground_truth.py)
 #   8. adversarial jittering (adversarial_jitter.py, ETAS, seeds 0 1; reuses stage 7's ground
 #      truth and online students)
+#   9. stored classes per crop and the rest policy (top_k_rest.py, K = EPOCHS, top-k 2 5 10;
+#      reuses stage 8's online students)
 # Rerunning on the same machine reuses finished work (runs/gpu), and SKIP="loader_w16 fidelity"
 # leaves out stages by name, so a suite cut short by a time limit continues in a second call.
 # On an H200 stages 1-6 need about 10 minutes and stage 7 about 4; results: README, "Results".
@@ -118,4 +120,7 @@ stage modes 60 python3 benchmarks/refined_vs_ground_truth.py "$DATA" --refinery 
 stage adversarial 60 python3 benchmarks/adversarial_jitter.py "$DATA" --refinery $REFINERY \
   --work $W/modes --res "$RES" --epochs "$EPOCHS" --batch-size 256 --lr 0.4 --etas $ETAS \
   --seeds 0 1 --jobs "$JOBS" --workers "$STUDENT_WORKERS" --tag adversarial_gpu
+stage top_k_rest 60 python3 benchmarks/top_k_rest.py "$DATA" --refinery $REFINERY \
+  --work $W/modes --res "$RES" --epochs "$EPOCHS" --batch-size 256 --lr 0.4 -K "$EPOCHS" \
+  --top-ks 2 5 10 --seeds 0 1 --jobs "$JOBS" --workers "$STUDENT_WORKERS" --tag top_k_rest_gpu
 echo "[suite] done with $(left)s to spare"
