@@ -23,9 +23,11 @@ from .refinery import autocast_for
 
 
 # When the running average's memory (1 / momentum steps) exceeds this share of a run, evaluation
-# lags the weights. Measured at 592 steps: momentum 0.01 (17% of the run) read 15-28 points low,
-# momentum 0.1 (1.7%) within 0.3 points; 5% lies between, an estimate to revise with more runs.
-LAGGING_MEMORY_SHARE = 0.05
+# reads stale statistics. Measured with MobileNetV3-small (momentum 0.01) at 32 px, val top-1
+# gained by recomputing: 17% of the run +15 points, 8.5% +0.7, 4.3% +0.6; ResNet-18 (momentum
+# 0.1) at 1.7% within 0.3 either way (benchmarks/results/bn_lag_vs_schedule_cpu32.md). 2% lies
+# below the smallest share measured to cost over half a point.
+LAGGING_MEMORY_SHARE = 0.02
 TORCH_DEFAULT_MOMENTUM = 0.1
 
 
