@@ -47,6 +47,11 @@ def create_model(arch: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
+def batchnorm_layers(model: nn.Module) -> list:
+    """Every BatchNorm layer of ``model`` (1d, 2d, 3d, and subclasses such as SyncBatchNorm)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def to_pixels(images: torch.Tensor, device) -> torch.Tensor:
     """uint8 NHWC crops -> float NCHW pixel values (0-255) on ``device``."""
     return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()

@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .models import to_model_input
+from .models import batchnorm_layers, to_model_input
 from .refinery import autocast_for
 
 
@@ -29,10 +29,6 @@ from .refinery import autocast_for
 # below the smallest share measured to cost over half a point.
 LAGGING_MEMORY_SHARE = 0.02
 TORCH_DEFAULT_MOMENTUM = 0.1
-
-
-def batchnorm_layers(model: nn.Module) -> list:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def statistics_memory(model: nn.Module) -> float:

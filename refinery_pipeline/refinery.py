@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import IMAGENET_NORMALIZATION, file_sha256, load_trained_model, normalize, to_pixels
+from .models import (IMAGENET_NORMALIZATION, batchnorm_layers, file_sha256, load_trained_model,
+                     normalize, to_pixels)
 
 BN_MODES = ("train", "eval")
 
@@ -26,10 +27,9 @@ def set_bn_mode(model: nn.Module, bn_mode: str) -> nn.Module:
         raise ValueError(f"unknown BN mode {bn_mode!r}; choose one of {BN_MODES}")
     model.eval()
     if bn_mode == "train":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
-                m.momentum = 0.0
+        for m in batchnorm_layers(model):
+            m.train()
+            m.momentum = 0.0
     return model
 
 

@@ -10,8 +10,8 @@ from torch import nn
 from refinery_pipeline import train as train_module
 from refinery_pipeline.dataset import ImageDataset
 from refinery_pipeline.errors import RefineryWarning
-from refinery_pipeline.models import load_trained_model
-from refinery_pipeline.precise_bn import batchnorm_layers, recompute_bn_statistics
+from refinery_pipeline.models import batchnorm_layers, load_trained_model
+from refinery_pipeline.precise_bn import recompute_bn_statistics
 
 from .test_train_modes import config
 
