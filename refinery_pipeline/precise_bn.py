@@ -38,11 +38,13 @@ def statistics_memory(model: nn.Module) -> float:
     return 1 / min(momenta) if momenta else 0.0
 
 
-def statistics_lag_expected(model: nn.Module, steps: int) -> bool:
-    """Will evaluation read stale statistics after ``steps`` training steps? Only for momenta
-    below PyTorch's default 0.1, which measured harmless even in short runs."""
+def lagging_statistics_memory(model: nn.Module, steps: int) -> float:
+    """:func:`statistics_memory` when evaluation after ``steps`` training steps will read stale
+    statistics, else 0. Only momenta below PyTorch's default 0.1 count: 0.1 measured harmless
+    even in short runs."""
     memory = statistics_memory(model)
-    return memory > 1 / TORCH_DEFAULT_MOMENTUM and memory > LAGGING_MEMORY_SHARE * steps
+    lagging = memory > 1 / TORCH_DEFAULT_MOMENTUM and memory > LAGGING_MEMORY_SHARE * steps
+    return memory if lagging else 0.0
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from .errors import RefineryError, RefineryWarning
 from .label_store import DEFAULT_TOP_K, LabelStore
 from .losses import dense_from_sparse, get_loss, hard_from_soft, one_hot
 from .models import create_model, save_checkpoint, to_model_input
-from .precise_bn import recompute_from_loader, statistics_lag_expected, statistics_memory
+from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
 from .schedule import lr_factor
@@ -221,9 +221,9 @@ def _warn_if_labels_truncated(cfg: TrainConfig, store, num_classes: int):
 def _warn_if_bn_statistics_lag(cfg: TrainConfig, model, steps: int):
     """Slow BatchNorm momentum in a short run evaluates below the weights (MobileNetV3-small,
     momentum 0.01: 15-28 points low after 584 steps, 0.6 after 2336); the fix is a flag away."""
-    if cfg.precise_bn or not statistics_lag_expected(model, steps) or not is_main():
+    memory = lagging_statistics_memory(model, steps)
+    if cfg.precise_bn or not memory or not is_main():
         return
-    memory = statistics_memory(model)
     warnings.warn(f"--arch {cfg.arch}: its BatchNorm running statistics average over ~{memory:.0f} "
                   f"steps, {memory / steps:.0%} of this {steps}-step run, so evaluation will read "
                   "them stale (pass --precise-bn 100)", RefineryWarning, stacklevel=2)
@@ -236,7 +236,7 @@ def _crop_source(cfg: TrainConfig, train_ds, store):
         raise RefineryError("--teacher-crops replay needs --labels STORE to replay; pass a store "
                             "or use --teacher-crops fresh")
     if fresh:
-        return FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths), None
+        return _fresh_crops(cfg, train_ds), None
     names = ("boxes", "flips", "topk_indices", "topk_probs")
     if cfg.label_mode == "static":
         if not store.layout.soft_static:
@@ -245,6 +245,11 @@ def _crop_source(cfg: TrainConfig, train_ds, store):
         names += ("static_indices", "static_probs")
     arrays = store.read(names)
     return ReplayedCrops(arrays["boxes"], arrays["flips"], cfg.seed, cfg.slot_policy), arrays
+
+
+def _fresh_crops(cfg: TrainConfig, train_ds) -> FreshCrops:
+    """A new seeded RandomResizedCrop box and flip per training image every epoch."""
+    return FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths)
 
 
 def _target_source(cfg: TrainConfig, num_classes: int, res: int, device, crops, arrays):
@@ -403,8 +408,7 @@ def _check_precise_bn(cfg: TrainConfig):
 def _bn_statistics_loader(cfg: TrainConfig, train_ds, res: int):
     """Fresh random training crops for precise BN, from a loader of their own so the training
     loader's epochs (and with them resume) are untouched."""
-    crops = FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths)
-    return make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers, train=True,
+    return make_loader(train_ds, _fresh_crops(cfg, train_ds), (res, res), cfg.batch_size, cfg.workers, train=True,
                        seed=cfg.seed, distributed=torch.distributed.is_initialized())
 
 
