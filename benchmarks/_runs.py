@@ -58,6 +58,14 @@ def precompute_seconds(store: Path) -> float | None:
     return float(marker.read_text()) if marker.exists() else None
 
 
+def runs_by_name(rows: list[dict]) -> dict[str, list[dict]]:
+    """Finished runs grouped by setting name (their seeds together), in first-seen order."""
+    grouped = {}
+    for row in rows:
+        grouped.setdefault(row["name"], []).append(row)
+    return grouped
+
+
 def threads_per_job(jobs: int) -> int:
     """Intra-op threads for each of ``jobs`` commands run side by side on this machine."""
     return max(1, (os.cpu_count() or 1) // jobs)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _results import markdown_table, write_results
 from _runs import (StudentRuns, add_student_arguments, describe_students, final_metrics,
-                   recorded_device)
+                   recorded_device, runs_by_name)
 
 GROUND_TRUTH, ONLINE = "ground truth", "online, fresh crops, BN train"
 
@@ -50,9 +50,7 @@ def modes(teacher: str, etas: list[float]) -> list[tuple[str, list[str]]]:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """One line per mode: mean over seeds, the seeds' values, twins' movement, mean wall time."""
-    by_mode = {}
-    for row in rows:
-        by_mode.setdefault(row["name"], []).append(row)
+    by_mode = runs_by_name(rows)
     ground_truth = statistics.mean(r["val_top1"] for r in by_mode[GROUND_TRUTH])
     summary = []
     for name, runs in by_mode.items():

@@ -34,7 +34,7 @@ from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 from _results import RESULTS, markdown_table, write_results
 from _runs import (StudentRuns, add_student_arguments, describe_students, precompute_once,
-                   precompute_seconds, recorded_device, threads_per_job)
+                   precompute_seconds, recorded_device, runs_by_name, threads_per_job)
 
 # Matplotlib without a display: the plot is a file.
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -88,11 +88,8 @@ def sweep_runs(args, store) -> list[dict]:
 
 def summarise(rows: list[dict], tolerance: float) -> dict:
     """Mean and spread per setting, and the cheapest cached setting within tolerance of online."""
-    by_setting: dict[str, list[dict]] = {}
-    for row in rows:
-        by_setting.setdefault(row["name"], []).append(row)
     settings = {}
-    for name, group in by_setting.items():
+    for name, group in runs_by_name(rows).items():
         accs = [r["val_top1"] for r in group]
         settings[name] = {"K": group[0].get("K"), "policy": group[0].get("policy"),
                           "mean": statistics.fmean(accs), "min": min(accs), "max": max(accs),

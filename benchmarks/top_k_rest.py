@@ -26,7 +26,7 @@ from pathlib import Path
 
 from _results import markdown_table, write_results
 from _runs import (StudentRuns, add_student_arguments, describe_students, final_metrics,
-                   precompute_once, recorded_device)
+                   precompute_once, recorded_device, runs_by_name)
 
 ONLINE = "online, fresh crops, BN train"
 
@@ -68,13 +68,10 @@ def label_settings(made: dict[int, Path], teacher: str, num_classes: int) -> lis
 
 def summarise(rows: list[dict]) -> list[dict]:
     """One line per setting: mean over seeds, each seed, and the gap to the online students."""
-    by_name = {}
-    for row in rows:
-        by_name.setdefault(row["name"], []).append(row)
-    online = statistics.mean(r["val_top1"] for r in by_name[ONLINE])
+    by_name = runs_by_name(rows)
+    means = {name: statistics.mean(r["val_top1"] for r in runs) for name, runs in by_name.items()}
     return [{"name": name, "top_k": runs[0]["top_k"], "rest": runs[0]["rest"],
-             "mean_val_top1": statistics.mean(r["val_top1"] for r in runs),
-             "vs_online": statistics.mean(r["val_top1"] for r in runs) - online,
+             "mean_val_top1": means[name], "vs_online": means[name] - means[ONLINE],
              "per_seed": [r["val_top1"] for r in runs]} for name, runs in by_name.items()]
 
 
