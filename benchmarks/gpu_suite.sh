@@ -103,13 +103,13 @@ stage stores 60 python3 "${SWEEP[@]}" --precompute-only || exit 1
 stage audit 15 refine audit $STORE "$DATA" --weights $REFINERY --workers "$CORES"
 
 stage epoch_time 40 python3 benchmarks/epoch_time.py "$DATA" --store $STORE --teacher $TIMING_R50 \
-  --arch resnet18 --res "$RES" --batch-size 256 --workers "$CORES" --rounds 3 --tag epoch_time_gpu
+  --arch resnet18 --res "$RES" --batch-size 256 --workers "$CORES" --rounds 5 --tag epoch_time_gpu
 stage epoch_time_224 40 python3 benchmarks/epoch_time.py "$DATA" --store $STORE \
-  --teacher $TIMING_R50 --arch resnet18 --res 224 --batch-size 256 --workers "$CORES" --rounds 3 \
+  --teacher $TIMING_R50 --arch resnet18 --res 224 --batch-size 256 --workers "$CORES" --rounds 5 \
   --tag epoch_time_gpu224
 stage epoch_time_compiled 90 python3 benchmarks/epoch_time.py "$DATA" --store $STORE \
   --teacher $TIMING_R50 --arch resnet18 --res "$RES" --batch-size 256 --workers "$CORES" \
-  --rounds 3 --compile --tag epoch_time_gpu_compiled
+  --rounds 5 --compile --tag epoch_time_gpu_compiled
 
 stage students 60 python3 "${SWEEP[@]}"
 DEADLINE=$(( DEADLINE + 30 ))  # the reserve is for the summary
