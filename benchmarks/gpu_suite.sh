@@ -17,15 +17,19 @@
 #   5. epoch time: ground truth vs cached labels vs an online ResNet-50 refinery, at RES and
 #      at 224 px (where the teacher's share of an online step is larger), and at RES with
 #      student and refinery under torch.compile (`refine train --compile`)
-#   6. parity students with whatever time is left, then the summary of those that finished
-#   7. every labelling mode of the paper, one student each (refined_vs_ground_truth.py)
-#   8. adversarial jittering (adversarial_jitter.py, ETAS, seeds 0 1; reuses stage 7's ground
+#   6. precompute throughput: `refine precompute`'s code path with a ResNet-50 refinery at RES
+#      (random weights: speed does not depend on them) against that model's own inference rate
+#      measured in the same run, K = 10 and 40 (precompute_throughput.py)
+#   7. parity students with whatever time is left, then the summary of those that finished
+#   8. every labelling mode of the paper, one student each (refined_vs_ground_truth.py)
+#   9. adversarial jittering (adversarial_jitter.py, ETAS, seeds 0 1; reuses stage 8's ground
 #      truth and online students)
-#   9. stored classes per crop and the rest policy (top_k_rest.py, K = EPOCHS, top-k 2 5 10;
-#      reuses stage 8's online students)
+#  10. stored classes per crop and the rest policy (top_k_rest.py, K = EPOCHS, top-k 2 5 10;
+#      reuses stage 9's online students)
 # Rerunning on the same machine reuses finished work (runs/gpu), and SKIP="loader_w16 fidelity"
 # leaves out stages by name, so a suite cut short by a time limit continues in a second call.
-# On an H200 stages 1-6 need about 10 minutes and stage 7 about 4; results: README, "Results".
+# On an H200 stages 1-5 and 7 need about 10 minutes, stage 6 about 1 (estimated), stage 8 about 3,
+# stage 9 about 4 and stage 10 about 5; results: README, "Results".
 #
 # On a lent machine without this package installed, put it on the path first, e.g.
 #   export PYTHONPATH=$PWD; printf '#!/bin/sh\nexec python3 -m cli.main "$@"\n' >/tmp/bin/refine
@@ -110,6 +114,9 @@ stage epoch_time_224 40 python3 benchmarks/epoch_time.py "$DATA" --store $STORE 
 stage epoch_time_compiled 90 python3 benchmarks/epoch_time.py "$DATA" --store $STORE \
   --teacher $TIMING_R50 --arch resnet18 --res "$RES" --batch-size 256 --workers "$CORES" \
   --rounds 5 --compile --tag epoch_time_gpu_compiled
+stage precompute 60 python3 benchmarks/precompute_throughput.py "$DATA" --arch resnet50 \
+  --res "$RES" --batch-size 512 --workers "$CORES" --ks 10 40 --n-fractions 0.5 1.0 \
+  --ceiling-seconds 5 --tag precompute_gpu
 
 stage students 60 python3 "${SWEEP[@]}"
 DEADLINE=$(( DEADLINE + 30 ))  # the reserve is for the summary

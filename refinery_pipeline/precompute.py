@@ -159,27 +159,27 @@ def label_loader_batch(refinery, images, crop_batch: int, top_k: int, seed: int,
 
     The B*S crops are shuffled with a seed of (plan seed, chunk, first image) and split into
     near-equal forward batches: every batch mixes images (train-mode BN needs that) and its
-    composition never depends on rank count, resumption or timing. Results stay on the device
-    until the whole loader batch is done: one host sync per loader batch, not per forward pass.
+    composition never depends on rank count, resumption or timing. The loader batch goes to the
+    device in one copy (asynchronous: FFCV pins its batch buffers when CUDA is present) and the
+    shuffle is a gather there, so the host does not gather and re-pin every forward batch while
+    FFCV's decoding threads need its cores. Results stay on the device until the whole loader
+    batch is done: one host sync per loader batch, not per forward pass.
     """
     import torch
     if images.ndim == 4:  # one slot per image (K = 1): the decoder emits plain (B, H, W, 3) crops
         images = images[:, None]
     B, S = images.shape[:2]
-    crops = images.reshape((B * S,) + tuple(images.shape[2:]))
+    device = refinery.device
+    crops = images.reshape((B * S,) + tuple(images.shape[2:])).to(device, non_blocking=True)
     order = torch.from_numpy(np.random.default_rng([seed, chunk, start]).permutation(B * S))
-    on_cuda = refinery.device.type == "cuda"
+    order = order.to(device)
     indices, probs = [], []
     for part in torch.tensor_split(order, max(1, -(-(B * S) // crop_batch))):
-        batch = crops.index_select(0, part)
-        if on_cuda:
-            batch = batch.pin_memory()  # lets the copy to the device run asynchronously
-        values, classes = refinery.probabilities(batch).topk(top_k, dim=1)
+        values, classes = refinery.probabilities(crops.index_select(0, part)).topk(top_k, dim=1)
         indices.append(classes)
         probs.append(values)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B * S))
-    classes = torch.cat(indices)[inverse.to(indices[0].device)]
-    values = torch.cat(probs)[inverse.to(probs[0].device)]
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B * S, device=device))
+    classes, values = torch.cat(indices)[inverse], torch.cat(probs)[inverse]
     return (classes.to(torch.int32).cpu().numpy().astype(np.uint16).reshape(B, S, top_k),
             values.cpu().numpy().astype(np.float16).reshape(B, S, top_k))
 
