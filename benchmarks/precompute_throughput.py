@@ -140,6 +140,13 @@ def main():
     write_results(args.tag, result, to_markdown(result))
 
 
+def _steady_columns(run: dict) -> list[str]:
+    """Steady crops/s and its ratio; n/a when the run was a single loader batch (all warm-up)."""
+    if not run["steady_crops_per_second"]:
+        return ["n/a (one loader batch)", "n/a"]
+    return [f"{run['steady_crops_per_second']:,.0f}", f"{run['ratio_to_ceiling']:.2f}"]
+
+
 def to_markdown(r) -> str:
     a, c = r["args"], r["ceiling_images_per_second"]
     lines = [f"# Precompute throughput: `{a['tag']}`", "",
@@ -153,7 +160,7 @@ def to_markdown(r) -> str:
          "ratio to ceiling", "GPU util %", "bytes/crop"],
         [[x["K"], f"{x['images']:,}", f"{x['crops']:,}", f"{x['seconds']:.1f}",
           f"{x['warmup_seconds']:.1f}", f"{x['crops_per_second']:,.0f}",
-          f"{x['steady_crops_per_second']:,.0f}", f"{x['ratio_to_ceiling']:.2f}",
+          *_steady_columns(x),
           "n/a" if x["gpu_utilisation"] is None else f"{x['gpu_utilisation']:.0f}",
           f"{x['store_bytes'] / x['crops']:.1f}"] for x in r["runs"]])
     return "\n".join(lines) + "\n"
