@@ -1,4 +1,4 @@
-"""Tiny data made in tmp_path: procedural shapes written to real .beton files, a random refinery."""
+"""Tiny data made in tmp_path: procedural shapes written to real .beton files, a tiny refinery."""
 import os
 from pathlib import Path
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from refinery_pipeline.dataset import ArraySource, ImageDataset, write_beton
-from refinery_pipeline.models import create_model, save_checkpoint
 from refinery_pipeline.synthetic import SHAPES, make_shapes
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "imagenette-96"
@@ -34,12 +33,20 @@ def tiny_dataset(tiny_data) -> ImageDataset:
 
 
 @pytest.fixture(scope="session")
-def tiny_refinery_ckpt(tmp_path_factory) -> Path:
-    """A randomly initialised demo CNN saved the way `refine train` saves students."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "refinery.pt"
-    save_checkpoint(path, create_model("demo_cnn", len(SHAPES)), "demo_cnn", SHAPES, 24)
-    return path
+def tiny_refinery_ckpt(tiny_data, tmp_path_factory) -> Path:
+    """A demo CNN trained for 6 epochs on the tiny shapes (~3 s), saved by `refine train`.
+
+    Trained, not random, so that its labels tell crops apart: a random init gives every crop of
+    an image nearly the same label (max difference ~1e-4, under the tests' float16 tolerance),
+    and label-level fidelity tests could not fail when the wrong crop is labelled. This one's
+    labels of two crops of one image differ by ~0.05 (median) and by > 0.007 for every image.
+    """
+    from refinery_pipeline.train import TrainConfig, fit
+    out = tmp_path_factory.mktemp("refinery")
+    fit(TrainConfig(data=str(tiny_data), out_dir=str(out), arch="demo_cnn", epochs=6,
+                    batch_size=16, lr=0.1, res=24, workers=1, warmup_epochs=0.5,
+                    progress=False))
+    return out / "model.pt"
 
 
 @pytest.fixture(autouse=True)

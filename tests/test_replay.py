@@ -85,6 +85,8 @@ def test_stored_labels_describe_the_replayed_pixels(tiny_dataset, tiny_refinery_
     precompute(tiny_dataset, tmp_path / "s.zarr", refinery, plan, top_k=3, crop_batch=32,
                chunk_size=32, progress=False)
     arrays = LabelStore.open(tmp_path / "s.zarr").read()
+    # the refinery tells crops apart, so labelling the wrong crop would fail the checks below
+    assert (arrays["topk_indices"][:, 0] != arrays["topk_indices"][:, 1]).any(axis=1).mean() > 0.3
     crops = ReplayedCrops(arrays["boxes"], arrays["flips"], seed=9)
     loader = make_loader(tiny_dataset, crops, (24, 24), 16, num_workers=2)
     for images, rows in loader:
