@@ -190,10 +190,12 @@ class ReplayedCrops:
         self.boxes, self.flips = boxes, flips
         self.seed, self.slot_policy = seed, slot_policy
         self.slots = np.zeros(len(boxes), dtype=np.int64)
+        self.fills = 0  # bumped whenever ``slots`` changes, so copies of it know to refresh
 
     def fill(self, table: np.ndarray, epoch: int):
         n, k = self.boxes.shape[:2]
         self.slots[:] = epoch_slots(self.seed, epoch, n, k, self.slot_policy)
+        self.fills += 1
         rows = np.arange(n)
         table[:, 0, :4] = self.boxes[rows, self.slots]
         table[:, 0, 4] = self.flips[rows, self.slots]

@@ -97,14 +97,24 @@ class StoredTargets:
         self.indices = torch.from_numpy(indices.astype(np.int64)).to(device)
         self.probs = torch.from_numpy(probs).to(device)
         self.crops, self.num_classes, self.rest = crops, num_classes, rest
+        self._slots, self._slots_fill = None, None
 
     def __call__(self, labels, indices, images):
         if self.crops is None:
             top, p = self.indices[indices], self.probs[indices]
         else:
-            slots = torch.from_numpy(self.crops.slots).to(indices.device)[indices]
+            slots = self._epoch_slots(indices.device)[indices]
             top, p = self.indices[indices, slots], self.probs[indices, slots]
         return dense_from_sparse(top, p, self.num_classes, self.rest)
+
+    def _epoch_slots(self, device) -> torch.Tensor:
+        """The epoch's slot per image on ``device``, copied once per epoch: per step it would be a
+        blocking copy of N int64 (10 MB on ImageNet) and a stream sync every step. A copy on the
+        CPU too, so a missed refresh shows there as it would on a GPU."""
+        if self._slots_fill != self.crops.fills:
+            self._slots = torch.tensor(self.crops.slots, device=device)
+            self._slots_fill = self.crops.fills
+        return self._slots
 
 
 class OnlineTargets:
