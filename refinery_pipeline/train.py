@@ -20,7 +20,7 @@ from .distributed import init_from_env, is_main
 from .errors import RefineryError, RefineryWarning
 from .label_store import DEFAULT_TOP_K, LabelStore
 from .losses import dense_from_sparse, get_loss, hard_from_soft, one_hot
-from .models import create_model, save_checkpoint, to_model_input
+from .models import create_model, normalize, save_checkpoint, to_model_input, to_pixels
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
@@ -77,6 +77,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- label sources
+# Each maps a batch's (labels, image indices, pixels) to dense target distributions (B, C); the
+# pixels are the crops as shown, float NCHW 0-255 on the device, before the student's
+# normalisation, so an online refinery labels exactly what the student sees without a second copy.
 
 class GroundTruthTargets:
     """One-hot (optionally smoothed) targets from the data set's labels."""
@@ -84,7 +87,7 @@ class GroundTruthTargets:
     def __init__(self, num_classes: int, smoothing: float = 0.0):
         self.num_classes, self.smoothing = num_classes, smoothing
 
-    def __call__(self, labels, indices, images):
+    def __call__(self, labels, indices, pixels):
         return one_hot(labels, self.num_classes, self.smoothing)
 
 
@@ -99,7 +102,7 @@ class StoredTargets:
         self.crops, self.num_classes, self.rest = crops, num_classes, rest
         self._slots, self._slots_fill = None, None
 
-    def __call__(self, labels, indices, images):
+    def __call__(self, labels, indices, pixels):
         if self.crops is None:
             top, p = self.indices[indices], self.probs[indices]
         else:
@@ -123,8 +126,8 @@ class OnlineTargets:
     def __init__(self, refinery):
         self.refinery = refinery
 
-    def __call__(self, labels, indices, images):
-        return self.refinery.probabilities(images)
+    def __call__(self, labels, indices, pixels):
+        return self.refinery.probabilities_of_pixels(pixels)
 
     def label_pixels(self, pixels):
         """Label any float pixels, e.g. adversarial twins of the shown crops."""
@@ -137,8 +140,8 @@ class HardTargets:
     def __init__(self, source):
         self.source = source
 
-    def __call__(self, labels, indices, images):
-        return hard_from_soft(self.source(labels, indices, images))
+    def __call__(self, labels, indices, pixels):
+        return hard_from_soft(self.source(labels, indices, pixels))
 
     def label_pixels(self, pixels):
         return hard_from_soft(self.source.label_pixels(pixels))
@@ -309,8 +312,9 @@ def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, devic
     for images, rows in tqdm(loader, desc=desc, leave=False, disable=not progress):
         rows = rows.to(device, non_blocking=True)
         labels, indices = rows[:, 0], rows[:, 1]
-        x = to_model_input(images, device, channels_last=channels_last)
-        target = targets(labels, indices, images)
+        pixels = to_pixels(images, device)  # one copy to the device, shared with an online refinery
+        x = normalize(pixels, channels_last=channels_last)
+        target = targets(labels, indices, pixels)
         optimizer.zero_grad(set_to_none=True)
         loss, logits = step(model, x, target, loss_fn)
         optimizer.step()

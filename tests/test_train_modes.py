@@ -8,6 +8,7 @@ import torch
 from refinery_pipeline import train as train_module
 from refinery_pipeline.crop_plan import CropPlan
 from refinery_pipeline.label_store import LabelStore
+from refinery_pipeline.models import to_pixels
 from refinery_pipeline.precompute import precompute
 from refinery_pipeline.refinery import Refinery
 from refinery_pipeline.replay import ReplayedCrops, make_loader
@@ -73,8 +74,9 @@ def test_cached_labels_equal_the_online_teacher_on_the_same_crops(tiny_dataset, 
     slots_seen = set()
     for _ in range(3):
         for images, rows in loader:
-            a = cached(rows[:, 0], rows[:, 1], images)
-            b = online(rows[:, 0], rows[:, 1], images)
+            pixels = to_pixels(images, "cpu")
+            a = cached(rows[:, 0], rows[:, 1], pixels)
+            b = online(rows[:, 0], rows[:, 1], pixels)
             assert torch.allclose(a, b, atol=2e-3)
         slots_seen.add(tuple(crops.slots))
     assert len(slots_seen) > 1  # the epochs did replay different slots
