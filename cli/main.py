@@ -12,6 +12,8 @@ from refinery_pipeline.errors import RefineryError, RefineryWarning, storage_io_
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 from refinery_pipeline.schedule import LR_SCHEDULERS
 
+WORKERS_HELP = ("decoding threads (FFCV's num_workers); on a GPU machine about its core count, "
+                "e.g. 16")
 
 def _one_line_warnings():
     """Our warnings read like our errors: ``warning: <message>``, no source line."""
@@ -66,7 +68,7 @@ def cli():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the refinery")
 @click.option("--soft-static", is_flag=True,
               help="also store the label of the whole (centred) image, for the paper's Table 4")
-@click.option("--workers", default=2, help="decoding threads")
+@click.option("--workers", default=2, help=WORKERS_HELP)
 @click.option("--device", default="auto")
 @click.option("--cache-dir", default=None, help="where converted .beton files are kept")
 @friendly_errors
@@ -141,9 +143,9 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
               help="each stored crop once before any repeats (cycle), or a random one per epoch")
 @click.option("--res", default=None, type=int,
               help="crop size [default: the store's refinery input size, else 224]")
-@click.option("--workers", default=2)
+@click.option("--workers", default=2, help=WORKERS_HELP)
 @click.option("--seed", default=0)
-@click.option("--eval-every", default=1)
+@click.option("--eval-every", default=1, help="evaluate every N epochs, and after the last")
 @click.option("--device", default="auto")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the student and an online --teacher")
@@ -223,7 +225,7 @@ def inspect(store, as_json):
 @click.option("--sample-crops", default=20000, help="about this many stored crops are re-labelled")
 @click.option("--min-agreement", default=0.999, help="exit 1 when top-1 agreement is lower")
 @click.option("--seed", default=0, help="which loader batches are sampled")
-@click.option("--workers", default=2)
+@click.option("--workers", default=2, help=WORKERS_HELP)
 @click.option("--device", default="auto")
 @click.option("--cache-dir", default=None)
 @friendly_errors
@@ -287,7 +289,7 @@ def verify(store, data, cache_dir):
 @click.option("--out", "out_dir", default="refinery-demo", type=click.Path())
 @click.option("--train-images", default=3000)
 @click.option("--epochs", default=30, help="student epochs (the refinery trains twice as long)")
-@click.option("--workers", default=2)
+@click.option("--workers", default=2, help=WORKERS_HELP)
 @click.option("--seed", default=0)
 @friendly_errors
 def demo(out_dir, train_images, epochs, workers, seed):
