@@ -32,6 +32,9 @@ from refinery_pipeline.precompute import software_versions
 from refinery_pipeline.schedule import lr_factor
 from refinery_pipeline.train import TrainConfig, load_data, resolve_device, train_one_epoch
 
+LOADER_REMOVED = "loader removed"
+CACHED, ONLINE = "cached soft (store)", "online teacher (fresh crops)"
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -50,8 +53,8 @@ def main():
     base = TrainConfig(data=args.data, out_dir="unused", arch=args.arch, res=args.res,
                        batch_size=args.batch_size, workers=args.workers, compile=args.compile,
                        progress=False)
-    modes = {"ground truth": base, "cached soft (store)": replace(base, labels=args.store),
-             "online teacher (fresh crops)": replace(base, teacher=args.teacher)}
+    modes = {"ground truth": base, CACHED: replace(base, labels=args.store),
+             ONLINE: replace(base, teacher=args.teacher)}
     setups = {}
     for name, cfg in modes.items():
         _, loader, _, targets, _ = load_data(cfg, device)
@@ -77,10 +80,6 @@ def main():
     result = {"args": vars(args), "device": device_name(), "software": software_versions(),
               "rows": rows}
     write_results(args.tag, result, to_markdown(result))
-
-
-LOADER_REMOVED = "loader removed"
-CACHED, ONLINE = "cached soft (store)", "online teacher (fresh crops)"
 
 
 def resident_batches(loader) -> list:

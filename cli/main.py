@@ -15,6 +15,7 @@ from refinery_pipeline.schedule import LR_SCHEDULERS
 WORKERS_HELP = ("decoding threads (FFCV's num_workers); on a GPU machine about its core count, "
                 "e.g. 16")
 
+
 def _one_line_warnings():
     """Our warnings read like our errors: ``warning: <message>``, no source line."""
     default = warnings.formatwarning
