@@ -82,6 +82,25 @@ def test_cached_labels_equal_the_online_teacher_on_the_same_crops(tiny_dataset, 
     assert len(slots_seen) > 1  # the epochs did replay different slots
 
 
+@pytest.mark.parametrize("num_classes, dtype", [(10, torch.int16), (40_000, torch.int32)])
+def test_stored_class_indices_are_compact_and_exact(num_classes, dtype):
+    """The store's labels are held as int16 (int32 for > 32,768 classes) and expand exactly."""
+    rng = np.random.default_rng(0)
+    top = np.stack([rng.choice(num_classes, 3, replace=False) for _ in range(12)])
+    indices = top.reshape(4, 3, 3).astype(np.uint16 if num_classes < 65_536 else np.int64)
+    probs = np.tile(np.float16([0.5, 0.3, 0.1]), (4, 3, 1))
+    crops = ReplayedCrops(np.zeros((4, 3, 4), np.uint16), np.zeros((4, 3), np.uint8), seed=0)
+    crops.fill(np.zeros((4, 1, 5), np.int32), epoch=1)
+    targets = StoredTargets(indices, probs, num_classes, "cpu", crops=crops)
+    assert targets.indices.dtype == dtype
+    rows = torch.arange(4)
+    dense = targets(None, rows, None)
+    expected = top.reshape(4, 3, 3)[np.arange(4), crops.slots]
+    assert torch.equal(dense.topk(3).indices.sort(1).values,
+                       torch.from_numpy(np.sort(expected, 1)).long())
+    assert torch.allclose(dense.sum(1), torch.ones(4))
+
+
 def test_static_mode_needs_a_soft_static_store(tiny_data, tmp_path, tiny_dataset,
                                                tiny_refinery_ckpt):
     from refinery_pipeline.errors import RefineryError
