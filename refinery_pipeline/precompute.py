@@ -153,6 +153,9 @@ def build_crop_table(dataset, plan: CropPlan, ids: np.ndarray, soft_static: bool
     return table
 
 
+DEVICE_STAGING_BYTES = 2 << 30  # larger loader batches (big crops) are shuffled on the host
+
+
 def label_loader_batch(refinery, images, crop_batch: int, top_k: int, seed: int, chunk: int,
                        start: int):
     """Top-k labels ``(B, S, k)`` for a loader batch of crops ``(B, S, H, W, 3)``.
@@ -162,23 +165,30 @@ def label_loader_batch(refinery, images, crop_batch: int, top_k: int, seed: int,
     composition never depends on rank count, resumption or timing. The loader batch goes to the
     device in one copy (asynchronous: FFCV pins its batch buffers when CUDA is present) and the
     shuffle is a gather there, so the host does not gather and re-pin every forward batch while
-    FFCV's decoding threads need its cores. Results stay on the device until the whole loader
-    batch is done: one host sync per loader batch, not per forward pass.
+    FFCV's decoding threads need its cores; a batch over ``DEVICE_STAGING_BYTES`` (crops of
+    ~300 px and more at 16k crops per batch) is gathered on the host instead, same labels.
+    Results stay on the device until the whole loader batch is done: one host sync per loader
+    batch, not per forward pass.
     """
     import torch
     if images.ndim == 4:  # one slot per image (K = 1): the decoder emits plain (B, H, W, 3) crops
         images = images[:, None]
     B, S = images.shape[:2]
     device = refinery.device
-    crops = images.reshape((B * S,) + tuple(images.shape[2:])).to(device, non_blocking=True)
+    crops = images.reshape((B * S,) + tuple(images.shape[2:]))
     order = torch.from_numpy(np.random.default_rng([seed, chunk, start]).permutation(B * S))
-    order = order.to(device)
+    if crops.nbytes <= DEVICE_STAGING_BYTES:
+        crops, order = crops.to(device, non_blocking=True), order.to(device)
     indices, probs = [], []
     for part in torch.tensor_split(order, max(1, -(-(B * S) // crop_batch))):
-        values, classes = refinery.probabilities(crops.index_select(0, part)).topk(top_k, dim=1)
+        batch = crops.index_select(0, part)
+        if batch.device != device and device.type == "cuda":
+            batch = batch.pin_memory()  # lets the copy to the device run asynchronously
+        values, classes = refinery.probabilities(batch).topk(top_k, dim=1)
         indices.append(classes)
         probs.append(values)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B * S, device=device))
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B * S, device=order.device))
+    inverse = inverse.to(device)
     classes, values = torch.cat(indices)[inverse], torch.cat(probs)[inverse]
     return (classes.to(torch.int32).cpu().numpy().astype(np.uint16).reshape(B, S, top_k),
             values.cpu().numpy().astype(np.float16).reshape(B, S, top_k))

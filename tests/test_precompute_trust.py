@@ -115,3 +115,22 @@ def test_torchrun_ddp_training_shards_images_across_ranks(labels, tiny_data, tin
     if labels == "store":
         assert json.loads(lines[-1])["precise_bn_batches"] == 2
     assert (out / "model.pt").is_file()
+
+
+def test_staging_a_loader_batch_on_the_host_changes_no_byte(tiny_dataset, tiny_refinery_ckpt,
+                                                            tmp_path, monkeypatch):
+    """Loader batches over the device staging budget are shuffled on the host: same store."""
+    from refinery_pipeline import precompute as precompute_module
+    from refinery_pipeline.crop_plan import CropPlan
+    from refinery_pipeline.refinery import Refinery
+
+    def make(name):
+        refinery = Refinery.from_checkpoint(tiny_refinery_ckpt)  # BN train: batches matter
+        precompute_module.precompute(tiny_dataset, tmp_path / name, refinery,
+                                     CropPlan(seed=2, crops_per_image=5), top_k=4, crop_batch=24,
+                                     chunk_size=32, progress=False)
+        return store_files(tmp_path / name)
+
+    on_device = make("device.zarr")
+    monkeypatch.setattr(precompute_module, "DEVICE_STAGING_BYTES", 0)
+    assert make("host.zarr") == on_device
