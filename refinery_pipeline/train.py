@@ -246,7 +246,7 @@ def _warn_if_bn_statistics_lag(cfg: TrainConfig, model, steps: int):
     if cfg.precise_bn or not memory or not is_main():
         return
     warnings.warn(f"--arch {cfg.arch}: its BatchNorm running statistics average over ~{memory:.0f} "
-                  f"steps, {memory / steps:.0%} of this {steps}-step run, so evaluation will read "
+                  f"steps, {memory / steps:.1%} of this {steps}-step run, so evaluation will read "
                   "them stale (pass --precise-bn 100)", RefineryWarning, stacklevel=2)
 
 

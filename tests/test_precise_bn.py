@@ -92,5 +92,5 @@ def test_short_runs_with_slow_batchnorm_momentum_are_warned(momentum, steps, pre
     messages = [str(w.message) for w in caught if issubclass(w.category, RefineryWarning)]
     assert len(messages) == int(warned), messages
     if warned:
-        assert f"~100 steps, {100 / steps:.0%} of this {steps}-step run" in messages[0]
+        assert f"~100 steps, {100 / steps:.1%} of this {steps}-step run" in messages[0]
         assert "--precise-bn 100" in messages[0] and "\n" not in messages[0]
