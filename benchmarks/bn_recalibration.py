@@ -42,6 +42,7 @@ def main():
         model, ckpt = load_trained_model(Path(run) / "model.pt")
         model = model.to(device, memory_format=torch.channels_last)
         saved = evaluate(model, val_loader, device, len(ckpt["classes"]))["val_top1"]
+        train_loader.next_epoch = 0  # every run averages over the same crops, wherever it is listed
         recompute_from_loader(model, train_loader, args.batches, device)
         recalibrated = evaluate(model, val_loader, device, len(ckpt["classes"]))["val_top1"]
         config = json.loads((Path(run) / "config.json").read_text())
