@@ -26,7 +26,7 @@ from .refinery import autocast_for
 # reads stale statistics. Measured with MobileNetV3-small (momentum 0.01) at 32 px, val top-1
 # gained by recomputing, two seeds each: 17% of the run +14.9 / +15.7 points, 8.5% +0.6 / +0.7,
 # 4.3% +0.7 / +0.2, and one seed at 2.1%: -0.2, i.e. nothing beyond the recomputation's own
-# crop noise (~0.15); ResNet-18 (momentum 0.1) at 1.7% within 0.3 either way
+# crop noise (~0.2); ResNet-18 (momentum 0.1) at 1.7% within 0.3 either way
 # (benchmarks/results/bn_lag_vs_schedule_cpu32.md). 3% lies between the last share that lagged
 # and the first that did not.
 LAGGING_MEMORY_SHARE = 0.03
