@@ -15,6 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# Student run names shared by the scripts: with the same --work and settings, one script reuses
+# the finished students of another (adversarial_jitter.py, refined_vs_ground_truth.py and
+# top_k_rest.py all train these two).
+GROUND_TRUTH, ONLINE = "ground truth", "online, fresh crops, BN train"
+
 
 def run_logged(command: list[str], log: Path, threads: int) -> float:
     """Run one CLI command with ``threads`` intra-op threads, output to ``log``; return seconds."""

@@ -23,10 +23,8 @@ import statistics
 from pathlib import Path
 
 from _results import markdown_table, write_results
-from _runs import (StudentRuns, add_student_arguments, describe_students, final_metrics,
-                   recorded_device, runs_by_name)
-
-GROUND_TRUTH, ONLINE = "ground truth", "online, fresh crops, BN train"
+from _runs import (GROUND_TRUTH, ONLINE, StudentRuns, add_student_arguments, describe_students,
+                   final_metrics, recorded_device, runs_by_name)
 
 
 def get_args():

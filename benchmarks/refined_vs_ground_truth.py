@@ -22,8 +22,8 @@ from pathlib import Path
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 from _results import markdown_table, write_results
-from _runs import (StudentRuns, add_student_arguments, describe_students, device_name,
-                   final_metrics, precompute_once, run_logged)
+from _runs import (GROUND_TRUTH, ONLINE, StudentRuns, add_student_arguments, describe_students,
+                   device_name, final_metrics, precompute_once, run_logged)
 
 
 def get_args():
@@ -44,7 +44,7 @@ def label_modes(store: str, teacher: str) -> list[tuple[str, list[str]]]:
     """Every labelling mode as (row name, `refine train` options)."""
     cached = ["--labels", store]
     online = ["--teacher", teacher]
-    return [("ground truth", []),
+    return [(GROUND_TRUTH, []),
             ("ground truth, label smoothing 0.1", ["--label-smoothing", "0.1"]),
             ("cached soft dynamic, KL", cached),
             ("cached soft dynamic, soft CE", cached + ["--loss", "soft_ce"]),
@@ -52,7 +52,7 @@ def label_modes(store: str, teacher: str) -> list[tuple[str, list[str]]]:
             ("cached soft dynamic, L2", cached + ["--loss", "l2"]),
             ("cached hard dynamic (arg-max)", cached + ["--label-mode", "hard"]),
             ("soft static (whole image)", cached + ["--label-mode", "static"]),
-            ("online, fresh crops, BN train", online),
+            (ONLINE, online),
             ("online, fresh crops, BN eval", online + ["--teacher-bn", "eval"]),
             ("online, replayed store crops", online + cached + ["--teacher-crops", "replay"])]
 

@@ -25,10 +25,8 @@ import statistics
 from pathlib import Path
 
 from _results import markdown_table, write_results
-from _runs import (StudentRuns, add_student_arguments, describe_students, final_metrics,
+from _runs import (ONLINE, StudentRuns, add_student_arguments, describe_students, final_metrics,
                    precompute_once, recorded_device, runs_by_name)
-
-ONLINE = "online, fresh crops, BN train"
 
 
 def get_args():
