@@ -431,8 +431,9 @@ def _check_precise_bn(cfg: TrainConfig):
 def _bn_statistics_loader(cfg: TrainConfig, train_ds, res: int):
     """Fresh random training crops for precise BN, from a loader of their own so the training
     loader's epochs (and with them resume) are untouched."""
-    return make_loader(train_ds, _fresh_crops(cfg, train_ds), (res, res), cfg.batch_size, cfg.workers, train=True,
-                       seed=cfg.seed, distributed=torch.distributed.is_initialized())
+    return make_loader(train_ds, _fresh_crops(cfg, train_ds), (res, res), cfg.batch_size,
+                       cfg.workers, train=True, seed=cfg.seed,
+                       distributed=torch.distributed.is_initialized())
 
 
 def _recompute_bn(model, loader, epoch: int, cfg: TrainConfig, device) -> int:
