@@ -87,7 +87,7 @@ def test_stored_class_indices_are_compact_and_exact(num_classes, dtype):
     """The store's labels are held as int16 (int32 for > 32,768 classes) and expand exactly."""
     rng = np.random.default_rng(0)
     top = np.stack([rng.choice(num_classes, 3, replace=False) for _ in range(12)])
-    indices = top.reshape(4, 3, 3).astype(np.uint16 if num_classes < 65_536 else np.int64)
+    indices = top.reshape(4, 3, 3).astype(np.uint16)  # the store's dtype
     probs = np.tile(np.float16([0.5, 0.3, 0.1]), (4, 3, 1))
     crops = ReplayedCrops(np.zeros((4, 3, 4), np.uint16), np.zeros((4, 3), np.uint8), seed=0)
     crops.fill(np.zeros((4, 1, 5), np.int32), epoch=1)
