@@ -28,7 +28,8 @@ from refinery_pipeline.label_store import LabelStore
 from refinery_pipeline.precompute import precompute, software_versions
 from refinery_pipeline.refinery import Refinery
 from refinery_pipeline.replay import ReplayedCrops, make_loader
-from refinery_pipeline.train import OnlineTargets, StoredTargets, resolve_device
+from refinery_pipeline.targets import OnlineTargets, StoredTargets
+from refinery_pipeline.train import resolve_device
 
 
 def compare_epochs(dataset, store_path: Path, refinery: Refinery, epochs: int, batch_size: int,

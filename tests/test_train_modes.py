@@ -12,7 +12,8 @@ from refinery_pipeline.models import to_pixels
 from refinery_pipeline.precompute import precompute
 from refinery_pipeline.refinery import Refinery
 from refinery_pipeline.replay import ReplayedCrops, make_loader
-from refinery_pipeline.train import OnlineTargets, StoredTargets, TrainConfig, fit
+from refinery_pipeline.targets import OnlineTargets, StoredTargets
+from refinery_pipeline.train import TrainConfig, fit
 
 
 @pytest.fixture(scope="module")
