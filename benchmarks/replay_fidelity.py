@@ -72,7 +72,7 @@ def main():
     args = p.parse_args()
     device = resolve_device("auto")
     dataset = open_dataset(args.data, "train", num_workers=args.workers)
-    refinery = Refinery.from_checkpoint(args.refinery, num_classes=len(dataset.classes),
+    refinery = Refinery.from_checkpoint(args.refinery, classes=dataset.classes,
                                         bn_mode="eval", device=device)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "labels.zarr"

@@ -52,7 +52,8 @@ def cli():
 @click.option("--refinery", "arch", default=None,
               help="torchvision architecture; read from the checkpoint when omitted")
 @click.option("--weights", required=True, type=click.Path(),
-              help="refinery checkpoint (a `refine train` model.pt or a state_dict)")
+              help="refinery checkpoint (a `refine train` model.pt or a state_dict), or "
+                   "torchvision weights by name, e.g. ResNet50_Weights.IMAGENET1K_V2")
 @click.option("--crops-per-image", "-K", default=DEFAULT_CROPS_PER_IMAGE, show_default=True,
               help="crops sampled per image; a student of E epochs needs K >= E for parity")
 @click.option("--top-k", default=DEFAULT_TOP_K,
@@ -84,7 +85,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     from refinery_pipeline.train import resolve_device
 
     dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
-    refinery = Refinery.from_checkpoint(weights, arch, len(dataset.classes), input_size,
+    refinery = Refinery.from_checkpoint(weights, arch, dataset.classes, input_size,
                                         bn_mode=bn_mode, temperature=temperature,
                                         device=resolve_device(device), compile=compile_)
     plan = CropPlan(seed=seed, crops_per_image=crops_per_image)
@@ -124,7 +125,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--label-mode", type=click.Choice(["soft", "hard", "static"]), default="soft",
               help="stored soft labels, their arg-max, or the whole-image (soft-static) label")
 @click.option("--teacher", default=None, type=click.Path(),
-              help="online refinery checkpoint: label every crop during training")
+              help="online refinery: label every crop during training (a checkpoint, or "
+                   "torchvision weights by name as for precompute --weights)")
 @click.option("--teacher-bn", type=click.Choice(["train", "eval"]), default="train")
 @click.option("--teacher-crops", type=click.Choice(["fresh", "replay"]), default="fresh",
               help="online teacher on fresh random crops, or on the store's crops (parity)")
@@ -222,7 +224,8 @@ def inspect(store, as_json):
 @cli.command()
 @click.argument("store")
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--weights", required=True, type=click.Path(), help="the store's refinery checkpoint")
+@click.option("--weights", required=True, type=click.Path(),
+              help="the store's refinery checkpoint, or torchvision weights by name")
 @click.option("--sample-crops", default=20000, help="about this many stored crops are re-labelled")
 @click.option("--min-agreement", default=0.999, help="exit 1 when top-1 agreement is lower")
 @click.option("--seed", default=0, help="which loader batches are sampled")

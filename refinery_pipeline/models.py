@@ -1,16 +1,21 @@
 """Models by torchvision name (plus one tiny CNN for the CPU demo) and self-describing checkpoints.
 
 A checkpoint written by ``refine train`` records its architecture, classes, input size and
-normalisation, so it loads as the next refinery with no extra flags.
+normalisation, so it loads as the next refinery with no extra flags. torchvision's pretrained
+weights load by the name its reference scripts take (``--weights ResNet50_Weights.IMAGENET1K_V2``),
+with the same facts read from the weights' metadata.
 """
 import hashlib
 import os
+import re
+import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RefineryWarning
 
 CHECKPOINT_FORMAT = "refinery-checkpoint"
 # ImageNet statistics in uint8 units: batches stay uint8 until they reach the device.
@@ -123,8 +128,15 @@ def load_checkpoint(path) -> dict:
                           "written by `refine train` or torch.save(model.state_dict())")
 
 
-def load_trained_model(weights, arch: str = None, num_classes: int = None):
-    """``(model, checkpoint)`` from ``weights``; ``arch``/``num_classes`` must agree if given."""
+def load_trained_model(weights, arch: str = None, classes: list = None):
+    """``(model, checkpoint)`` from ``weights``: a checkpoint file, or a torchvision weights name.
+
+    ``arch`` and the data set's ``classes`` must agree with what the weights record; the
+    checkpoint's ``file`` is what identifies the weights (its SHA-256 goes into label stores).
+    """
+    pretrained = torchvision_weights(weights)
+    if pretrained is not None:
+        return _load_torchvision_weights(pretrained, str(weights), arch, classes)
     ckpt = load_checkpoint(weights)
     arch = arch or ckpt.get("arch")
     if arch is None:
@@ -134,18 +146,103 @@ def load_trained_model(weights, arch: str = None, num_classes: int = None):
         raise CheckpointError(f"{weights}: checkpoint is a {ckpt['arch']}, not a {arch}; drop "
                               f"--refinery or pass --refinery {ckpt['arch']}")
     saved_classes = ckpt.get("num_classes") or _head_size(ckpt["model"])
-    if num_classes is not None and saved_classes not in (None, num_classes):
-        raise CheckpointError(f"{weights}: checkpoint predicts {saved_classes} classes but the "
-                              f"data set has {num_classes}; use a refinery trained on these classes")
-    model = create_model(arch, num_classes or saved_classes)
+    _check_classes(weights, saved_classes, ckpt.get("classes"), classes)
+    model = create_model(arch, saved_classes if classes is None else len(classes))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{weights}: weights do not fit a {arch} ({first}); pass the "
                               "architecture they were trained with") from None
-    ckpt["arch"] = arch
+    ckpt.update(arch=arch, file=Path(weights))
     return model, ckpt
+
+
+def recorded_input_size(weights) -> int:
+    """The crop size ``weights`` were trained at, if they record it (torchvision's and
+    ``refine train``'s do; a bare state_dict does not)."""
+    pretrained = torchvision_weights(weights)
+    if pretrained is not None:
+        return pretrained.transforms().crop_size[0]
+    return load_checkpoint(weights).get("input_size")
+
+
+def _check_classes(weights, saved_count: int, saved_names: list, classes: list):
+    """Refuse a model whose outputs mean other classes than the data set's: a label store made
+    with it would be silently wrong. A bare state_dict names no classes; its count must fit."""
+    if classes is None:
+        return
+    if saved_count is not None and saved_count != len(classes):
+        raise CheckpointError(f"{weights}: these weights predict {saved_count} classes but the "
+                              f"data set has {len(classes)}; use a refinery trained on these "
+                              "classes")
+    if saved_names is not None and list(saved_names) != list(classes):
+        i = next(i for i, (a, b) in enumerate(zip(saved_names, classes)) if a != b)
+        raise CheckpointError(f"{weights}: output {i} is class {saved_names[i]!r} but the data "
+                              f"set's class {i} is {classes[i]!r}; use a refinery trained on these "
+                              "classes (same class folders)")
+
+
+# torchvision's reference scripts name pretrained weights as <Enum>.<member>
+_TORCHVISION_WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+")
+
+
+def torchvision_weights(name):
+    """The torchvision weights called ``name`` (``ResNet50_Weights.IMAGENET1K_V2``), or None when
+    ``name`` is a file or not spelled like such a name."""
+    if Path(str(name)).exists() or not _TORCHVISION_WEIGHTS_NAME.fullmatch(str(name)):
+        return None
+    import torchvision
+    try:
+        return torchvision.models.get_weight(str(name))
+    except (ValueError, KeyError):
+        raise CheckpointError(f"{name}: neither a file nor torchvision weights; name them as "
+                              "torchvision does, e.g. ResNet50_Weights.IMAGENET1K_V2 (see "
+                              "torchvision.models.get_model_weights('resnet50'))") from None
+
+
+def _load_torchvision_weights(weights, name: str, arch: str, classes: list):
+    """A torchvision model with its pretrained weights, downloaded once into torch's hub cache
+    (``$TORCH_HOME``), described like a ``refine train`` checkpoint."""
+    import torchvision
+    own_arch = next(m for m in torchvision.models.list_models(torchvision.models)
+                    if torchvision.models.get_model_weights(m) is type(weights))
+    if arch not in (None, own_arch):
+        raise CheckpointError(f"{name}: these are weights of a {own_arch}, not a {arch}; drop "
+                              f"--refinery or pass --refinery {own_arch}")
+    categories = weights.meta["categories"]
+    _check_classes(name, len(categories), None, classes)
+    _warn_if_class_order_unverified(name, categories, classes)
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    try:
+        model = torchvision.models.get_model(own_arch, weights=weights)
+    except OSError as exc:  # no network (URLError), no space
+        raise CheckpointError(f"{name}: cannot download {weights.url} ({exc}); copy that file into "
+                              f"{file.parent}/ or pass a local checkpoint") from None
+    except Exception as exc:  # a damaged file in the cache, or a download failing its hash check
+        raise CheckpointError(f"{name}: {file} does not load ({type(exc).__name__}); delete it to "
+                              "download it again") from None
+    transform = weights.transforms()
+    normalization = {key: [round(255 * v, 3) for v in getattr(transform, key)]
+                     for key in ("mean", "std")}
+    return model, {"arch": own_arch, "num_classes": len(categories), "file": file,
+                   "input_size": recorded_input_size(name), "normalization": normalization}
+
+
+_WNID = re.compile(r"n\d{8}")
+
+
+def _warn_if_class_order_unverified(name: str, categories: list, classes: list):
+    """torchvision's ImageNet weights number classes in sorted-WordNet-id order, which is an
+    ImageFolder's order when its folders are the ImageNet ids; with other folder names nothing
+    here can tell whether output i is the data set's class i."""
+    if classes is None or list(classes) == list(categories):
+        return
+    if not all(_WNID.fullmatch(c) for c in classes):
+        warnings.warn(f"{name}: the data set's class folders are not ImageNet WordNet ids "
+                      "(n01440764, ...), so whether its sorted classes follow the weights' output "
+                      "order cannot be checked; labels are wrong if they do not", RefineryWarning,
+                      stacklevel=3)
 
 
 def _head_size(state_dict) -> int:

@@ -59,12 +59,13 @@ class Refinery:
         self.normalization, self.channels_last = normalization, channels_last
 
     @classmethod
-    def from_checkpoint(cls, weights, arch: str = None, num_classes: int = None,
+    def from_checkpoint(cls, weights, arch: str = None, classes: list = None,
                         input_size: int = None, **kwargs) -> "Refinery":
-        """Load weights (a ``refine train`` checkpoint needs no ``arch``)."""
-        model, ckpt = load_trained_model(weights, arch, num_classes)
+        """Load weights: a ``refine train`` checkpoint (needs no ``arch``), a ``state_dict``, or
+        torchvision's pretrained weights by name; they must predict the data set's ``classes``."""
+        model, ckpt = load_trained_model(weights, arch, classes)
         size = input_size or ckpt.get("input_size") or 224
-        return cls(model, ckpt["arch"], file_sha256(weights), size,
+        return cls(model, ckpt["arch"], file_sha256(ckpt["file"]), size,
                    normalization=ckpt.get("normalization", IMAGENET_NORMALIZATION), **kwargs)
 
     def describe(self) -> dict:

@@ -92,7 +92,7 @@ def load_data(cfg: TrainConfig, device):
     _warn_if_crops_overused(cfg, store)
     _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
     crops, arrays = _crop_source(cfg, train_ds, store)
-    targets = _target_source(cfg, len(train_ds.classes), res, device, crops, arrays)
+    targets = _target_source(cfg, train_ds.classes, res, device, crops, arrays)
     # --allow-partial: train only on images whose chunk is done
     indices = None
     if store is not None and cfg.allow_partial:
@@ -119,8 +119,8 @@ def _default_res(cfg: TrainConfig, store) -> int:
     if store is not None:
         return store.attrs["refinery"]["input_size"]
     if cfg.teacher is not None:
-        from .models import load_checkpoint
-        return load_checkpoint(cfg.teacher).get("input_size") or 224
+        from .models import recorded_input_size
+        return recorded_input_size(cfg.teacher) or 224
     return 224
 
 
@@ -196,11 +196,12 @@ def _fresh_crops(cfg: TrainConfig, train_ds) -> FreshCrops:
     return FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths)
 
 
-def _target_source(cfg: TrainConfig, num_classes: int, res: int, device, crops, arrays):
+def _target_source(cfg: TrainConfig, classes: list, res: int, device, crops, arrays):
     """Ground truth, stored labels (dynamic or static) or an online teacher; hard if asked."""
+    num_classes = len(classes)
     if cfg.teacher is not None:
         from .refinery import Refinery
-        source = OnlineTargets(Refinery.from_checkpoint(cfg.teacher, num_classes=num_classes,
+        source = OnlineTargets(Refinery.from_checkpoint(cfg.teacher, classes=classes,
                                                         input_size=res, bn_mode=cfg.teacher_bn,
                                                         device=device, compile=cfg.compile))
     elif arrays is None:

@@ -216,12 +216,26 @@ def test_refinery_with_wrong_class_count_is_refused(tiny_data, tmp_path):
     ckpt = tmp_path / "five.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 5), "demo_cnn", list("abcde"), 24)
     result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", ckpt, ok=False)
-    assert_one_line_error(result, "predicts 5 classes but the data set has 10")
+    assert_one_line_error(result, "weights predict 5 classes but the data set has 10")
     sd = tmp_path / "sd.pt"
     torch.save(create_model("resnet18", 10).state_dict(), sd)
     result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", sd, "--refinery",
                  "demo_cnn", ok=False)
     assert_one_line_error(result, "do not fit a demo_cnn")
+
+
+def test_refinery_for_other_classes_is_refused(tiny_data, tmp_path):
+    """Same count, other classes (or the same in another order): labels would be silently wrong."""
+    from refinery_pipeline.models import create_model, save_checkpoint
+    from refinery_pipeline.synthetic import SHAPES
+    ckpt = tmp_path / "reordered.pt"
+    save_checkpoint(ckpt, create_model("demo_cnn", 10), "demo_cnn", SHAPES[::-1], 24)
+    message = f"output 0 is class {SHAPES[-1]!r} but the data set's class 0 is {SHAPES[0]!r}"
+    result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", ckpt, ok=False)
+    assert_one_line_error(result, str(ckpt), message)
+    assert not (tmp_path / "s.zarr").exists()
+    result = run("train", tiny_data, "--teacher", ckpt, "--out", tmp_path / "run", ok=False)
+    assert_one_line_error(result, str(ckpt), message)
 
 
 def make_tree(root, classes=("cat", "dog"), per_class=6, size=(30, 40)):
