@@ -248,7 +248,8 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
                                         device=resolve_device(device))
     dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
     r = audit_store(dataset, store, refinery, sample_crops, seed, workers)
-    click.echo(f"{r.crops:,} crops in {r.loader_batches} batches re-labelled (BN {r.bn_mode}): "
+    batches = f"{r.loader_batches} loader batch{'' if r.loader_batches == 1 else 'es'}"
+    click.echo(f"{r.crops:,} crops in {batches} re-labelled (BN {r.bn_mode}): "
                f"top-1 agreement {100 * r.top1_agreement:.3f}%, top-k indices agreement "
                f"{100 * r.topk_indices_agreement:.3f}%, probability error max "
                f"{r.max_probability_error:.2e} mean {r.mean_probability_error:.2e}")

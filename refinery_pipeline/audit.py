@@ -51,7 +51,8 @@ def audit_store(dataset, location, refinery, sample_crops: int = 20000, seed: in
     if ours != recorded:
         diff = [k for k in recorded if recorded[k] != ours.get(k)]
         raise StoreMismatchError(f"{location}: refinery differs from the one that wrote the store "
-                                 f"in {diff}; pass its weights and --bn-mode {recorded['bn_mode']}")
+                                 f"in {diff}; pass the weights that wrote it (SHA-256 "
+                                 f"{recorded['weights_sha256'][:16]}...)")
     lay, plan = store.layout, CropPlan.from_dict(store.attrs["plan"])
     batching = Batching(**store.attrs["batching"])
     units = sample_loader_batches(store, batching, sample_crops, seed)

@@ -310,7 +310,9 @@ def test_audit_flags_labels_from_another_refinery(store, tiny_data, tmp_path):
     other = tmp_path / "other.pt"
     save_checkpoint(other, create_model("demo_cnn", 10), "demo_cnn", SHAPES, 24)
     result = run("audit", store, tiny_data, "--weights", other, ok=False)
-    assert_one_line_error(result, "refinery differs", "weights_sha256")
+    recorded = LabelStore.open(store).attrs["refinery"]["weights_sha256"]
+    assert_one_line_error(result, "refinery differs", "weights_sha256",
+                          f"pass the weights that wrote it (SHA-256 {recorded[:16]}")
 
 
 def test_soft_static_labels_are_the_refinery_on_the_centred_image(tiny_data, tiny_dataset,
