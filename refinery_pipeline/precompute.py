@@ -22,6 +22,7 @@ from .crop_plan import CropPlan, centre_square, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
 from .errors import StoreMismatchError, StoreNotFoundError
 from .label_store import DEFAULT_TOP_K, LabelStore, StoreLayout, default_chunk_size, is_remote
+from .progress import progress_bar
 from .replay import crop_table, multi_crop_loader
 
 
@@ -240,7 +241,6 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = DEFAULT
 
 
 def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summary):
-    from tqdm import tqdm
     started = time.perf_counter()
     lay = store.layout
     batching = Batching(**store.attrs["batching"])
@@ -250,8 +250,8 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
     loader = multi_crop_loader(dataset, table, size, batching.images_per_batch, ids, num_workers)
     pending, filled = {}, {}  # chunk -> buffers being filled, images placed so far
     K = lay.crops_per_image
-    bar = tqdm(total=len(ids) * K, unit="crop", unit_scale=True, disable=not show,
-               desc="labelling crops", smoothing=0.05)
+    bar = progress_bar(total=len(ids) * K, enabled=show, unit="crop", unit_scale=True,
+                       desc="labelling crops", smoothing=0.05)
     # the bar closes (ending its line) even when a write fails; writes overlap the next batches
     with bar, ThreadPoolExecutor(max_workers=1) as writer:
         writes = []

@@ -22,6 +22,7 @@ from .label_store import DEFAULT_TOP_K, LabelStore
 from .losses import get_loss
 from .models import create_model, normalize, save_checkpoint, to_model_input, to_pixels
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
+from .progress import progress_bar
 from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
 from .schedule import lr_factor
@@ -236,12 +237,11 @@ def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, devic
                     channels_last=True, progress=False, desc="train", step=NaturalStep()):
     """One pass over ``loader``; returns mean loss, train top-1 and per-class train accuracy (on
     the crops as shown), plus what ``step`` reports (see :mod:`.steps`)."""
-    from tqdm import tqdm
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros(num_classes, device=device)
     seen = torch.zeros(num_classes, device=device)
-    for images, rows in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for images, rows in progress_bar(loader, enabled=progress, desc=desc, leave=False):
         rows = rows.to(device, non_blocking=True)
         labels, indices = rows[:, 0], rows[:, 1]
         pixels = to_pixels(images, device)  # one copy to the device, shared with an online refinery
