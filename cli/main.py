@@ -260,6 +260,32 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
 
 
 @cli.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--max-resolution", default=0,
+              help="cap each image's longer side (FFCV's ImageNet recipe: 256 to 512); 0 keeps it")
+@click.option("--jpeg-quality", default=90, help="quality of the re-encoded JPEGs")
+@click.option("--write-mode", type=click.Choice(["jpg", "raw"]), default="jpg",
+              help="JPEG, or raw pixels (larger files, no decoding cost)")
+@click.option("--workers", default=2, help="processes reading and encoding images")
+@friendly_errors
+def convert(data, out_dir, max_resolution, jpeg_quality, write_mode, workers):
+    """Write the ImageFolder tree DATA (train/ and val/) to OUT_DIR/<name>_{train,val}.beton.
+
+    Every command also takes DATA as a tree and converts it once into a cache with default
+    options; convert is for choosing them (size, quality) and for a file pair to share.
+    """
+    from refinery_pipeline.dataset import BetonOptions, ImageDataset, convert_tree
+    options = BetonOptions(max_resolution, jpeg_quality, write_mode)
+    written = convert_tree(data, out_dir, options, workers)
+    for path in written:
+        ds = ImageDataset(path)
+        click.echo(f"{path}: {ds.num_images:,} images, {len(ds.classes)} classes, "
+                   f"{path.stat().st_size / 1e6:,.1f} MB")
+    click.echo(f"next: refine precompute {written[0]} labels.zarr --weights REFINERY.pt")
+
+
+@cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_zip", type=click.Path())
 @friendly_errors

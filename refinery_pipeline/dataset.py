@@ -289,3 +289,32 @@ def open_dataset(data, split: str = "train", cache_dir=None,
         write_beton(FileSource(files, labels), beton, options, classes=classes, files=files,
                     num_workers=num_workers)
     return ImageDataset(beton)
+
+
+SPLITS = ("train", "val")
+
+
+def convert_tree(data, out_dir, options: BetonOptions = BetonOptions(),
+                 num_workers: int = 2) -> list:
+    """Write ``DATA/train`` and ``DATA/val`` (or a bare class tree, as train) to
+    ``out_dir/<name>_<split>.beton``, the pair ``refine train`` takes, with their class names.
+
+    The explicit form of what :func:`open_dataset` caches, for the options a large data set
+    wants (FFCV's ImageNet recipe caps the longer side at 256 to 512 px). Existing files are never
+    overwritten: label stores are fingerprinted against them.
+    """
+    data, out_dir = Path(data), Path(out_dir)
+    splits = [s for s in SPLITS if (data / s).is_dir()] or ["train"]
+    targets = {s: out_dir / f"{data.resolve().name}_{s}.beton" for s in splits}
+    for path in targets.values():
+        if path.exists():
+            raise DataSetError(f"{path}: already exists (label stores may be fingerprinted "
+                               "against it); remove it or choose another output folder")
+    scanned = {s: scan_image_folder(split_dir(data, s)) for s in splits}  # all errors first
+    if len({tuple(c) for c, _, _ in scanned.values()}) > 1:
+        raise DataSetError(f"{data}: train and val hold different class folders; give both "
+                           "splits the same classes")
+    for split, (classes, files, labels) in scanned.items():
+        write_beton(FileSource(files, labels), targets[split], options, classes=classes,
+                    files=files, num_workers=num_workers)
+    return list(targets.values())

@@ -220,7 +220,8 @@ def _val_location(data):
     """The validation split: ``DATA/val`` for a tree, ``X_val.beton`` beside ``X_train.beton``."""
     p = Path(data)
     if p.suffix == ".beton":
-        guess = p.with_name(p.name.replace("train", "val"))
+        head, found, tail = p.name.rpartition("train")  # the last one: 'mytrainset_train.beton'
+        guess = p.with_name(head + "val" + tail) if found else p
         if guess == p or not guess.is_file():
             raise RefineryError(f"{p}: cannot find its validation .beton; name the pair "
                                 "'<name>train.beton' and '<name>val.beton', or pass an ImageFolder "

@@ -252,6 +252,25 @@ def make_tree(root, classes=("cat", "dog"), per_class=6, size=(30, 40)):
     return root
 
 
+def test_convert_writes_the_beton_pair_train_takes(tmp_path):
+    """'train' in the folder's name too: the val file is found by the last 'train' only."""
+    from refinery_pipeline.dataset import ImageDataset
+    tree = make_tree(tmp_path / "mytrainset", size=(30, 40))
+    result = run("convert", tree, tmp_path / "betons", "--max-resolution", 20, "--workers", 1)
+    train, val = (tmp_path / "betons" / f"mytrainset_{split}.beton" for split in ("train", "val"))
+    assert f"{train}: 12 images, 2 classes" in result.output and val.is_file()
+    for path in (train, val):
+        ds = ImageDataset(path)
+        assert ds.classes == ["cat", "dog"] and max(ds.max_size) == 20  # 40 px side capped
+    run("train", train, "--arch", "demo_cnn", "--epochs", 1, "--res", 16, "--batch-size", 8,
+        "--workers", 1, "--out", tmp_path / "run")
+    assert (tmp_path / "run" / "model.pt").is_file()
+    before = train.stat().st_mtime_ns
+    result = run("convert", tree, tmp_path / "betons", ok=False)
+    assert_one_line_error(result, str(train), "already exists")
+    assert train.stat().st_mtime_ns == before
+
+
 def test_image_folder_tree_end_to_end(tmp_path, tiny_refinery_ckpt):
     from refinery_pipeline.models import create_model, save_checkpoint
     tree = make_tree(tmp_path / "tree")
