@@ -224,6 +224,27 @@ def inspect(store, as_json):
 @cli.command()
 @click.argument("store")
 @click.argument("data", type=click.Path(exists=True))
+@click.option("--images", default=6, help="how many images (rows), chosen at random")
+@click.option("--crops", default=8, help="stored crops shown per image")
+@click.option("--seed", default=0, help="which images")
+@click.option("--out", default="crops.png", type=click.Path(), help="figure file")
+@click.option("--workers", default=2, help=WORKERS_HELP)
+@click.option("--cache-dir", default=None)
+@friendly_errors
+def show(store, data, images, crops, seed, out, workers, cache_dir):
+    """Draw stored crops of STORE (made from DATA) with their stored labels, as students see them."""
+    from refinery_pipeline.dataset import open_dataset
+    from refinery_pipeline.inspect_store import sample_stored_crops
+    from refinery_pipeline.plots import plot_stored_crops
+    dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
+    sample = sample_stored_crops(dataset, store, images, seed, workers)
+    click.echo(f"{plot_stored_crops(sample, out, crops)}: {len(sample.images)} images x "
+               f"{min(crops, sample.pixels.shape[1])} crops")
+
+
+@cli.command()
+@click.argument("store")
+@click.argument("data", type=click.Path(exists=True))
 @click.option("--weights", required=True, type=click.Path(),
               help="the store's refinery checkpoint, or torchvision weights by name")
 @click.option("--sample-crops", default=20000, help="about this many stored crops are re-labelled")

@@ -1,6 +1,13 @@
-"""``refine inspect``: what a label store holds, computed from the store alone."""
+"""``refine inspect`` and ``refine show``: what a label store holds.
+
+``inspect`` reads the store alone; ``show`` also decodes a few images' stored crops through the
+replay decoder, so the pixels shown are the ones the refinery labelled and a student is shown.
+"""
+from dataclasses import dataclass
+
 import numpy as np
 
+from .errors import RefineryError
 from .label_store import LabelStore
 
 
@@ -47,3 +54,38 @@ def format_summary(s: dict, indent: int = 0) -> str:
         else:
             lines.append(" " * indent + f"{key}: {value}")
     return "\n".join(lines)
+
+
+@dataclass
+class StoredCrops:
+    """A sample of images' stored crops as the student sees them, with their stored labels."""
+
+    images: np.ndarray        # (n,) image indices in the data set
+    pixels: np.ndarray        # (n, K, H, W, 3) uint8 crops
+    topk_indices: np.ndarray  # (n, K, k)
+    topk_probs: np.ndarray    # (n, K, k) float32
+    labels: np.ndarray        # (n,) ground truth
+    classes: list
+
+
+def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
+                        num_workers: int = 2) -> StoredCrops:
+    """Decode ``num_images`` randomly chosen (finished) images' stored boxes and flips."""
+    from .replay import crop_table, multi_crop_loader
+    store = LabelStore.open(location)
+    store.check_matches(dataset.fingerprint())
+    done = np.flatnonzero(store.done_images())
+    if len(done) == 0:
+        raise RefineryError(f"{location}: no finished chunk yet; show it once precompute has "
+                            "written one")
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(done, min(num_images, len(done)), replace=False))
+    arrays = store.read(("boxes", "flips", "topk_indices", "topk_probs", "labels"))
+    table = np.zeros((dataset.num_images, store.layout.crops_per_image, 5), np.int32)
+    table[ids] = crop_table(arrays["boxes"][ids], arrays["flips"][ids])
+    size = store.attrs["refinery"]["input_size"]
+    loader = multi_crop_loader(dataset, table, (size, size), len(ids), ids, num_workers)
+    pixels = np.concatenate([images.numpy().copy() for images, _ in loader])
+    return StoredCrops(ids, pixels, arrays["topk_indices"][ids],
+                       arrays["topk_probs"][ids].astype(np.float32), arrays["labels"][ids],
+                       list(store.attrs["dataset"]["classes"]))

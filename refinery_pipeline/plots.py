@@ -1,4 +1,7 @@
-"""``refine plot``: look at one or several ``refine train`` runs instead of reading their JSON.
+"""Figures to look at instead of reading JSON: training runs (``refine plot``) and a store's
+crops with their labels (``refine show``).
+
+``refine plot`` looks at one or several ``refine train`` runs.
 
 Two panels, one colour per run: validation top-1 (solid) and top-1 on the training crops
 (dashed) per epoch, where the gap between them is the overfitting the paper's refinery reduces;
@@ -113,3 +116,30 @@ def _draw_per_class(ax, run: RunMetrics, order: list[int], colour: str):
     if "train_per_class" in last:
         ax.plot(xs, [last["train_per_class"][c] for c in order], marker="o", linestyle="none",
                 markerfacecolor="none", color=colour)
+
+
+def plot_stored_crops(crops, out: str | os.PathLike, max_crops: int = 8) -> Path:
+    """One row per image: its first ``max_crops`` stored crops, each titled with the stored top-1
+    class and probability, in red where it is not the image's ground-truth class (the crops
+    the paper's refinery relabels)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(crops.images), min(max_crops, crops.pixels.shape[1])
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols + 0.6, 1.6 * rows), squeeze=False)
+    for r in range(rows):
+        truth = int(crops.labels[r])
+        for c in range(cols):
+            ax, top1 = axes[r, c], int(crops.topk_indices[r, c, 0])
+            ax.imshow(crops.pixels[r, c])
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"{crops.classes[top1]} {crops.topk_probs[r, c, 0]:.2f}", fontsize=7,
+                         color="black" if top1 == truth else "red")
+        axes[r, 0].set_ylabel(f"#{crops.images[r]}\n{crops.classes[truth]}", fontsize=7)
+    fig.suptitle("stored crops and their top-1 labels (red: not the image's class)", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -321,6 +321,37 @@ def test_audit_reproduces_a_train_mode_store_exactly(store, tiny_data, tiny_refi
     assert "max 0.00e+00" in result.output
 
 
+def test_show_draws_the_crops_students_are_shown_with_their_labels(store, tiny_data,
+                                                                    tiny_dataset, tmp_path):
+    from refinery_pipeline.inspect_store import sample_stored_crops
+    from refinery_pipeline.replay import ReplayedCrops, make_loader
+    result = run("show", store, tiny_data, "--images", 3, "--crops", 4, "--out",
+                 tmp_path / "crops.png")
+    assert "3 images x 4 crops" in result.output
+    assert (tmp_path / "crops.png").read_bytes()[:4] == b"\x89PNG"
+    sample = sample_stored_crops(tiny_dataset, store, num_images=5, seed=1)
+    arrays = LabelStore.open(store).read()
+    assert np.array_equal(sample.topk_indices, arrays["topk_indices"][sample.images])
+    assert np.array_equal(sample.labels, tiny_dataset.labels[sample.images])
+    # the pixels are the training loader's for the slot it replays
+    crops = ReplayedCrops(arrays["boxes"], arrays["flips"], seed=0)
+    size = LabelStore.open(store).attrs["refinery"]["input_size"]
+    compared = 0
+    for images, rows in make_loader(tiny_dataset, crops, (size, size), 16, 1, seed=0):
+        for image, n in zip(images.numpy(), rows[:, 1].numpy()):
+            if n in sample.images:
+                i = list(sample.images).index(n)
+                assert np.array_equal(image, sample.pixels[i, crops.slots[n]])
+                compared += 1
+    assert compared >= 3
+    from .conftest import _write_split
+    _write_split(tmp_path, "val", 8, seed=5)
+    other = _write_split(tmp_path, "train", 96, seed=6)
+    result = run("show", store, other, "--out", tmp_path / "other.png", ok=False)
+    assert_one_line_error(result, "data set mismatch")
+    assert not (tmp_path / "other.png").exists()
+
+
 def test_audit_flags_labels_from_another_refinery(store, tiny_data, tmp_path):
     import torch
     from refinery_pipeline.models import create_model, save_checkpoint
