@@ -224,8 +224,9 @@ def inspect(store, as_json):
 @cli.command()
 @click.argument("store")
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--images", default=6, help="how many images (rows), chosen at random")
-@click.option("--crops", default=8, help="stored crops shown per image")
+@click.option("--images", default=6, type=click.IntRange(1),
+              help="how many images (rows), chosen at random")
+@click.option("--crops", default=8, type=click.IntRange(1), help="stored crops shown per image")
 @click.option("--seed", default=0, help="which images")
 @click.option("--out", default="crops.png", type=click.Path(), help="figure file")
 @click.option("--workers", default=2, help=WORKERS_HELP)
@@ -238,8 +239,9 @@ def show(store, data, images, crops, seed, out, workers, cache_dir):
     from refinery_pipeline.plots import plot_stored_crops
     dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
     sample = sample_stored_crops(dataset, store, images, seed, workers)
-    click.echo(f"{plot_stored_crops(sample, out, crops)}: {len(sample.images)} images x "
-               f"{min(crops, sample.pixels.shape[1])} crops")
+    shown = min(crops, sample.pixels.shape[1])
+    click.echo(f"{plot_stored_crops(sample, out, crops)}: {len(sample.images)} images x {shown} "
+               f"crop{'' if shown == 1 else 's'}")
 
 
 @cli.command()

@@ -86,6 +86,7 @@ def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
     size = store.attrs["refinery"]["input_size"]
     loader = multi_crop_loader(dataset, table, (size, size), len(ids), ids, num_workers)
     pixels = np.concatenate([images.numpy().copy() for images, _ in loader])
+    pixels = pixels.reshape(len(ids), -1, size, size, 3)  # K = 1 comes without the slot axis
     return StoredCrops(ids, pixels, arrays["topk_indices"][ids],
                        arrays["topk_probs"][ids].astype(np.float32), arrays["labels"][ids],
                        list(store.attrs["dataset"]["classes"]))

@@ -58,6 +58,8 @@ def test_one_crop_per_image_is_a_valid_plan(tiny_data, tiny_refinery_ckpt, tmp_p
     run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 1, "--top-k", 3,
         "--batch-size", 32)
     arrays = LabelStore.open(path).read(("boxes", "topk_indices"))
+    result = run("show", path, tiny_data, "--images", 2, "--out", tmp_path / "k1.png")
+    assert "2 images x 1 crop" in result.output
     assert arrays["boxes"].shape[1:] == (1, 4) and arrays["topk_indices"].shape[1:] == (1, 3)
 
 
