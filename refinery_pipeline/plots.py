@@ -65,8 +65,7 @@ def _recorded_classes(run: Path) -> list[str] | None:
 
 def plot_runs(runs: list[RunMetrics], out: str | os.PathLike) -> Path:
     """Write the two-panel figure for ``runs`` to ``out`` (any format matplotlib writes)."""
-    os.environ.setdefault("MPLBACKEND", "Agg")  # a file, never a window
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     classes = runs[0].classes
     if any(r.classes != classes for r in runs[1:]):
@@ -89,12 +88,7 @@ def plot_runs(runs: list[RunMetrics], out: str | os.PathLike) -> Path:
         per_class.set_xlabel(f"{len(classes)} classes, by the first run's validation accuracy")
     for ax in (curves, per_class):
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _draw_curves(ax, run: RunMetrics) -> str:
@@ -122,8 +116,7 @@ def plot_stored_crops(crops, out: str | os.PathLike, max_crops: int = 8) -> Path
     """One row per image: its first ``max_crops`` stored crops, each titled with the stored top-1
     class and probability, in red where it is not the image's ground-truth class (the crops
     the paper's refinery relabels)."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows, cols = len(crops.images), min(max_crops, crops.pixels.shape[1])
     fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols + 0.6, 1.6 * rows), squeeze=False)
@@ -137,9 +130,20 @@ def plot_stored_crops(crops, out: str | os.PathLike, max_crops: int = 8) -> Path
                          color="black" if top1 == truth else "red")
         axes[r, 0].set_ylabel(f"#{crops.images[r]}\n{crops.classes[truth]}", fontsize=7)
     fig.suptitle("stored crops and their top-1 labels (red: not the image's class)", fontsize=9)
-    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _pyplot():
+    """matplotlib's pyplot drawing into files, never a window (no display on servers)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
