@@ -128,12 +128,15 @@ class StudentRuns:
             common += ["--precise-bn", str(args.precise_bn)]
         return cls(Path(args.work), common, args.epochs, args.jobs, collect_only)
 
+    def run_dir(self, run: dict) -> Path:
+        """Where a run (a name and a seed) trains: the same place for every script."""
+        name = run["name"].replace(" ", "_").replace("=", "").replace(",", "")
+        return self.work / "students" / f"{name}_seed{run['seed']}"
+
     def train(self, run: dict) -> dict | None:
         """Train one student unless its model.pt exists; return the run with its final metrics
         (None for a run that is not finished when only collecting)."""
-        name = run["name"].replace(" ", "_").replace("=", "").replace(",", "")
-        name += f"_seed{run['seed']}"
-        out = self.work / "students" / name
+        out = self.run_dir(run)
         if self.collect_only:
             # A run is finished once its wall time is recorded; run directories copied back from
             # another machine carry metrics and seconds without the (large) checkpoints.
@@ -145,7 +148,7 @@ class StudentRuns:
                 ["refine", "train", *self.common, "--out", str(out), "--epochs", str(self.epochs),
                  "--seed", str(run["seed"]), "--eval-every", str(self.epochs), "--resume",
                  *run["options"]],
-                self.work / "logs" / f"{name}.log", threads=self.threads)
+                self.work / "logs" / f"{out.name}.log", threads=self.threads)
             (out / "seconds").write_text(f"{seconds}\n")
         m = final_metrics(out)
         row = {k: v for k, v in run.items() if k != "options"}
