@@ -26,10 +26,12 @@
 #      truth and online students)
 #  10. stored classes per crop and the rest policy (top_k_rest.py, K = EPOCHS, top-k 2 5 10;
 #      reuses stage 9's online students)
+#  11. chained refineries (generations.py, 2 generations, seeds 0 1; generation 0 is stage 8's
+#      ground-truth students)
 # Rerunning on the same machine reuses finished work (runs/gpu), and SKIP="loader_w16 fidelity"
 # leaves out stages by name, so a suite cut short by a time limit continues in a second call.
 # On an H200 stages 1-5 and 7 need about 10 minutes, stage 6 about 1 (estimated), stage 8 about 3,
-# stage 9 about 4 and stage 10 about 5; results: README, "Results".
+# stage 9 about 4, stage 10 about 5 and stage 11 about 2 (estimated); results: README, "Results".
 #
 # On a lent machine without this package installed, put it on the path first, e.g.
 #   export PYTHONPATH=$PWD; printf '#!/bin/sh\nexec python3 -m cli.main "$@"\n' >/tmp/bin/refine
@@ -130,4 +132,7 @@ stage adversarial 60 python3 benchmarks/adversarial_jitter.py "$DATA" --refinery
 stage top_k_rest 60 python3 benchmarks/top_k_rest.py "$DATA" --refinery $REFINERY \
   --work $W/modes --res "$RES" --epochs "$EPOCHS" --batch-size 256 --lr 0.4 -K "$EPOCHS" \
   --top-ks 2 5 10 --seeds 0 1 --jobs "$JOBS" --workers "$STUDENT_WORKERS" --tag top_k_rest_gpu
+stage generations 60 python3 benchmarks/generations.py "$DATA" --work $W/modes --res "$RES" \
+  --epochs "$EPOCHS" --batch-size 256 --lr 0.4 --generations 2 --seeds 0 1 --jobs 2 \
+  --workers "$STUDENT_WORKERS" --tag generations_gpu
 echo "[suite] done with $(left)s to spare"
