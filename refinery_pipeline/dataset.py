@@ -80,7 +80,7 @@ class ImageDataset:
 
     @property
     def classes(self) -> list:
-        if "classes" in self.meta:
+        if self.meta.get("classes") is not None:  # written without names: null in the sidecar
             return list(self.meta["classes"])
         return [str(c) for c in range(int(self.labels.max()) + 1)]
 

@@ -176,11 +176,17 @@ def _check_classes(weights, saved_count: int, saved_names: list, classes: list):
         raise CheckpointError(f"{weights}: these weights predict {saved_count} classes but the "
                               f"data set has {len(classes)}; use a refinery trained on these "
                               "classes")
-    if saved_names is not None and list(saved_names) != list(classes):
+    if _named(saved_names) and _named(classes) and list(saved_names) != list(classes):
         i = next(i for i, (a, b) in enumerate(zip(saved_names, classes)) if a != b)
         raise CheckpointError(f"{weights}: output {i} is class {saved_names[i]!r} but the data "
                               f"set's class {i} is {classes[i]!r}; use a refinery trained on these "
                               "classes (same class folders)")
+
+
+def _named(classes: list) -> bool:
+    """Whether ``classes`` are names: a .beton written without them numbers its classes "0",
+    "1", ..., which says nothing about which class is which."""
+    return classes is not None and list(classes) != [str(i) for i in range(len(classes))]
 
 
 # torchvision's reference scripts name pretrained weights as <Enum>.<member>

@@ -238,6 +238,14 @@ def test_refinery_for_other_classes_is_refused(tiny_data, tmp_path):
     assert not (tmp_path / "s.zarr").exists()
     result = run("train", tiny_data, "--teacher", ckpt, "--out", tmp_path / "run", ok=False)
     assert_one_line_error(result, str(ckpt), message)
+    # a .beton written without class names numbers them: only the count can be checked
+    from refinery_pipeline.dataset import ArraySource, ImageDataset, write_beton
+    from refinery_pipeline.synthetic import make_shapes
+    shapes = make_shapes(40, 40, seed=3)
+    unnamed = tmp_path / "unnamed_train.beton"
+    write_beton(ArraySource(shapes.images, shapes.labels), unnamed, num_workers=1)
+    assert ImageDataset(unnamed).classes == [str(i) for i in range(10)]
+    run("precompute", unnamed, tmp_path / "u.zarr", "--weights", ckpt, "-K", 1, "--top-k", 2)
 
 
 def make_tree(root, classes=("cat", "dog"), per_class=6, size=(30, 40)):
