@@ -158,15 +158,6 @@ def load_trained_model(weights, arch: str = None, classes: list = None):
     return model, ckpt
 
 
-def recorded_input_size(weights) -> int:
-    """The crop size ``weights`` were trained at, if they record it (torchvision's and
-    ``refine train``'s do; a bare state_dict does not)."""
-    pretrained = torchvision_weights(weights)
-    if pretrained is not None:
-        return pretrained.transforms().crop_size[0]
-    return load_checkpoint(weights).get("input_size")
-
-
 def _check_classes(weights, saved_count: int, saved_names: list, classes: list):
     """Refuse a model whose outputs mean other classes than the data set's: a label store made
     with it would be silently wrong. A bare state_dict names no classes; its count must fit."""
@@ -232,7 +223,7 @@ def _load_torchvision_weights(weights, name: str, arch: str, classes: list):
     normalization = {key: [round(255 * v, 3) for v in getattr(transform, key)]
                      for key in ("mean", "std")}
     return model, {"arch": own_arch, "num_classes": len(categories), "file": file,
-                   "input_size": recorded_input_size(name), "normalization": normalization}
+                   "input_size": transform.crop_size[0], "normalization": normalization}
 
 
 _WNID = re.compile(r"n\d{8}")

@@ -88,12 +88,13 @@ def load_data(cfg: TrainConfig, device):
         raise RefineryError(f"{val_ds.path}: validation classes differ from the training classes; "
                             "give both splits the same class folders")
     store = _open_store(cfg, train_ds)
-    res = cfg.res or _default_res(cfg, store)
+    teacher = _online_refinery(cfg, train_ds.classes, store, device)
+    res = cfg.res or _default_res(store, teacher)
     _warn_if_resampled(cfg, store, res)
     _warn_if_crops_overused(cfg, store)
     _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
     crops, arrays = _crop_source(cfg, train_ds, store)
-    targets = _target_source(cfg, train_ds.classes, res, device, crops, arrays)
+    targets = _target_source(cfg, len(train_ds.classes), device, crops, arrays, teacher)
     # --allow-partial: train only on images whose chunk is done
     indices = None
     if store is not None and cfg.allow_partial:
@@ -115,13 +116,23 @@ def _open_store(cfg: TrainConfig, train_ds):
     return store
 
 
-def _default_res(cfg: TrainConfig, store) -> int:
+def _online_refinery(cfg: TrainConfig, classes: list, store, device):
+    """The ``--teacher`` refinery (None without one), loaded once: its recorded input size is
+    also the default crop size."""
+    if cfg.teacher is None:
+        return None
+    from .refinery import Refinery
+    size = cfg.res or (store.attrs["refinery"]["input_size"] if store is not None else None)
+    return Refinery.from_checkpoint(cfg.teacher, classes=classes, input_size=size,
+                                    bn_mode=cfg.teacher_bn, device=device, compile=cfg.compile)
+
+
+def _default_res(store, teacher) -> int:
     """Crop size: the store's (so replayed pixels are the labelled pixels), the teacher's, 224."""
     if store is not None:
         return store.attrs["refinery"]["input_size"]
-    if cfg.teacher is not None:
-        from .models import recorded_input_size
-        return recorded_input_size(cfg.teacher) or 224
+    if teacher is not None:
+        return teacher.input_size  # the checkpoint's, else 224
     return 224
 
 
@@ -197,14 +208,10 @@ def _fresh_crops(cfg: TrainConfig, train_ds) -> FreshCrops:
     return FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths)
 
 
-def _target_source(cfg: TrainConfig, classes: list, res: int, device, crops, arrays):
+def _target_source(cfg: TrainConfig, num_classes: int, device, crops, arrays, teacher):
     """Ground truth, stored labels (dynamic or static) or an online teacher; hard if asked."""
-    num_classes = len(classes)
-    if cfg.teacher is not None:
-        from .refinery import Refinery
-        source = OnlineTargets(Refinery.from_checkpoint(cfg.teacher, classes=classes,
-                                                        input_size=res, bn_mode=cfg.teacher_bn,
-                                                        device=device, compile=cfg.compile))
+    if teacher is not None:
+        source = OnlineTargets(teacher)
     elif arrays is None:
         return GroundTruthTargets(num_classes, cfg.label_smoothing)
     elif cfg.label_mode == "static":
