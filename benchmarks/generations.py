@@ -44,7 +44,8 @@ def generation_name(g: int) -> str:
 
 def run_chain(args, students: StudentRuns, seed: int) -> list[dict]:
     """Generation 0 on ground truth, then each generation on a store labelled by the one before."""
-    rows = [students.train({"name": generation_name(0), "seed": seed, "options": []})]
+    rows = [{**students.train({"name": generation_name(0), "seed": seed, "options": []}),
+             "generation": 0}]
     for g in range(1, args.generations + 1):
         refinery = students.run_dir({"name": generation_name(g - 1), "seed": seed}) / "model.pt"
         store = students.work / "stores" / f"generation{g}_seed{seed}.zarr"
@@ -56,7 +57,6 @@ def run_chain(args, students: StudentRuns, seed: int) -> list[dict]:
         row = students.train({"name": generation_name(g), "seed": seed,
                               "options": ["--labels", str(store)]})
         rows.append({**row, "generation": g, "precompute_seconds": seconds})
-    rows[0]["generation"] = 0
     return rows
 
 
