@@ -80,13 +80,12 @@ def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
                             "written one")
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(done, min(num_images, len(done)), replace=False))
-    arrays = store.read(("boxes", "flips", "topk_indices", "topk_probs", "labels"))
+    rows = store.read_images(ids, ("boxes", "flips", "topk_indices", "topk_probs", "labels"))
     table = np.zeros((dataset.num_images, store.layout.crops_per_image, 5), np.int32)
-    table[ids] = crop_table(arrays["boxes"][ids], arrays["flips"][ids])
+    table[ids] = crop_table(rows["boxes"], rows["flips"])
     size = store.attrs["refinery"]["input_size"]
     loader = multi_crop_loader(dataset, table, (size, size), len(ids), ids, num_workers)
     pixels = np.concatenate([images.numpy().copy() for images, _ in loader])
     pixels = pixels.reshape(len(ids), -1, size, size, 3)  # K = 1 comes without the slot axis
-    return StoredCrops(ids, pixels, arrays["topk_indices"][ids],
-                       arrays["topk_probs"][ids].astype(np.float32), arrays["labels"][ids],
-                       list(store.attrs["dataset"]["classes"]))
+    return StoredCrops(ids, pixels, rows["topk_indices"], rows["topk_probs"].astype(np.float32),
+                       rows["labels"], list(store.attrs["dataset"]["classes"]))

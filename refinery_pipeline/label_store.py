@@ -203,6 +203,10 @@ class LabelStore:
         """Load whole arrays into memory (one pass; remote latency never reaches training)."""
         return {name: self.group[name][:] for name in names}
 
+    def read_images(self, images: np.ndarray, names=CROP_ARRAYS) -> dict:
+        """The rows of ``images`` only: reads just the chunks that hold them."""
+        return {name: self.group[name].oindex[np.asarray(images)] for name in names}
+
     def require_complete(self, allow_partial: bool = False):
         done = self.done_chunks()
         if not done.all() and not allow_partial:
