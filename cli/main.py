@@ -50,10 +50,12 @@ def cli():
 @click.argument("data", type=click.Path(exists=True))
 @click.argument("store", type=click.Path())
 @click.option("--refinery", "arch", default=None,
-              help="torchvision architecture; read from the checkpoint when omitted")
+              help="architecture: a torchvision name, or timm's (timm/NAME; a name both have is "
+                   "torchvision's); read from the checkpoint when omitted")
 @click.option("--weights", required=True, type=click.Path(),
-              help="refinery checkpoint (a `refine train` model.pt or a state_dict), or "
-                   "torchvision weights by name, e.g. ResNet50_Weights.IMAGENET1K_V2")
+              help="refinery checkpoint (a `refine train` model.pt, a state_dict, or a "
+                   "torchvision-reference or timm training checkpoint), or torchvision weights by "
+                   "name, e.g. ResNet50_Weights.IMAGENET1K_V2")
 @click.option("--crops-per-image", "-K", default=DEFAULT_CROPS_PER_IMAGE, show_default=True,
               help="crops sampled per image; a student of E epochs needs K >= E for parity")
 @click.option("--top-k", default=DEFAULT_TOP_K,
@@ -61,7 +63,8 @@ def cli():
                    "accuracy against an online refinery: see README, choosing K and top-k)")
 @click.option("--seed", default=0, help="crop plan seed")
 @click.option("--input-size", default=None, type=int,
-              help="crop size fed to the refinery [default: the checkpoint's]")
+              help="crop size fed to the refinery [default: the checkpoint's; required when it "
+                   "records none, e.g. a bare state_dict]")
 @click.option("--bn-mode", type=click.Choice(["train", "eval"]), default="train",
               help="refinery BatchNorm mode (paper: train)")
 @click.option("--temperature", default=1.0, help="softmax temperature")
@@ -110,7 +113,9 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--labels", default="none", help="label store, or 'none' for ground truth")
 @click.option("--out", "out_dir", default="runs/student", type=click.Path())
-@click.option("--arch", default="resnet18", help="torchvision architecture of the student")
+@click.option("--arch", default="resnet18",
+              help="student architecture: a torchvision name, or timm's (timm/NAME, needs "
+                   "refinery[timm]; a name both have is torchvision's)")
 @click.option("--epochs", default=16)
 @click.option("--batch-size", default=256)
 @click.option("--lr", default=0.4)

@@ -1,9 +1,10 @@
-"""Models by torchvision name (plus one tiny CNN for the CPU demo) and self-describing checkpoints.
+"""Models by torchvision or timm name (plus one tiny CNN for the CPU demo) and checkpoints.
 
 A checkpoint written by ``refine train`` records its architecture, classes, input size and
 normalisation, so it loads as the next refinery with no extra flags. torchvision's pretrained
 weights load by the name its reference scripts take (``--weights ResNet50_Weights.IMAGENET1K_V2``),
-with the same facts read from the weights' metadata.
+with the same facts read from the weights' metadata. Checkpoints of torchvision's and timm's
+training scripts load too, with whatever of those facts they record.
 """
 import hashlib
 import os
@@ -34,22 +35,123 @@ def demo_cnn(num_classes: int, width: int = 16) -> nn.Module:
 
 
 LOCAL_MODELS = {"demo_cnn": demo_cnn, "demo_cnn_wide": lambda num_classes: demo_cnn(num_classes, 32)}
+# timm's models are named timm/NAME wherever a name must say which library builds it
+TIMM_PREFIX = "timm/"
 
 
 def available_models() -> list:
-    import torchvision
-    return sorted(LOCAL_MODELS) + sorted(torchvision.models.list_models(torchvision.models))
+    """Every architecture name :func:`create_model` takes: ours, torchvision's, then timm's
+    (prefixed, when timm is installed)."""
+    timm = _timm()
+    timm_names = [TIMM_PREFIX + name for name in timm.list_models()] if timm else []
+    return sorted(LOCAL_MODELS) + sorted(_torchvision_models()) + timm_names
+
+
+def resolve_arch(arch: str) -> str:
+    """The canonical name of ``arch``, as checkpoints and label stores record it.
+
+    Several names exist in both torchvision and timm (``resnet50``, ``convnext_tiny``) for
+    different networks whose weights do not fit each other, so one order decides: our demo
+    models, then torchvision, then timm. ``timm/NAME`` always means timm's NAME, and a timm name
+    torchvision lacks (``resnet18d``) is recorded as ``timm/resnet18d``, so a recorded name
+    rebuilds the same network whatever the order.
+
+    Parameters
+    ----------
+    arch : str
+        ``demo_cnn``, a torchvision classification model name, ``timm/NAME`` or a timm name.
+
+    Returns
+    -------
+    str
+        ``arch`` itself, or ``timm/`` + ``arch`` for a timm name given without the prefix.
+
+    Raises
+    ------
+    CheckpointError
+        Unknown to both libraries, or a timm name without timm installed.
+    """
+    if arch in LOCAL_MODELS or (not arch.startswith(TIMM_PREFIX) and arch in _torchvision_models()):
+        return arch
+    name = arch[len(TIMM_PREFIX):] if arch.startswith(TIMM_PREFIX) else arch
+    timm = _timm()
+    if timm is not None and timm.is_model(name):
+        return TIMM_PREFIX + name
+    if timm is None and arch.startswith(TIMM_PREFIX):
+        raise CheckpointError(f"architecture {arch!r} is timm's and timm is not installed; "
+                              "pip install refinery[timm]")
+    hint = ("or a timm one such as resnet18d or timm/convnext_tiny" if timm is not None else
+            "or, for timm's models, pip install refinery[timm]")
+    raise CheckpointError(f"unknown architecture {arch!r}; use a torchvision classification model "
+                          f"name such as resnet18, resnet50 or mobilenet_v2, {hint}")
 
 
 def create_model(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised model by torchvision name (``resnet18``, ``mobilenet_v2``, ...)."""
+    """A randomly initialised model by name: ``demo_cnn``, torchvision's (``resnet18``,
+    ``mobilenet_v2``, ...) or timm's (``timm/convnext_tiny``, ``resnet18d``), resolved by
+    :func:`resolve_arch`."""
+    name = resolve_arch(arch)
+    if name in LOCAL_MODELS:
+        return LOCAL_MODELS[name](num_classes)
+    if name.startswith(TIMM_PREFIX):
+        return _timm().create_model(name[len(TIMM_PREFIX):], pretrained=False,
+                                    num_classes=num_classes)
     import torchvision
-    if arch in LOCAL_MODELS:
-        return LOCAL_MODELS[arch](num_classes)
-    if arch not in torchvision.models.list_models(torchvision.models):
-        raise CheckpointError(f"unknown architecture {arch!r}; use a torchvision classification "
-                              "model name such as resnet18, resnet50 or mobilenet_v2")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _torchvision_models() -> list:
+    import torchvision
+    return torchvision.models.list_models(torchvision.models)
+
+
+def _timm():
+    """The timm module, or None: timm is an optional extra (``pip install refinery[timm]``)."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+def check_input_size(arch: str, res: int):
+    """Refuse ``res`` px inputs for an architecture that cannot take them, before training time
+    is spent: torchvision's ViTs take only their ``image_size``, MaxViT only some sizes.
+
+    One forward pass of a zero image decides, first on the meta device (shapes only, well under
+    a second even for a ViT-H) and, where that fails, again on the CPU: a few models use
+    operations meta tensors lack, and only a real failure is the model's.
+
+    Parameters
+    ----------
+    arch : str
+        The student's architecture (``--arch``).
+    res : int
+        Its crop size (``--res``).
+
+    Raises
+    ------
+    CheckpointError
+        ``arch`` is unknown, or its forward pass fails at ``res`` px.
+    """
+    resolve_arch(arch)  # an unknown name is its own error, not a size problem
+    problem = _forward_problem(arch, res, "meta") and _forward_problem(arch, res, "cpu")
+    if problem:
+        raise CheckpointError(f"--arch {arch} does not accept {res} px inputs ({problem}); pass "
+                              "--res N with a size it takes")
+
+
+def _forward_problem(arch: str, res: int, device: str):
+    """The first line of what building ``arch`` and one forward pass at ``res`` px raise on
+    ``device``, or None. Eval mode: batch statistics of one image are no test of the size."""
+    try:
+        with torch.device(device), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torchvision's init-weights FutureWarnings
+            create_model(arch, 2).eval()(torch.zeros(1, 3, res, res))
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        return lines[0] if lines else type(exc).__name__
+    return None
 
 
 def batchnorm_layers(model: nn.Module) -> list:
@@ -100,7 +202,7 @@ def save_checkpoint(path, model: nn.Module, arch: str, classes, input_size: int,
     """Write atomically: a crash mid-save never leaves a truncated checkpoint behind."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    state = {"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": len(classes),
+    state = {"format": CHECKPOINT_FORMAT, "arch": resolve_arch(arch), "num_classes": len(classes),
              "classes": list(classes), "input_size": int(input_size),
              "normalization": IMAGENET_NORMALIZATION, "model": model.state_dict(), **extra}
     path = Path(path)
@@ -109,8 +211,33 @@ def save_checkpoint(path, model: nn.Module, arch: str, classes, input_size: int,
     os.replace(tmp, path)
 
 
-def load_checkpoint(path) -> dict:
-    """Load a checkpoint; a bare ``state_dict`` is accepted too (it then lacks arch and classes)."""
+def load_checkpoint(path, ema: bool = False) -> dict:
+    """Load a checkpoint as a dict with the weights under ``model``, whoever wrote it.
+
+    Models trained elsewhere are refineries too, with no conversion step: besides ``refine
+    train``'s own format this takes a bare ``state_dict``, torchvision's classification reference
+    scripts' checkpoints (``model``, ``args``) and timm's train script's (``state_dict``, ``arch``,
+    ``args``), each possibly saved from DDP (``module.``) or torch.compile (``_orig_mod.``).
+    Foreign layouts give what they record of ``arch`` and ``input_size``; no classes.
+
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint file.
+    ema : bool
+        Take the EMA weights those scripts keep beside the plain ones (``model_ema``,
+        ``state_dict_ema``) instead of the plain ones.
+
+    Returns
+    -------
+    dict
+        ``model`` (a state_dict), and ``arch`` and ``input_size`` where known.
+
+    Raises
+    ------
+    CheckpointError
+        No such file, not a PyTorch file, or no (EMA) weights inside.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -122,29 +249,132 @@ def load_checkpoint(path) -> dict:
             from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return state
-    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return {"model": state}
-    raise CheckpointError(f"{path}: not a model checkpoint (no state_dict inside); pass a file "
-                          "written by `refine train` or torch.save(model.state_dict())")
+    if _is_state_dict(state) and not ema:
+        return {"model": strip_wrapper_prefixes(state)}
+    key = next((k for k in _WEIGHTS_KEYS[ema] if _is_state_dict(state.get(k))), None) \
+        if isinstance(state, dict) else None
+    if key is None and ema:
+        raise CheckpointError(f"{path}: no EMA weights inside (no {' or '.join(_WEIGHTS_KEYS[ema])}"
+                              "); load the plain weights instead")
+    if key is None:
+        raise CheckpointError(f"{path}: not a model checkpoint (no state_dict inside); pass a file "
+                              "written by `refine train`, torch.save(model.state_dict()), or "
+                              "torchvision's or timm's training scripts")
+    return _training_script_checkpoint(state, key)
 
 
-def load_trained_model(weights, arch: str = None, classes: list = None):
+# where training scripts keep the weights: torchvision's references, timm's train.py
+_WEIGHTS_KEYS = {False: ("model", "state_dict"), True: ("model_ema", "state_dict_ema")}
+# DDP and torch.compile wrap a model as .module / ._orig_mod, and its state_dict keys with it
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and bool(value) and \
+        all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """``state_dict`` keyed as the bare model names its tensors.
+
+    A model saved from DDP has every key under ``module.``, one saved from torch.compile under
+    ``_orig_mod.`` (both, in either order, when both wrap it). A prefix goes only when every key
+    has it, so a model whose own first submodule is called ``module`` keeps its names.
+
+    Parameters
+    ----------
+    state_dict : dict
+        Tensor name -> tensor.
+
+    Returns
+    -------
+    dict
+        The same tensors, prefixes removed (the same dict when there are none).
+    """
+    while True:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)),
+                      None)
+        if prefix is None:
+            return state_dict
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+
+
+def _training_script_checkpoint(state: dict, key: str) -> dict:
+    """The weights under ``key`` with the arch, crop size and normalisation the script's
+    ``args`` record (torchvision's references always normalise with ImageNet statistics)."""
+    weights = {k: v for k, v in state[key].items() if k != "n_averaged"}  # torchvision's EMA
+    args = state.get("args")
+    if key.startswith("state_dict"):
+        arch = _timm_arch(state, args)
+        facts = _timm_data_config(arch, args) if args is not None else {}
+    else:
+        arch = _arg(args, "model") or state.get("arch")
+        facts = {"input_size": _recorded_input_size(args)}
+    ckpt = {"model": strip_wrapper_prefixes(weights),
+            **{k: v for k, v in facts.items() if v is not None}}
+    return {**ckpt, "arch": arch} if isinstance(arch, str) else ckpt
+
+
+def _timm_arch(state: dict, args):
+    """timm's saver records ``args.model`` as ``arch``; without ``args`` it records the model's
+    class name (``resnet``), which names no model. Prefixed: timm's resnet50 is not
+    torchvision's."""
+    name = _arg(args, "model") or state.get("arch")
+    timm = _timm()
+    if not isinstance(name, str) or (args is None and not (timm and timm.is_model(name))):
+        return None
+    return name if name.startswith(TIMM_PREFIX) else TIMM_PREFIX + name
+
+
+def _timm_data_config(arch: str, args) -> dict:
+    """Crop size and normalisation as timm's train script chose them: from its ``args``, else
+    from the model's pretrained config, as its ``resolve_data_config`` does (a ViT normalises
+    with mean = std = 0.5, not ImageNet's statistics)."""
+    timm = _timm()
+    cfg = timm.models.get_pretrained_cfg(arch[len(TIMM_PREFIX):]) if timm and arch else None
+    size = _recorded_input_size(args) or (cfg.input_size[-1] if cfg else None)
+    mean, std = (_arg(args, name) or (getattr(cfg, name) if cfg else None)
+                 for name in ("mean", "std"))
+    if not (mean and std and len(mean) == len(std) == 3):
+        return {"input_size": size}
+    return {"input_size": size, "normalization": {"mean": [round(255 * v, 3) for v in mean],
+                                                  "std": [round(255 * v, 3) for v in std]}}
+
+
+def _recorded_input_size(args):
+    """The crop size a training script's ``args`` record, or None.
+
+    torchvision's ``val_crop_size`` first, the size its published weights are described by
+    (trained at 176, evaluated at 224 for ResNet50_Weights.IMAGENET1K_V2), then
+    ``train_crop_size``; timm's ``input_size`` (C, H, W), then ``img_size``.
+    """
+    for name in ("val_crop_size", "train_crop_size", "input_size", "img_size"):
+        value = _arg(args, name)
+        if isinstance(value, (list, tuple)) and value:
+            value = value[-1]
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _arg(args, name: str):
+    """``args.name`` of an argparse Namespace (or a dict of them, as some scripts save)."""
+    return args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+
+
+def load_trained_model(weights, arch: str = None, classes: list = None, ema: bool = False):
     """``(model, checkpoint)`` from ``weights``: a checkpoint file, or a torchvision weights name.
 
     ``arch`` and the data set's ``classes`` must agree with what the weights record; the
-    checkpoint's ``file`` is what identifies the weights (its SHA-256 goes into label stores).
+    checkpoint's ``file`` is what identifies the weights (its SHA-256 goes into label stores),
+    and its ``arch`` is the canonical name (:func:`resolve_arch`). ``ema``: see
+    :func:`load_checkpoint`.
     """
     pretrained = torchvision_weights(weights)
     if pretrained is not None:
         return _load_torchvision_weights(pretrained, str(weights), arch, classes)
-    ckpt = load_checkpoint(weights)
-    arch = arch or ckpt.get("arch")
-    if arch is None:
-        raise CheckpointError(f"{weights}: a bare state_dict does not name its architecture; "
-                              "pass --refinery ARCH")
-    if ckpt.get("arch") not in (None, arch):
-        raise CheckpointError(f"{weights}: checkpoint is a {ckpt['arch']}, not a {arch}; drop "
-                              f"--refinery or pass --refinery {ckpt['arch']}")
+    ckpt = load_checkpoint(weights, ema)
+    arch = _checkpoint_arch(weights, arch, ckpt.get("arch"))
     saved_classes = ckpt.get("num_classes") or _head_size(ckpt["model"])
     _check_classes(weights, saved_classes, ckpt.get("classes"), classes)
     model = create_model(arch, saved_classes if classes is None else len(classes))
@@ -156,6 +386,22 @@ def load_trained_model(weights, arch: str = None, classes: list = None):
                               "architecture they were trained with") from None
     ckpt.update(arch=arch, file=Path(weights))
     return model, ckpt
+
+
+def _checkpoint_arch(weights, asked: str, saved: str) -> str:
+    """The canonical architecture of a checkpoint: the one it records, or ``asked``
+    (``--refinery``) where it records none; both given, they must name the same network."""
+    try:
+        asked, saved = (resolve_arch(a) if a else None for a in (asked, saved))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{weights}: {exc}") from None
+    if asked is None and saved is None:
+        raise CheckpointError(f"{weights}: the checkpoint does not name its architecture; pass "
+                              "--refinery ARCH")
+    if None not in (asked, saved) and asked != saved:
+        raise CheckpointError(f"{weights}: checkpoint is a {saved}, not a {asked}; drop "
+                              f"--refinery or pass --refinery {saved}")
+    return asked or saved
 
 
 def _check_classes(weights, saved_count: int, saved_names: list, classes: list):

@@ -12,10 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CheckpointError
 from .models import (IMAGENET_NORMALIZATION, batchnorm_layers, file_sha256, load_trained_model,
                      normalize, to_pixels)
 
 BN_MODES = ("train", "eval")
+
+
+def _input_size(weights, asked: int, ckpt: dict) -> int:
+    """The refinery's crop size: ``asked``, else the checkpoint's. Never a guess: a network
+    labels crops of another size than it was trained at worse, and silently so, and the size
+    also becomes the store's and so its students'."""
+    size = asked or ckpt.get("input_size")
+    if not size:
+        raise CheckpointError(f"{weights}: the checkpoint records no input size; pass the size "
+                              "it was trained at, --input-size N (refine precompute) or --res N "
+                              "(refine train --teacher)")
+    return int(size)
 
 
 def set_bn_mode(model: nn.Module, bn_mode: str) -> nn.Module:
@@ -61,10 +74,12 @@ class Refinery:
     @classmethod
     def from_checkpoint(cls, weights, arch: str = None, classes: list = None,
                         input_size: int = None, **kwargs) -> "Refinery":
-        """Load weights: a ``refine train`` checkpoint (needs no ``arch``), a ``state_dict``, or
-        torchvision's pretrained weights by name; they must predict the data set's ``classes``."""
+        """Load weights: a ``refine train`` checkpoint (needs no ``arch``), a ``state_dict``, a
+        torchvision or timm training checkpoint, or torchvision's pretrained weights by name;
+        they must predict the data set's ``classes``. ``input_size`` overrides the checkpoint's
+        and is required where it records none."""
         model, ckpt = load_trained_model(weights, arch, classes)
-        size = input_size or ckpt.get("input_size") or 224
+        size = _input_size(weights, input_size, ckpt)
         return cls(model, ckpt["arch"], file_sha256(ckpt["file"]), size,
                    normalization=ckpt.get("normalization", IMAGENET_NORMALIZATION), **kwargs)
 
