@@ -35,8 +35,8 @@ def stock_loader(dataset, res, batch_size, workers, seed):
 
 def epoch_rate(loader) -> float:
     start, seen = time.perf_counter(), 0
-    for images, _ in loader:
-        seen += images.shape[0]
+    for batch in loader:  # a CropBatch or stock FFCV's (images, labels): images come first
+        seen += batch[0].shape[0]
     return seen / (time.perf_counter() - start)
 
 

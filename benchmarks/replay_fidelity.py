@@ -26,6 +26,7 @@ from refinery_pipeline.crop_plan import CropPlan
 from refinery_pipeline.dataset import open_dataset
 from refinery_pipeline.label_store import LabelStore
 from refinery_pipeline.precompute import precompute, software_versions
+from refinery_pipeline.models import to_pixels
 from refinery_pipeline.refinery import Refinery
 from refinery_pipeline.replay import ReplayedCrops, make_loader
 from refinery_pipeline.targets import OnlineTargets, StoredTargets
@@ -35,24 +36,23 @@ from refinery_pipeline.train import resolve_device
 def compare_epochs(dataset, store_path: Path, refinery: Refinery, epochs: int, batch_size: int,
                    workers: int) -> dict:
     """Stored vs online targets over ``epochs`` epochs of the student's replay loader."""
-    arrays = LabelStore.open(store_path).read()
+    records = LabelStore.open(store_path).read_crops()
     classes = len(dataset.classes)
-    crops = ReplayedCrops(arrays["boxes"], arrays["flips"], seed=0)
-    cached = StoredTargets(arrays["topk_indices"], arrays["topk_probs"], classes,
-                           refinery.device, crops=crops)
+    crops = ReplayedCrops(records.boxes, records.flips, seed=0)
+    cached = StoredTargets(records.topk_indices, records.topk_probs, classes, refinery.device)
     online = OnlineTargets(refinery)
     size = (refinery.input_size, refinery.input_size)
     loader = make_loader(dataset, crops, size, batch_size, workers, train=True, seed=0)
     same_top1, errors, slots = [], [], set()
     for epoch in range(epochs):
         loader.next_epoch = epoch
-        for images, rows in loader:
-            indices = rows[:, 1].to(refinery.device)
-            stored = cached(None, indices, images)
-            fresh = online(None, indices, images)
+        for batch in loader:
+            slots.update(batch.slots.unique().tolist())  # on the host: no device sync
+            pixels = to_pixels(batch.images, refinery.device)
+            batch = batch.to(refinery.device)
+            stored, fresh = cached(batch, pixels), online(batch, pixels)
             same_top1.append((stored.argmax(1) == fresh.argmax(1)).cpu())
             errors.append((stored - fresh).abs().max(1).values.cpu())
-        slots.update(np.unique(crops.slots).tolist())  # this epoch's slots, set when it began
     same, err = torch.cat(same_top1).float(), torch.cat(errors)
     return {"crops": int(same.numel()), "slots_visited": sorted(slots),
             "top1_agreement": same.mean().item(), "max_probability_error": err.max().item(),

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .crop_plan import CropPlan
 from .errors import StoreMismatchError
 from .label_store import LabelStore
-from .precompute import Batching, build_crop_table, label_loader_batch
+from .crop_batch import as_numpy_indices
+from .label_store import Batching
+from .precompute import build_crop_table, label_loader_batch
 from .replay import multi_crop_loader
 
 
@@ -53,22 +54,21 @@ def audit_store(dataset, location, refinery, sample_crops: int = 20000, seed: in
         raise StoreMismatchError(f"{location}: refinery differs from the one that wrote the store "
                                  f"in {diff}; pass the weights that wrote it (SHA-256 "
                                  f"{recorded['weights_sha256'][:16]}...)")
-    lay, plan = store.layout, CropPlan.from_dict(store.attrs["plan"])
-    batching = Batching(**store.attrs["batching"])
+    lay, plan, batching = store.layout, store.plan, store.batching
     units = sample_loader_batches(store, batching, sample_crops, seed)
     ids = np.concatenate([np.arange(u.start, u.stop) for u in units])
     table = build_crop_table(dataset, plan, ids, lay.soft_static)
-    stored = store.read(("topk_indices", "topk_probs"))
+    stored = store.read_crops()
     size = (refinery.input_size, refinery.input_size)
     loader = multi_crop_loader(dataset, table, size, batching.images_per_batch, ids, num_workers)
     same_top1, same_topk, errors = [], [], []
-    for images, rows in loader:
-        index = rows[:, 1].numpy().copy()
+    for batch in loader:
+        index = as_numpy_indices(batch)
         chunk = int(index[0]) // lay.chunk_size
-        classes, probs = label_loader_batch(refinery, images, batching.crop_batch, lay.top_k,
-                                            plan.seed, chunk, int(index[0]))
+        classes, probs = label_loader_batch(refinery, batch.images, batching.crop_batch,
+                                            lay.top_k, plan.seed, chunk, int(index[0]))
         K = lay.crops_per_image
-        old_i, old_p = stored["topk_indices"][index], stored["topk_probs"][index]
+        old_i, old_p = stored.topk_indices[index], stored.topk_probs[index]
         same_top1.append((classes[:, :K, 0] == old_i[..., 0]).ravel())
         same_topk.append((classes[:, :K] == old_i).all(-1).ravel())
         errors.append(np.abs(probs[:, :K].astype(np.float32) - old_p.astype(np.float32)).ravel())

@@ -143,13 +143,16 @@ DEFAULT_SLOT_POLICY = "cycle"
 
 
 def epoch_slots(seed: int, epoch: int, num_images: int, crops_per_image: int,
-                policy: str = DEFAULT_SLOT_POLICY) -> np.ndarray:
-    """Which stored slot each image replays in ``epoch``, int64 ``(num_images,)``.
+                policy: str = DEFAULT_SLOT_POLICY, images=None) -> np.ndarray:
+    """Which stored slot each image replays in ``epoch``, int64 ``(num_images,)``, or for the
+    image indices ``images`` only (``num_images`` is then ignored): a pure function of
+    ``(seed, epoch, n)``, so any subset, order or process gets the same slots.
 
     ``random``: an independent uniform slot per (epoch, image). ``cycle``: each image visits its K
     slots in a fresh random order every K epochs, so no slot repeats before all were used.
     """
-    n = np.arange(num_images, dtype=np.uint64)
+    n = np.arange(num_images, dtype=np.uint64) if images is None else \
+        np.atleast_1d(np.asarray(images)).astype(np.uint64)
     K = crops_per_image
     if policy == "random":
         u = counter_uniform(seed, STREAM_SLOT, epoch, n, 0)
@@ -160,3 +163,30 @@ def epoch_slots(seed: int, epoch: int, num_images: int, crops_per_image: int,
                                np.arange(K, dtype=np.uint64)[None, :] + np.uint64(1 << 32))
         return np.argsort(keys, axis=1, kind="stable")[:, position].astype(np.int64)
     raise ValueError(f"unknown slot policy {policy!r}; choose one of {SLOT_POLICIES}")
+
+
+def slot_of(epoch: int, images, crops_per_image: int, policy: str = DEFAULT_SLOT_POLICY,
+            seed: int = 0):
+    """The stored slot that image(s) ``images`` replay in ``epoch``, as ``refine train`` does.
+
+    Parameters
+    ----------
+    epoch : int
+        Epoch number, from 0.
+    images : int or array_like of int
+        Image indices (rows of the store).
+    crops_per_image : int
+        The store's K.
+    policy : {"cycle", "random"}
+        ``cycle`` (default): every slot once per K epochs, in a fresh order each round;
+        ``random``: an independent uniform slot every epoch.
+    seed : int
+        The training run's seed (``refine train --seed``), not the plan's.
+
+    Returns
+    -------
+    int or numpy.ndarray
+        An int for a single image, else int64 slots shaped like ``images``.
+    """
+    slots = epoch_slots(seed, epoch, 0, crops_per_image, policy, images=images)
+    return int(slots[0]) if np.ndim(images) == 0 else slots.reshape(np.shape(images))

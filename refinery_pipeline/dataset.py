@@ -100,6 +100,16 @@ class ImageDataset:
         self._update_meta(fingerprint=fp, fingerprint_stamp=stamp)
         return fp
 
+    def source(self):
+        """The ImageFolder tree this ``.beton`` was converted from, as a label store records it
+        (None for a ``.beton`` written otherwise): a reader of the original files checks it with
+        :func:`source_fingerprint` over the files in store order, without this ``.beton``."""
+        files = self.meta.get("files")
+        if not files:
+            return None
+        root = self.meta.get("root") or _common_root(files, self.classes)
+        return source_fingerprint(root, files)
+
     def _hash_image_bytes(self) -> str:
         """SHA-256 over each image's encoded bytes in sample order (independent of page layout)."""
         table = self.reader.alloc_table
@@ -118,6 +128,37 @@ class ImageDataset:
             self.__dict__["meta"] = meta
         except OSError:
             pass  # a read-only data set still works; the fingerprint is just not cached
+
+
+SOURCE_ORDER_RULE = "numpy.random.default_rng(seed).permutation(num_files) of the sorted scan"
+
+
+def source_fingerprint(root, files) -> dict:
+    """Identity of an ImageFolder tree's files in store order: the SHA-256 over each file's path
+    relative to the split root (POSIX, one per line), plus how that order follows from the tree.
+
+    It names the files and their order, not their contents; the content's identity is the
+    ``.beton``'s image hash."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).relative_to(root).as_posix().encode() + b"\n")
+    return {"kind": "image_folder", "num_files": len(files), "files_sha256": h.hexdigest(),
+            "order": SOURCE_ORDER_RULE, "order_seed": BETON_ORDER_SEED}
+
+
+def store_order(num_files: int) -> np.ndarray:
+    """The order :func:`write_beton` writes a scanned tree in: position n holds scan index
+    ``store_order(N)[n]``."""
+    return np.random.default_rng(BETON_ORDER_SEED).permutation(num_files)
+
+
+def _common_root(files, classes) -> str:
+    """The split root of files listed before sidecars recorded it: the common folder of files
+    from two or more classes, else the folder above the single class."""
+    common = Path(os.path.commonpath([str(f) for f in files]))
+    if len(classes) > 1:
+        return str(common)
+    return str(next(p for p in [common, *common.parents] if p.name == classes[0]).parent)
 
 
 def _sha(array: np.ndarray) -> str:
@@ -198,15 +239,16 @@ class _Reordered:
 
 
 def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=None,
-                files=None, num_workers: int = 2, shuffle: bool = True):
-    """Write ``source`` to ``path`` (atomically) in a seeded random order; returns the order used."""
+                files=None, num_workers: int = 2, shuffle: bool = True, root=None):
+    """Write ``source`` to ``path`` (atomically) in a seeded random order; returns the order used.
+
+    ``files`` and their split ``root`` go into the sidecar, so the store can name its source."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
     if len(source) == 0:
         raise DataSetError(f"{path}: the data set has no images")
-    order = (np.random.default_rng(BETON_ORDER_SEED).permutation(len(source)) if shuffle
-             else np.arange(len(source)))
+    order = store_order(len(source)) if shuffle else np.arange(len(source))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.partial")
@@ -225,7 +267,7 @@ def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=No
         raise
     meta = {"classes": list(classes) if classes is not None else None,
             "files": [str(files[i]) for i in order] if files is not None else None,
-            "options": options.__dict__}
+            "root": str(root) if root is not None else None, "options": options.__dict__}
     _atomic_write_text(Path(str(path) + META_SUFFIX), json.dumps(meta, indent=1))
     os.replace(tmp, path)
     return order
@@ -287,7 +329,7 @@ def open_dataset(data, split: str = "train", cache_dir=None,
     beton = cache / f"{root.parent.name}-{root.name}-{_tree_key(root, files, options)}.beton"
     if not beton.is_file():
         write_beton(FileSource(files, labels), beton, options, classes=classes, files=files,
-                    num_workers=num_workers)
+                    num_workers=num_workers, root=root)
     return ImageDataset(beton)
 
 
@@ -316,5 +358,5 @@ def convert_tree(data, out_dir, options: BetonOptions = BetonOptions(),
                            "splits the same classes")
     for split, (classes, files, labels) in scanned.items():
         write_beton(FileSource(files, labels), targets[split], options, classes=classes,
-                    files=files, num_workers=num_workers)
+                    files=files, num_workers=num_workers, root=split_dir(data, split))
     return list(targets.values())

@@ -57,11 +57,11 @@ def write_shapes(cfg: DemoConfig, out: Path):
 
 def crop_label_report(store: LabelStore, truth) -> dict:
     """How often the image label is wrong for a stored crop, and what the refinery said there."""
-    arrays = store.read()
-    labelled = visible_fraction(truth.main_masks, arrays["boxes"])
+    records = store.read_crops()
+    labelled = visible_fraction(truth.main_masks, records.boxes)
     missing = labelled == 0  # the crop shows no pixel of the labelled object
-    other = visible_fraction(truth.other_masks, arrays["boxes"]) > 0.5
-    idx, probs = arrays["topk_indices"].astype(np.int64), arrays["topk_probs"].astype(np.float64)
+    other = visible_fraction(truth.other_masks, records.boxes) > 0.5
+    idx, probs = records.topk_indices.astype(np.int64), records.topk_probs.astype(np.float64)
     gt = truth.labels[:, None, None]
     p_gt = np.where(idx == gt, probs, 0).sum(-1)
     top1 = idx[..., 0]

@@ -36,9 +36,9 @@ def describe_store(location) -> dict:
 def label_statistics(store: LabelStore) -> dict:
     """Mean top-1 probability, mean top-k mass and agreement with ground truth (done chunks)."""
     rows = store.done_images()
-    arrays = store.read(("topk_indices", "topk_probs", "labels"))
-    idx, probs = arrays["topk_indices"][rows], arrays["topk_probs"][rows].astype(np.float64)
-    gt = arrays["labels"][rows].astype(np.int64)[:, None]
+    records = store.read_crops()
+    idx, probs = records.topk_indices[rows], records.topk_probs[rows].astype(np.float64)
+    gt = store.read_labels()[rows][:, None]
     return {"mean_top1_probability": round(float(probs[..., 0].mean()), 4),
             "mean_topk_mass": round(float(probs.sum(-1).mean()), 4),
             "top1_agrees_with_ground_truth": round(float((idx[..., 0] == gt).mean()), 4),
@@ -71,7 +71,7 @@ class StoredCrops:
 def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
                         num_workers: int = 2) -> StoredCrops:
     """Decode ``num_images`` randomly chosen (finished) images' stored boxes and flips."""
-    from .replay import crop_table, multi_crop_loader
+    from .replay import TABLE_FIELDS, crop_table, multi_crop_loader
     store = LabelStore.open(location)
     store.check_matches(dataset.fingerprint())
     done = np.flatnonzero(store.done_images())
@@ -80,12 +80,12 @@ def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
                             "written one")
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(done, min(num_images, len(done)), replace=False))
-    rows = store.read_images(ids, ("boxes", "flips", "topk_indices", "topk_probs", "labels"))
-    table = np.zeros((dataset.num_images, store.layout.crops_per_image, 5), np.int32)
-    table[ids] = crop_table(rows["boxes"], rows["flips"])
-    size = store.attrs["refinery"]["input_size"]
+    records = store.read_crops(ids)
+    table = np.zeros((dataset.num_images, store.layout.crops_per_image, TABLE_FIELDS), np.int32)
+    table[ids] = crop_table(records.boxes, records.flips)
+    size = store.refinery.input_size
     loader = multi_crop_loader(dataset, table, (size, size), len(ids), ids, num_workers)
-    pixels = np.concatenate([images.numpy().copy() for images, _ in loader])
+    pixels = np.concatenate([batch.images.numpy().copy() for batch in loader])
     pixels = pixels.reshape(len(ids), -1, size, size, 3)  # K = 1 comes without the slot axis
-    return StoredCrops(ids, pixels, rows["topk_indices"], rows["topk_probs"].astype(np.float32),
-                       rows["labels"], list(store.attrs["dataset"]["classes"]))
+    return StoredCrops(ids, pixels, records.topk_indices, records.topk_probs.astype(np.float32),
+                       store.read_labels(ids), store.classes)

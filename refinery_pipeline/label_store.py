@@ -1,6 +1,11 @@
 """The label store: a Zarr v3 group holding, per (image, slot), the crop box, the flip and the
 refinery's sparse top-k label. Format spec: ``docs/label-store.md``.
 
+This module owns the store's schema: the array names, shapes and dtypes, the typed views of its
+attributes (:class:`StoreLayout`, :class:`.crop_plan.CropPlan`, :class:`RefineryInfo`,
+:class:`DatasetInfo`, :class:`Batching`) and the compatibility checks. Every other module reads
+and writes a store through :class:`LabelStore` and :class:`CropRecords`, never by array name.
+
 Choices, each from measurements in ``shared/notes/zarr-store.md``:
 
 * chunked along images only, ~1 MB objects; every chunk is written whole by exactly one process;
@@ -14,16 +19,23 @@ Choices, each from measurements in ``shared/notes/zarr-store.md``:
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from .crop_plan import CropPlan
 from .errors import IncompleteStoreError, StoreError, StoreMismatchError, StoreNotFoundError
 
 FORMAT_NAME = "refinery-label-store"
-FORMAT_VERSION = 1
+# 2: an ``image_sizes`` array (each image's stored height and width) and ``dataset.source`` (the
+# ImageFolder tree a store's images came from, checkable without the .beton). 1 still reads.
+FORMAT_VERSION = 2
 CROP_ARRAYS = ("boxes", "flips", "topk_indices", "topk_probs")
+STATIC_ARRAYS = ("static_indices", "static_probs")
+LABELS, IMAGE_SIZES = "labels", "image_sizes"  # whole per-image arrays written at creation
+CHECKSUMS, DONE_FLAGS = "chunk_sha256", "chunk_done"  # per chunk: digests, then the done flag
 # Classes stored per crop. On imagenette-96 (10 classes, GPU parity sweep) students on top-5
 # labels trailed the online refinery by 1.15 points at K = 40; storing all 10 closed the gap to
 # 0.06 (benchmarks/results/parity_gpu_top10.md; docs/design.md, choosing K and top-k).
@@ -73,6 +85,128 @@ class StoreLayout:
     def array_names(self) -> tuple:
         return tuple(self.shapes())
 
+    def empty_chunk(self, c: int) -> "CropRecords":
+        """Zeroed records for chunk ``c``, filled by precompute loader batch by loader batch."""
+        n = len(self.chunk_range(c))
+        return CropRecords(**{name: np.zeros((n,) + shape[1:], dtype)
+                              for name, (shape, dtype) in self.shapes().items()})
+
+
+@dataclass
+class CropRecords:
+    """Stored records of some images, one row per image, in the store's dtypes.
+
+    Attributes
+    ----------
+    boxes : numpy.ndarray
+        ``(n, K, 4)`` uint16 crop boxes ``(y, x, h, w)`` in the image's stored pixel frame.
+    flips : numpy.ndarray
+        ``(n, K)`` uint8, 1 where the crop is mirrored left-right after resizing.
+    topk_indices : numpy.ndarray
+        ``(n, K, k)`` uint16 class indices, most probable first.
+    topk_probs : numpy.ndarray
+        ``(n, K, k)`` float16 probabilities of those classes.
+    static_indices, static_probs : numpy.ndarray or None
+        ``(n, k)`` soft-static label of each whole image (stores made with ``--soft-static``).
+    """
+
+    boxes: np.ndarray
+    flips: np.ndarray
+    topk_indices: np.ndarray
+    topk_probs: np.ndarray
+    static_indices: Optional[np.ndarray] = None
+    static_probs: Optional[np.ndarray] = None
+
+    def arrays(self) -> dict:
+        """Array name -> values, for the arrays these records hold."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    def slot(self, slots) -> "CropRecords":
+        """The records of one slot per image: ``slots`` is an int or an ``(n,)`` array; the
+        per-crop arrays lose their slot axis (``boxes`` becomes ``(n, 4)``, ...)."""
+        rows = np.arange(len(self.flips))
+        pick = lambda a: a[rows, slots]
+        return CropRecords(pick(self.boxes), pick(self.flips), pick(self.topk_indices),
+                           pick(self.topk_probs), self.static_indices, self.static_probs)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """What fixes the composition of every refinery batch (recorded in the store: train-mode BN
+    labels depend on it, so a resume or an audit must batch exactly the same way).
+
+    Attributes
+    ----------
+    crop_batch : int
+        Crops per refinery forward pass.
+    images_per_batch : int
+        Images per loader batch; a power of two dividing the chunk size.
+    """
+
+    crop_batch: int
+    images_per_batch: int
+
+    @classmethod
+    def for_layout(cls, layout: StoreLayout, crop_batch: int) -> "Batching":
+        target = max(1, min(crop_batch, 16384 // layout.crops_per_image, layout.chunk_size))
+        return cls(crop_batch, 1 << (target.bit_length() - 1))
+
+
+@dataclass(frozen=True)
+class RefineryInfo:
+    """The network that labelled a store.
+
+    Attributes
+    ----------
+    arch : str
+        Architecture name (torchvision's, or ``timm/<name>``).
+    weights_sha256 : str
+        SHA-256 of the weights file (for torchvision's pretrained weights, of the ``.pth``).
+    bn_mode : str
+        ``"train"`` (batch statistics, as in the paper) or ``"eval"`` (running statistics).
+    temperature : float
+        Softmax temperature: probabilities are ``softmax(logits / temperature)``.
+    input_size : int
+        Side of the square crops the refinery labelled (and students are shown).
+    normalization : dict
+        ``{"mean": [...], "std": [...]}`` per RGB channel in uint8 units.
+    """
+
+    arch: str
+    weights_sha256: str
+    bn_mode: str
+    temperature: float
+    input_size: int
+    normalization: dict
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The images a store labels, as fingerprinted when it was written.
+
+    Attributes
+    ----------
+    num_images : int
+        Number of images N; image ``n`` is row ``n`` of every array.
+    classes : list of str
+        Class names in index order.
+    image_bytes_sha256 : str
+        SHA-256 over each image's encoded bytes in the ``.beton``, in sample order.
+    labels_sha256 : str
+        SHA-256 of the int64 ground-truth labels in sample order.
+    source : dict or None
+        The ImageFolder tree the ``.beton`` was converted from (format 2): ``files_sha256`` over
+        the files' relative paths in store order, ``num_files`` and the ``order`` rule; None when
+        the store was made from a ``.beton`` given directly, or by format 1.
+    """
+
+    num_images: int
+    classes: list
+    image_bytes_sha256: str
+    labels_sha256: str
+    source: Optional[dict] = None
+
 
 class LabelStore:
     """Create, fill, check and read a label store at a local path (or any zarr store-like)."""
@@ -91,23 +225,57 @@ class LabelStore:
         lay = attrs["layout"]
         self.layout = StoreLayout(**lay)
 
+    # ------------------------------------------------------------------ typed attributes
+    @property
+    def format_version(self) -> int:
+        return int(self.attrs["format_version"])
+
+    @property
+    def plan(self) -> CropPlan:
+        """How the boxes and flips were drawn."""
+        return CropPlan.from_dict(self.attrs["plan"])
+
+    @property
+    def refinery(self) -> RefineryInfo:
+        return RefineryInfo(**self.attrs["refinery"])
+
+    @property
+    def dataset(self) -> DatasetInfo:
+        return DatasetInfo(**self.attrs["dataset"])
+
+    @property
+    def batching(self) -> Batching:
+        return Batching(**self.attrs["batching"])
+
+    @property
+    def classes(self) -> list:
+        return list(self.attrs["dataset"]["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        """C: the length of every dense target built from this store."""
+        return len(self.attrs["dataset"]["classes"])
+
     # ------------------------------------------------------------------ creating and opening
     @classmethod
-    def create(cls, location, layout: StoreLayout, attrs: dict, labels=None) -> "LabelStore":
+    def create(cls, location, layout: StoreLayout, attrs: dict, labels=None,
+               image_sizes=None) -> "LabelStore":
         """Create an empty store; ``attrs`` carries plan, refinery, data set and versions.
 
         ``labels`` (the data set's ground truth) is written whole at creation, so a store alone
-        can report how often the refinery agrees with the image labels. A local store is built
+        can report how often the refinery agrees with the image labels; so are ``image_sizes``
+        ``(N, 2)`` (height, width as stored), the frame the boxes are drawn in, so a reader of
+        the original files can tell when their sizes differ. A local store is built
         under a temporary name and renamed into place, so a kill mid-creation leaves no
         half-made store behind.
         """
         if is_remote(location):  # object stores have no rename: objects appear whole or not
-            cls._create_at(location, layout, attrs, labels)
+            cls._create_at(location, layout, attrs, labels, image_sizes)
             return cls.open(location, mode="r+")
         location = Path(location)
         building = location.with_name(f".{location.name}.creating-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
-        cls._create_at(building, layout, attrs, labels)
+        cls._create_at(building, layout, attrs, labels, image_sizes)
         try:
             os.rename(building, location)
         except OSError:
@@ -117,7 +285,8 @@ class LabelStore:
         return cls.open(location, mode="r+")
 
     @classmethod
-    def _create_at(cls, location, layout: StoreLayout, attrs: dict, labels=None):
+    def _create_at(cls, location, layout: StoreLayout, attrs: dict, labels=None,
+                   image_sizes=None):
         import zarr
         group = zarr.open_group(str(location), mode="w-", zarr_format=3)
         group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -126,14 +295,18 @@ class LabelStore:
         for name, (shape, dtype) in layout.shapes().items():
             group.create_array(name, shape=shape, dtype=dtype, fill_value=0,
                                chunks=(chunk,) + shape[1:], **_codecs(name))
-        gt = group.create_array("labels", shape=(layout.num_images,), dtype="uint16",
-                                chunks=(chunk,), fill_value=0, **_codecs("labels"))
+        gt = group.create_array(LABELS, shape=(layout.num_images,), dtype="uint16",
+                                chunks=(chunk,), fill_value=0, **_codecs(LABELS))
         if labels is not None:
             gt[:] = np.asarray(labels, dtype=np.uint16)
-        group.create_array("chunk_sha256", shape=(layout.num_chunks, len(layout.array_names), 32),
+        sizes = group.create_array(IMAGE_SIZES, shape=(layout.num_images, 2), dtype="uint16",
+                                   chunks=(chunk, 2), fill_value=0, **_codecs(IMAGE_SIZES))
+        if image_sizes is not None:
+            sizes[:] = np.asarray(image_sizes, dtype=np.uint16)
+        group.create_array(CHECKSUMS, shape=(layout.num_chunks, len(layout.array_names), 32),
                            dtype="uint8", chunks=(1, len(layout.array_names), 32), fill_value=0,
                            compressors=None)
-        group.create_array("chunk_done", shape=(layout.num_chunks,), dtype="uint8", chunks=(1,),
+        group.create_array(DONE_FLAGS, shape=(layout.num_chunks,), dtype="uint8", chunks=(1,),
                            fill_value=0, compressors=None)
 
     @classmethod
@@ -161,14 +334,15 @@ class LabelStore:
         return cls(group, location)
 
     # ------------------------------------------------------------------ writing
-    def write_chunk(self, c: int, arrays: dict):
-        """Write chunk ``c``'s arrays and their checksums, *then* mark it done (the order is the
+    def write_chunk(self, c: int, records: "CropRecords"):
+        """Write chunk ``c``'s records and their checksums, *then* mark it done (the order is the
         guarantee: a flagged chunk is whole)."""
+        arrays = records.arrays() if isinstance(records, CropRecords) else records
         rows = self.layout.chunk_range(c)
         for name in self.layout.array_names:
             self.group[name][rows.start:rows.stop] = arrays[name]
-        self.group["chunk_sha256"][c] = chunk_checksums(self.layout, arrays)
-        self.group["chunk_done"][c] = 1
+        self.group[CHECKSUMS][c] = chunk_checksums(self.layout, arrays)
+        self.group[DONE_FLAGS][c] = 1
 
     def finalize(self):
         """When every chunk is done: drop stale temporary files, record completeness.
@@ -188,8 +362,21 @@ class LabelStore:
             self.attrs["complete"] = True
 
     # ------------------------------------------------------------------ reading and checking
+    def recorded_checksums(self) -> np.ndarray:
+        """``(num_chunks, arrays, 32)`` uint8 SHA-256 digests written with each chunk."""
+        return self.group[CHECKSUMS][:]
+
+    def chunk_key(self, name: str, c: int) -> str:
+        """The key (file path in a directory store) of chunk ``c`` of array ``name``."""
+        return f"{name}/c/{c}" + "/0" * (len(self.group[name].shape) - 1)
+
+    def read_chunk(self, name: str, c: int) -> np.ndarray:
+        """Array ``name``'s rows of chunk ``c``, decoded (raises whatever the codec raises)."""
+        rows = self.layout.chunk_range(c)
+        return self.group[name][rows.start:rows.stop]
+
     def done_chunks(self) -> np.ndarray:
-        return self.group["chunk_done"][:].astype(bool)
+        return self.group[DONE_FLAGS][:].astype(bool)
 
     @property
     def complete(self) -> bool:
@@ -206,6 +393,29 @@ class LabelStore:
     def read_images(self, images: np.ndarray, names=CROP_ARRAYS) -> dict:
         """The rows of ``images`` only: reads just the chunks that hold them."""
         return {name: self.group[name].oindex[np.asarray(images)] for name in names}
+
+    def read_crops(self, images=None, static: bool = False) -> CropRecords:
+        """Every image's records (``images=None``: whole arrays in one pass), or those of the
+        image indices ``images`` only (just the chunks that hold them). ``static`` adds the
+        soft-static labels, which the store must have."""
+        names = CROP_ARRAYS + (STATIC_ARRAYS if static else ())
+        if static and not self.layout.soft_static:
+            raise StoreError(f"{self.location}: store has no soft-static labels; recompute it "
+                             "with `refine precompute --soft-static`")
+        arrays = self.read(names) if images is None else self.read_images(images, names)
+        return CropRecords(**arrays)
+
+    def read_labels(self, images=None) -> np.ndarray:
+        """Ground-truth class of every image (or of ``images``), int64."""
+        values = self.read((LABELS,)) if images is None else self.read_images(images, (LABELS,))
+        return values[LABELS].astype(np.int64)
+
+    def read_image_sizes(self) -> Optional[np.ndarray]:
+        """``(N, 2)`` int64 height and width of each image as stored, the frame of its boxes;
+        None for a format-1 store (which did not record them)."""
+        if IMAGE_SIZES not in self.group:
+            return None
+        return self.group[IMAGE_SIZES][:].astype(np.int64)
 
     def require_complete(self, allow_partial: bool = False):
         done = self.done_chunks()
@@ -252,11 +462,13 @@ def is_remote(location) -> bool:
     return "://" in str(location)
 
 
-def chunk_checksums(layout: StoreLayout, arrays: dict) -> np.ndarray:
+def chunk_checksums(layout: StoreLayout, arrays) -> np.ndarray:
     """SHA-256 of each array's *decoded* values in a chunk, ``(arrays, 32)`` uint8.
 
     Hashing values rather than compressed bytes keeps checksums valid across codec versions.
     """
+    if isinstance(arrays, CropRecords):
+        arrays = arrays.arrays()
     digests = []
     for name, (_, dtype) in layout.shapes().items():
         values = np.ascontiguousarray(arrays[name], dtype=dtype)

@@ -83,12 +83,12 @@ def recompute_bn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor]) ->
 def recompute_from_loader(model: nn.Module, loader, batches: int, device,
                           channels_last: bool = True) -> int:
     """:func:`recompute_bn_statistics` over the first ``batches`` batches of a crop loader's next
-    epoch (``(uint8 NHWC crops, rows)`` as :func:`.replay.make_loader` yields them)."""
+    epoch (:class:`.crop_batch.CropBatch` es of uint8 NHWC crops, as every loader yields them)."""
     epoch = iter(loader)
     try:
         return recompute_bn_statistics(model, (
-            to_model_input(images, device, channels_last=channels_last)
-            for images, _ in itertools.islice(epoch, batches)))
+            to_model_input(batch.images, device, channels_last=channels_last)
+            for batch in itertools.islice(epoch, batches)))
     finally:
         epoch.close()  # stop FFCV's decoding thread for the batches not taken
 

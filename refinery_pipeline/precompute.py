@@ -21,9 +21,11 @@ from . import __version__
 from .crop_plan import CropPlan, centre_square, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
 from .errors import StoreMismatchError, StoreNotFoundError
-from .label_store import DEFAULT_TOP_K, LabelStore, StoreLayout, default_chunk_size, is_remote
+from .label_store import (DEFAULT_TOP_K, Batching, LabelStore, StoreLayout, default_chunk_size,
+                          is_remote)
 from .progress import progress_bar
-from .replay import crop_table, multi_crop_loader
+from .crop_batch import NOT_STORED, as_numpy_indices
+from .replay import TABLE_FIELDS, crop_table, multi_crop_loader
 
 
 @dataclass
@@ -56,24 +58,10 @@ def software_versions() -> dict:
             "numcodecs": numcodecs.__version__, "numpy": np.__version__}
 
 
-@dataclass(frozen=True)
-class Batching:
-    """What fixes the composition of every refinery batch (recorded in the store: train-mode BN
-    labels depend on it, so a resume or an audit must batch exactly the same way)."""
-
-    crop_batch: int        # crops per refinery forward pass
-    images_per_batch: int  # images per loader batch; a power of two dividing the chunk size
-
-    @classmethod
-    def for_layout(cls, layout: StoreLayout, crop_batch: int) -> "Batching":
-        target = max(1, min(crop_batch, 16384 // layout.crops_per_image, layout.chunk_size))
-        return cls(crop_batch, 1 << (target.bit_length() - 1))
-
-
 def store_attributes(dataset, refinery, plan: CropPlan, batching: Batching) -> dict:
     return {"plan": plan.to_dict(), "refinery": refinery.describe(),
-            "dataset": dataset.fingerprint(), "batching": batching.__dict__,
-            "software": software_versions()}
+            "dataset": {**dataset.fingerprint(), "source": dataset.source()},
+            "batching": batching.__dict__, "software": software_versions()}
 
 
 def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int,
@@ -89,7 +77,8 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
         store = None
     attrs = store_attributes(dataset, refinery, plan, Batching.for_layout(layout, crop_batch))
     if store is None:
-        return LabelStore.create(location, layout, attrs, labels=dataset.labels)
+        return LabelStore.create(location, layout, attrs, labels=dataset.labels,
+                                 image_sizes=np.stack([dataset.heights, dataset.widths], -1))
     store.check_matches(attrs["dataset"], plan=attrs["plan"], refinery=attrs["refinery"])
     for key in ("top_k", "crops_per_image", "soft_static"):
         if getattr(store.layout, key) != getattr(layout, key):
@@ -145,12 +134,13 @@ def build_crop_table(dataset, plan: CropPlan, ids: np.ndarray, soft_static: bool
     """Crop table ``(N, K [+1], 5)`` for images ``ids``: the plan's boxes and flips, plus the
     centred square as an extra slot when soft-static labels are wanted (same decode, ~1/K cost)."""
     slots = plan.crops_per_image + int(soft_static)
-    table = np.zeros((dataset.num_images, slots, 5), np.int32)
+    table = np.zeros((dataset.num_images, slots, TABLE_FIELDS), np.int32)
     h, w = dataset.heights[ids], dataset.widths[ids]
     table[ids, :plan.crops_per_image] = crop_table(sample_boxes(plan, ids, h, w),
                                                    sample_flips(plan, ids))
     if soft_static:
         table[ids, -1, :4] = centre_square(h, w)
+        table[ids, -1, 5] = NOT_STORED
     return table
 
 
@@ -243,7 +233,7 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = DEFAULT
 def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summary):
     started = time.perf_counter()
     lay = store.layout
-    batching = Batching(**store.attrs["batching"])
+    batching = store.batching
     ids = np.concatenate([np.arange(r.start, r.stop) for r in map(lay.chunk_range, chunks)])
     table = build_crop_table(dataset, plan, ids, lay.soft_static)
     size = (refinery.input_size, refinery.input_size)
@@ -255,18 +245,18 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
     # the bar closes (ending its line) even when a write fails; writes overlap the next batches
     with bar, ThreadPoolExecutor(max_workers=1) as writer:
         writes = []
-        for images, rows in loader:
-            index = rows[:, 1].numpy().copy()
+        for batch in loader:
+            index = as_numpy_indices(batch)
             c = int(index[0]) // lay.chunk_size
-            classes, probs = label_loader_batch(refinery, images, batching.crop_batch,
+            classes, probs = label_loader_batch(refinery, batch.images, batching.crop_batch,
                                                 lay.top_k, plan.seed, c, int(index[0]))
-            buf = pending.setdefault(c, _chunk_buffers(lay, c))
+            buf = pending.setdefault(c, lay.empty_chunk(c))
             local = index - lay.chunk_range(c).start
-            buf["topk_indices"][local], buf["topk_probs"][local] = classes[:, :K], probs[:, :K]
-            buf["boxes"][local] = table[index, :K, :4]
-            buf["flips"][local] = table[index, :K, 4]
+            buf.topk_indices[local], buf.topk_probs[local] = classes[:, :K], probs[:, :K]
+            buf.boxes[local] = table[index, :K, :4]
+            buf.flips[local] = table[index, :K, 4]
             if lay.soft_static:
-                buf["static_indices"][local], buf["static_probs"][local] = classes[:, K], probs[:, K]
+                buf.static_indices[local], buf.static_probs[local] = classes[:, K], probs[:, K]
             filled[c] = filled.get(c, 0) + len(index)
             if filled[c] == len(lay.chunk_range(c)):
                 writes.append(writer.submit(store.write_chunk, c, pending.pop(c)))
@@ -278,9 +268,3 @@ def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summa
             bar.update(len(index) * K)
         for w in writes:
             w.result()  # surface write errors
-
-
-def _chunk_buffers(lay: StoreLayout, c: int) -> dict:
-    n = len(lay.chunk_range(c))
-    return {name: np.zeros((n,) + shape[1:], dtype)
-            for name, (shape, dtype) in lay.shapes().items()}

@@ -59,7 +59,7 @@ def verify_store(location, dataset=None) -> VerifyReport:
         except StoreError as exc:
             report.problems.append(str(exc).split(": ", 1)[1])
     done = store.done_chunks()
-    recorded = store.group["chunk_sha256"][:]
+    recorded = store.recorded_checksums()
     for c in range(lay.num_chunks):
         if not done[c]:
             report.problems.append(f"chunk {c}: never written (rerun `refine precompute`)")
@@ -69,19 +69,13 @@ def verify_store(location, dataset=None) -> VerifyReport:
     return report
 
 
-def _chunk_key(store: LabelStore, name: str, c: int) -> str:
-    """The key of chunk ``c`` of array ``name`` (arrays are chunked along images only)."""
-    return f"{name}/c/{c}" + "/0" * (len(store.group[name].shape) - 1)
-
-
 def _check_chunk(store: LabelStore, c: int, recorded: np.ndarray) -> list:
     lay = store.layout
-    rows = lay.chunk_range(c)
     arrays, problems = {}, []
     for name in lay.array_names:
-        key = _chunk_key(store, name, c)
+        key = store.chunk_key(name, c)
         try:
-            arrays[name] = store.group[name][rows.start:rows.stop]
+            arrays[name] = store.read_chunk(name, c)
         except Exception as exc:
             problems.append(f"chunk {c}: {name} (key {key}) cannot be decoded "
                             f"({type(exc).__name__}); recompute it or restore the file")
@@ -90,6 +84,6 @@ def _check_chunk(store: LabelStore, c: int, recorded: np.ndarray) -> list:
     actual = chunk_checksums(lay, arrays)
     for i, name in enumerate(lay.array_names):
         if not np.array_equal(actual[i], recorded[i]):
-            problems.append(f"chunk {c}: {name} (key {_chunk_key(store, name, c)}) does not "
+            problems.append(f"chunk {c}: {name} (key {store.chunk_key(name, c)}) does not "
                             "match its checksum; recompute it or restore the file")
     return problems

@@ -1,16 +1,15 @@
 """Label sources: where each training batch's target distributions come from.
 
 Every labelling mode of the paper is one of these objects, chosen once by ``train.fit``; the
-step loop calls whichever it is given and never branches on the mode. Each maps a batch's
-(labels, image indices, pixels) to dense target distributions (B, C); the pixels are the crops as
-shown, float NCHW 0-255 on the device, before the student's normalisation, so an online refinery
+step loop calls whichever it is given and never branches on the mode. Each maps a batch (a
+:class:`.crop_batch.CropBatch` on the device: labels, image indices, the slot of each crop) and its
+pixels to dense target distributions (B, C); the pixels are the crops as shown, float NCHW 0-255 on the device, before the student's normalisation, so an online refinery
 labels exactly what the student sees without a second copy.
 """
 import numpy as np
 import torch
 
 from .losses import dense_from_sparse, hard_from_soft, one_hot
-from .replay import ReplayedCrops
 
 
 class GroundTruthTargets:
@@ -19,37 +18,33 @@ class GroundTruthTargets:
     def __init__(self, num_classes: int, smoothing: float = 0.0):
         self.num_classes, self.smoothing = num_classes, smoothing
 
-    def __call__(self, labels, indices, pixels):
-        return one_hot(labels, self.num_classes, self.smoothing)
+    def __call__(self, batch, pixels):
+        return one_hot(batch.labels, self.num_classes, self.smoothing)
 
 
 class StoredTargets:
-    """Sparse stored labels, looked up on the device: per replayed slot of each image (dynamic),
-    or one per image (``crops=None``: soft-static labels of the whole image)."""
+    """Sparse stored labels, looked up on the device by each sample's image index and the slot
+    its crop was cut from (dynamic: arrays ``(N, K, k)``), or by image alone (soft-static labels
+    of the whole image: arrays ``(N, k)``).
+
+    The slot comes with the batch (the loader contract), so the lookup can never drift from the
+    crop shown, whatever else iterated the loader in between.
+    """
 
     def __init__(self, indices: np.ndarray, probs: np.ndarray, num_classes: int, device,
-                 rest: str = "uniform", crops: ReplayedCrops = None):
+                 rest: str = "uniform"):
         self.indices = _compact_class_indices(indices, num_classes).to(device)
         self.probs = torch.from_numpy(probs).to(device)
-        self.crops, self.num_classes, self.rest = crops, num_classes, rest
-        self._slots, self._slots_fill = None, None
+        self.num_classes, self.rest = num_classes, rest
+        self.per_slot = self.indices.ndim == 3
 
-    def __call__(self, labels, indices, pixels):
-        if self.crops is None:
-            top, p = self.indices[indices], self.probs[indices]
+    def __call__(self, batch, pixels):
+        rows = batch.indices
+        if self.per_slot:  # train.fit pairs these only with replayed crops (no NOT_STORED slot)
+            top, p = self.indices[rows, batch.slots], self.probs[rows, batch.slots]
         else:
-            slots = self._epoch_slots(indices.device)[indices]
-            top, p = self.indices[indices, slots], self.probs[indices, slots]
+            top, p = self.indices[rows], self.probs[rows]
         return dense_from_sparse(top, p, self.num_classes, self.rest)
-
-    def _epoch_slots(self, device) -> torch.Tensor:
-        """The epoch's slot per image on ``device``, copied once per epoch: per step it would be a
-        blocking copy of N int64 (10 MB on ImageNet) and a stream sync every step. A copy on the
-        CPU too, so a missed refresh shows there as it would on a GPU."""
-        if self._slots_fill != self.crops.fills:
-            self._slots = torch.tensor(self.crops.slots, device=device)
-            self._slots_fill = self.crops.fills
-        return self._slots
 
 
 def _compact_class_indices(indices: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -66,7 +61,7 @@ class OnlineTargets:
     def __init__(self, refinery):
         self.refinery = refinery
 
-    def __call__(self, labels, indices, pixels):
+    def __call__(self, batch, pixels):
         return self.refinery.probabilities_of_pixels(pixels)
 
     def label_pixels(self, pixels):
@@ -80,8 +75,8 @@ class HardTargets:
     def __init__(self, source):
         self.source = source
 
-    def __call__(self, labels, indices, pixels):
-        return hard_from_soft(self.source(labels, indices, pixels))
+    def __call__(self, batch, pixels):
+        return hard_from_soft(self.source(batch, pixels))
 
     def label_pixels(self, pixels):
         return hard_from_soft(self.source.label_pixels(pixels))

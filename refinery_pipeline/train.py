@@ -20,7 +20,8 @@ from .distributed import init_from_env, is_main
 from .errors import RefineryError, RefineryWarning
 from .label_store import DEFAULT_TOP_K, LabelStore
 from .losses import get_loss
-from .models import create_model, normalize, save_checkpoint, to_model_input, to_pixels
+from .models import (check_input_size, create_model, normalize, save_checkpoint, to_model_input,
+                     to_pixels)
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .progress import progress_bar
 from .refinery import autocast_for
@@ -93,8 +94,8 @@ def load_data(cfg: TrainConfig, device):
     _warn_if_resampled(cfg, store, res)
     _warn_if_crops_overused(cfg, store)
     _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
-    crops, arrays = _crop_source(cfg, train_ds, store)
-    targets = _target_source(cfg, len(train_ds.classes), device, crops, arrays, teacher)
+    crops, records = _crop_source(cfg, train_ds, store)
+    targets = _target_source(cfg, len(train_ds.classes), device, records, teacher)
     # --allow-partial: train only on images whose chunk is done
     indices = None
     if store is not None and cfg.allow_partial:
@@ -122,7 +123,7 @@ def _online_refinery(cfg: TrainConfig, classes: list, store, device):
     if cfg.teacher is None:
         return None
     from .refinery import Refinery
-    size = cfg.res or (store.attrs["refinery"]["input_size"] if store is not None else None)
+    size = cfg.res or (store.refinery.input_size if store is not None else None)
     return Refinery.from_checkpoint(cfg.teacher, classes=classes, input_size=size,
                                     bn_mode=cfg.teacher_bn, device=device, compile=cfg.compile)
 
@@ -130,7 +131,7 @@ def _online_refinery(cfg: TrainConfig, classes: list, store, device):
 def _default_res(store, teacher) -> int:
     """Crop size: the store's (so replayed pixels are the labelled pixels), the teacher's, 224."""
     if store is not None:
-        return store.attrs["refinery"]["input_size"]
+        return store.refinery.input_size
     if teacher is not None:
         return teacher.input_size  # the checkpoint's, else 224
     return 224
@@ -141,7 +142,7 @@ def _warn_if_resampled(cfg: TrainConfig, store, res: int):
     the same pixels: allowed (a deliberate resolution change), but never silently."""
     if store is None or (cfg.teacher is not None and cfg.teacher_crops == "fresh"):
         return
-    labelled = store.attrs["refinery"]["input_size"]
+    labelled = store.refinery.input_size
     if res != labelled and is_main():
         warnings.warn(f"{cfg.labels}: labels were computed on {labelled} px crops but training "
                       f"shows them at {res} px; omit --res to replay the labelled pixels",
@@ -193,14 +194,8 @@ def _crop_source(cfg: TrainConfig, train_ds, store):
                             "or use --teacher-crops fresh")
     if fresh:
         return _fresh_crops(cfg, train_ds), None
-    names = ("boxes", "flips", "topk_indices", "topk_probs")
-    if cfg.label_mode == "static":
-        if not store.layout.soft_static:
-            raise RefineryError(f"{cfg.labels}: store has no soft-static labels; recompute it "
-                                "with `refine precompute --soft-static`")
-        names += ("static_indices", "static_probs")
-    arrays = store.read(names)
-    return ReplayedCrops(arrays["boxes"], arrays["flips"], cfg.seed, cfg.slot_policy), arrays
+    records = store.read_crops(static=cfg.label_mode == "static")
+    return ReplayedCrops(records.boxes, records.flips, cfg.seed, cfg.slot_policy), records
 
 
 def _fresh_crops(cfg: TrainConfig, train_ds) -> FreshCrops:
@@ -208,18 +203,18 @@ def _fresh_crops(cfg: TrainConfig, train_ds) -> FreshCrops:
     return FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths)
 
 
-def _target_source(cfg: TrainConfig, num_classes: int, device, crops, arrays, teacher):
+def _target_source(cfg: TrainConfig, num_classes: int, device, records, teacher):
     """Ground truth, stored labels (dynamic or static) or an online teacher; hard if asked."""
     if teacher is not None:
         source = OnlineTargets(teacher)
-    elif arrays is None:
+    elif records is None:
         return GroundTruthTargets(num_classes, cfg.label_smoothing)
     elif cfg.label_mode == "static":
-        return StoredTargets(arrays["static_indices"], arrays["static_probs"], num_classes,
+        return StoredTargets(records.static_indices, records.static_probs, num_classes,
                              device, cfg.rest)
     else:
-        source = StoredTargets(arrays["topk_indices"], arrays["topk_probs"], num_classes, device,
-                               cfg.rest, crops)
+        source = StoredTargets(records.topk_indices, records.topk_probs, num_classes, device,
+                               cfg.rest)
     return HardTargets(source) if cfg.label_mode == "hard" else source
 
 
@@ -249,12 +244,12 @@ def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, devic
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros(num_classes, device=device)
     seen = torch.zeros(num_classes, device=device)
-    for images, rows in progress_bar(loader, enabled=progress, desc=desc, leave=False):
-        rows = rows.to(device, non_blocking=True)
-        labels, indices = rows[:, 0], rows[:, 1]
-        pixels = to_pixels(images, device)  # one copy to the device, shared with an online refinery
+    for batch in progress_bar(loader, enabled=progress, desc=desc, leave=False):
+        batch = batch.to(device)
+        labels = batch.labels
+        pixels = to_pixels(batch.images, device)  # one copy, shared with an online refinery
         x = normalize(pixels, channels_last=channels_last)
-        target = targets(labels, indices, pixels)
+        target = targets(batch, pixels)
         optimizer.zero_grad(set_to_none=True)
         loss, logits = step(model, x, target, loss_fn)
         optimizer.step()
@@ -276,10 +271,10 @@ def evaluate(model, loader, device, num_classes, channels_last=True):
     correct1 = torch.zeros(num_classes, device=device)
     correct5 = torch.zeros((), device=device)
     seen = torch.zeros(num_classes, device=device)
-    for images, rows in loader:
-        labels = rows[:, 0].to(device)
+    for batch in loader:
+        labels = batch.labels.to(device)
         with autocast_for(device):
-            logits = model(to_model_input(images, device, channels_last=channels_last))
+            logits = model(to_model_input(batch.images, device, channels_last=channels_last))
         top = logits.topk(min(5, num_classes), dim=1).indices
         correct1.index_add_(0, labels, (top[:, 0] == labels).float())
         correct5 += (top == labels[:, None]).any(1).sum()
@@ -303,6 +298,7 @@ def fit(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     train_ds, train_loader, val_loader, targets, res = load_data(cfg, device)
     classes = train_ds.classes
+    check_input_size(cfg.arch, res)  # a fixed-size arch (vit_b_16) at another --res: one line
     model = create_model(cfg.arch, len(classes)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -49,7 +49,7 @@ def test_precompute_writes_a_complete_store(store, tiny_dataset):
     p = data["topk_probs"].astype(np.float32)
     assert (np.diff(p, axis=-1) <= 0).all() and (p.sum(-1) <= 1.002).all()
     assert s.attrs["refinery"]["arch"] == "demo_cnn" and s.attrs["refinery"]["bn_mode"] == "train"
-    assert s.attrs["dataset"] == tiny_dataset.fingerprint()
+    assert s.attrs["dataset"] == {**tiny_dataset.fingerprint(), "source": None}  # a .beton given
 
 
 def test_one_crop_per_image_is_a_valid_plan(tiny_data, tiny_refinery_ckpt, tmp_path):
@@ -319,9 +319,9 @@ def test_shared_imagenette_subset_replays_exactly(tmp_path):
     boxes, flips = plan_arrays(dataset, CropPlan(seed=4, crops_per_image=3))
     stored = precompute_pixels(dataset, boxes, flips, 64)
     crops = ReplayedCrops(boxes, flips, seed=1)
-    for images, rows in make_loader(dataset, crops, (64, 64), 8):
-        n = rows[:, 1].numpy()
-        assert np.array_equal(images.numpy(), stored[n, crops.slots[n]])
+    for batch in make_loader(dataset, crops, (64, 64), 8):
+        n = batch.indices.numpy()
+        assert np.array_equal(batch.images.numpy(), stored[n, batch.slots.numpy()])
 
 
 def test_audit_reproduces_a_train_mode_store_exactly(store, tiny_data, tiny_refinery_ckpt):
@@ -347,8 +347,8 @@ def test_show_draws_the_crops_students_are_shown_with_their_labels(store, tiny_d
     crops = ReplayedCrops(arrays["boxes"], arrays["flips"], seed=0)
     size = LabelStore.open(store).attrs["refinery"]["input_size"]
     compared = 0
-    for images, rows in make_loader(tiny_dataset, crops, (size, size), 16, 1, seed=0):
-        for image, n in zip(images.numpy(), rows[:, 1].numpy()):
+    for batch in make_loader(tiny_dataset, crops, (size, size), 16, 1, seed=0):
+        for image, n in zip(batch.images.numpy(), batch.indices.numpy()):
             if n in sample.images:
                 i = list(sample.images).index(n)
                 assert np.array_equal(image, sample.pixels[i, crops.slots[n]])
@@ -387,9 +387,9 @@ def test_soft_static_labels_are_the_refinery_on_the_centred_image(tiny_data, tin
     refinery = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval")
     loader = make_loader(tiny_dataset, FixedCrops(tiny_dataset.heights, tiny_dataset.widths),
                          (24, 24), 32, train=False)
-    for images, rows in loader:
-        n = rows[:, 1].numpy()
-        idx, probs = refinery.top_k(images, 3)
+    for batch in loader:
+        n = batch.indices.numpy()
+        idx, probs = refinery.top_k(batch.images, 3)
         assert np.array_equal(idx, arrays["static_indices"][n])
         np.testing.assert_allclose(probs.astype(np.float32),
                                    arrays["static_probs"][n].astype(np.float32), atol=2e-3)

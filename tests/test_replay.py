@@ -18,9 +18,11 @@ def precompute_pixels(dataset, boxes, flips, size):
     """All K crops of every image, as the precompute path cuts them, indexed by image id."""
     ids = np.arange(dataset.num_images)
     out = np.zeros((dataset.num_images, boxes.shape[1], size, size, 3), np.uint8)
-    for images, rows in multi_crop_loader(dataset, crop_table(boxes, flips), (size, size), 16, ids,
-                                          num_workers=2):
-        out[rows[:, 1].numpy()] = images.numpy()
+    for batch in multi_crop_loader(dataset, crop_table(boxes, flips), (size, size), 16, ids,
+                                   num_workers=2):
+        out[batch.indices.numpy()] = batch.images.numpy()
+        assert np.array_equal(batch.slots.numpy(), np.tile(np.arange(boxes.shape[1]),
+                                                           (len(batch.indices), 1)))
     return out
 
 
@@ -33,10 +35,11 @@ def test_replayed_crops_are_byte_identical_to_precomputed_crops(tiny_dataset):
     slots_seen = []
     for epoch in range(3):
         seen = 0
-        for images, rows in loader:
-            index = rows[:, 1].numpy()
-            assert np.array_equal(images.numpy(), stored[index, crops.slots[index]])
-            assert np.array_equal(rows[:, 0].numpy(), tiny_dataset.labels[index])
+        for batch in loader:
+            index = batch.indices.numpy()
+            assert np.array_equal(batch.slots.numpy(), crops.slots[index])  # slots travel along
+            assert np.array_equal(batch.images.numpy(), stored[index, crops.slots[index]])
+            assert np.array_equal(batch.labels.numpy(), tiny_dataset.labels[index])
             seen += len(index)
         assert seen == (tiny_dataset.num_images // 10) * 10  # drop_last in training
         slots_seen.append(crops.slots.copy())
@@ -68,7 +71,7 @@ def test_crop_matches_an_independent_opencv_reference(tmp_path):
 def test_evaluation_crop_is_the_centred_square(tiny_dataset):
     crops = FixedCrops(tiny_dataset.heights, tiny_dataset.widths)
     loader = make_loader(tiny_dataset, crops, (20, 20), 16, num_workers=1, train=False)
-    ids = np.concatenate([rows[:, 1].numpy().copy() for _, rows in loader])  # ring buffers
+    ids = np.concatenate([batch.indices.numpy().copy() for batch in loader])  # ring buffers
     assert np.array_equal(ids, np.arange(tiny_dataset.num_images))  # every image, in order
     side = np.minimum(tiny_dataset.heights, tiny_dataset.widths)
     assert np.array_equal(crops.boxes[:, 2], side) and np.array_equal(crops.boxes[:, 3], side)
@@ -89,10 +92,9 @@ def test_stored_labels_describe_the_replayed_pixels(tiny_dataset, tiny_refinery_
     assert (arrays["topk_indices"][:, 0] != arrays["topk_indices"][:, 1]).any(axis=1).mean() > 0.3
     crops = ReplayedCrops(arrays["boxes"], arrays["flips"], seed=9)
     loader = make_loader(tiny_dataset, crops, (24, 24), 16, num_workers=2)
-    for images, rows in loader:
-        n = rows[:, 1].numpy()
-        k = crops.slots[n]
-        idx, probs = refinery.top_k(images, 3)
+    for batch in loader:
+        n, k = batch.indices.numpy(), batch.slots.numpy()
+        idx, probs = refinery.top_k(batch.images, 3)
         assert np.array_equal(idx, arrays["topk_indices"][n, k])
         np.testing.assert_allclose(probs.astype(np.float32),
                                    arrays["topk_probs"][n, k].astype(np.float32), atol=2e-3)
@@ -122,5 +124,5 @@ def test_more_workers_than_cores_is_capped_with_a_warning(tiny_dataset):
     crops = FixedCrops(tiny_dataset.heights, tiny_dataset.widths)
     with pytest.warns(RefineryWarning, match=f"--workers {too_many}"):
         loader = make_loader(tiny_dataset, crops, (20, 20), 16, num_workers=too_many, train=False)
-    seen = sum(images.shape[0] for images, _ in loader)
+    seen = sum(batch.images.shape[0] for batch in loader)
     assert seen == tiny_dataset.num_images

@@ -110,7 +110,7 @@ def test_disk_full_mid_write_keeps_finished_chunks_and_resumes(tiny_data, tiny_r
     def failing_write(self, c, arrays):
         if c == 1:  # half of chunk 1 reaches the disk, then the disk is full
             rows = self.layout.chunk_range(c)
-            self.group["boxes"][rows.start:rows.stop] = arrays["boxes"]
+            self.group["boxes"][rows.start:rows.stop] = arrays.boxes
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, c, arrays)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from refinery_pipeline import train as train_module
+from refinery_pipeline.crop_batch import CropBatch
 from refinery_pipeline.crop_plan import CropPlan
 from refinery_pipeline.label_store import LabelStore
 from refinery_pipeline.models import to_pixels
@@ -69,15 +70,15 @@ def test_cached_labels_equal_the_online_teacher_on_the_same_crops(tiny_dataset, 
     in every epoch (each replays other slots: the targets must follow them)."""
     arrays = LabelStore.open(full_store).read()
     crops = ReplayedCrops(arrays["boxes"], arrays["flips"], seed=0)
-    cached = StoredTargets(arrays["topk_indices"], arrays["topk_probs"], 10, "cpu", crops=crops)
+    cached = StoredTargets(arrays["topk_indices"], arrays["topk_probs"], 10, "cpu")
     online = OnlineTargets(Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"))
     loader = make_loader(tiny_dataset, crops, (24, 24), 16, num_workers=1)
     slots_seen = set()
     for _ in range(3):
-        for images, rows in loader:
-            pixels = to_pixels(images, "cpu")
-            a = cached(rows[:, 0], rows[:, 1], pixels)
-            b = online(rows[:, 0], rows[:, 1], pixels)
+        for batch in loader:
+            pixels = to_pixels(batch.images, "cpu")
+            a = cached(batch, pixels)
+            b = online(batch, pixels)
             assert torch.allclose(a, b, atol=2e-3)
         slots_seen.add(tuple(crops.slots))
     assert len(slots_seen) > 1  # the epochs did replay different slots
@@ -90,13 +91,11 @@ def test_stored_class_indices_are_compact_and_exact(num_classes, dtype):
     top = np.stack([rng.choice(num_classes, 3, replace=False) for _ in range(12)])
     indices = top.reshape(4, 3, 3).astype(np.uint16)  # the store's dtype
     probs = np.tile(np.float16([0.5, 0.3, 0.1]), (4, 3, 1))
-    crops = ReplayedCrops(np.zeros((4, 3, 4), np.uint16), np.zeros((4, 3), np.uint8), seed=0)
-    crops.fill(np.zeros((4, 1, 5), np.int32), epoch=1)
-    targets = StoredTargets(indices, probs, num_classes, "cpu", crops=crops)
+    slots = torch.tensor([2, 0, 1, 2])
+    targets = StoredTargets(indices, probs, num_classes, "cpu")
     assert targets.indices.dtype == dtype
-    rows = torch.arange(4)
-    dense = targets(None, rows, None)
-    expected = top.reshape(4, 3, 3)[np.arange(4), crops.slots]
+    dense = targets(CropBatch(None, None, torch.arange(4), slots), None)
+    expected = top.reshape(4, 3, 3)[np.arange(4), slots.numpy()]
     assert torch.equal(dense.topk(3).indices.sort(1).values,
                        torch.from_numpy(np.sort(expected, 1)).long())
     assert torch.allclose(dense.sum(1), torch.ones(4))

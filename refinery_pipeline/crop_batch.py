@@ -1,0 +1,95 @@
+"""The loader contract: what every batch of crops carries, whichever backend cut it.
+
+Every stage that reads crops (precompute, training, precise BN, audit, show) and both loader
+backends (FFCV, plain PyTorch) speak this one type. The slot each crop was cut from travels
+*with the sample*, so a label is looked up from the batch itself and never from loader state
+that a stray ``iter(loader)`` could have moved on.
+
+This module imports neither FFCV nor any image library.
+"""
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+# The slot value of a crop that is not one of the store's slots: a fresh random crop
+# (ground-truth and online modes) or an image's centred square (evaluation, soft-static labels).
+NOT_STORED = -1
+
+
+class SparseLabels(NamedTuple):
+    """Top-k labels of a batch: class indices and their probabilities, most probable first.
+
+    Attributes
+    ----------
+    indices : torch.Tensor
+        ``(B, k)`` integer class indices.
+    probs : torch.Tensor
+        ``(B, k)`` float16 probabilities as stored; their sum may fall short of (or, through
+        float16 rounding, slightly exceed) 1. :func:`refinery_pipeline.dense_targets` turns them
+        into distributions.
+    """
+
+    indices: torch.Tensor
+    probs: torch.Tensor
+
+    def to(self, device, non_blocking: bool = True) -> "SparseLabels":
+        return SparseLabels(self.indices.to(device, non_blocking=non_blocking),
+                            self.probs.to(device, non_blocking=non_blocking))
+
+
+class CropBatch(NamedTuple):
+    """One batch of crops, the same in every backend and stage.
+
+    Attributes
+    ----------
+    images : torch.Tensor or Any
+        The crops. The FFCV backend and internal stages give uint8 ``(B, H, W, 3)`` (one crop
+        per image) or ``(B, S, H, W, 3)`` (all S planned crops per image, precompute); the plain
+        PyTorch backend gives whatever the user's transform returns, collated.
+    labels : torch.Tensor
+        ``(B,)`` int64 ground-truth class of each image.
+    indices : torch.Tensor
+        ``(B,)`` int64 index of each image in the data set, which is its row in the store.
+    slots : torch.Tensor
+        int64 stored slot each crop was cut from: ``(B,)``, or ``(B, S)`` for multi-crop batches;
+        ``NOT_STORED`` (-1) for a crop that is no stored slot (fresh or centred).
+    targets : SparseLabels, torch.Tensor or None
+        The crops' stored labels when the backend reads them (plain PyTorch backend: sparse or
+        dense ``(B, C)``); None when the consumer looks them up from ``indices`` and ``slots``
+        (training on the FFCV backend keeps the whole store on the device for that).
+    """
+
+    images: Any
+    labels: torch.Tensor
+    indices: torch.Tensor
+    slots: torch.Tensor
+    targets: Optional[Any] = None
+
+    def to(self, device, non_blocking: bool = True) -> "CropBatch":
+        """The labels, indices, slots and targets on ``device`` (images stay where they are: a
+        training step copies them itself, once, as pixels)."""
+        move = lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None
+        return CropBatch(self.images, move(self.labels), move(self.indices), move(self.slots),
+                         move(self.targets))
+
+
+def batch_from_rows(images, rows: torch.Tensor) -> CropBatch:
+    """A :class:`CropBatch` from an FFCV label row block ``[label, index, slot_0 .. slot_S-1]``
+    (see :class:`.replay.WithIndexAndSlots`)."""
+    slots = rows[:, 2] if rows.shape[1] == 3 else rows[:, 2:]
+    return CropBatch(images, rows[:, 0], rows[:, 1], slots)
+
+
+def sparse_labels(topk_indices: np.ndarray, topk_probs: np.ndarray, images,
+                  slots) -> SparseLabels:
+    """The stored top-k labels of crops ``(images[i], slots[i])`` from whole-store arrays
+    ``(N, K, k)``, as a :class:`SparseLabels` batch (indices int64, probabilities float16)."""
+    images, slots = np.asarray(images), np.asarray(slots)
+    return SparseLabels(torch.from_numpy(topk_indices[images, slots].astype(np.int64)),
+                        torch.from_numpy(np.ascontiguousarray(topk_probs[images, slots])))
+
+
+def as_numpy_indices(batch: CropBatch) -> np.ndarray:
+    """The batch's image indices as a NumPy array (a copy: FFCV reuses its buffers)."""
+    return batch.indices.numpy().copy()
