@@ -1,2 +1,73 @@
-"""refinery: offline Label Refinery labels, stored once and replayed by an FFCV loader."""
-__version__ = "0.1.0"
+"""refinery: offline Label Refinery labels, stored once and replayed by any training loop.
+
+The public API is what this module exports (``__all__``); every submodule is private and may
+change without notice. See ``docs/api.md``.
+
+>>> import refinery_pipeline as refinery
+>>> store = refinery.open_store("labels.zarr")                  # doctest: +SKIP
+>>> data = refinery.StoreCropDataset(store, "imagenet/train")   # doctest: +SKIP
+"""
+__version__ = "0.2.0"
+
+from .crop_batch import NOT_STORED, CropBatch, SparseLabels
+from .crop_plan import SLOT_POLICIES, CropPlan, slot_of
+from .errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
+                     RefineryWarning, StoreError, StoreMismatchError, StoreNotFoundError)
+from .label_store import (FORMAT_VERSION, Batching, CropRecords, DatasetInfo, LabelStore,
+                          RefineryInfo, StoreLayout)
+from .losses import (LOSSES, REST_POLICIES, get_loss, kl_divergence, l2_on_probabilities,
+                     reverse_kl, soft_cross_entropy)
+from .torch_data import (BetonImages, CropCollate, CropSample, FolderImages, MappedImages,
+                         StoreCropDataset, dense_targets)
+
+
+def open_store(location) -> LabelStore:
+    """Open a label store for reading.
+
+    Parameters
+    ----------
+    location : str or os.PathLike
+        A store directory, a ``.zip`` made by ``refine pack`` (read in place), or an fsspec
+        URL (``s3://bucket/labels.zarr``; needs ``refinery[remote]``).
+
+    Returns
+    -------
+    LabelStore
+        Typed views: ``plan`` (:class:`CropPlan`), ``refinery`` (:class:`RefineryInfo`),
+        ``dataset`` (:class:`DatasetInfo`), ``batching`` (:class:`Batching`), ``layout``
+        (:class:`StoreLayout`); records: ``read_crops(images=None)`` (:class:`CropRecords`),
+        ``read_labels()``, ``read_image_sizes()``.
+
+    Raises
+    ------
+    StoreNotFoundError
+        Nothing is stored there.
+    StoreError
+        Not a label store, or one of a newer format than this version reads.
+    """
+    return LabelStore.open(location)
+
+
+def replay_loader(store, data, batch_size: int, num_workers: int = 2, **kwargs):
+    """The FFCV backend: a loader of the store's crops with their labels (needs ``ffcv``).
+
+    See :func:`refinery_pipeline.replay.replay_loader` for the parameters; it yields the same
+    :class:`CropBatch` es, with the same slot per ``(epoch, n)``, as :class:`StoreCropDataset`
+    under a ``DataLoader`` with :class:`CropCollate`.
+    """
+    from .replay import replay_loader as _replay_loader
+    return _replay_loader(store, data, batch_size, num_workers, **kwargs)
+
+
+__all__ = [
+    "open_store", "LabelStore", "StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo",
+    "Batching", "CropRecords", "FORMAT_VERSION",
+    "slot_of", "SLOT_POLICIES", "dense_targets", "REST_POLICIES",
+    "get_loss", "LOSSES", "kl_divergence", "soft_cross_entropy", "reverse_kl",
+    "l2_on_probabilities",
+    "CropBatch", "SparseLabels", "NOT_STORED",
+    "StoreCropDataset", "CropCollate", "CropSample", "BetonImages", "FolderImages",
+    "MappedImages", "replay_loader",
+    "RefineryError", "RefineryWarning", "StoreError", "StoreNotFoundError",
+    "StoreMismatchError", "IncompleteStoreError", "DataSetError", "CheckpointError",
+]
