@@ -1,0 +1,62 @@
+"""The examples under ``examples/`` run end to end on a tiny store, each in its own process."""
+import ast
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refinery_pipeline.crop_plan import CropPlan
+from refinery_pipeline.dataset import open_dataset
+from refinery_pipeline.precompute import precompute
+from refinery_pipeline.refinery import Refinery
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ("plain_pytorch.py", "ffcv_loop.py", "timm_style.py")
+LOSS = re.compile(r"^epoch 0: mean loss (\S+)$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def example_runs(tiny_data, tiny_refinery_ckpt, tmp_path_factory) -> dict:
+    """Each example's finished process on a K = 2 store of the tiny shapes, run side by side
+    (most of each run is importing torch and FFCV, and FFCV compiling its pipeline)."""
+    out = tmp_path_factory.mktemp("examples")
+    store = out / "labels.zarr"
+    precompute(open_dataset(tiny_data), store,
+               Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
+               CropPlan(seed=5, crops_per_image=2), top_k=4, crop_batch=32, chunk_size=32,
+               progress=False)
+    env = dict(os.environ, REFINERY_CACHE=str(out / "cache"), CUDA_VISIBLE_DEVICES="")
+    runs = {name: subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / name), str(store), str(tiny_data),
+         "--epochs", "1", "--batch-size", "8", "--limit-steps", "2"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name in EXAMPLES}
+    results = {}
+    for name, process in runs.items():
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        results[name] = (process.returncode, stdout, stderr)
+    return results
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_trains_and_prints_a_finite_loss(example_runs, name):
+    returncode, stdout, stderr = example_runs[name]
+    assert returncode == 0, stderr[-3000:]
+    found = LOSS.search(stdout)
+    assert found, f"no loss line in {stdout!r}"
+    assert math.isfinite(float(found.group(1))), found.group(0)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_is_short_and_says_what_it_shows(name):
+    source = (ROOT / "examples" / name).read_text()
+    assert len(source.splitlines()) < 60
+    assert ast.get_docstring(ast.parse(source))
