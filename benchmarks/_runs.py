@@ -21,6 +21,12 @@ from pathlib import Path
 GROUND_TRUTH, ONLINE = "ground truth", "online, fresh crops, BN train"
 
 
+
+def resume_flag(out: Path) -> list:
+    """``--resume`` for a run interrupted after a checkpoint, nothing for a fresh one (refine
+    train refuses --resume without OUT/last.pt, and a fresh run into a used --out)."""
+    return ["--resume"] if (Path(out) / "last.pt").is_file() else []
+
 def run_logged(command: list[str], log: Path, threads: int) -> float:
     """Run one CLI command with ``threads`` intra-op threads, output to ``log``; return seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -146,8 +152,8 @@ class StudentRuns:
         elif not (out / "model.pt").exists():
             seconds = run_logged(
                 ["refine", "train", *self.common, "--out", str(out), "--epochs", str(self.epochs),
-                 "--seed", str(run["seed"]), "--eval-every", str(self.epochs), "--resume",
-                 *run["options"]],
+                 "--seed", str(run["seed"]), "--eval-every", str(self.epochs),
+                 *resume_flag(out), *run["options"]],
                 self.work / "logs" / f"{out.name}.log", threads=self.threads)
             (out / "seconds").write_text(f"{seconds}\n")
         m = final_metrics(out)

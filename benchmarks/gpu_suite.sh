@@ -8,7 +8,8 @@
 # DATA is an ImageFolder tree with train/ and val/ (imagenette-96); SECONDS the whole budget
 # (default 540); JOBS the parity students trained side by side on the one GPU (default 4, with
 # the CPU cores split between them). Needs `refine` on the PATH. Stages:
-#   1. loader throughput: replay vs FFCV's stock RandomResizedCrop, 16 and 4 workers
+#   1. loader throughput: replay vs FFCV's stock RandomResizedCrop, 16 and 4 workers; the plain
+#      PyTorch backend (StoreCropDataset) vs torchvision's ImageFolder loader, 16 workers
 #   2. refinery: ResNet-18, 40 epochs on ground truth (the reference's student recipe), and a
 #      1-epoch ResNet-50 whose only use is timing an online ResNet-50 refinery (speed does not
 #      depend on the weights)
@@ -57,6 +58,7 @@ LOGS=$W/logs
 mkdir -p "$LOGS"
 
 left() { echo $(( DEADLINE - $(date +%s) )); }
+resume() { [ -f "$1/last.pt" ] && echo --resume; }  # refine train refuses --resume on a fresh --out
 
 # stage NAME MIN_SECONDS COMMAND...: run COMMAND with the time left (less a reserve for the
 # summary), log to $LOGS/NAME.log; skipped when fewer than MIN_SECONDS are left.
@@ -83,16 +85,19 @@ stage loader_w16 30 python3 benchmarks/loader_throughput.py "$DATA" --res "$RES"
   --workers 16 --rounds 5 --tag loader_gpu_w16
 stage loader_w4 30 python3 benchmarks/loader_throughput.py "$DATA" --res "$RES" --batch-size 256 \
   --workers 4 --rounds 3 --tag loader_gpu_w4
+stage plain_loader_w16 40 python3 benchmarks/plain_loader_throughput.py --data "$DATA" \
+  --work $W/plain_loader --res "$RES" --batch-size 256 --workers 16 --rounds 3 --profile 0 \
+  --tag plain_loader_gpu_w16
 
 REFINERY=$W/refinery/model.pt
 TIMING_R50=$W/r50_timing/model.pt
 if [ ! -f $REFINERY ] || [ ! -f $TIMING_R50 ]; then
   refine train "$DATA" --arch resnet50 --res "$RES" --epochs 1 --batch-size 256 --workers 4 \
-    --out $W/r50_timing --resume >"$LOGS/r50_timing.log" 2>&1 &
+    --out $W/r50_timing $(resume $W/r50_timing) >"$LOGS/r50_timing.log" 2>&1 &
   TIMING_PID=$!
   stage refinery 60 refine train "$DATA" --arch resnet18 --res "$RES" --epochs "$EPOCHS" \
     --batch-size 256 --lr 0.4 --workers "$REFINERY_WORKERS" --eval-every 10 --out $W/refinery \
-    --resume || exit 1
+    $(resume $W/refinery) || exit 1
   wait $TIMING_PID || echo "[suite] the ResNet-50 timing teacher failed: $LOGS/r50_timing.log"
 fi
 

@@ -23,7 +23,7 @@ from refinery_pipeline.label_store import DEFAULT_TOP_K
 
 from _results import markdown_table, write_results
 from _runs import (GROUND_TRUTH, ONLINE, StudentRuns, add_student_arguments, describe_students,
-                   device_name, final_metrics, precompute_once, run_logged)
+                   device_name, final_metrics, precompute_once, resume_flag, run_logged)
 
 
 def get_args():
@@ -66,7 +66,7 @@ def refinery_checkpoint(args, work: Path) -> tuple[str, dict]:
         run_logged(["refine", "train", args.data, "--out", str(out), "--arch", args.refinery_arch,
                     "--res", str(args.res), "--epochs", str(args.refinery_epochs),
                     "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                    "--workers", str(args.workers), "--resume"],
+                    "--workers", str(args.workers), *resume_flag(out)],
                    work / "logs" / "refinery.log", threads=os.cpu_count() or 1)
     return str(out / "model.pt"), final_metrics(out)
 

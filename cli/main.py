@@ -1,6 +1,8 @@
 """``refine``: precompute, train, inspect, demo. Bad input ends in one line naming the fix."""
+import contextlib
 import functools
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -8,7 +10,8 @@ from pathlib import Path
 import click
 
 from refinery_pipeline.crop_plan import DEFAULT_CROPS_PER_IMAGE, DEFAULT_SLOT_POLICY, SLOT_POLICIES
-from refinery_pipeline.errors import RefineryError, RefineryWarning, storage_io_errors
+from refinery_pipeline.errors import (RefineryError, RefineryWarning, storage_error_message,
+                                      storage_io_errors)
 from refinery_pipeline.label_store import DEFAULT_TOP_K
 from refinery_pipeline.schedule import LR_SCHEDULERS
 
@@ -27,19 +30,163 @@ def _one_line_warnings():
     warnings.formatwarning = format_warning
 
 
-def friendly_errors(command):
-    """Turn RefineryError into ``error: <message>`` and exit code 2, with no traceback."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+class OptionValueError(click.BadParameter):
+    """A value its option cannot take, worded like our other errors: option, value, fix."""
+
+    def __init__(self, value, what: str, fix: str, param, ctx):
+        super().__init__(what, ctx=ctx, param=param)
+        self.value, self.fix = value, fix
+
+    def format_message(self) -> str:
+        name = self.param.opts[0] if self.param is not None else "value"
+        return f"{name} {self.value}: {self.message}"
+
+
+class _Bounded:
+    """Mixin for click's range types: a value out of range, not a number, or not finite (nan,
+    inf) fails before the command runs, so nothing is created for it."""
+
+    def __init__(self, *args, fix: str = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fix = fix
+
+    def convert(self, value, param, ctx):
         try:
-            return command(*args, **kwargs)
-        except RefineryError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-    return wrapper
+            number = super().convert(value, param, ctx)
+        except click.BadParameter:
+            raise OptionValueError(value, "out of range" if self._is_number(value) else
+                                   f"not {self.noun}", self._fix(), param, ctx) from None
+        if isinstance(number, float) and not math.isfinite(number):
+            raise OptionValueError(value, "not a finite number", self._fix(), param, ctx)
+        return number
+
+    def _is_number(self, value) -> bool:
+        try:
+            float(value)
+            return True
+        except (TypeError, ValueError):
+            return False
+
+    def _fix(self) -> str:
+        if self.fix:
+            return self.fix
+        return f"give {self.noun} {self.bounds()}"
+
+    def bounds(self) -> str:
+        """``>= 1``, ``> 0``, ``in (0, 1]``: the range in words a user types."""
+        low, high = (f"{x:g}" if isinstance(x, float) else x for x in (self.min, self.max))
+        if high is None:
+            return f"{'>' if self.min_open else '>='} {low}"
+        if low is None:
+            return f"{'<' if self.max_open else '<='} {high}"
+        return f"in {'(' if self.min_open else '['}{low}, {high}{')' if self.max_open else ']'}"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class Count(_Bounded, click.IntRange):
+    """An integer option with bounds (crops, classes, batches, epochs, pixels, seeds)."""
+    noun = "an integer"
+
+
+class Number(_Bounded, click.FloatRange):
+    """A finite real option with bounds (learning rates, factors, temperatures)."""
+    noun = "a number"
+
+
+# The numeric option types, defined once and shared by every command.
+AT_LEAST_ONE = Count(min=1)
+NON_NEGATIVE_COUNT = Count(min=0)
+SEED = Count(min=0, max=2**32 - 1)
+PIXELS = Count(min=8)  # crop sizes: no network takes a smaller input
+POSITIVE = Number(min=0, min_open=True)
+NON_NEGATIVE = Number(min=0)
+FRACTION = Number(min=0, max=1)
+FACTOR = Number(min=0, max=1, min_open=True)  # a decay factor: (0, 1]
+SMOOTHING = Number(min=0, max=1, max_open=True)  # label smoothing 1 leaves no label
+
+
+# Options several commands share, defined once.
+workers_option = click.option("--workers", default=2, type=AT_LEAST_ONE, help=WORKERS_HELP)
+device_option = click.option("--device", default="auto",
+                             help="torch device: auto (the local CUDA device, else cpu), cpu, "
+                                  "cuda, cuda:1, ...")
+cache_dir_option = click.option("--cache-dir", default=None,
+                                show_default="$REFINERY_CACHE, else ~/.cache/refinery",
+                                help="where an ImageFolder DATA tree is converted to .beton, once")
+
+
+def _usage_error_line(exc: click.UsageError) -> str:
+    """Any usage error (bad value, unknown option, missing argument) as one line: what is wrong,
+    then the fix, or where to read the options."""
+    message = exc.format_message().rstrip(".")
+    command = exc.ctx.command_path if exc.ctx is not None else "refine"
+    fix = getattr(exc, "fix", None) or f"see '{command} --help'"
+    return f"error: {message}; {fix}"
+
+
+class OneLineUsageErrors(click.Group):
+    """click prints a usage error as a usage block and an ``Error:`` line; ours are one
+    ``error:`` line (exit code 2), as for every other bad input."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+class _OneLineUsageError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(self.message, err=True)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    """Re-raise click's usage errors as one-line ones; help requests (no arguments) pass."""
+    try:
+        yield
+    except click.UsageError as exc:
+        if isinstance(exc, _help_requests()):
+            raise
+        raise _OneLineUsageError(_usage_error_line(exc)) from None
+
+
+def _help_requests() -> tuple:
+    """``refine`` with no command prints the help (click >= 8.2 raises it as a usage error)."""
+    no_args = getattr(click.exceptions, "NoArgsIsHelpError", None)
+    return (no_args,) if no_args else ()
+
+
+def friendly_errors(about: str = None):
+    """Turn RefineryError and storage failures into ``error: <message>`` and exit code 2, with no
+    traceback.
+
+    ``about`` names the command's parameter holding the location (a store, an output) that a
+    storage error without a file name of its own (a full disk, a dropped connection) concerns.
+    """
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except RefineryError as exc:
+                _fail(str(exc))
+            except storage_io_errors() as exc:  # read-only, full, missing, network down
+                _fail(storage_error_message(exc, kwargs.get(about) if about else None))
+        return wrapper
+    return decorate
+
+
+def _fail(message: str):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(cls=OneLineUsageErrors,
+             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="refinery")
 def cli():
     """Offline Label Refinery: label every crop once, replay crops and labels while training."""
@@ -56,27 +203,30 @@ def cli():
               help="refinery checkpoint (a `refine train` model.pt, a state_dict, or a "
                    "torchvision-reference or timm training checkpoint), or torchvision weights by "
                    "name, e.g. ResNet50_Weights.IMAGENET1K_V2")
-@click.option("--crops-per-image", "-K", default=DEFAULT_CROPS_PER_IMAGE, show_default=True,
+@click.option("--crops-per-image", "-K", default=DEFAULT_CROPS_PER_IMAGE, type=AT_LEAST_ONE,
               help="crops sampled per image; a student of E epochs needs K >= E for parity")
-@click.option("--top-k", default=DEFAULT_TOP_K,
+@click.option("--top-k", default=DEFAULT_TOP_K, type=AT_LEAST_ONE,
               help="classes stored per crop, capped at the number of classes (fewer cost "
                    "accuracy against an online refinery: see README, choosing K and top-k)")
-@click.option("--seed", default=0, help="crop plan seed")
-@click.option("--input-size", default=None, type=int,
-              help="crop size fed to the refinery [default: the checkpoint's; required when it "
-                   "records none, e.g. a bare state_dict]")
+@click.option("--seed", default=0, type=SEED, help="crop plan seed")
+@click.option("--input-size", default=None, type=PIXELS,
+              show_default="the checkpoint's; required when it records none, e.g. a bare "
+                           "state_dict",
+              help="crop size fed to the refinery, in pixels")
 @click.option("--bn-mode", type=click.Choice(["train", "eval"]), default="train",
               help="refinery BatchNorm mode (paper: train)")
-@click.option("--temperature", default=1.0, help="softmax temperature")
-@click.option("--batch-size", default=512, help="crops per refinery forward pass")
-@click.option("--chunk-size", default=None, type=int, help="images per store chunk")
+@click.option("--temperature", default=1.0, type=POSITIVE, help="softmax temperature")
+@click.option("--batch-size", default=512, type=AT_LEAST_ONE,
+              help="crops per refinery forward pass")
+@click.option("--chunk-size", default=None, type=AT_LEAST_ONE, show_default="chosen from K",
+              help="images per store chunk")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the refinery")
 @click.option("--soft-static", is_flag=True,
               help="also store the label of the whole (centred) image, for the paper's Table 4")
-@click.option("--workers", default=2, help=WORKERS_HELP)
-@click.option("--device", default="auto")
-@click.option("--cache-dir", default=None, help="where converted .beton files are kept")
-@friendly_errors
+@workers_option
+@device_option
+@cache_dir_option
+@friendly_errors(about="store")
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
                temperature, batch_size, chunk_size, compile_, soft_static, workers, device,
                cache_dir):
@@ -92,13 +242,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                                         bn_mode=bn_mode, temperature=temperature,
                                         device=resolve_device(device), compile=compile_)
     plan = CropPlan(seed=seed, crops_per_image=crops_per_image)
-    try:
-        s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
-                soft_static=soft_static)
-    except storage_io_errors() as exc:  # disk full, network down: finished chunks stay valid
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise RefineryError(f"{store}: writing failed ({reason}); chunks already finished are "
-                            "kept; fix the cause and rerun the same command to resume") from None
+    s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
+            soft_static=soft_static)  # a storage failure keeps finished chunks: friendly_errors
     from refinery_pipeline.distributed import is_main
     if is_main():
         busy = (f", {s.chunks_claimed_elsewhere} being written by another process"
@@ -112,59 +257,73 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @cli.command()
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--labels", default="none", help="label store, or 'none' for ground truth")
-@click.option("--out", "out_dir", default="runs/student", type=click.Path())
+@click.option("--out", "out_dir", default="runs/student", type=click.Path(),
+              help="run directory: metrics.jsonl, plot.png, last.pt, model.pt")
 @click.option("--arch", default="resnet18",
               help="student architecture: a torchvision name, or timm's (timm/NAME, needs "
                    "refinery[timm]; a name both have is torchvision's)")
-@click.option("--epochs", default=16)
-@click.option("--batch-size", default=256)
-@click.option("--lr", default=0.4)
-@click.option("--weight-decay", "--wd", default=5e-4)
-@click.option("--warmup-epochs", "--lr-warmup-epochs", default=2.0,
+@click.option("--epochs", default=16, type=AT_LEAST_ONE, help="training epochs")
+@click.option("--batch-size", default=256, type=AT_LEAST_ONE,
+              help="crops per SGD step")
+@click.option("--lr", default=0.4, type=POSITIVE,
+              help="peak learning rate of SGD with Nesterov momentum 0.9")
+@click.option("--weight-decay", "--wd", default=5e-4, type=NON_NEGATIVE,
+              help="SGD weight decay (L2)")
+@click.option("--warmup-epochs", "--lr-warmup-epochs", default=2.0, type=NON_NEGATIVE,
               help="linear warm-up from ~0 to --lr (fractions allowed)")
 @click.option("--lr-scheduler", type=click.Choice(LR_SCHEDULERS), default="linear",
               help="decay after the warm-up: linear to 0, cosine to 0, or step")
-@click.option("--lr-step-size", default=30, help="step scheduler: epochs between decays")
-@click.option("--lr-gamma", default=0.1, help="step scheduler: LR factor per decay")
-@click.option("--label-smoothing", default=0.0, help="ground-truth mode only")
+@click.option("--lr-step-size", default=30, type=AT_LEAST_ONE,
+              help="step scheduler: epochs between decays")
+@click.option("--lr-gamma", default=0.1, type=FACTOR, help="step scheduler: LR factor per decay")
+@click.option("--label-smoothing", default=0.0, type=SMOOTHING,
+              help="ground-truth mode only (--labels none)")
 @click.option("--label-mode", type=click.Choice(["soft", "hard", "static"]), default="soft",
               help="stored soft labels, their arg-max, or the whole-image (soft-static) label")
 @click.option("--teacher", default=None, type=click.Path(),
               help="online refinery: label every crop during training (a checkpoint, or "
                    "torchvision weights by name as for precompute --weights)")
-@click.option("--teacher-bn", type=click.Choice(["train", "eval"]), default="train")
+@click.option("--teacher-bn", type=click.Choice(["train", "eval"]), default="train",
+              help="online refinery's BatchNorm mode (paper: train)")
 @click.option("--teacher-crops", type=click.Choice(["fresh", "replay"]), default="fresh",
               help="online teacher on fresh random crops, or on the store's crops (parity)")
-@click.option("--loss", type=click.Choice(["kl", "soft_ce", "reverse_kl", "l2"]), default="kl")
-@click.option("--adversarial-eta", default=0.0,
+@click.option("--loss", type=click.Choice(["kl", "soft_ce", "reverse_kl", "l2"]), default="kl",
+              help="loss between the student and the (stored or online) refinery labels")
+@click.option("--adversarial-eta", default=0.0, type=NON_NEGATIVE, show_default="off",
               help="adversarial jittering (paper 3.1): also train on each crop moved by ETA x the "
-                   "gradient of its loss, labelled by --teacher; watch adv_rms in the log "
-                   "[default: off]")
-@click.option("--precise-bn", default=0, metavar="BATCHES",
+                   "gradient of its loss, labelled by --teacher; watch adv_rms in the log")
+@click.option("--precise-bn", default=0, metavar="BATCHES", show_default="off",
+              type=Count(min=0, fix="give the number of training batches to recompute BatchNorm "
+                                    "statistics over (e.g. 100), or 0 for off"),
               help="before each evaluation, recompute BatchNorm statistics over BATCHES batches of "
                    "training crops (e.g. 100): for slow-momentum BN (MobileNetV3) on short "
-                   "schedules [default: off]")
+                   "schedules")
 @click.option("--rest", type=click.Choice(["uniform", "renormalize"]), default="uniform",
               help="where the probability mass outside the stored top-k goes")
 @click.option("--slot-policy", type=click.Choice(SLOT_POLICIES), default=DEFAULT_SLOT_POLICY,
-              show_default=True,
               help="each stored crop once before any repeats (cycle), or a random one per epoch")
-@click.option("--res", default=None, type=int,
-              help="crop size [default: the store's refinery input size, else 224]")
-@click.option("--workers", default=2, help=WORKERS_HELP)
-@click.option("--seed", default=0)
-@click.option("--eval-every", default=1, help="evaluate every N epochs, and after the last")
-@click.option("--device", default="auto")
+@click.option("--res", default=None, type=PIXELS,
+              show_default="the store's refinery input size, else 224",
+              help="training crop size, in pixels")
+@workers_option
+@click.option("--seed", default=0, type=SEED,
+              help="student initialisation, fresh crops and slot order")
+@click.option("--eval-every", default=1, type=AT_LEAST_ONE,
+              help="evaluate every N epochs, and after the last")
+@device_option
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the student and an online --teacher")
 @click.option("--resume", is_flag=True, help="continue from OUT/last.pt")
 @click.option("--allow-partial", is_flag=True, help="train on the finished chunks of a store")
-@click.option("--cache-dir", default=None)
-@friendly_errors
+@click.option("--skip-store-check", is_flag=True,
+              help="do not check the store's chunks against their checksums while reading it; "
+                   "accepted only after a passing `refine verify` of the same bytes")
+@cache_dir_option
+@friendly_errors(about="out_dir")
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
           lr_scheduler, lr_step_size, lr_gamma, label_smoothing, label_mode, teacher, teacher_bn,
           teacher_crops, loss, adversarial_eta, precise_bn, rest, slot_policy, res, workers, seed,
-          eval_every, device, compile_, resume, allow_partial, cache_dir):
+          eval_every, device, compile_, resume, allow_partial, skip_store_check, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
@@ -181,7 +340,8 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       adversarial_eta=adversarial_eta, precise_bn=precise_bn, rest=rest,
                       slot_policy=slot_policy, res=res, workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,
-                      allow_partial=allow_partial, cache_dir=cache_dir)
+                      allow_partial=allow_partial, skip_store_check=skip_store_check,
+                      cache_dir=cache_dir)
     m = fit(cfg)
     if is_main():
         click.echo(f"val top-1 {m['val_top1']:.2f}  top-5 {m['val_top5']:.2f}; "
@@ -192,11 +352,11 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", default=None, type=click.Path(),
-              help="image to write (.png, .pdf, .svg) [default: RUN/plot.png for one run, "
-                   "runs.png for several]")
-@click.option("--name", "names", multiple=True,
-              help="legend name of each run, in order [default: its directory name]")
-@friendly_errors
+              show_default="RUN/plot.png for one run, runs.png for several",
+              help="image to write (.png, .pdf, .svg)")
+@click.option("--name", "names", multiple=True, show_default="each run's directory name",
+              help="legend name of each run, in order")
+@friendly_errors(about="out")
 def plot(runs, out, names):
     """Plot accuracy per epoch and per class of one or several `refine train` RUNS (their --out
     directories): validation vs training crops, side by side in one figure."""
@@ -218,7 +378,7 @@ def plot(runs, out, names):
 @cli.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-@friendly_errors
+@friendly_errors(about="store")
 def inspect(store, as_json):
     """Show what a label store holds: plan, refinery, data set, size, completeness, labels."""
     from refinery_pipeline.inspect_store import describe_store, format_summary
@@ -229,14 +389,14 @@ def inspect(store, as_json):
 @cli.command()
 @click.argument("store")
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--images", default=6, type=click.IntRange(1),
+@click.option("--images", default=6, type=AT_LEAST_ONE,
               help="how many images (rows), chosen at random")
-@click.option("--crops", default=8, type=click.IntRange(1), help="stored crops shown per image")
-@click.option("--seed", default=0, help="which images")
+@click.option("--crops", default=8, type=AT_LEAST_ONE, help="stored crops shown per image")
+@click.option("--seed", default=0, type=SEED, help="which images")
 @click.option("--out", default="crops.png", type=click.Path(), help="figure file")
-@click.option("--workers", default=2, help=WORKERS_HELP)
-@click.option("--cache-dir", default=None)
-@friendly_errors
+@workers_option
+@cache_dir_option
+@friendly_errors(about="out")
 def show(store, data, images, crops, seed, out, workers, cache_dir):
     """Draw stored crops of STORE (made from DATA) with their stored labels, as students see them."""
     from refinery_pipeline.dataset import open_dataset
@@ -254,13 +414,15 @@ def show(store, data, images, crops, seed, out, workers, cache_dir):
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--weights", required=True, type=click.Path(),
               help="the store's refinery checkpoint, or torchvision weights by name")
-@click.option("--sample-crops", default=20000, help="about this many stored crops are re-labelled")
-@click.option("--min-agreement", default=0.999, help="exit 1 when top-1 agreement is lower")
-@click.option("--seed", default=0, help="which loader batches are sampled")
-@click.option("--workers", default=2, help=WORKERS_HELP)
-@click.option("--device", default="auto")
-@click.option("--cache-dir", default=None)
-@friendly_errors
+@click.option("--sample-crops", default=20000, type=AT_LEAST_ONE,
+              help="about this many stored crops are re-labelled")
+@click.option("--min-agreement", default=0.999, type=FRACTION,
+              help="exit 1 when top-1 agreement is lower")
+@click.option("--seed", default=0, type=SEED, help="which loader batches are sampled")
+@workers_option
+@device_option
+@cache_dir_option
+@friendly_errors(about="store")
 def audit(store, data, weights, sample_crops, min_agreement, seed, workers, device, cache_dir):
     """Re-run the refinery on sampled stored crops of STORE (made from DATA) and compare."""
     from refinery_pipeline.audit import audit_store
@@ -290,13 +452,15 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
 @cli.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--max-resolution", default=0,
+@click.option("--max-resolution", default=0, type=NON_NEGATIVE_COUNT,
               help="cap each image's longer side (FFCV's ImageNet recipe: 256 to 512); 0 keeps it")
-@click.option("--jpeg-quality", default=90, help="quality of the re-encoded JPEGs")
+@click.option("--jpeg-quality", default=90, type=Count(min=1, max=100),
+              help="quality of the re-encoded JPEGs")
 @click.option("--write-mode", type=click.Choice(["jpg", "raw"]), default="jpg",
               help="JPEG, or raw pixels (larger files, no decoding cost)")
-@click.option("--workers", default=2, help="processes reading and encoding images")
-@friendly_errors
+@click.option("--workers", default=2, type=AT_LEAST_ONE,
+              help="processes reading and encoding images")
+@friendly_errors(about="out_dir")
 def convert(data, out_dir, max_resolution, jpeg_quality, write_mode, workers):
     """Write the ImageFolder tree DATA (train/ and val/) to OUT_DIR/<name>_{train,val}.beton.
 
@@ -316,7 +480,7 @@ def convert(data, out_dir, max_resolution, jpeg_quality, write_mode, workers):
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_zip", type=click.Path())
-@friendly_errors
+@friendly_errors(about="out_zip")
 def pack(store, out_zip):
     """Pack a complete STORE directory into one reproducible zip (readable in place)."""
     from refinery_pipeline.store_tools import pack_store
@@ -328,29 +492,40 @@ def pack(store, out_zip):
 @click.argument("store")
 @click.option("--data", default=None, type=click.Path(exists=True),
               help="also check the store against this data set's fingerprint")
-@click.option("--cache-dir", default=None)
-@friendly_errors
+@cache_dir_option
+@friendly_errors(about="store")
 def verify(store, data, cache_dir):
-    """Check every chunk of STORE against its recorded checksums; exit 1 naming what is wrong."""
+    """Check every array of STORE (chunks against their checksums, attributes against their
+    digest and the arrays' shapes, labels, a zip's entries); exit 1 naming all that is wrong.
+
+    A pass is recorded in the cache (outside the store), so that `refine train
+    --skip-store-check` may skip re-checking these very bytes."""
     from refinery_pipeline.dataset import open_dataset
-    from refinery_pipeline.store_tools import verify_store
+    from refinery_pipeline.store_tools import record_verified, store_identity, verify_store
     dataset = open_dataset(data, "train", cache_dir) if data else None
+    identity = store_identity(store)  # before reading: a change during the check voids it
     report = verify_store(store, dataset)
     for problem in report.problems:
         click.echo(f"error: {store}: {problem}", err=True)
     if not report.ok:
         sys.exit(1)
+    record_verified(store, identity, cache_dir)
     click.echo(f"{store}: {report.verified}/{report.chunks} chunks verified"
                + (", data set fingerprint matches" if dataset else ""))
 
 
 @cli.command()
-@click.option("--out", "out_dir", default="refinery-demo", type=click.Path())
-@click.option("--train-images", default=3000)
-@click.option("--epochs", default=30, help="student epochs (the refinery trains twice as long)")
-@click.option("--workers", default=2, help=WORKERS_HELP)
-@click.option("--seed", default=0)
-@friendly_errors
+@click.option("--out", "out_dir", default="refinery-demo", type=click.Path(),
+              help="directory for the data, the refinery, the store and the students (a rerun "
+              "replaces a previous demo there)")
+@click.option("--train-images", default=3000,
+              type=Count(min=64, fix="give at least 64: the demo trains on batches of 64"),
+              help="procedural training images (plus 1000 for validation)")
+@click.option("--epochs", default=30, type=AT_LEAST_ONE,
+              help="student epochs (the refinery trains twice as long)")
+@workers_option
+@click.option("--seed", default=0, type=SEED, help="images, crop plan and training")
+@friendly_errors(about="out_dir")
 def demo(out_dir, train_images, epochs, workers, seed):
     """Run the whole path on procedural shapes (no data, no GPU, a few minutes)."""
     from refinery_pipeline.demo import DemoConfig, run_demo

@@ -11,10 +11,8 @@ import numpy as np
 
 from .errors import StoreMismatchError
 from .label_store import LabelStore
-from .crop_batch import as_numpy_indices
 from .label_store import Batching
-from .precompute import build_crop_table, label_loader_batch
-from .replay import multi_crop_loader
+from .precompute import UnitLoader, build_crop_table, label_loader_batch
 
 
 @dataclass
@@ -32,16 +30,12 @@ def sample_loader_batches(store: LabelStore, batching: Batching, sample_crops: i
                           seed: int) -> list:
     """Random ``range``s of image ids, each exactly one loader batch of the original run."""
     lay = store.layout
-    units = [range(start, min(start + batching.images_per_batch, r.stop))
-             for c in np.flatnonzero(store.done_chunks())
-             for r in [lay.chunk_range(int(c))]
-             for start in range(r.start, r.stop, batching.images_per_batch)]
+    units = [u for c in np.flatnonzero(store.done_chunks())
+             for u in batching.units(lay, int(c))]
     crops_per_unit = batching.images_per_batch * lay.crops_per_image
     wanted = min(len(units), max(1, -(-sample_crops // crops_per_unit)))
     chosen = np.random.default_rng(seed).choice(len(units), wanted, replace=False)
-    # a short unit (the end of the last chunk) goes last so loader batches stay aligned
-    return sorted((units[i] for i in chosen), key=lambda u: (len(u) < batching.images_per_batch,
-                                                              u.start))
+    return sorted((units[i] for i in chosen), key=lambda u: u.start)
 
 
 def audit_store(dataset, location, refinery, sample_crops: int = 20000, seed: int = 0,
@@ -60,13 +54,13 @@ def audit_store(dataset, location, refinery, sample_crops: int = 20000, seed: in
     table = build_crop_table(dataset, plan, ids, lay.soft_static)
     stored = store.read_crops()
     size = (refinery.input_size, refinery.input_size)
-    loader = multi_crop_loader(dataset, table, size, batching.images_per_batch, ids, num_workers)
+    loader = UnitLoader(dataset, table, size, batching.images_per_batch, units, num_workers)
     same_top1, same_topk, errors = [], [], []
-    for batch in loader:
-        index = as_numpy_indices(batch)
-        chunk = int(index[0]) // lay.chunk_size
-        classes, probs = label_loader_batch(refinery, batch.images, batching.crop_batch,
-                                            lay.top_k, plan.seed, chunk, int(index[0]))
+    for unit, images in loader(units):
+        index = np.arange(unit.start, unit.stop)
+        chunk = unit.start // lay.chunk_size
+        classes, probs = label_loader_batch(refinery, images, batching.crop_batch,
+                                            lay.top_k, plan.seed, chunk, unit.start)
         K = lay.crops_per_image
         old_i, old_p = stored.topk_indices[index], stored.topk_probs[index]
         same_top1.append((classes[:, :K, 0] == old_i[..., 0]).ravel())

@@ -11,13 +11,15 @@ train mode needs randomly composed batches, and class-sorted batches ruin its la
 import hashlib
 import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataSetError
+from .errors import DataSetError, storage_error_message
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BETON_ORDER_SEED = 0  # fixed so that one tree always converts to the same image order
@@ -228,21 +230,102 @@ def _raise_logged_errors(error_log: Path):
 
 
 class _Reordered:
-    def __init__(self, source, order):
-        self.source, self.order = source, order
+    """``source`` in ``order``; once a write has failed (``failure_log`` exists) every image is
+    a 1x1 placeholder, so the writer processes run out quickly instead of decoding the rest."""
+
+    def __init__(self, source, order, failure_log=None):
+        self.source, self.order, self.failure_log = source, order, failure_log
 
     def __len__(self):
         return len(self.order)
 
     def __getitem__(self, i):
+        if self.failure_log is not None and os.path.exists(self.failure_log):
+            return np.zeros((1, 1, 3), np.uint8), 0
         return self.source[int(self.order[i])]
+
+
+SIZE_SAMPLE = 16  # images encoded to estimate a .beton's size before writing it
+FREE_SPACE_FIX = "free space there or choose another folder (--cache-dir for a converted tree)"
+
+
+def estimated_beton_bytes(source, image_field, num_workers: int, page_size: int) -> int:
+    """Bytes a .beton of ``source`` will take: a few evenly spaced images encoded exactly as
+    the writer will (resized, re-encoded), scaled to the whole set, plus each writer
+    process's last, partly filled page. Images that cannot be read are skipped here (the
+    write names them)."""
+    picks = np.unique(np.linspace(0, len(source) - 1, min(SIZE_SAMPLE, len(source))).astype(int))
+    sizes = []
+
+    def measure(nbytes):  # FFCV's allocator interface: (file offset, buffer to fill)
+        sizes.append(nbytes)
+        return 0, np.empty(nbytes, np.uint8)
+
+    destination = np.zeros(1, image_field.metadata_type)[0]
+    for i in picks:
+        try:
+            image_field.encode(destination, source[int(i)][0], measure)
+        except Exception:  # noqa: BLE001 - an unreadable image is reported by the write
+            continue
+    per_image = np.mean(sizes) if sizes else 0
+    return int(per_image * len(source)) + num_workers * page_size
+
+
+def _check_free_space(folder: Path, needed: int):
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DataSetError(f"{folder}: not enough free space to write the .beton (needs about "
+                           f"{needed / 1e6:,.0f} MB, {free / 1e6:,.0f} MB free); {FREE_SPACE_FIX}")
+
+
+def _guarded_allocator(failure_log: str):
+    """FFCV's ``MemoryAllocator`` with a guarded page write.
+
+    It wraps FFCV's page writer so a failing write (a full disk) cannot hang the conversion.
+
+    FFCV's writer processes write pages in turn and its main process waits for every sample;
+    a process that dies on ``ENOSPC`` leaves the others waiting for its turn and the main
+    process waiting forever. Here the failure is logged, the turn passed on, and every later
+    page skipped, so all processes finish quickly and :func:`write_beton` reports the log.
+    """
+    from ffcv.memory_allocator import MemoryAllocator
+
+    class GuardedAllocator(MemoryAllocator):
+        def flush_page(self):
+            if self.my_page < 0:
+                return
+            try:
+                if not os.path.exists(failure_log):
+                    return super().flush_page()
+            except OSError as exc:
+                with open(failure_log, "a") as log:
+                    log.write(f"{exc.errno}\t{exc.strerror or exc}\n")
+            while self.next_page_written.value != self.my_page:  # our turn, then pass it on
+                time.sleep(0.001)
+            with self.next_page_written.get_lock():
+                self.next_page_written.value += 1
+    return GuardedAllocator
+
+
+def _raise_write_failure(failure_log: Path, path: Path):
+    if not failure_log.is_file():
+        return
+    reason = failure_log.read_text().splitlines()[0].split("\t", 1)[-1]
+    failure_log.unlink()
+    raise DataSetError(f"{path.parent}: writing {path.name} failed ({reason}); {FREE_SPACE_FIX}")
 
 
 def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=None,
                 files=None, num_workers: int = 2, shuffle: bool = True, root=None):
     """Write ``source`` to ``path`` (atomically) in a seeded random order; returns the order used.
 
-    ``files`` and their split ``root`` go into the sidecar, so the store can name its source."""
+    ``files`` and their split ``root`` go into the sidecar, so the store can name its source.
+    A disk too full for the estimated size is refused before writing, and a write that fails
+    anyway (the disk filled up meanwhile) ends in a :class:`DataSetError`, never a hang; either
+    way no partial file is left."""
+    from unittest import mock
+
+    import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -250,26 +333,38 @@ def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=No
         raise DataSetError(f"{path}: the data set has no images")
     order = store_order(len(source)) if shuffle else np.arange(len(source))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataSetError(storage_error_message(exc, path.parent)) from None
     tmp = path.with_name(path.name + f".{os.getpid()}.partial")
     image_field = RGBImageField(write_mode=options.write_mode, jpeg_quality=options.jpeg_quality,
                                 max_resolution=options.max_resolution or None)
     writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()},
                            num_workers=max(1, num_workers))
+    _check_free_space(path.parent, estimated_beton_bytes(source, image_field, writer.num_workers,
+                                                         writer.page_size))
     error_log = tmp.with_name(tmp.name + ".errors")
+    failure_log = tmp.with_name(tmp.name + ".write-failed")
     if hasattr(source, "error_log"):
         source.error_log = str(error_log)
     try:
-        writer.from_indexed_dataset(_Reordered(source, order))
+        with mock.patch.object(ffcv.writer, "MemoryAllocator",
+                               _guarded_allocator(str(failure_log))):
+            writer.from_indexed_dataset(_Reordered(source, order, failure_log))
+        _raise_write_failure(failure_log, path)
         _raise_logged_errors(error_log)
-    except BaseException:
+        meta = {"classes": list(classes) if classes is not None else None,
+                "files": [str(files[i]) for i in order] if files is not None else None,
+                "root": str(root) if root is not None else None, "options": options.__dict__}
+        _atomic_write_text(Path(str(path) + META_SUFFIX), json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        failure_log.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # the header, tables or sidecar, written by this process
+            raise DataSetError(storage_error_message(exc, path.parent)) from None
         raise
-    meta = {"classes": list(classes) if classes is not None else None,
-            "files": [str(files[i]) for i in order] if files is not None else None,
-            "root": str(root) if root is not None else None, "options": options.__dict__}
-    _atomic_write_text(Path(str(path) + META_SUFFIX), json.dumps(meta, indent=1))
-    os.replace(tmp, path)
     return order
 
 

@@ -6,12 +6,14 @@ the stored labels. Because the generator knows where each object is, the demo al
 crop-level label noise the refinery is meant to fix.
 """
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .crop_plan import CropPlan, crops_for_parity
+from .errors import RunError
 from .dataset import ArraySource, ImageDataset, write_beton
 from .label_store import DEFAULT_TOP_K, LabelStore
 from .plots import plot_runs, read_run
@@ -79,8 +81,31 @@ def crop_label_report(store: LabelStore, truth) -> dict:
     }
 
 
+# What a demo writes under its --out folder; a rerun replaces all of it.
+DEMO_OUTPUTS = ("refinery", "student_gt", "student_refined", "labels.zarr", "labels.zarr.locks",
+                "shapes_train.beton", "shapes_val.beton", "shapes_train.beton.meta.json",
+                "shapes_val.beton.meta.json", "demo_result.json", "students.png")
+
+
+def _start_over(out: Path):
+    """A demo owns its folder: a rerun starts from scratch (training refuses to mix runs), but
+    only where a previous demo left its result, so no other folder's files are ever removed."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / "demo_result.json").is_file() and not (out / "shapes_train.beton").is_file():
+        raise RunError(f"{out}: not empty and not a previous demo's folder; pass --out with a new "
+                       "or empty folder")
+    for name in DEMO_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     out = Path(cfg.out_dir)
+    _start_over(out)
     out.mkdir(parents=True, exist_ok=True)
     echo(f"[1/5] writing {cfg.train_images} + {cfg.val_images} procedural images to {out}")
     truth = write_shapes(cfg, out)

@@ -1,8 +1,11 @@
 """Named errors whose messages say what is wrong *and* how to fix it.
 
-The CLI turns any :class:`RefineryError` into a one-line message and exit code 2, so users never
-see a traceback for bad input. Library code raises the most specific child it can.
+The CLI turns any :class:`RefineryError`, and any storage failure (:func:`storage_error_message`),
+into a one-line message and exit code 2, so users never see a traceback for bad input. Library
+code raises the most specific child it can.
 """
+import errno
+from pathlib import Path
 
 
 class RefineryError(Exception):
@@ -33,8 +36,16 @@ class IncompleteStoreError(StoreError):
     """A label store has chunks that were never written."""
 
 
+class StoreCorruptError(StoreError):
+    """A label store's bytes no longer match what was written (checksums, digests, shapes)."""
+
+
 class CheckpointError(RefineryError):
     """A model checkpoint cannot be loaded for the requested use."""
+
+
+class RunError(RefineryError):
+    """A training run's --out directory holds another run, or --resume does not match its run."""
 
 
 def storage_io_errors() -> tuple:
@@ -55,3 +66,70 @@ def storage_io_errors() -> tuple:
     except ImportError:
         pass
     return tuple(errors)
+
+
+def _errno_fixes() -> dict:
+    """What to do about a storage failure, by ``errno`` (names missing on this OS are left out:
+    ``EDQUOT`` is POSIX only)."""
+    unwritable = "choose a writable location or fix its permissions"
+    full = ("free space there (or choose another location) and rerun the same command: finished "
+            "work is kept")
+    fixes = {"EACCES": unwritable, "EPERM": unwritable, "EROFS": unwritable,
+             "ENOSPC": full, "EDQUOT": full, "EFBIG": full,
+             "ENOENT": "check the path: a directory on it is missing (create it, or choose "
+                       "another location)",
+             "ENOTDIR": "a part of the path is a file, not a directory: choose another location",
+             "EISDIR": "it is a directory: give a file path",
+             "ENAMETOOLONG": "choose a shorter path"}
+    return {getattr(errno, name): fix for name, fix in fixes.items() if hasattr(errno, name)}
+
+
+ERRNO_FIXES = _errno_fixes()
+WRITE_ONLY_ERRNOS = frozenset(("ENOSPC", "EDQUOT", "EFBIG", "EROFS"))
+NETWORK_FIX = "check the connection and the URL, then rerun the same command: finished work is kept"
+GENERIC_FIX = "check the path and rerun"
+
+
+def storage_error_message(exc: BaseException, location=None) -> str:
+    """The one-line form of a storage failure: ``<path>: <what failed>; <the fix>``.
+
+    The single place that turns an OS or object-store error into words, so every command says
+    the same about a read-only, full or missing location.
+
+    Parameters
+    ----------
+    exc : BaseException
+        One of :func:`storage_io_errors`.
+    location : str, optional
+        What the command was reading or writing; named when the error carries no file name
+        (a full disk, a dropped connection).
+
+    Returns
+    -------
+    str
+        The message, without the ``error:`` prefix.
+    """
+    number = getattr(exc, "errno", None)
+    reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+              else (str(exc).splitlines() or [type(exc).__name__])[0])
+    if isinstance(exc, OSError):
+        fix = ERRNO_FIXES.get(number, GENERIC_FIX)
+    else:  # an object-store client's own error: the network, not the path
+        fix = NETWORK_FIX
+    filename = getattr(exc, "filename", None)
+    if filename is not None:
+        return f"{_shown_path(filename, location)}: {reason}; {fix}"
+    write_only = errno.errorcode.get(number) in WRITE_ONLY_ERRNOS
+    what = f"{'writing' if write_only else 'reading or writing'} failed ({reason})"
+    return f"{location}: {what}; {fix}" if location is not None else f"{what}; {fix}"
+
+
+def _shown_path(filename, location) -> str:
+    """The user's own path in place of the temporary sibling it is written through
+    (``out.zip.1234.tmp`` and ``.labels.zarr.creating-1234`` are reported as the user's path)."""
+    if location is not None:
+        file, target = Path(str(filename)), Path(str(location))
+        if (file.parent == target.parent
+                and file.name.lstrip(".").startswith(target.name.lstrip(".") + ".")):
+            return str(location)
+    return str(filename)

@@ -17,6 +17,7 @@ Choices, each from measurements in ``shared/notes/zarr-store.md``:
   byte-identical stores.
 """
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, fields
@@ -26,7 +27,10 @@ from typing import Optional
 import numpy as np
 
 from .crop_plan import CropPlan
-from .errors import IncompleteStoreError, StoreError, StoreMismatchError, StoreNotFoundError
+from .remote_storage import (CREATION_WAIT_SECONDS, claim_creation, is_remote, release_creation,
+                             remote_filesystem, remote_store, unreachable_message)
+from .errors import (IncompleteStoreError, StoreCorruptError, StoreError, StoreMismatchError,
+                     StoreNotFoundError, storage_error_message, storage_io_errors)
 
 FORMAT_NAME = "refinery-label-store"
 # 2: an ``image_sizes`` array (each image's stored height and width) and ``dataset.source`` (the
@@ -36,6 +40,11 @@ CROP_ARRAYS = ("boxes", "flips", "topk_indices", "topk_probs")
 STATIC_ARRAYS = ("static_indices", "static_probs")
 LABELS, IMAGE_SIZES = "labels", "image_sizes"  # whole per-image arrays written at creation
 CHECKSUMS, DONE_FLAGS = "chunk_sha256", "chunk_done"  # per chunk: digests, then the done flag
+# Written once at creation: the SHA-256 of ``image_sizes``, then a digest of every attribute
+# written at creation (which covers the first); ``complete`` comes later, so it is left out.
+IMAGE_SIZES_DIGEST, ATTRIBUTES_DIGEST = "image_sizes_sha256", "attributes_sha256"
+UNSEALED_ATTRIBUTES = ("complete", ATTRIBUTES_DIGEST)
+RESTORE = "restore the store from where it came from, or recompute it with `refine precompute`"
 # Classes stored per crop. On imagenette-96 (10 classes, GPU parity sweep) students on top-5
 # labels trailed the online refinery by 1.15 points at K = 40; storing all 10 closed the gap to
 # 0.06 (benchmarks/results/parity_gpu_top10.md; docs/design.md, choosing K and top-k).
@@ -141,7 +150,9 @@ class Batching:
     crop_batch : int
         Crops per refinery forward pass.
     images_per_batch : int
-        Images per loader batch; a power of two dividing the chunk size.
+        Images per loader batch. Loader batches never straddle chunks: each chunk is cut into
+        batches of this many images from its first image, the last one possibly shorter
+        (:meth:`units`).
     """
 
     crop_batch: int
@@ -149,8 +160,24 @@ class Batching:
 
     @classmethod
     def for_layout(cls, layout: StoreLayout, crop_batch: int) -> "Batching":
-        target = max(1, min(crop_batch, 16384 // layout.crops_per_image, layout.chunk_size))
-        return cls(crop_batch, 1 << (target.bit_length() - 1))
+        """About ``crop_batch`` images (at most 16,384 crops) per loader batch, evened out over
+        each chunk: a chunk of ``n`` images is cut into ``ceil(n / target)`` near-equal batches,
+        so 50 images at a target of 32 give two batches of 25, not 32 + 18 (train-mode BN never
+        sees a stray small batch). A power-of-two chunk size keeps the rule stores were made
+        with before other sizes worked (batches of the largest power of two not above the
+        target), so those stores resume and audit identically."""
+        size = layout.chunk_size
+        target = max(1, min(crop_batch, 16384 // layout.crops_per_image, size))
+        if size & (size - 1) == 0:
+            return cls(crop_batch, 1 << (target.bit_length() - 1))
+        return cls(crop_batch, -(-size // -(-size // target)))
+
+    def units(self, layout: StoreLayout, c: int) -> list:
+        """Chunk ``c``'s loader batches as ``range``s of image ids: the unit a batch's crops are
+        shuffled and labelled in, so a resume or an audit can rebuild any of them alone."""
+        rows = layout.chunk_range(c)
+        return [range(start, min(start + self.images_per_batch, rows.stop))
+                for start in range(rows.start, rows.stop, self.images_per_batch)]
 
 
 @dataclass(frozen=True)
@@ -222,8 +249,7 @@ class LabelStore:
             raise StoreError(f"{location}: label store format version {version} is newer than this "
                              f"refinery reads ({FORMAT_VERSION}); upgrade refinery")
         self.attrs = attrs
-        lay = attrs["layout"]
-        self.layout = StoreLayout(**lay)
+        self.layout = _parse_layout(location, attrs.get("layout"))
 
     # ------------------------------------------------------------------ typed attributes
     @property
@@ -267,28 +293,64 @@ class LabelStore:
         ``(N, 2)`` (height, width as stored), the frame the boxes are drawn in, so a reader of
         the original files can tell when their sizes differ. A local store is built
         under a temporary name and renamed into place, so a kill mid-creation leaves no
-        half-made store behind.
+        half-made store behind, and any error removes the temporary directory.
+
+        Several processes may create one store at once: the loser of the race gets the
+        winner's store (locally, once renamed into place; on an object store, which has no
+        rename, once the winner has finished creating it). The caller checks that store was made
+        for its run, as it checks one it resumes.
         """
+        _check_layout(location, layout)
         if is_remote(location):  # object stores have no rename: objects appear whole or not
-            cls._create_at(location, layout, attrs, labels, image_sizes)
+            import zarr
+            if not claim_creation(location):
+                return cls._await_creation(location)
+            try:
+                cls._create_at(location, layout, attrs, labels, image_sizes)
+            except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError,
+                    zarr.errors.ContainsArrayAndGroupError):
+                return cls._await_creation(location)  # a store without our marker
+            release_creation(location)
             return cls.open(location, mode="r+")
         location = Path(location)
         building = location.with_name(f".{location.name}.creating-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
-        cls._create_at(building, layout, attrs, labels, image_sizes)
         try:
+            cls._create_at(building, layout, attrs, labels, image_sizes)
             os.rename(building, location)
-        except OSError:
-            if not location.exists():
-                raise
-            shutil.rmtree(building)  # another process created it first: use theirs
+        except BaseException as exc:
+            shutil.rmtree(building, ignore_errors=True)
+            if not (isinstance(exc, OSError) and location.exists()):
+                raise  # else another process created it first: use theirs
         return cls.open(location, mode="r+")
+
+    @classmethod
+    def _await_creation(cls, location, timeout: float = None) -> "LabelStore":
+        """The store another process is creating at ``location``, once it has written its last
+        creation step (the attribute digest): reading it earlier would see arrays or attributes
+        still missing, and rewriting attributes from such a view would drop the winner's."""
+        import time
+        timeout = CREATION_WAIT_SECONDS if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                store = cls.open(location, mode="r+")
+                if ATTRIBUTES_DIGEST in store.attrs:
+                    return store
+            except StoreError:
+                pass  # not yet a whole store
+            if time.monotonic() > deadline:
+                raise StoreError(f"{location}: another process began creating a store here and "
+                                 f"has not finished after {timeout:.0f} s; if it died, delete "
+                                 "the store's objects and rerun")
+            time.sleep(0.2)
 
     @classmethod
     def _create_at(cls, location, layout: StoreLayout, attrs: dict, labels=None,
                    image_sizes=None):
         import zarr
-        group = zarr.open_group(str(location), mode="w-", zarr_format=3)
+        target = remote_store(location) if is_remote(location) else str(location)
+        group = zarr.open_group(target, mode="w-", zarr_format=3)
         group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                             "layout": layout.__dict__, **attrs})
         chunk = layout.chunk_size
@@ -308,6 +370,7 @@ class LabelStore:
                            compressors=None)
         group.create_array(DONE_FLAGS, shape=(layout.num_chunks,), dtype="uint8", chunks=(1,),
                            fill_value=0, compressors=None)
+        group.attrs.update(seal_attributes(group))  # last: the digests cover all of the above
 
     @classmethod
     def open(cls, location, mode: str = "r") -> "LabelStore":
@@ -324,11 +387,17 @@ class LabelStore:
                     raise StoreError(f"{location}: a packed store is read-only; unpack it to "
                                      "extend it")
                 target = zarr.storage.ZipStore(target, mode="r")
+            elif is_remote(target):
+                target = remote_store(target, read_only=mode == "r")
             group = zarr.open_group(target, mode=mode, zarr_format=3)
         except StoreError:
             raise
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             raise missing from None  # a URL with nothing behind it
+        except storage_io_errors() as exc:  # an endpoint that is down, a disk that is gone
+            if is_remote(location):
+                raise StoreError(unreachable_message(location, exc)) from None
+            raise StoreError(storage_error_message(exc, location)) from None
         except Exception as exc:
             raise StoreError(f"{location}: cannot open as a Zarr v3 label store ({exc})") from None
         return cls(group, location)
@@ -362,9 +431,14 @@ class LabelStore:
             self.attrs["complete"] = True
 
     # ------------------------------------------------------------------ reading and checking
+    @property
+    def packed(self) -> bool:
+        """A zip made by ``refine pack``: read in place, repaired only by replacing it."""
+        return self.location.endswith(".zip")
+
     def recorded_checksums(self) -> np.ndarray:
         """``(num_chunks, arrays, 32)`` uint8 SHA-256 digests written with each chunk."""
-        return self.group[CHECKSUMS][:]
+        return self._read(CHECKSUMS)
 
     def chunk_key(self, name: str, c: int) -> str:
         """The key (file path in a directory store) of chunk ``c`` of array ``name``."""
@@ -376,7 +450,7 @@ class LabelStore:
         return self.group[name][rows.start:rows.stop]
 
     def done_chunks(self) -> np.ndarray:
-        return self.group[DONE_FLAGS][:].astype(bool)
+        return self._read(DONE_FLAGS).astype(bool)
 
     @property
     def complete(self) -> bool:
@@ -386,23 +460,45 @@ class LabelStore:
         """Boolean mask over images whose chunk has been written."""
         return np.repeat(self.done_chunks(), self.layout.chunk_size)[:self.layout.num_images]
 
-    def read(self, names=CROP_ARRAYS) -> dict:
-        """Load whole arrays into memory (one pass; remote latency never reaches training)."""
-        return {name: self.group[name][:] for name in names}
+    def read(self, names=CROP_ARRAYS, verify: bool = False) -> dict:
+        """Load whole arrays into memory (one pass; remote latency never reaches training).
 
-    def read_images(self, images: np.ndarray, names=CROP_ARRAYS) -> dict:
-        """The rows of ``images`` only: reads just the chunks that hold them."""
-        return {name: self.group[name].oindex[np.asarray(images)] for name in names}
+        ``verify`` checks every written chunk of the checksummed arrays among ``names`` against
+        ``chunk_sha256`` and raises :class:`StoreCorruptError` naming the first that differs.
+        """
+        arrays = {name: self._read(name) for name in names}
+        if verify:
+            self._require_chunks_intact((c, {name: values[self._rows(c)]
+                                             for name, values in arrays.items()})
+                                        for c in range(self.layout.num_chunks))
+        return arrays
 
-    def read_crops(self, images=None, static: bool = False) -> CropRecords:
+    def read_images(self, images: np.ndarray, names=CROP_ARRAYS, verify: bool = False) -> dict:
+        """The rows of ``images`` only: reads just the chunks that hold them (``verify``: each of
+        those chunks whole, checked as in :meth:`read`)."""
+        images = np.asarray(images, dtype=np.int64)
+        if not verify:
+            return {name: self._read(name, images) for name in names}
+        chunks = np.unique(images // self.layout.chunk_size)
+        parts = [{name: self._read(name, self._rows(c)) for name in names} for c in chunks]
+        self._require_chunks_intact(zip(chunks, parts))
+        starts = np.cumsum([0] + [len(self._rows_range(c)) for c in chunks])
+        where = starts[np.searchsorted(chunks, images // self.layout.chunk_size)]
+        where = where + images % self.layout.chunk_size
+        return {name: np.concatenate([p[name] for p in parts])[where] for name in names}
+
+    def read_crops(self, images=None, static: bool = False, verify: bool = True) -> CropRecords:
         """Every image's records (``images=None``: whole arrays in one pass), or those of the
         image indices ``images`` only (just the chunks that hold them). ``static`` adds the
-        soft-static labels, which the store must have."""
+        soft-static labels, which the store must have. ``verify`` (the default) checks what is
+        read against the chunks' checksums: a damaged chunk raises :class:`StoreCorruptError`
+        instead of reaching training as zeros or noise."""
         names = CROP_ARRAYS + (STATIC_ARRAYS if static else ())
         if static and not self.layout.soft_static:
             raise StoreError(f"{self.location}: store has no soft-static labels; recompute it "
                              "with `refine precompute --soft-static`")
-        arrays = self.read(names) if images is None else self.read_images(images, names)
+        arrays = (self.read(names, verify) if images is None
+                  else self.read_images(images, names, verify))
         return CropRecords(**arrays)
 
     def read_labels(self, images=None) -> np.ndarray:
@@ -415,7 +511,296 @@ class LabelStore:
         None for a format-1 store (which did not record them)."""
         if IMAGE_SIZES not in self.group:
             return None
-        return self.group[IMAGE_SIZES][:].astype(np.int64)
+        return self._read(IMAGE_SIZES).astype(np.int64)
+
+    def chunk_problems(self, c: int, arrays: dict = None, recorded: np.ndarray = None) -> list:
+        """What is wrong with written chunk ``c``: the one check behind ``refine verify`` and
+        verified reads.
+
+        Parameters
+        ----------
+        c : int
+            Chunk index.
+        arrays : dict, optional
+            Checksummed array name -> the chunk's rows, already read; by default every
+            checksummed array's chunk is read (and decoded) here.
+        recorded : numpy.ndarray, optional
+            ``(arrays, 32)`` digests recorded for the chunk; read here by default.
+
+        Returns
+        -------
+        list of str
+            One line per array that cannot be decoded or whose decoded values differ from its
+            recorded SHA-256, naming the chunk, the array, its key and the fix.
+        """
+        recorded = self.recorded_checksums()[c] if recorded is None else recorded
+        if not recorded.any():
+            return [f"chunk {c}: its checksums (key {self.chunk_key(CHECKSUMS, c)}) are missing; "
+                    f"{self._fix(CHECKSUMS, c)}"]
+        shapes, problems = self.layout.shapes(), []
+        for name in self.layout.array_names if arrays is None else arrays:
+            key = self.chunk_key(name, c)
+            try:
+                values = self.read_chunk(name, c) if arrays is None else arrays[name]
+            except storage_io_errors():
+                raise
+            except Exception as exc:  # any codec's or zip's complaint about the bytes
+                problems.append(self._decode_problem(name, c, exc))
+                continue
+            digest = array_checksum(name, shapes[name][1], values)
+            if not np.array_equal(digest, recorded[self.layout.array_names.index(name)]):
+                what = ("is missing (read as zeros, which do not match its checksum)"
+                        if self._key_missing(key) else "does not match its checksum")
+                problems.append(f"chunk {c}: {name} (key {key}) {what}; {self._fix(name, c)}")
+        return problems
+
+    def layout_problems(self) -> list:
+        """The layout attribute against the arrays' shapes, dtypes and chunks and against the
+        other attributes (cheap: metadata only). Any problem here makes every chunk read
+        meaningless, so callers stop at these."""
+        problems = []
+        for name, (shape, dtype, chunks) in self._expected_arrays().items():
+            try:
+                array = self._array(name)
+            except StoreCorruptError as exc:
+                problems.append(exc.problem)
+                continue
+            found = (tuple(array.shape), str(array.dtype), tuple(array.chunks))
+            if found != (shape, dtype, chunks):
+                problems.append(f"array {name} is {found[1]} of shape {found[0]} in chunks of "
+                                f"{found[2]}, but the layout attribute "
+                                f"({_layout_text(self.layout)}) implies {dtype} of shape {shape} "
+                                f"in chunks of {chunks}; the attributes or the array were "
+                                f"edited; {RESTORE}")
+        return problems + self._attribute_consistency_problems()
+
+    def content_problems(self) -> list:
+        """Everything beyond the chunks' checksums: the attribute digest, ``labels`` and
+        ``image_sizes`` against their recorded SHA-256, a zip's entry names, and (stores without
+        a digest) a sample of boxes redrawn from the plan. Reads no chunk of the crop arrays
+        but that sample."""
+        problems = []
+        for check in (self._digest_problems, self._labels_problems, self._image_sizes_problems,
+                      self._zip_entry_problems, self._plan_problems):
+            try:
+                problems += check()
+            except StoreCorruptError as exc:
+                problems.append(exc.problem)
+        return problems
+
+    def require_intact(self):
+        """Raise :class:`StoreCorruptError` for the first layout or content problem (what
+        training checks on opening a store; the chunks are checked as they are read)."""
+        problems = self.layout_problems()
+        for problem in problems or self.content_problems():
+            raise self._corrupt(problem)
+
+    # ------------------------------------------------------------------ checking, internals
+    def _rows_range(self, c: int) -> range:
+        return self.layout.chunk_range(int(c))
+
+    def _rows(self, c: int) -> slice:
+        rows = self._rows_range(c)
+        return slice(rows.start, rows.stop)
+
+    def _read(self, name: str, selection=slice(None)) -> np.ndarray:
+        """Array ``name`` at ``selection`` (a slice, or row indices). Bytes a codec or the zip
+        reader rejects raise :class:`StoreCorruptError` naming the chunk and its key."""
+        array = self._array(name)
+        try:
+            return array[selection] if isinstance(selection, slice) else array.oindex[selection]
+        except storage_io_errors():
+            raise
+        except Exception as exc:  # find the chunk behind it: reading failed somewhere inside
+            for problem in self._undecodable(name):
+                raise self._corrupt(problem) from None
+            raise self._corrupt(f"array {name} cannot be read ({_reason(exc)}); "
+                                f"{RESTORE}") from None
+
+    def _array(self, name: str):
+        """The zarr array ``name``; a missing or unreadable ``zarr.json`` is named."""
+        try:
+            return self.group[name]
+        except KeyError:
+            raise self._corrupt(f"array {name} is missing; {RESTORE}") from None
+        except storage_io_errors():
+            raise
+        except Exception as exc:
+            raise self._corrupt(f"the metadata of array {name} (key {name}/zarr.json) cannot be "
+                                f"read ({_reason(exc)}); {RESTORE}") from None
+
+    def _undecodable(self, name: str) -> list:
+        """A problem for each chunk of array ``name`` that cannot be decoded."""
+        array, problems = self.group[name], []
+        step = array.chunks[0]
+        for i in range(-(-array.shape[0] // step)):
+            try:
+                array[i * step:(i + 1) * step]
+            except storage_io_errors():
+                raise
+            except Exception as exc:
+                problems.append(self._decode_problem(name, i, exc))
+        return problems
+
+    def _decode_problem(self, name: str, c: int, exc: Exception) -> str:
+        return (f"chunk {c}: {name} (key {self.chunk_key(name, c)}) cannot be decoded "
+                f"({_reason(exc)}); {self._fix(name, c)}")
+
+    def _require_chunks_intact(self, pieces):
+        """``pieces``: (chunk, {name: its rows}); raise for the first written chunk whose
+        checksummed arrays differ from their digests. Chunks are hashed on several threads
+        (hashlib releases the GIL): at ImageNet size hashing is most of the check's cost."""
+        from concurrent.futures import ThreadPoolExecutor
+        recorded, done = self.recorded_checksums(), self.done_chunks()
+        work = [(int(c), {n: v for n, v in arrays.items() if n in self.layout.array_names})
+                for c, arrays in pieces if done[c]]
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            found = pool.map(lambda item: self.chunk_problems(*item, recorded[item[0]]),
+                             [(c, checked) for c, checked in work if checked])
+            for problem in (p for problems in found for p in problems):  # lowest chunk first
+                raise self._corrupt(problem)
+
+    def _fix(self, name: str, c: int) -> str:
+        """How to repair chunk ``c`` of array ``name``."""
+        if self.packed:
+            return "restore the zip, or pack it again from a store directory `refine verify` passes"
+        if name in self.layout.array_names + (CHECKSUMS, DONE_FLAGS):
+            return (f"restore the file, or delete {self.chunk_key(DONE_FLAGS, c)} and rerun the "
+                    f"same `refine precompute` command to recompute chunk {c}")
+        return RESTORE
+
+    def _corrupt(self, problem: str) -> StoreCorruptError:
+        """The one-line error for ``problem`` (kept bare on ``.problem`` for verify's list)."""
+        error = StoreCorruptError(f"{self.location}: {problem} (`refine verify {self.location}` "
+                                  "lists all damage)")
+        error.problem = problem
+        return error
+
+    def _key_missing(self, key: str) -> bool:
+        """True when chunk ``key`` has no file in a directory or zip (zarr reads it as zeros)."""
+        if is_remote(self.location):
+            return False
+        if self.packed:
+            return key not in self._zip_names()
+        return not (Path(self.location) / key).is_file()
+
+    def _zip_names(self) -> list:
+        import zipfile
+        with zipfile.ZipFile(self.location) as z:
+            return z.namelist()
+
+    def _expected_arrays(self) -> dict:
+        """Every array the layout implies: name -> (shape, dtype, chunks)."""
+        lay = self.layout
+        N, C, A = lay.num_images, lay.chunk_size, len(lay.array_names)
+        expected = {name: (shape, dtype, (C,) + shape[1:])
+                    for name, (shape, dtype) in lay.shapes().items()}
+        expected[LABELS] = ((N,), "uint16", (C,))
+        if self.format_version >= 2:
+            expected[IMAGE_SIZES] = ((N, 2), "uint16", (C, 2))
+        expected[CHECKSUMS] = ((lay.num_chunks, A, 32), "uint8", (1, A, 32))
+        expected[DONE_FLAGS] = ((lay.num_chunks,), "uint8", (1,))
+        return expected
+
+    def _attribute_consistency_problems(self) -> list:
+        """The typed attribute views parse, and their counts agree with the layout's."""
+        problems = []
+        for key in ("plan", "refinery", "dataset", "batching"):
+            try:
+                getattr(self, key)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                problems.append(f"the {key} attribute is malformed ({_short(self.attrs.get(key))})"
+                                f"; {RESTORE}")
+        if problems:
+            return problems
+        lay = self.layout
+        claims = [("plan.crops_per_image", self.plan.crops_per_image, "crops_per_image",
+                   lay.crops_per_image),
+                  ("dataset.num_images", self.dataset.num_images, "num_images", lay.num_images)]
+        for where, value, key, ours in claims:
+            if value != ours:
+                problems.append(f"the layout attribute says {key} {ours}, but {where} is {value};"
+                                f" the attributes were edited; {RESTORE}")
+        if lay.top_k > len(self.classes):
+            problems.append(f"the layout attribute says top_k {lay.top_k}, more than the "
+                            f"{len(self.classes)} classes of dataset.classes; {RESTORE}")
+        return problems
+
+    def _digest_problems(self) -> list:
+        recorded = self.attrs.get(ATTRIBUTES_DIGEST)
+        if recorded is None or recorded == attributes_digest(self.attrs):
+            return []
+        return [f"the attributes in zarr.json were edited after creation (their SHA-256 differs "
+                f"from {ATTRIBUTES_DIGEST}); {RESTORE}"]
+
+    def _labels_problems(self) -> list:
+        """``labels`` against ``dataset.labels_sha256`` (SHA-256 of the int64 labels). Format-1
+        stores are left out: their fingerprints may predate the stored array."""
+        recorded = self.attrs["dataset"].get("labels_sha256")
+        if self.format_version < 2 or recorded is None:
+            return []
+        if values_sha256(self._read(LABELS).astype(np.int64)) == recorded:
+            return []
+        return [f"array {LABELS} does not match dataset.labels_sha256 (its values were changed or "
+                f"its files deleted); {RESTORE}"]
+
+    def _image_sizes_problems(self) -> list:
+        recorded = self.attrs.get(IMAGE_SIZES_DIGEST)
+        if recorded is None or values_sha256(self._read(IMAGE_SIZES)) == recorded:
+            return []
+        return [f"array {IMAGE_SIZES} does not match {IMAGE_SIZES_DIGEST} (its values were "
+                f"changed or its files deleted); {RESTORE}"]
+
+    def _zip_entry_problems(self) -> list:
+        """A packed store holds exactly its keys: no extra entries, none twice, none whose name
+        could escape a folder it is unpacked into."""
+        if not self.packed or is_remote(self.location):
+            return []
+        keys = self._all_keys()
+        folders = {k.rsplit("/", i)[0] + "/" for k in keys for i in range(1, k.count("/") + 1)}
+        fix = "pack it again from a store directory `refine verify` passes"
+        problems, seen = [], set()
+        for name in self._zip_names():
+            parts = name.replace("\\", "/").split("/")
+            if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                problems.append(f"zip entry {name!r} has an unsafe name (absolute or with '..'); "
+                                f"{fix}")
+            elif name in seen:
+                problems.append(f"zip entry {name!r} appears twice; {fix}")
+            elif name not in keys and name not in folders:
+                problems.append(f"zip entry {name!r} is not part of the label store; {fix}")
+            seen.add(name)
+        return problems
+
+    def _all_keys(self) -> set:
+        """Every key a complete store of this layout can hold: metadata and chunk files."""
+        import itertools
+        keys = {"zarr.json"}
+        for name in self._expected_arrays():
+            array = self.group[name]
+            keys.add(f"{name}/zarr.json")
+            grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
+            keys.update(f"{name}/c/" + "/".join(map(str, i)) for i in itertools.product(*grid))
+        return keys
+
+    def _plan_problems(self, samples: int = 16) -> list:
+        """Stores without an attribute digest (format 2 from before it) can still show an
+        edited plan: the boxes and flips of a few written images, redrawn from ``plan`` and
+        ``image_sizes``, must equal the stored ones. Format 1 has no sizes: skipped."""
+        if ATTRIBUTES_DIGEST in self.attrs or IMAGE_SIZES not in self.group:
+            return []
+        from .crop_plan import sample_boxes, sample_flips
+        written = np.flatnonzero(self.done_images())
+        if not len(written):
+            return []
+        ids = np.unique(written[np.linspace(0, len(written) - 1, samples).astype(np.int64)])
+        sizes = self._read(IMAGE_SIZES, ids).astype(np.int64)
+        stored = self.read_images(ids, ("boxes", "flips"))
+        if (np.array_equal(sample_boxes(self.plan, ids, sizes[:, 0], sizes[:, 1]), stored["boxes"])
+                and np.array_equal(sample_flips(self.plan, ids), stored["flips"])):
+            return []
+        return [f"the stored boxes and flips are not the ones the plan attribute draws "
+                f"({_short(self.attrs['plan'])}): the plan was edited; {RESTORE}"]
 
     def require_complete(self, allow_partial: bool = False):
         done = self.done_chunks()
@@ -444,8 +829,7 @@ class LabelStore:
         """Bytes of the store's files (directory, zip or objects under a URL; 0 if unknown)."""
         if is_remote(self.location):
             try:
-                import fsspec
-                fs, path = fsspec.core.url_to_fs(self.location)
+                fs, path = remote_filesystem(self.location)
                 return int(fs.du(path))
             except Exception:  # e.g. HTTP cannot list
                 return 0
@@ -457,9 +841,13 @@ class LabelStore:
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def is_remote(location) -> bool:
-    """An fsspec URL (``s3://``, ``gs://``, ``http(s)://``, ...) rather than a local path."""
-    return "://" in str(location)
+def _check_layout(location, layout: StoreLayout):
+    """Refuse a layout that cannot describe arrays before anything is written."""
+    for name in ("num_images", "crops_per_image", "top_k", "chunk_size"):
+        value = getattr(layout, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise StoreError(f"{location}: layout {name} must be a whole number >= 1 (got "
+                             f"{value!r}); pass a positive {name}")
 
 
 def chunk_checksums(layout: StoreLayout, arrays) -> np.ndarray:
@@ -469,13 +857,71 @@ def chunk_checksums(layout: StoreLayout, arrays) -> np.ndarray:
     """
     if isinstance(arrays, CropRecords):
         arrays = arrays.arrays()
-    digests = []
-    for name, (_, dtype) in layout.shapes().items():
-        values = np.ascontiguousarray(arrays[name], dtype=dtype)
-        h = hashlib.sha256(f"{name}|{values.dtype.str}|{values.shape}|".encode())
-        h.update(values.tobytes())
-        digests.append(np.frombuffer(h.digest(), np.uint8))
-    return np.stack(digests)
+    return np.stack([array_checksum(name, dtype, arrays[name])
+                     for name, (_, dtype) in layout.shapes().items()])
+
+
+def array_checksum(name: str, dtype, values) -> np.ndarray:
+    """SHA-256 of one array's decoded values in one chunk, ``(32,)`` uint8: the text
+    ``"{name}|{dtype.str}|{shape}|"``, then the values' C-order bytes (``docs/label-store.md``)."""
+    values = np.ascontiguousarray(values, dtype=dtype)
+    h = hashlib.sha256(f"{name}|{values.dtype.str}|{values.shape}|".encode())
+    h.update(memoryview(values.reshape(-1)).cast("B"))  # hashed in place, no copy
+    return np.frombuffer(h.digest(), np.uint8)
+
+
+def values_sha256(values: np.ndarray) -> str:
+    """Hex SHA-256 of an array's C-order bytes (as ``dataset.labels_sha256`` is computed)."""
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
+def attributes_digest(attrs: dict) -> str:
+    """Hex SHA-256 of the creation-time attributes: the UTF-8 of their JSON with sorted keys,
+    ``(",", ":")`` separators and ASCII escapes, leaving out :data:`UNSEALED_ATTRIBUTES`.
+
+    The chunks' checksums do not cover the attributes; this does, so an edited temperature,
+    seed or layout is told from the store's own bytes.
+    """
+    sealed = {key: value for key, value in attrs.items() if key not in UNSEALED_ATTRIBUTES}
+    text = json.dumps(sealed, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seal_attributes(group) -> dict:
+    """The digests a new store records once every array exists: ``image_sizes_sha256`` over
+    the stored sizes, then ``attributes_sha256`` over all attributes, that one included. Both
+    are computed from the store as written (its ``zarr.json`` read back), not from what was
+    meant to be written."""
+    import zarr
+    stored = zarr.open_group(group.store, path=group.path, mode="r", zarr_format=3)
+    attrs = {**stored.attrs, IMAGE_SIZES_DIGEST: values_sha256(stored[IMAGE_SIZES][:])}
+    return {IMAGE_SIZES_DIGEST: attrs[IMAGE_SIZES_DIGEST],
+            ATTRIBUTES_DIGEST: attributes_digest(attrs)}
+
+
+def _layout_text(layout: StoreLayout) -> str:
+    return ", ".join(f"{key} {value}" for key, value in layout.__dict__.items())
+
+
+def _reason(exc: Exception) -> str:
+    """``Type: first line of the message``, for a one-line error."""
+    text = str(exc).strip().splitlines()
+    return type(exc).__name__ + (f": {text[0]}" if text else "")
+
+
+def _parse_layout(location, layout) -> StoreLayout:
+    """The ``layout`` attribute as a :class:`StoreLayout`. Every array access is computed from
+    it, so an edited one that cannot describe arrays is refused here, by name."""
+    names = {f.name for f in fields(StoreLayout)}
+    counts = names - {"soft_static"}
+    usable = (isinstance(layout, dict) and counts <= set(layout) <= names
+              and all(type(layout[n]) is int and layout[n] >= 1 for n in counts)
+              and type(layout.get("soft_static", False)) is bool)
+    if not usable:
+        raise StoreCorruptError(f"{location}: the layout attribute is malformed ({_short(layout)}; "
+                                "num_images, crops_per_image, top_k and chunk_size must be "
+                                f"integers >= 1); {RESTORE}")
+    return StoreLayout(**layout)
 
 
 def _short(value, limit: int = 80) -> str:

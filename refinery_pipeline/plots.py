@@ -11,10 +11,11 @@ Reads only ``OUT/metrics.jsonl`` and ``OUT/config.json``, so it works on a run s
 """
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RefineryError
+from .errors import RefineryError, RefineryWarning
 
 CLASS_NAMES_SHOWN = 40  # above this many classes the per-class axis drops its tick labels
 
@@ -42,6 +43,7 @@ def read_run(run_dir: str | os.PathLike, name: str = None) -> RunMetrics:
     except json.JSONDecodeError as exc:
         raise RefineryError(f"{metrics}: not JSON lines ({exc.msg}, line {exc.lineno}); was it "
                             "written by `refine train`?") from None
+    records = _last_run(metrics, records)
     if not any("val_top1" in r for r in records):
         raise RefineryError(f"{run}: no evaluated epoch yet; plot again after the first "
                             "evaluation (`refine train --eval-every`)")
@@ -54,6 +56,19 @@ def read_run(run_dir: str | os.PathLike, name: str = None) -> RunMetrics:
     if classes is None or len(classes) != num_classes:
         classes = [str(i) for i in range(num_classes)]
     return RunMetrics(name or run.name, records, classes)
+
+
+def _last_run(metrics: Path, records: list[dict]) -> list[dict]:
+    """The last run's records, one per epoch. Before `refine train` refused it, a rerun appended
+    to an old run's log (epochs 1, 2, 1: plotting both draws a stale line), and a resume after a
+    kill between logging and checkpointing logged an epoch twice (1, 2, 2, 3: the later counts)."""
+    restarts = [i for i, r in enumerate(records) if i and r.get("epoch") == 1]
+    if restarts:
+        warnings.warn(f"{metrics}: holds {len(restarts) + 1} runs (epoch 1 again at record "
+                      f"{restarts[-1] + 1}); plotting only the last one", RefineryWarning,
+                      stacklevel=3)
+        records = records[restarts[-1]:]
+    return list({r.get("epoch"): r for r in records}.values())
 
 
 def _recorded_classes(run: Path) -> list[str] | None:

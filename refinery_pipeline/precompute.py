@@ -6,10 +6,13 @@ batch (BatchNorm in train mode needs mixed batches) -> refinery forward -> top-k
 -> store (data first, then the chunk's ``chunk_done`` flag).
 
 Work is split by chunks: rank r of W handles chunks ``c % W == r`` and only chunks not yet done,
-so a rerun of the same command resumes, and ranks never touch each other's chunks. Batches never
-straddle chunks and each batch's composition is a function of (seed, chunk, batch start), so the
-labels do not depend on the rank count or on interruptions.
+so a rerun of the same command resumes, and ranks never touch each other's chunks. Processes on
+one host sharing a local store claim one chunk at a time (:class:`ChunkClaims`), so any number
+of them split its chunks. Loader batches never straddle chunks (:meth:`.Batching.units`) and
+each batch's composition is a function of (seed, chunk, batch start), so the labels do not
+depend on the rank or process count, the chunk size's divisors, or interruptions.
 """
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,9 +23,9 @@ import numpy as np
 from . import __version__
 from .crop_plan import CropPlan, centre_square, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
-from .errors import StoreMismatchError, StoreNotFoundError
-from .label_store import (DEFAULT_TOP_K, Batching, LabelStore, StoreLayout, default_chunk_size,
-                          is_remote)
+from .errors import RefineryError, StoreMismatchError, StoreNotFoundError
+from .label_store import DEFAULT_TOP_K, Batching, LabelStore, StoreLayout, default_chunk_size
+from .remote_storage import is_remote
 from .progress import progress_bar
 from .crop_batch import NOT_STORED, as_numpy_indices
 from .replay import TABLE_FIELDS, crop_table, multi_crop_loader
@@ -64,12 +67,32 @@ def store_attributes(dataset, refinery, plan: CropPlan, batching: Batching) -> d
             "batching": batching.__dict__, "software": software_versions()}
 
 
+def check_options(location, plan: CropPlan, top_k: int, crop_batch: int, chunk_size=None):
+    """Refuse counts that cannot describe a store, before anything is created or computed.
+
+    The CLI's option types check ranges too; this keeps the library's own callers (and any
+    front end) from writing a store that later commands cannot read.
+    """
+    for option, value in (("--crops-per-image/-K", plan.crops_per_image), ("--top-k", top_k),
+                          ("--batch-size", crop_batch), ("--chunk-size", chunk_size)):
+        if value is None and option == "--chunk-size":
+            continue  # the default chunking
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise RefineryError(f"{location}: {option} must be a whole number >= 1 (got "
+                                f"{value!r}); pass a positive {option.split('/')[0]}")
+
+
 def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int,
                          crop_batch: int, chunk_size: int = None,
                          soft_static: bool = False) -> LabelStore:
-    """Create the store, or reopen it to resume after checking it was made for this very run."""
+    """Create the store, or reopen it to resume after checking it was made for this very run.
+
+    A store another process created first (the loser of a creation race) is checked the same
+    way as one found on disk."""
+    check_options(location, plan, top_k, crop_batch, chunk_size)
     layout = StoreLayout(dataset.num_images, plan.crops_per_image, top_k,
-                         chunk_size or default_chunk_size(plan.crops_per_image), soft_static)
+                         chunk_size if chunk_size is not None
+                         else default_chunk_size(plan.crops_per_image), soft_static)
     try:
         store = LabelStore.open(location, mode="r+")
         layout.chunk_size = store.layout.chunk_size  # a resume keeps the store's chunking
@@ -77,8 +100,8 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
         store = None
     attrs = store_attributes(dataset, refinery, plan, Batching.for_layout(layout, crop_batch))
     if store is None:
-        return LabelStore.create(location, layout, attrs, labels=dataset.labels,
-                                 image_sizes=np.stack([dataset.heights, dataset.widths], -1))
+        store = LabelStore.create(location, layout, attrs, labels=dataset.labels,
+                                  image_sizes=np.stack([dataset.heights, dataset.widths], -1))
     store.check_matches(attrs["dataset"], plan=attrs["plan"], refinery=attrs["refinery"])
     for key in ("top_k", "crops_per_image", "soft_static"):
         if getattr(store.layout, key) != getattr(layout, key):
@@ -98,9 +121,11 @@ class ChunkClaims:
     """Cooperative chunk locks for several processes on one host writing one local store.
 
     ``flock``-based lock files live beside the store (``<store>.locks/``), never inside it, and
-    the kernel drops them when a process dies, even by ``kill -9``. A chunk locked by another
-    process is skipped; rerunning after it finishes (or dies) picks up whatever is left.
-    Object stores have no locks: there, split work with torchrun ranks instead.
+    the kernel drops them when a process dies, even by ``kill -9``. Each process claims one
+    chunk at a time, just before labelling it, and releases it once written, so N processes
+    started together split the chunks. A chunk locked by another process is skipped; rerunning
+    after it finishes (or dies) picks up whatever is left. Object stores have no locks: there,
+    split work with torchrun ranks instead.
     """
 
     def __init__(self, location):
@@ -118,6 +143,16 @@ class ChunkClaims:
         except Timeout:
             return False
         self.locks[c] = lock
+        return True
+
+    def claim_unfinished(self, c: int, store: LabelStore) -> bool:
+        """Claim chunk ``c`` if no other process holds it and none has finished it meanwhile
+        (re-read after claiming: a flag set before our claim is always seen)."""
+        if not self.claim(c):
+            return False
+        if self.directory is not None and store.done_chunks()[c]:
+            self.release(c)
+            return False
         return True
 
     def release(self, c: int):
@@ -195,6 +230,7 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = DEFAULT
     ``only_chunks`` restricts this call to some chunks (benchmarks, manual sharding); the store
     stays resumable and completes when a later call covers the rest.
     """
+    check_options(location, plan, top_k, crop_batch, chunk_size)  # before anything is created
     top_k = min(top_k, len(dataset.classes))
     rank, world = init_from_env(refinery.device)
     args = (location, dataset, refinery, plan, top_k, crop_batch, chunk_size, soft_static)
@@ -204,19 +240,13 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = DEFAULT
     lay = store.layout
     done = store.done_chunks()
     wanted = range(lay.num_chunks) if only_chunks is None else only_chunks
-    claims = ChunkClaims(location)
-    mine = [c for c in wanted if c % world == rank and not done[c] and claims.claim(c)]
-    done = store.done_chunks()  # re-read: another process may have finished a chunk meanwhile
-    for c in [c for c in mine if done[c]]:
-        claims.release(c)
-    mine = [c for c in mine if not done[c]]
+    todo = [c for c in wanted if c % world == rank and not done[c]]
     summary = PrecomputeSummary(chunks_skipped=int(done.sum()))
     start_time = time.perf_counter()
-    summary.chunks_claimed_elsewhere = sum(1 for c in wanted if c % world == rank
-                                           and not done[c] and c not in mine)
+    claims = ChunkClaims(location)
     try:
-        if mine:
-            _run_chunks(dataset, store, refinery, plan, mine, num_workers,
+        if todo:
+            _run_chunks(dataset, store, refinery, plan, todo, claims, num_workers,
                         progress and is_main(), summary)
     finally:
         claims.release_all()
@@ -230,41 +260,86 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = DEFAULT
     return summary
 
 
-def _run_chunks(dataset, store, refinery, plan, chunks, num_workers, show, summary):
+def padded_order(units, images_per_batch: int) -> np.ndarray:
+    """Image ids of the loader batches ``units`` in order, each padded to ``images_per_batch``
+    by repeating its last image: FFCV's batches all have one size, so the padding lines each
+    loader batch up with one unit, whatever the chunk size. The repeats are decoded and
+    dropped (none when the batch size divides the chunk size, as for powers of two)."""
+    return np.concatenate([np.concatenate([np.arange(u.start, u.stop, dtype=np.int64),
+                                           np.full(images_per_batch - len(u), u.stop - 1)])
+                           for u in units])
+
+
+class UnitLoader:
+    """One FFCV loader over a crop table that yields any sequence of loader batches (units).
+
+    FFCV compiles a loader's pipeline when the loader is made (seconds), so precompute keeps
+    one loader and starts one pass per chunk: each pass sets the order it traverses (a subset
+    of ``units``, the order it was made with, which bounds every pass) and reuses the batch
+    buffers of the previous pass (pinned ones are costly to allocate on a GPU host).
+    """
+
+    def __init__(self, dataset, table, size, images_per_batch: int, units, num_workers: int):
+        self.images_per_batch = images_per_batch
+        self.loader = multi_crop_loader(dataset, table, size, images_per_batch,
+                                        padded_order(units, images_per_batch), num_workers)
+        graph = self.loader.graph  # safe to share: a pass is consumed whole before the next
+        graph.allocate_memory = functools.lru_cache(maxsize=1)(graph.allocate_memory)
+
+    def __call__(self, units):
+        """Yield ``(unit, batch)`` per unit, the batch's images cut to the unit's images."""
+        self.loader.traversal_order.indices = padded_order(units, self.images_per_batch)
+        for batch, unit in zip(self.loader, units):  # loader first: its pass ends and closes
+            index = as_numpy_indices(batch)[:len(unit)]
+            assert index[0] == unit.start and index[-1] == unit.stop - 1, (index, unit)
+            yield unit, batch.images[:len(unit)]
+
+
+def _run_chunks(dataset, store, refinery, plan, chunks, claims, num_workers, show, summary):
+    """Label ``chunks`` one at a time: claim, label, write (overlapping the next chunk), release.
+
+    A chunk another process holds or finished meanwhile is skipped. The loader decodes only
+    claimed chunks, so processes sharing a store share the decoding too.
+    """
     started = time.perf_counter()
-    lay = store.layout
-    batching = store.batching
+    lay, batching = store.layout, store.batching
     ids = np.concatenate([np.arange(r.start, r.stop) for r in map(lay.chunk_range, chunks)])
     table = build_crop_table(dataset, plan, ids, lay.soft_static)
     size = (refinery.input_size, refinery.input_size)
-    loader = multi_crop_loader(dataset, table, size, batching.images_per_batch, ids, num_workers)
-    pending, filled = {}, {}  # chunk -> buffers being filled, images placed so far
+    loader = UnitLoader(dataset, table, size, batching.images_per_batch,
+                        [u for c in chunks for u in batching.units(lay, c)], num_workers)
     K = lay.crops_per_image
     bar = progress_bar(total=len(ids) * K, enabled=show, unit="crop", unit_scale=True,
                        desc="labelling crops", smoothing=0.05)
-    # the bar closes (ending its line) even when a write fails; writes overlap the next batches
+    # the bar closes (ending its line) even when a write fails; writes overlap the next chunk
     with bar, ThreadPoolExecutor(max_workers=1) as writer:
-        writes = []
-        for batch in loader:
-            index = as_numpy_indices(batch)
-            c = int(index[0]) // lay.chunk_size
-            classes, probs = label_loader_batch(refinery, batch.images, batching.crop_batch,
-                                                lay.top_k, plan.seed, c, int(index[0]))
-            buf = pending.setdefault(c, lay.empty_chunk(c))
-            local = index - lay.chunk_range(c).start
-            buf.topk_indices[local], buf.topk_probs[local] = classes[:, :K], probs[:, :K]
-            buf.boxes[local] = table[index, :K, :4]
-            buf.flips[local] = table[index, :K, 4]
-            if lay.soft_static:
-                buf.static_indices[local], buf.static_probs[local] = classes[:, K], probs[:, K]
-            filled[c] = filled.get(c, 0) + len(index)
-            if filled[c] == len(lay.chunk_range(c)):
-                writes.append(writer.submit(store.write_chunk, c, pending.pop(c)))
-                summary.chunks_written += 1
-            summary.crops += len(index) * K
-            if not summary.warmup_crops:
-                summary.warmup_crops = summary.crops
-                summary.warmup_seconds = time.perf_counter() - started
-            bar.update(len(index) * K)
-        for w in writes:
-            w.result()  # surface write errors
+        writes = {}  # chunk -> its write, released (from this thread) once done
+        for c in chunks:
+            for w in [w for w in writes if writes[w].done()]:
+                writes.pop(w).result()  # surface write errors
+                claims.release(w)
+            if not claims.claim_unfinished(c, store):
+                summary.chunks_claimed_elsewhere += 1
+                bar.total -= len(lay.chunk_range(c)) * K
+                continue
+            buf = lay.empty_chunk(c)
+            first = lay.chunk_range(c).start
+            for unit, images in loader(batching.units(lay, c)):
+                classes, probs = label_loader_batch(refinery, images, batching.crop_batch,
+                                                    lay.top_k, plan.seed, c, unit.start)
+                local = slice(unit.start - first, unit.stop - first)
+                index = np.arange(unit.start, unit.stop)
+                buf.topk_indices[local], buf.topk_probs[local] = classes[:, :K], probs[:, :K]
+                buf.boxes[local] = table[index, :K, :4]
+                buf.flips[local] = table[index, :K, 4]
+                if lay.soft_static:
+                    buf.static_indices[local], buf.static_probs[local] = classes[:, K], probs[:, K]
+                summary.crops += len(unit) * K
+                if not summary.warmup_crops:
+                    summary.warmup_crops = summary.crops
+                    summary.warmup_seconds = time.perf_counter() - started
+                bar.update(len(unit) * K)
+            writes[c] = writer.submit(store.write_chunk, c, buf)
+            summary.chunks_written += 1
+        for c, w in writes.items():
+            w.result()

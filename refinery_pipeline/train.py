@@ -4,7 +4,11 @@ Layout follows torchvision's classification reference: :func:`load_data`, :func:
 :func:`evaluate`, :func:`fit`. The label mode, loss and precision are chosen once in :func:`fit`
 and passed into the step loop as objects; the loop itself has no flag branches.
 """
+import itertools
 import json
+import math
+import os
+import pickle
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -17,7 +21,8 @@ from torch import nn
 from .crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
 from .dataset import open_dataset
 from .distributed import init_from_env, is_main
-from .errors import RefineryError, RefineryWarning
+from .errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
+                     RefineryWarning, RunError)
 from .label_store import DEFAULT_TOP_K, LabelStore
 from .losses import get_loss
 from .models import (check_input_size, create_model, normalize, save_checkpoint, to_model_input,
@@ -66,6 +71,7 @@ class TrainConfig:
     compile: bool = False
     resume: bool = False
     allow_partial: bool = False
+    skip_store_check: bool = False  # only after a passing `refine verify` of the same bytes
     cache_dir: str = None
     progress: bool = True
 
@@ -82,13 +88,19 @@ def resolve_device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------- data
 
 def load_data(cfg: TrainConfig, device):
-    """Data sets, loaders and the target source for ``cfg``."""
-    train_ds = open_dataset(cfg.data, "train", cfg.cache_dir, num_workers=cfg.workers)
+    """Data sets, loaders and the target source for ``cfg``.
+
+    The validation split is located and opened first: converting a large ``train/`` tree takes
+    minutes, and a missing or unreadable ``val/`` must not be reported only after that."""
     val_ds = open_dataset(_val_location(cfg.data), "val", cfg.cache_dir, num_workers=cfg.workers)
+    train_ds = open_dataset(cfg.data, "train", cfg.cache_dir, num_workers=cfg.workers)
     if val_ds.classes != train_ds.classes:
         raise RefineryError(f"{val_ds.path}: validation classes differ from the training classes; "
                             "give both splits the same class folders")
     store = _open_store(cfg, train_ds)
+    indices = _trained_images(cfg, store)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    _check_an_epoch_trains(cfg, train_ds.num_images if indices is None else len(indices), world)
     teacher = _online_refinery(cfg, train_ds.classes, store, device)
     res = cfg.res or _default_res(store, teacher)
     _warn_if_resampled(cfg, store, res)
@@ -96,10 +108,6 @@ def load_data(cfg: TrainConfig, device):
     _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
     crops, records = _crop_source(cfg, train_ds, store)
     targets = _target_source(cfg, len(train_ds.classes), device, records, teacher)
-    # --allow-partial: train only on images whose chunk is done
-    indices = None
-    if store is not None and cfg.allow_partial:
-        indices = np.flatnonzero(store.done_images())
     train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
                                train=True, seed=cfg.seed, indices=indices,
                                distributed=torch.distributed.is_initialized())
@@ -108,12 +116,41 @@ def load_data(cfg: TrainConfig, device):
     return train_ds, train_loader, val_loader, targets, res
 
 
+def _trained_images(cfg: TrainConfig, store):
+    """``--allow-partial``: the images whose chunk is done; None (all images) otherwise."""
+    if store is None or not cfg.allow_partial:
+        return None
+    return np.flatnonzero(store.done_images())
+
+
+def _check_an_epoch_trains(cfg: TrainConfig, images: int, world: int = 1):
+    """Training drops each rank's last incomplete batch, so fewer images per rank than
+    ``--batch-size`` would train 0 steps per epoch, log a loss of 0 and save an untrained model
+    that looks like any other: refuse, naming the sizes."""
+    per_rank = -(-images // world)  # FFCV shards like DistributedSampler: padded to equal shares
+    if per_rank >= cfg.batch_size:
+        return
+    if images == 0:
+        raise IncompleteStoreError(f"{cfg.labels}: no chunk is finished, so --allow-partial has "
+                                   "no image to train on; rerun `refine precompute` to write some")
+    partial = cfg.labels is not None and cfg.allow_partial
+    where = f"{cfg.labels}: its finished chunks hold" if partial else f"{cfg.data}: holds"
+    ranks = f", {per_rank} per rank on {world} ranks" if world > 1 else ""
+    raise DataSetError(f"{where} {images} training images{ranks}, fewer than --batch-size "
+                       f"{cfg.batch_size}, so every epoch would train 0 steps (incomplete batches "
+                       f"are dropped); pass --batch-size {per_rank} or less")
+
+
 def _open_store(cfg: TrainConfig, train_ds):
     if cfg.labels is None:
         return None
     store = LabelStore.open(cfg.labels)
+    store.require_intact()  # layout, attribute digest, labels: before trusting what they say
     store.check_matches(train_ds.fingerprint())  # cached fingerprint: well under a second
     store.require_complete(cfg.allow_partial)
+    if cfg.skip_store_check:
+        from .store_tools import require_verified
+        require_verified(cfg.labels, cfg.cache_dir)
     return store
 
 
@@ -194,7 +231,9 @@ def _crop_source(cfg: TrainConfig, train_ds, store):
                             "or use --teacher-crops fresh")
     if fresh:
         return _fresh_crops(cfg, train_ds), None
-    records = store.read_crops(static=cfg.label_mode == "static")
+    # each chunk read is checked against its checksums unless a verify passed these bytes
+    records = store.read_crops(static=cfg.label_mode == "static",
+                               verify=not cfg.skip_store_check)
     return ReplayedCrops(records.boxes, records.flips, cfg.seed, cfg.slot_policy), records
 
 
@@ -288,16 +327,25 @@ def evaluate(model, loader, device, num_classes, channels_last=True):
 
 def fit(cfg: TrainConfig) -> dict:
     """Train, evaluate, checkpoint. Writes ``config.json``, ``metrics.jsonl``, ``last.pt`` (for
-    ``--resume``) and ``model.pt`` (loadable as a refinery) under ``cfg.out_dir``."""
+    ``--resume``) and ``model.pt`` (loadable as a refinery) under ``cfg.out_dir``.
+
+    Every refusal comes before the first byte is written: a refused run leaves ``cfg.out_dir``
+    as it was (or absent)."""
     _check_adversarial(cfg)
     _check_precise_bn(cfg)
+    _check_epochs(cfg)
+    out = Path(cfg.out_dir)
+    _check_run_dir(cfg, out)
+    saved = _saved_config(out) if cfg.resume else None
+    _check_same_run(out, saved, {k: v for k, v in asdict(cfg).items() if k != "res"})
     device = resolve_device(cfg.device)
     init_from_env(device)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     train_ds, train_loader, val_loader, targets, res = load_data(cfg, device)
     classes = train_ds.classes
+    run_config = {**asdict(cfg), "res": res, "classes": classes,
+                  "train_images": len(train_loader.indices)}
+    _check_same_run(out, saved, run_config)  # again, with what only the data tells
     check_input_size(cfg.arch, res)  # a fixed-size arch (vit_b_16) at another --res: one line
     model = create_model(cfg.arch, len(classes)).to(device)
     if cfg.channels_last:
@@ -308,6 +356,7 @@ def fit(cfg: TrainConfig) -> dict:
         cfg.lr_scheduler, len(train_loader), cfg.epochs, cfg.warmup_epochs, cfg.lr_step_size,
         cfg.lr_gamma))
     start_epoch = _maybe_resume(cfg, out, model, optimizer, scheduler)
+    _check_epochs_left(cfg, out, start_epoch)
     _warn_if_bn_statistics_lag(cfg, model, len(train_loader) * cfg.epochs)
     train_loader.next_epoch = start_epoch
     step_model = _wrap(model, cfg, device)
@@ -315,8 +364,7 @@ def fit(cfg: TrainConfig) -> dict:
     step = _training_step(cfg, targets)
     bn_loader = _bn_statistics_loader(cfg, train_ds, res) if cfg.precise_bn else None
     if is_main():
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "res": res,
-                                                     "classes": classes}, indent=1))
+        _record_run(out, run_config, start_epoch)
     record = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -384,16 +432,120 @@ def _wrap(model, cfg, device):
     return torch.compile(model) if cfg.compile else model
 
 
+# ----------------------------------------------------------------------------- run directory
+
+RUN_FILES = ("metrics.jsonl", "last.pt", "model.pt")  # what a run that trained an epoch leaves
+# Settings that say how a run executes, not what it computes: a --resume may change them. Others
+# (lr, epochs, data, batch size, ...) would continue the saved state under another schedule or
+# on other data, so they must match config.json. --device and --compile change float rounding
+# only; --eval-every only which epochs are evaluated; --skip-store-check only whether a verified
+# store is checked again.
+RESUMABLE_CHANGES = frozenset({"out_dir", "resume", "workers", "device", "compile", "progress",
+                               "cache_dir", "eval_every", "skip_store_check"})
+
+
+def _check_run_dir(cfg: TrainConfig, out: Path):
+    """Runs never mix their files: a fresh run refuses an --out holding another run (its log
+    would read epochs 1, 2, 1), and --resume refuses one with no run to continue."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: not a directory; choose another --out")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume and not (out / "last.pt").is_file():
+        raise RunError(f"{out / 'last.pt'}: not found, so there is no run to resume; drop --resume "
+                       "to start a fresh run" + (" in another --out" if found else ""))
+    if not cfg.resume and found:
+        raise RunError(f"{out}: already holds a run ({', '.join(found)}); pass --resume to "
+                       "continue it, or choose another --out")
+
+
+def _saved_config(out: Path) -> dict:
+    """The ``config.json`` of the run to resume: what its settings must match."""
+    path = out / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        saved = getattr(exc, "strerror", None) or str(exc)
+    if not isinstance(saved, dict):
+        raise RunError(f"{path}: cannot be read ({saved}), so the settings of the run to resume "
+                       "are unknown; restore it, or start a new run in another --out")
+    return saved
+
+
+def _check_same_run(out: Path, saved: dict, settings: dict):
+    """--resume continues the run recorded in ``config.json`` (``saved``; None for a fresh run):
+    refuse settings that differ, other than :data:`RESUMABLE_CHANGES`, naming the first. Keys a
+    saved config lacks (written before they existed) are not compared."""
+    if saved is None:
+        return
+    now = json.loads(json.dumps(settings))  # compare as saved: tuples as lists, 1 as 1.0
+    for key, value in now.items():
+        if key in RESUMABLE_CHANGES or key not in saved or saved[key] == value:
+            continue
+        raise RunError(f"{out / 'config.json'}: the run was started with {key} "
+                       f"{_shown(saved[key])}, this resume has {key} {_shown(value)}; resume "
+                       "with the run's settings and data, or start a new run in another --out")
+
+
+def _shown(value, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _maybe_resume(cfg, out, model, optimizer, scheduler) -> int:
-    last = out / "last.pt"
-    if not cfg.resume or not last.is_file():
+    """The epoch ``out/last.pt`` ends at (0 for a fresh run), with model, optimizer, schedule
+    and RNG restored from it."""
+    if not cfg.resume:
         return 0
-    state = torch.load(last, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"])
+    last = out / "last.pt"
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["epoch"])
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, TypeError,
+            ValueError) as exc:
+        raise CheckpointError(f"{last}: cannot resume from it ({str(exc).splitlines()[0]}); it is "
+                              "not this run's last.pt; start a new run in another --out") from None
+
+
+def _check_epochs(cfg: TrainConfig):
+    """``--epochs 0`` would save an untrained model.pt and report metrics it never computed."""
+    if cfg.epochs < 1:
+        raise RefineryError(f"--epochs {cfg.epochs}: nothing to train; pass --epochs 1 or more")
+
+
+def _check_epochs_left(cfg: TrainConfig, out: Path, start_epoch: int):
+    """Resuming a finished run would train nothing and report metrics it never computed."""
+    if start_epoch >= cfg.epochs:
+        raise RunError(f"{out / 'last.pt'}: the run already trained all {cfg.epochs} epochs, so "
+                       "there is nothing to resume (its final weights are in last.pt and "
+                       "model.pt); start a new run in another --out")
+
+
+def _record_run(out: Path, run_config: dict, start_epoch: int):
+    """Write a fresh run's ``config.json``. A resumed run keeps its own, and forgets the epochs
+    it logged but never checkpointed (killed between the two): it trains and logs them again."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not run_config["resume"]:
+        (out / "config.json").write_text(json.dumps(run_config, indent=1))
+        return
+    log = out / "metrics.jsonl"
+    lines = log.read_text().splitlines(keepends=True) if log.is_file() else []
+    kept = list(itertools.takewhile(lambda line: _epoch_of(line) <= start_epoch, lines))
+    if len(kept) < len(lines):
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, log)
+
+
+def _epoch_of(line: str) -> float:
+    """A metrics.jsonl line's epoch; infinite for a line torn by a kill mid-write."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _log(out: Path, record: dict, echo: bool):

@@ -236,7 +236,8 @@ def test_refinery_for_other_classes_is_refused(tiny_data, tmp_path):
     result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", ckpt, ok=False)
     assert_one_line_error(result, str(ckpt), message)
     assert not (tmp_path / "s.zarr").exists()
-    result = run("train", tiny_data, "--teacher", ckpt, "--out", tmp_path / "run", ok=False)
+    result = run("train", tiny_data, "--teacher", ckpt, "--out", tmp_path / "run",
+                 "--batch-size", 16, ok=False)
     assert_one_line_error(result, str(ckpt), message)
     # a .beton written without class names numbers them: only the count can be checked
     from refinery_pipeline.dataset import ArraySource, ImageDataset, write_beton

@@ -272,7 +272,8 @@ def test_a_checkpoint_without_a_size_asks_for_one(tiny_data, tmp_path):
     ref = tmp_path / "ref.pth"  # names its arch (a teacher needs that) but no crop size
     torch.save(torchvision_reference_checkpoint(make("demo_cnn", len(SHAPES)), model="demo_cnn"),
                ref)
-    result = run("train", tiny_data, "--teacher", ref, "--out", tmp_path / "run", ok=False)
+    result = run("train", tiny_data, "--teacher", ref, "--out", tmp_path / "run",
+                 "--batch-size", 16, ok=False)
     assert_one_line_error(result, str(ref), "records no input size", "--res N")
 
 
@@ -287,7 +288,7 @@ def test_fixed_size_architectures_refuse_other_sizes():
 def test_training_a_vit_at_32_px_fails_before_training(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = run("train", tiny_data, "--arch", "vit_b_16", "--res", 32, "--epochs", 1, "--out",
-                 out, ok=False)
+                 out, "--batch-size", 16, ok=False)
     assert_one_line_error(result, "--arch vit_b_16 does not accept 32 px inputs",
                           "Expected 224 but got 32", "pass --res N")
     assert not (out / "model.pt").exists() and not (out / "metrics.jsonl").exists()

@@ -83,7 +83,8 @@ def test_bad_names_and_mismatches_give_one_line_errors(hub_weights, offline, tin
     result = run("precompute", tiny_data, store, "--weights", NAME, "--refinery", "resnet18",
                  ok=False)
     assert_one_line_error(result, "weights of a mobilenet_v3_small, not a resnet18")
-    result = run("train", tiny_data, "--teacher", NAME, "--out", tmp_path / "run", ok=False)
+    result = run("train", tiny_data, "--teacher", NAME, "--out", tmp_path / "run",
+                 "--batch-size", 16, ok=False)
     assert_one_line_error(result, NAME, "predict 1000 classes")
     assert not store.exists()
 

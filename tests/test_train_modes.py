@@ -129,7 +129,7 @@ def test_resume_after_an_interruption_is_bit_for_bit(extra, tiny_data, full_stor
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        fit(resumed)
+        fit(train_module.with_overrides(resumed, resume=False))  # a fresh run, then resumed
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     fit(resumed)
     a = torch.load(tmp_path / "a" / "run" / "model.pt", weights_only=False)["model"]
