@@ -6,6 +6,7 @@ weights load by the name its reference scripts take (``--weights ResNet50_Weight
 with the same facts read from the weights' metadata. Checkpoints of torchvision's and timm's
 training scripts load too, with whatever of those facts they record.
 """
+import errno
 import hashlib
 import os
 import re
@@ -207,7 +208,12 @@ def save_checkpoint(path, model: nn.Module, arch: str, classes, input_size: int,
              "normalization": IMAGENET_NORMALIZATION, "model": model.state_dict(), **extra}
     path = Path(path)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except RuntimeError as exc:  # torch's zip writer reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.EIO, f"writing the checkpoint failed "
+                      f"({(str(exc).splitlines() or ['RuntimeError'])[0]})", str(path)) from None
     os.replace(tmp, path)
 
 

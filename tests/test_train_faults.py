@@ -267,3 +267,20 @@ def test_missing_val_beton_is_refused(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = train(alone, out, "--epochs", 1, ok=False)
     assert_refused(result, out, None, str(alone), "cannot find its validation .beton")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tiny_data, tmp_path, monkeypatch):
+    """torch.save reports a failed write as RuntimeError, not OSError: it still reads as a
+    storage failure, and no partial checkpoint is left beside the real one."""
+    import torch
+
+    def full(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    result = train(tiny_data, out, "--epochs", 1, ok=False)
+    assert_one_line_error(result, str(out / "last.pt"), "writing the checkpoint failed",
+                          "unexpected pos")
+    assert not list(out.glob("*.tmp")) and not (out / "last.pt").exists()
