@@ -112,14 +112,21 @@ class ImageDataset:
         root = self.meta.get("root") or _common_root(files, self.classes)
         return source_fingerprint(root, files)
 
+    def image_byte_spans(self) -> tuple:
+        """``(offsets, lengths)``, int64 ``(N,)``: where each image's encoded bytes lie in the
+        file, in sample order (the allocation table's ``size`` of each image's ``data_ptr``)."""
+        table = self.reader.alloc_table
+        order = np.argsort(table["ptr"])
+        offsets = self.reader.metadata[self.image_field]["data_ptr"].astype(np.int64)
+        where = np.searchsorted(table["ptr"][order], offsets)
+        return offsets, table["size"][order][where].astype(np.int64)
+
     def _hash_image_bytes(self) -> str:
         """SHA-256 over each image's encoded bytes in sample order (independent of page layout)."""
-        table = self.reader.alloc_table
-        sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
         blob = np.memmap(self.path, dtype=np.uint8, mode="r")
         h = hashlib.sha256()
-        for ptr in self.reader.metadata[self.image_field]["data_ptr"].tolist():
-            h.update(blob[ptr:ptr + sizes[ptr]])
+        for start, length in zip(*(a.tolist() for a in self.image_byte_spans())):
+            h.update(blob[start:start + length])
         return h.hexdigest()
 
     def _update_meta(self, **entries):

@@ -50,13 +50,8 @@ class BetonImages:
         from .dataset import ImageDataset
         dataset = ImageDataset(path)  # FFCV's Reader: one-line errors for foreign files
         self.path, self.dataset = Path(path), dataset
-        meta = dataset.reader.metadata[dataset.image_field]
-        table = dataset.reader.alloc_table
-        order = np.argsort(table["ptr"])
-        where = np.searchsorted(table["ptr"][order], meta["data_ptr"])
-        self.pointers = meta["data_ptr"].astype(np.int64)
-        self.nbytes = table["size"][order][where].astype(np.int64)
-        self.modes = meta["mode"].astype(np.int64)
+        self.pointers, self.nbytes = dataset.image_byte_spans()
+        self.modes = dataset.reader.metadata[dataset.image_field]["mode"].astype(np.int64)
         self.sizes = np.stack([dataset.heights, dataset.widths], -1)
         self.labels = dataset.labels
         self._blob = None
