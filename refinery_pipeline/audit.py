@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import StoreMismatchError
-from .label_store import LabelStore
+from .label_store import LabelStore, round_probabilities
 from .label_store import Batching
 from .precompute import UnitLoader, build_crop_table, label_loader_batch
 
@@ -61,6 +61,7 @@ def audit_store(dataset, location, refinery, sample_crops: int = 20000, seed: in
         chunk = unit.start // lay.chunk_size
         classes, probs = label_loader_batch(refinery, images, batching.crop_batch,
                                             lay.top_k, plan.seed, chunk, unit.start)
+        probs = round_probabilities(probs, lay.prob_bits)  # as the writer stored them
         K = lay.crops_per_image
         old_i, old_p = stored.topk_indices[index], stored.topk_probs[index]
         same_top1.append((classes[:, :K, 0] == old_i[..., 0]).ravel())

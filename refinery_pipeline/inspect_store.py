@@ -18,7 +18,9 @@ def describe_store(location) -> dict:
     summary = {
         "location": str(location), "format_version": attrs["format_version"],
         "images": lay.num_images, "crops_per_image": lay.crops_per_image, "top_k": lay.top_k,
-        "chunk_size": lay.chunk_size, "soft_static": lay.soft_static, "chunks_done": f"{int(done.sum())}/{len(done)}",
+        "chunk_size": lay.chunk_size, "soft_static": lay.soft_static,
+        "prob_bits": lay.prob_bits,  # probabilities are multiples of 2**-prob_bits (0: float16)
+        "chunks_done": f"{int(done.sum())}/{len(done)}",
         "complete": bool(done.all()), "plan": attrs["plan"], "refinery": attrs["refinery"],
         "dataset": {k: v for k, v in attrs["dataset"].items() if k != "classes"},
         "classes": len(attrs["dataset"]["classes"]), "batching": attrs.get("batching", {}),

@@ -11,8 +11,10 @@ Choices, each from measurements in ``shared/notes/zarr-store.md``:
 * chunked along images only, ~1 MB objects; every chunk is written whole by exactly one process;
 * progress lives in a ``chunk_done`` uint8 array (one uncompressed chunk per flag), set only after
   a chunk's data is written: attribute updates rewrite all of ``zarr.json`` and lose races;
-* Blosc/zstd with the shuffle that suits each array (~18 B per crop at top-5) using only codecs
-  from the v3 spec, so any Zarr v3 reader can open a store;
+* Blosc/zstd with the shuffle that suits each array using only codecs from the v3 spec, so any
+  Zarr v3 reader can open a store; probabilities rounded to multiples of 2^-11 (still float16),
+  which leaves nothing further from the refinery's value than float16 does at p >= 0.5 and
+  takes ~18 B per crop at top-10 of 200 classes instead of ~26 (label_bytes_cpu.md);
 * the group's ``zarr.json`` has no timestamps, so two runs that compute the same labels write
   byte-identical stores.
 """
@@ -35,9 +37,15 @@ from .errors import (IncompleteStoreError, StoreCorruptError, StoreError, StoreM
 FORMAT_NAME = "refinery-label-store"
 # 2: an ``image_sizes`` array (each image's stored height and width) and ``dataset.source`` (the
 # ImageFolder tree a store's images came from, checkable without the .beton). 1 still reads.
-FORMAT_VERSION = 2
+# 3: probabilities rounded to multiples of 2^-layout.prob_bits (still plain float16: a reader
+# does nothing new) and codecs chosen for many classes (benchmarks/results/label_bytes_cpu.md).
+# 1 and 2 still read: their probabilities are unrounded float16 (prob_bits 0).
+# Also new in 3: the optional ``refinery.selected_outputs`` (an ImageNet-1k refinery's outputs
+# that label a subset of its classes).
+FORMAT_VERSION = 3
 CROP_ARRAYS = ("boxes", "flips", "topk_indices", "topk_probs")
 STATIC_ARRAYS = ("static_indices", "static_probs")
+PROB_ARRAYS = ("topk_probs", "static_probs")  # float16, rounded to the layout's prob_bits
 LABELS, IMAGE_SIZES = "labels", "image_sizes"  # whole per-image arrays written at creation
 CHECKSUMS, DONE_FLAGS = "chunk_sha256", "chunk_done"  # per chunk: digests, then the done flag
 # Written once at creation: the SHA-256 of ``image_sizes``, then a digest of every attribute
@@ -49,11 +57,33 @@ RESTORE = "restore the store from where it came from, or recompute it with `refi
 # labels trailed the online refinery by 1.15 points at K = 40; storing all 10 closed the gap to
 # 0.06 (benchmarks/results/parity_gpu_top10.md; docs/design.md, choosing K and top-k).
 DEFAULT_TOP_K = 10
+# Where training puts the probability mass outside a crop's stored top-k (``losses.
+# dense_from_sparse``): renormalize the top k, or spread it uniformly over the other classes.
+# Defined here, torch-free, beside the top-k it completes, so the CLI can offer it.
+REST_POLICIES = ("renormalize", "uniform")
+DEFAULT_REST = "renormalize"
+# Probabilities are stored as multiples of 2^-prob_bits. 11 is the finest step float16 holds for
+# every p < 1, and its own rounding step at p >= 0.5: no stored value is further from the
+# refinery's than float16 already allows there, while small probabilities stop carrying relative
+# precision nobody trains on, which the codec then compresses away. 0: unrounded float16.
+MAX_PROB_BITS = 11
+DEFAULT_PROB_BITS = 11
 
 
-def default_chunk_size(crops_per_image: int) -> int:
-    """Images per chunk: the power of two nearest 200,000 crops (~1 MB compressed objects)."""
-    return int(2 ** np.clip(np.round(np.log2(200_000 / max(1, crops_per_image))), 4, 20))
+# At most this many bytes of decoded values per chunk, all arrays together: precompute holds a
+# chunk in memory and every rank writes whole chunks. ~8 MB at K = 40, top-10 (the 200k-crop
+# rule alone); the cap binds only for wide labels (top-k of ~120 or more at K = 40).
+CHUNK_VALUE_BYTES = 64 << 20
+
+
+def default_chunk_size(crops_per_image: int, top_k: int = DEFAULT_TOP_K) -> int:
+    """Images per chunk: the power of two nearest 200,000 crops (~1 MB compressed objects per
+    array at top-10; 4,096 images, 313 chunks at ImageNet-1k, K = 40), lowered to a power of two
+    whose decoded values fit :data:`CHUNK_VALUE_BYTES` when the labels are wide; 16 to 2^20."""
+    crop_bytes = 4 * 2 + 1 + top_k * (2 + 2)  # boxes, flip, indices and probabilities per crop
+    by_crops = np.round(np.log2(200_000 / max(1, crops_per_image)))
+    by_bytes = np.floor(np.log2(CHUNK_VALUE_BYTES / (max(1, crops_per_image) * crop_bytes)))
+    return int(2 ** np.clip(min(by_crops, by_bytes), 4, 20))
 
 
 def _codecs(name: str) -> dict:
@@ -61,8 +91,13 @@ def _codecs(name: str) -> dict:
     blosc = lambda shuffle: BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
     if name == "boxes":  # (N, K, 4): put each coordinate's values side by side before shuffling
         return {"filters": [TransposeCodec(order=(2, 0, 1))], "compressors": [blosc("shuffle")]}
-    if name in ("topk_indices", "static_indices", "flips"):
+    if name == "flips":  # one bit of information per byte
         return {"compressors": [blosc("bitshuffle")]}
+    # Class indices too (format 3; bitshuffle before): byte shuffle keeps each index's low byte
+    # whole, so the classes an image's crops share repeat as bytes for zstd to match: at top-10
+    # of 200 classes 7.4 bytes per crop instead of 10.0; transposing slots or ranks side by side,
+    # and higher levels (write speed /3 and more), were measured and gave less
+    # (benchmarks/results/label_bytes_cpu.md).
     return {"compressors": [blosc("shuffle")]}
 
 
@@ -73,6 +108,7 @@ class StoreLayout:
     top_k: int
     chunk_size: int
     soft_static: bool = False  # also store the refinery's label of the whole (centred) image
+    prob_bits: int = DEFAULT_PROB_BITS  # probabilities: multiples of 2^-prob_bits (0: unrounded)
 
     @property
     def num_chunks(self) -> int:
@@ -93,6 +129,11 @@ class StoreLayout:
     @property
     def array_names(self) -> tuple:
         return tuple(self.shapes())
+
+    def rounded(self, arrays: dict) -> dict:
+        """``arrays`` with the probability arrays rounded to ``prob_bits`` (what is stored)."""
+        return {name: round_probabilities(values, self.prob_bits) if name in PROB_ARRAYS
+                else values for name, values in arrays.items()}
 
     def empty_chunk(self, c: int) -> "CropRecords":
         """Zeroed records for chunk ``c``, filled by precompute loader batch by loader batch."""
@@ -198,6 +239,11 @@ class RefineryInfo:
         Side of the square crops the refinery labelled (and students are shown).
     normalization : dict
         ``{"mean": [...], "std": [...]}`` per RGB channel in uint8 units.
+    selected_outputs : list of int or None
+        Where the network predicts more classes than the store's (an ImageNet-1k refinery on
+        an ImageNet-subset data set): the output that labelled each store class, class ``j``
+        from output ``selected_outputs[j]``, probabilities ``softmax(logits[selected] /
+        temperature)``. None (absent from the attribute) when output ``j`` is class ``j``.
     """
 
     arch: str
@@ -206,6 +252,7 @@ class RefineryInfo:
     temperature: float
     input_size: int
     normalization: dict
+    selected_outputs: Optional[list] = None
 
 
 @dataclass(frozen=True)
@@ -405,8 +452,10 @@ class LabelStore:
     # ------------------------------------------------------------------ writing
     def write_chunk(self, c: int, records: "CropRecords"):
         """Write chunk ``c``'s records and their checksums, *then* mark it done (the order is the
-        guarantee: a flagged chunk is whole)."""
+        guarantee: a flagged chunk is whole). Probabilities are rounded to the layout's
+        ``prob_bits`` here, before hashing, so every writer stores (and checks) the same values."""
         arrays = records.arrays() if isinstance(records, CropRecords) else records
+        arrays = self.layout.rounded(arrays)
         rows = self.layout.chunk_range(c)
         for name in self.layout.array_names:
             self.group[name][rows.start:rows.stop] = arrays[name]
@@ -848,6 +897,11 @@ def _check_layout(location, layout: StoreLayout):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise StoreError(f"{location}: layout {name} must be a whole number >= 1 (got "
                              f"{value!r}); pass a positive {name}")
+    bits = layout.prob_bits
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) \
+            or not 0 <= bits <= MAX_PROB_BITS:
+        raise StoreError(f"{location}: layout prob_bits must be a whole number in 0 ... "
+                         f"{MAX_PROB_BITS} (got {bits!r}); pass e.g. {DEFAULT_PROB_BITS}")
 
 
 def chunk_checksums(layout: StoreLayout, arrays) -> np.ndarray:
@@ -899,6 +953,32 @@ def seal_attributes(group) -> dict:
             ATTRIBUTES_DIGEST: attributes_digest(attrs)}
 
 
+def round_probabilities(values, bits: int) -> np.ndarray:
+    """``values`` as float16 multiples of ``2**-bits``, rounded to nearest (``bits`` 0: float16,
+    unrounded).
+
+    Parameters
+    ----------
+    values : array_like
+        Probabilities in [0, 1] (float16 as the refinery returns them, or wider).
+    bits : int
+        0, or 1 ... :data:`MAX_PROB_BITS`: every multiple of ``2**-11`` in [0, 1] is exactly a
+        float16, so the result needs no decoding; it keeps the order of ``values`` (rounding is
+        monotonic), though neighbours may become equal.
+
+    Returns
+    -------
+    numpy.ndarray
+        float16, the shape of ``values``; the largest change is ``2**-(bits + 1)`` (plus
+        float16's own rounding for ``bits`` 0).
+    """
+    values = np.asarray(values)
+    if not bits:
+        return values.astype(np.float16, copy=False)
+    scale = float(2 ** bits)
+    return (np.rint(values.astype(np.float32) * scale) / scale).astype(np.float16)
+
+
 def _layout_text(layout: StoreLayout) -> str:
     return ", ".join(f"{key} {value}" for key, value in layout.__dict__.items())
 
@@ -913,15 +993,17 @@ def _parse_layout(location, layout) -> StoreLayout:
     """The ``layout`` attribute as a :class:`StoreLayout`. Every array access is computed from
     it, so an edited one that cannot describe arrays is refused here, by name."""
     names = {f.name for f in fields(StoreLayout)}
-    counts = names - {"soft_static"}
+    counts = names - {"soft_static", "prob_bits"}
+    bits = layout.get("prob_bits", 0) if isinstance(layout, dict) else None  # absent: format < 3
     usable = (isinstance(layout, dict) and counts <= set(layout) <= names
               and all(type(layout[n]) is int and layout[n] >= 1 for n in counts)
-              and type(layout.get("soft_static", False)) is bool)
+              and type(layout.get("soft_static", False)) is bool
+              and type(bits) is int and 0 <= bits <= MAX_PROB_BITS)
     if not usable:
         raise StoreCorruptError(f"{location}: the layout attribute is malformed ({_short(layout)}; "
                                 "num_images, crops_per_image, top_k and chunk_size must be "
-                                f"integers >= 1); {RESTORE}")
-    return StoreLayout(**layout)
+                                f"integers >= 1, prob_bits 0 ... {MAX_PROB_BITS}); {RESTORE}")
+    return StoreLayout(**{**layout, "prob_bits": bits})
 
 
 def _short(value, limit: int = 80) -> str:

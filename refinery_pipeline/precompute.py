@@ -24,7 +24,8 @@ from . import __version__
 from .crop_plan import CropPlan, centre_square, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
 from .errors import RefineryError, StoreMismatchError, StoreNotFoundError
-from .label_store import DEFAULT_TOP_K, Batching, LabelStore, StoreLayout, default_chunk_size
+from .label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore, StoreLayout,
+                          default_chunk_size)
 from .remote_storage import is_remote
 from .progress import progress_bar
 from .crop_batch import NOT_STORED, as_numpy_indices
@@ -84,7 +85,8 @@ def check_options(location, plan: CropPlan, top_k: int, crop_batch: int, chunk_s
 
 def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int,
                          crop_batch: int, chunk_size: int = None,
-                         soft_static: bool = False) -> LabelStore:
+                         soft_static: bool = False,
+                         prob_bits: int = DEFAULT_PROB_BITS) -> LabelStore:
     """Create the store, or reopen it to resume after checking it was made for this very run.
 
     A store another process created first (the loser of a creation race) is checked the same
@@ -92,7 +94,8 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
     check_options(location, plan, top_k, crop_batch, chunk_size)
     layout = StoreLayout(dataset.num_images, plan.crops_per_image, top_k,
                          chunk_size if chunk_size is not None
-                         else default_chunk_size(plan.crops_per_image), soft_static)
+                         else default_chunk_size(plan.crops_per_image, top_k), soft_static,
+                         prob_bits)
     try:
         store = LabelStore.open(location, mode="r+")
         layout.chunk_size = store.layout.chunk_size  # a resume keeps the store's chunking
@@ -103,7 +106,7 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
         store = LabelStore.create(location, layout, attrs, labels=dataset.labels,
                                   image_sizes=np.stack([dataset.heights, dataset.widths], -1))
     store.check_matches(attrs["dataset"], plan=attrs["plan"], refinery=attrs["refinery"])
-    for key in ("top_k", "crops_per_image", "soft_static"):
+    for key in ("top_k", "crops_per_image", "soft_static", "prob_bits"):
         if getattr(store.layout, key) != getattr(layout, key):
             raise StoreMismatchError(f"{location}: {key} mismatch (store: "
                                      f"{getattr(store.layout, key)}, this run: "
@@ -223,17 +226,19 @@ def label_loader_batch(refinery, images, crop_batch: int, top_k: int, seed: int,
 def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = DEFAULT_TOP_K,
                crop_batch: int = 512, chunk_size: int = None, num_workers: int = 2,
                progress: bool = True, soft_static: bool = False,
-               only_chunks=None) -> PrecomputeSummary:
+               only_chunks=None, prob_bits: int = DEFAULT_PROB_BITS) -> PrecomputeSummary:
     """Fill the label store at ``location`` (creating or resuming it); see the module docstring.
 
     ``top_k`` is capped at the number of classes (top-5 of a 2-class problem stores 2).
     ``only_chunks`` restricts this call to some chunks (benchmarks, manual sharding); the store
-    stays resumable and completes when a later call covers the rest.
+    stays resumable and completes when a later call covers the rest. ``prob_bits``: probabilities
+    are stored as multiples of ``2**-prob_bits`` (0: unrounded float16; see ``label_store``).
     """
     check_options(location, plan, top_k, crop_batch, chunk_size)  # before anything is created
     top_k = min(top_k, len(dataset.classes))
     rank, world = init_from_env(refinery.device)
-    args = (location, dataset, refinery, plan, top_k, crop_batch, chunk_size, soft_static)
+    args = (location, dataset, refinery, plan, top_k, crop_batch, chunk_size, soft_static,
+            prob_bits)
     store = open_or_create_store(*args) if is_main() else None
     barrier()  # rank 0 creates; the others open what it made
     store = store or open_or_create_store(*args)
