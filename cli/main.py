@@ -12,7 +12,8 @@ import click
 from refinery_pipeline.crop_plan import DEFAULT_CROPS_PER_IMAGE, DEFAULT_SLOT_POLICY, SLOT_POLICIES
 from refinery_pipeline.errors import (RefineryError, RefineryWarning, storage_error_message,
                                       storage_io_errors)
-from refinery_pipeline.label_store import DEFAULT_TOP_K
+from refinery_pipeline.label_store import (DEFAULT_PROB_BITS, DEFAULT_REST, DEFAULT_TOP_K,
+                                           MAX_PROB_BITS, REST_POLICIES)
 from refinery_pipeline.schedule import LR_SCHEDULERS
 
 WORKERS_HELP = ("decoding threads (FFCV's num_workers); on a GPU machine about its core count, "
@@ -102,6 +103,7 @@ NON_NEGATIVE = Number(min=0)
 FRACTION = Number(min=0, max=1)
 FACTOR = Number(min=0, max=1, min_open=True)  # a decay factor: (0, 1]
 SMOOTHING = Number(min=0, max=1, max_open=True)  # label smoothing 1 leaves no label
+PROB_BITS = Count(min=0, max=MAX_PROB_BITS)  # stored probabilities: multiples of 2^-N
 
 
 # Options several commands share, defined once.
@@ -223,13 +225,16 @@ def cli():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the refinery")
 @click.option("--soft-static", is_flag=True,
               help="also store the label of the whole (centred) image, for the paper's Table 4")
+@click.option("--prob-bits", default=DEFAULT_PROB_BITS, type=PROB_BITS,
+              help="store probabilities as multiples of 2^-N, still float16 (11: float16's own "
+                   "step at p >= 0.5; fewer bits, smaller stores); 0 keeps them unrounded")
 @workers_option
 @device_option
 @cache_dir_option
 @friendly_errors(about="store")
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
-               temperature, batch_size, chunk_size, compile_, soft_static, workers, device,
-               cache_dir):
+               temperature, batch_size, chunk_size, compile_, soft_static, prob_bits, workers,
+               device, cache_dir):
     """Label K planned crops of every image in DATA and write the label store STORE."""
     from refinery_pipeline.crop_plan import CropPlan
     from refinery_pipeline.dataset import open_dataset
@@ -242,8 +247,9 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                                         bn_mode=bn_mode, temperature=temperature,
                                         device=resolve_device(device), compile=compile_)
     plan = CropPlan(seed=seed, crops_per_image=crops_per_image)
+    # a storage failure keeps finished chunks: friendly_errors
     s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
-            soft_static=soft_static)  # a storage failure keeps finished chunks: friendly_errors
+            soft_static=soft_static, prob_bits=prob_bits)
     from refinery_pipeline.distributed import is_main
     if is_main():
         busy = (f", {s.chunks_claimed_elsewhere} being written by another process"
@@ -298,8 +304,9 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
               help="before each evaluation, recompute BatchNorm statistics over BATCHES batches of "
                    "training crops (e.g. 100): for slow-momentum BN (MobileNetV3) on short "
                    "schedules")
-@click.option("--rest", type=click.Choice(["uniform", "renormalize"]), default="uniform",
-              help="where the probability mass outside the stored top-k goes")
+@click.option("--rest", type=click.Choice(REST_POLICIES), default=DEFAULT_REST,
+              help="where the probability mass outside the stored top-k goes: the top-k scaled "
+                   "to sum to 1 (renormalize), or spread evenly over the other classes (uniform)")
 @click.option("--slot-policy", type=click.Choice(SLOT_POLICIES), default=DEFAULT_SLOT_POLICY,
               help="each stored crop once before any repeats (cycle), or a random one per epoch")
 @click.option("--res", default=None, type=PIXELS,
@@ -431,8 +438,10 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
     from refinery_pipeline.refinery import Refinery
     from refinery_pipeline.train import resolve_device
 
-    recorded = LabelStore.open(store).attrs["refinery"]
-    refinery = Refinery.from_checkpoint(weights, recorded["arch"], input_size=recorded["input_size"],
+    opened = LabelStore.open(store)
+    recorded = opened.attrs["refinery"]  # the store's classes: an ImageNet refinery selects them
+    refinery = Refinery.from_checkpoint(weights, recorded["arch"], opened.classes,
+                                        input_size=recorded["input_size"],
                                         bn_mode=recorded["bn_mode"],
                                         temperature=recorded["temperature"],
                                         device=resolve_device(device))

@@ -4,7 +4,9 @@ A checkpoint written by ``refine train`` records its architecture, classes, inpu
 normalisation, so it loads as the next refinery with no extra flags. torchvision's pretrained
 weights load by the name its reference scripts take (``--weights ResNet50_Weights.IMAGENET1K_V2``),
 with the same facts read from the weights' metadata. Checkpoints of torchvision's and timm's
-training scripts load too, with whatever of those facts they record.
+training scripts load too, with whatever of those facts they record. Weights for more classes
+than the data set's (ImageNet-1k weights on Imagenette's WordNet-id folders) label it through a
+:class:`ClassSubset` of their outputs.
 """
 import errno
 import hashlib
@@ -18,6 +20,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, RefineryWarning
+from .imagenet_classes import (NUM_IMAGENET1K_CLASSES, imagenet1k_outputs, imagenet1k_wnids,
+                               output_indices)
 
 CHECKPOINT_FORMAT = "refinery-checkpoint"
 # ImageNet statistics in uint8 units: batches stay uint8 until they reach the device.
@@ -374,7 +378,9 @@ def load_trained_model(weights, arch: str = None, classes: list = None, ema: boo
     ``arch`` and the data set's ``classes`` must agree with what the weights record; the
     checkpoint's ``file`` is what identifies the weights (its SHA-256 goes into label stores),
     and its ``arch`` is the canonical name (:func:`resolve_arch`). ``ema``: see
-    :func:`load_checkpoint`.
+    :func:`load_checkpoint`. Weights for more classes than the data set's label it when its
+    classes are some of theirs (by the names a checkpoint records, or as ImageNet-1k WordNet ids
+    for a 1000-way head): the model is then a :class:`ClassSubset` of those outputs.
     """
     pretrained = torchvision_weights(weights)
     if pretrained is not None:
@@ -382,8 +388,8 @@ def load_trained_model(weights, arch: str = None, classes: list = None, ema: boo
     ckpt = load_checkpoint(weights, ema)
     arch = _checkpoint_arch(weights, arch, ckpt.get("arch"))
     saved_classes = ckpt.get("num_classes") or _head_size(ckpt["model"])
-    _check_classes(weights, saved_classes, ckpt.get("classes"), classes)
-    model = create_model(arch, saved_classes if classes is None else len(classes))
+    outputs = _check_classes(weights, saved_classes, ckpt.get("classes"), classes)
+    model = create_model(arch, saved_classes or len(classes or ()))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -391,7 +397,40 @@ def load_trained_model(weights, arch: str = None, classes: list = None, ema: boo
         raise CheckpointError(f"{weights}: weights do not fit a {arch} ({first}); pass the "
                               "architecture they were trained with") from None
     ckpt.update(arch=arch, file=Path(weights))
-    return model, ckpt
+    return select_outputs(model, outputs), ckpt
+
+
+class ClassSubset(nn.Module):
+    """A classifier restricted to some of its classes: the logits of ``outputs``, in that order.
+
+    Softmax over the selected logits z_S is the full model's probabilities renormalised over
+    those classes, softmax(z_S) = p_S / sum(p_S), so an ImageNet-1k refinery labels Imagenette
+    or Tiny-ImageNet as if the other classes did not exist. A temperature T divides the selected
+    logits, softmax(z_S / T), which is the tempered 1000-way distribution renormalised alike.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The full classifier.
+    outputs : sequence of int
+        ``outputs[j]`` is the model output that predicts the data set's class ``j``.
+    """
+
+    def __init__(self, model: nn.Module, outputs):
+        super().__init__()
+        self.model = model
+        # not persistent: the state_dict stays the full model's (under "model.")
+        self.register_buffer("outputs", torch.as_tensor(list(outputs), dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).index_select(1, self.outputs)
+
+
+def select_outputs(model: nn.Module, outputs) -> nn.Module:
+    """``model`` itself when ``outputs`` is None (output i is class i), else its
+    :class:`ClassSubset` of ``outputs``."""
+    return model if outputs is None else ClassSubset(model, outputs)
 
 
 def _checkpoint_arch(weights, asked: str, saved: str) -> str:
@@ -411,19 +450,57 @@ def _checkpoint_arch(weights, asked: str, saved: str) -> str:
 
 
 def _check_classes(weights, saved_count: int, saved_names: list, classes: list):
-    """Refuse a model whose outputs mean other classes than the data set's: a label store made
-    with it would be silently wrong. A bare state_dict names no classes; its count must fit."""
+    """Which outputs label the data set's ``classes``: None when output i is class i, else the
+    output of each class (see :func:`_subset_outputs`).
+
+    Refuses a model whose outputs mean other classes than the data set's: a label store made
+    with it would be silently wrong. A bare state_dict names no classes; its count must fit,
+    unless it is a 1000-way head and the data set's classes are ImageNet-1k ids.
+    """
     if classes is None:
-        return
+        return None
+    outputs = _subset_outputs(saved_count, saved_names, classes)
+    if outputs is not None:
+        return outputs
     if saved_count is not None and saved_count != len(classes):
-        raise CheckpointError(f"{weights}: these weights predict {saved_count} classes but the "
-                              f"data set has {len(classes)}; use a refinery trained on these "
-                              "classes")
+        raise CheckpointError(_count_mismatch(weights, saved_count, saved_names, classes))
     if _named(saved_names) and _named(classes) and list(saved_names) != list(classes):
         i = next(i for i, (a, b) in enumerate(zip(saved_names, classes)) if a != b)
         raise CheckpointError(f"{weights}: output {i} is class {saved_names[i]!r} but the data "
                               f"set's class {i} is {classes[i]!r}; use a refinery trained on these "
                               "classes (same class folders)")
+    return None
+
+
+def _subset_outputs(saved_count: int, saved_names: list, classes: list):
+    """The outputs that predict the data set's ``classes`` when they are fewer than the model's
+    and each is one of them: found by the class names a checkpoint records, else, for a
+    1000-way head, by ImageNet-1k's WordNet-id order (torchvision's and timm's ImageNet weights;
+    for a checkpoint that names no classes this assumes it was trained on ImageNet-1k, so the
+    data set's folders must all be ImageNet-1k ids). None otherwise, and when output i already
+    is class i (ImageNet-1k's own folders)."""
+    if _named(saved_names):
+        return output_indices(classes, saved_names) if len(classes) < len(saved_names) else None
+    if saved_count != NUM_IMAGENET1K_CLASSES:
+        return None
+    outputs = imagenet1k_outputs(classes)
+    return None if outputs == list(range(NUM_IMAGENET1K_CLASSES)) else outputs
+
+
+def _count_mismatch(weights, saved_count: int, saved_names: list, classes: list) -> str:
+    """The one-line refusal of weights for another number of classes, saying what would work."""
+    said = (f"{weights}: these weights predict {saved_count} classes but the data set has "
+            f"{len(classes)}")
+    if len(classes) < saved_count and _named(saved_names):
+        missing = next((c for c in classes if c not in set(saved_names)), None)
+        return (f"{said}, and its class {missing!r} is not one of theirs; use a refinery trained "
+                "on these classes, or data whose class folders are some of the weights' classes")
+    if len(classes) < saved_count == NUM_IMAGENET1K_CLASSES:
+        missing = next((c for c in classes if c not in set(imagenet1k_wnids())), None)
+        return (f"{said}, and its class {missing!r} is not an ImageNet-1k WordNet id; name each "
+                "class folder by its ImageNet-1k id (n01440764, ...) to label those classes with "
+                "ImageNet weights, or use a refinery trained on these classes")
+    return f"{said}; use a refinery trained on these classes"
 
 
 def _named(classes: list) -> bool:
@@ -459,8 +536,8 @@ def _load_torchvision_weights(weights, name: str, arch: str, classes: list):
     if arch not in (None, own_arch):
         raise CheckpointError(f"{name}: these are weights of a {own_arch}, not a {arch}; drop "
                               f"--refinery or pass --refinery {own_arch}")
-    categories = weights.meta["categories"]
-    _check_classes(name, len(categories), None, classes)
+    categories = weights.meta["categories"]  # names (tench, ...), not ids: matched by order
+    outputs = _check_classes(name, len(categories), None, classes)
     _warn_if_class_order_unverified(name, categories, classes)
     file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     try:
@@ -474,8 +551,9 @@ def _load_torchvision_weights(weights, name: str, arch: str, classes: list):
     transform = weights.transforms()
     normalization = {key: [round(255 * v, 3) for v in getattr(transform, key)]
                      for key in ("mean", "std")}
-    return model, {"arch": own_arch, "num_classes": len(categories), "file": file,
-                   "input_size": transform.crop_size[0], "normalization": normalization}
+    facts = {"arch": own_arch, "num_classes": len(categories), "file": file,
+             "input_size": transform.crop_size[0], "normalization": normalization}
+    return select_outputs(model, outputs), facts
 
 
 _WNID = re.compile(r"n\d{8}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RefineryError, RefineryWarning
+from .imagenet_classes import readable_name
 
 CLASS_NAMES_SHOWN = 40  # above this many classes the per-class axis drops its tick labels
 
@@ -97,8 +98,8 @@ def plot_runs(runs: list[RunMetrics], out: str | os.PathLike) -> Path:
     per_class.set(ylabel="top-1 (%)", title="per class at the last evaluation: "
                   "validation (filled), training crops (hollow)")
     if len(classes) <= CLASS_NAMES_SHOWN:
-        per_class.set_xticks(range(len(order)), [classes[c] for c in order], rotation=45,
-                             ha="right", fontsize=8)
+        per_class.set_xticks(range(len(order)), [readable_name(classes[c]) for c in order],
+                             rotation=45, ha="right", fontsize=8)
     else:
         per_class.set_xlabel(f"{len(classes)} classes, by the first run's validation accuracy")
     for ax in (curves, per_class):
@@ -141,9 +142,10 @@ def plot_stored_crops(crops, out: str | os.PathLike, max_crops: int = 8) -> Path
             ax, top1 = axes[r, c], int(crops.topk_indices[r, c, 0])
             ax.imshow(crops.pixels[r, c])
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{crops.classes[top1]} {crops.topk_probs[r, c, 0]:.2f}", fontsize=7,
+            ax.set_title(f"{readable_name(crops.classes[top1])} {crops.topk_probs[r, c, 0]:.2f}", fontsize=7,
                          color="black" if top1 == truth else "red")
-        axes[r, 0].set_ylabel(f"#{crops.images[r]}\n{crops.classes[truth]}", fontsize=7)
+        axes[r, 0].set_ylabel(f"#{crops.images[r]}\n{readable_name(crops.classes[truth])}",
+                              fontsize=7)
     fig.suptitle("stored crops and their top-1 labels (red: not the image's class)", fontsize=9)
     return _save(fig, out)
 

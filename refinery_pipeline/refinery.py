@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
-from .models import (IMAGENET_NORMALIZATION, batchnorm_layers, file_sha256, load_trained_model,
-                     normalize, to_pixels)
+from .models import (IMAGENET_NORMALIZATION, ClassSubset, batchnorm_layers, file_sha256,
+                     load_trained_model, normalize, to_pixels)
 
 BN_MODES = ("train", "eval")
 
@@ -65,6 +65,9 @@ class Refinery:
         self.model = set_bn_mode(model.to(self.device, memory_format=memory), bn_mode)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # which of the network's outputs are the data set's classes: part of its identity
+        self.selected_outputs = (model.outputs.tolist() if isinstance(model, ClassSubset)
+                                 else None)
         if compile:  # pays off on long GPU runs; numerics may differ slightly from eager mode
             self.model = torch.compile(self.model)
         self.arch, self.weights_sha256, self.input_size = arch, weights_sha256, int(input_size)
@@ -76,7 +79,9 @@ class Refinery:
                         input_size: int = None, **kwargs) -> "Refinery":
         """Load weights: a ``refine train`` checkpoint (needs no ``arch``), a ``state_dict``, a
         torchvision or timm training checkpoint, or torchvision's pretrained weights by name;
-        they must predict the data set's ``classes``. ``input_size`` overrides the checkpoint's
+        they must predict the data set's ``classes``, or more classes among which they are (an
+        ImageNet-1k refinery for an ImageNet-subset data set: those classes' outputs are
+        selected, :class:`.models.ClassSubset`). ``input_size`` overrides the checkpoint's
         and is required where it records none."""
         model, ckpt = load_trained_model(weights, arch, classes)
         size = _input_size(weights, input_size, ckpt)
@@ -84,10 +89,16 @@ class Refinery:
                    normalization=ckpt.get("normalization", IMAGENET_NORMALIZATION), **kwargs)
 
     def describe(self) -> dict:
-        """What a label store records about the refinery (its identity for mismatch checks)."""
-        return {"arch": self.arch, "weights_sha256": self.weights_sha256, "bn_mode": self.bn_mode,
+        """What a label store records about the refinery (its identity for mismatch checks).
+
+        ``selected_outputs`` only where outputs were selected, so stores written before the
+        field existed still match the refinery that wrote them."""
+        info = {"arch": self.arch, "weights_sha256": self.weights_sha256, "bn_mode": self.bn_mode,
                 "temperature": self.temperature, "input_size": self.input_size,
                 "normalization": self.normalization}
+        if self.selected_outputs is not None:
+            info["selected_outputs"] = self.selected_outputs
+        return info
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 class probabilities ``(B, C)`` for uint8 NHWC crops."""
