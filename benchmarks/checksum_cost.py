@@ -34,7 +34,7 @@ CLASSES = 1000
 
 def make_store(path: Path, images: int, K: int, top_k: int) -> float:
     """Write the store chunk by chunk; returns the seconds it took."""
-    layout = StoreLayout(images, K, top_k, default_chunk_size(K))
+    layout = StoreLayout(images, K, top_k, default_chunk_size(K, top_k))
     attrs = {"plan": {"seed": 0, "crops_per_image": K, "scale": [0.08, 1.0],
                       "ratio": [0.75, 4 / 3], "flip": True},
              "refinery": {"arch": "resnet50", "weights_sha256": "0" * 64, "bn_mode": "train",
@@ -121,7 +121,8 @@ def main():
     extrapolated = args.scale_to and args.scale_to != args.images
     lines = [f"# The cost of checking a label store's checksums while reading it: `{args.tag}`", "",
              f"{args.images:,} images × K={args.K} × top-{args.top_k} ({crops:,} crops, "
-             f"{store_bytes / 1e6:,.0f} MB on disk, chunks of {default_chunk_size(args.K)} "
+             f"{store_bytes / 1e6:,.0f} MB on disk, chunks of "
+             f"{default_chunk_size(args.K, args.top_k)} "
              f"images), written through `LabelStore.create` + `write_chunk` in "
              f"{write_seconds:.0f} s; median of {args.rounds} interleaved rounds (order reversed "
              "every other round) on the same warm store (in the page cache), each opening the "

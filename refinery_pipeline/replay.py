@@ -35,8 +35,8 @@ from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToTensor
 
 from .crop_batch import NOT_STORED, CropBatch, batch_from_rows, sparse_labels
-from .crop_plan import (DEFAULT_SLOT_POLICY, CropPlan, centre_square, epoch_slots, sample_boxes,
-                        sample_flips)
+from .crop_plan import (DEFAULT_SLOT_POLICY, CropPlan, centre_square, cycle_order, epoch_slots,
+                        sample_boxes, sample_flips)
 from .errors import RefineryWarning
 
 TABLE_FIELDS = 6  # y, x, h, w, flip, slot
@@ -214,14 +214,25 @@ class ReplayedCrops:
         self.boxes, self.flips = boxes, flips
         self.seed, self.slot_policy = seed, slot_policy
         self.slots = np.zeros(len(boxes), dtype=np.int64)  # the last filled epoch's (for tests)
+        self._round = (None, None)  # (cycle, its slot order): one draw serves K epochs
 
     def fill(self, table: np.ndarray, epoch: int):
-        n, k = self.boxes.shape[:2]
-        self.slots[:] = epoch_slots(self.seed, epoch, n, k, self.slot_policy)
-        rows = np.arange(n)
+        self.slots[:] = self.epoch_slots(epoch)
+        rows = np.arange(len(self.boxes))
         table[:, 0, :4] = self.boxes[rows, self.slots]
         table[:, 0, 4] = self.flips[rows, self.slots]
         table[:, 0, 5] = self.slots
+
+    def epoch_slots(self, epoch: int) -> np.ndarray:
+        """:func:`.crop_plan.epoch_slots` of every image, the ``cycle`` order kept for its round
+        (the per-epoch table rewrite at ImageNet size: 3.1 s drawing each epoch, ~0.1 s so)."""
+        n, k = self.boxes.shape[:2]
+        if self.slot_policy != "cycle":
+            return epoch_slots(self.seed, epoch, n, k, self.slot_policy)
+        cycle, position = divmod(epoch, k)
+        if self._round[0] != cycle:
+            self._round = (cycle, cycle_order(self.seed, cycle, np.arange(n), k))
+        return self._round[1][:, position]
 
 
 class FreshCrops:

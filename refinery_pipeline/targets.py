@@ -9,7 +9,8 @@ labels exactly what the student sees without a second copy.
 import numpy as np
 import torch
 
-from .losses import dense_from_sparse, hard_from_soft, one_hot
+from .crop_batch import SparseLabels, sparse_labels
+from .losses import DEFAULT_REST, dense_from_sparse, hard_from_soft, one_hot
 
 
 class GroundTruthTargets:
@@ -23,34 +24,46 @@ class GroundTruthTargets:
 
 
 class StoredTargets:
-    """Sparse stored labels, looked up on the device by each sample's image index and the slot
-    its crop was cut from (dynamic: arrays ``(N, K, k)``), or by image alone (soft-static labels
-    of the whole image: arrays ``(N, k)``).
+    """Sparse stored labels of each sample's crop: per image and slot (dynamic: arrays
+    ``(N, K, k)``), or per image alone (soft-static labels of the whole image: ``(N, k)``).
+
+    Dynamic labels stay on the host, where the loader gathers each batch's rows (``CropBatch.
+    targets``, attached by the FFCV backend when ``loader.records`` is set, as ``refine train``
+    does), so a GPU holds a batch's labels, never the store's: at ImageNet-1k, K = 40, top-10,
+    those are 2 GB on every GPU (int16 indices, float16 probabilities), ~23 GB at ImageNet-21k.
+    A batch that comes without them is looked up here from its image indices and slots (on the
+    host: a device sync when the batch is on a GPU, so training always attaches them). Static
+    labels are K times smaller (51 MB at ImageNet-1k) and are looked up on the device.
 
     The slot comes with the batch (the loader contract), so the lookup can never drift from the
     crop shown, whatever else iterated the loader in between.
     """
 
     def __init__(self, indices: np.ndarray, probs: np.ndarray, num_classes: int, device,
-                 rest: str = "uniform"):
-        self.indices = _compact_class_indices(indices, num_classes).to(device)
-        self.probs = torch.from_numpy(probs).to(device)
-        self.num_classes, self.rest = num_classes, rest
-        self.per_slot = self.indices.ndim == 3
+                 rest: str = DEFAULT_REST):
+        self.num_classes, self.rest, self.device = num_classes, rest, device
+        self.per_slot = np.ndim(indices) == 3
+        if self.per_slot:
+            self.indices, self.probs = indices, probs  # host arrays, e.g. node-shared maps
+        else:
+            self.indices = _compact_class_indices(indices, num_classes).to(device)
+            self.probs = torch.from_numpy(np.asarray(probs)).to(device)
 
     def __call__(self, batch, pixels):
-        rows = batch.indices
-        if self.per_slot:  # train.fit pairs these only with replayed crops (no NOT_STORED slot)
-            top, p = self.indices[rows, batch.slots], self.probs[rows, batch.slots]
-        else:
-            top, p = self.indices[rows], self.probs[rows]
-        return dense_from_sparse(top, p, self.num_classes, self.rest)
+        if not self.per_slot:
+            rows = batch.indices
+            return dense_from_sparse(self.indices[rows], self.probs[rows], self.num_classes,
+                                     self.rest)
+        labels = batch.targets
+        if not isinstance(labels, SparseLabels):  # train.fit pairs these with replayed crops
+            labels = sparse_labels(self.indices, self.probs, batch.indices.cpu(),
+                                   batch.slots.cpu()).to(batch.indices.device)
+        return dense_from_sparse(labels.indices, labels.probs, self.num_classes, self.rest)
 
 
 def _compact_class_indices(indices: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Class indices as int16 (int32 past 32,768 classes), not int64: the whole store's labels
-    live on every GPU, and at ImageNet scale (K = 40, top-10) that is 1 GB instead of 4 GB.
-    ``dense_from_sparse`` widens each batch's few indices where scatter needs int64."""
+    """Class indices as int16 (int32 past 32,768 classes), not int64, for labels held on the
+    device. ``dense_from_sparse`` widens each batch's few indices where scatter needs int64."""
     dtype = np.int16 if num_classes <= np.iinfo(np.int16).max + 1 else np.int32
     return torch.from_numpy(np.asarray(indices).astype(dtype, copy=False))
 

@@ -89,3 +89,15 @@ def test_epoch_slots_cycle_policy_visits_every_slot_before_repeating():
     assert (np.sort(seen, axis=1) == np.arange(K)).all()
     nxt = np.stack([epoch_slots(5, e, 300, K, "cycle") for e in range(K, 2 * K)], axis=1)
     assert not np.array_equal(seen, nxt)  # a fresh order each cycle
+
+
+@pytest.mark.parametrize("policy", ["cycle", "random"])
+def test_replayed_crops_keep_a_rounds_order_yet_give_the_pure_functions_slots(policy):
+    """ReplayedCrops keeps one cycle round's slot order for its K epochs (a 3 s draw at ImageNet
+    size); every epoch, also across rounds and out of order, must still be epoch_slots'."""
+    from refinery_pipeline.replay import ReplayedCrops
+    n, k = 300, 5
+    crops = ReplayedCrops(np.zeros((n, k, 4), np.uint16), np.zeros((n, k), np.uint8), seed=7,
+                          slot_policy=policy)
+    for epoch in [0, 1, 4, 5, 12, 3, 9, 10, 0]:
+        assert np.array_equal(crops.epoch_slots(epoch), epoch_slots(7, epoch, n, k, policy))

@@ -86,19 +86,24 @@ def test_cached_labels_equal_the_online_teacher_on_the_same_crops(tiny_dataset, 
 
 @pytest.mark.parametrize("num_classes, dtype", [(10, torch.int16), (40_000, torch.int32)])
 def test_stored_class_indices_are_compact_and_exact(num_classes, dtype):
-    """The store's labels are held as int16 (int32 for > 32,768 classes) and expand exactly."""
+    """Static labels on the device are held as int16 (int32 for > 32,768 classes); dynamic ones
+    stay on the host in the store's dtype; both expand exactly."""
     rng = np.random.default_rng(0)
     top = np.stack([rng.choice(num_classes, 3, replace=False) for _ in range(12)])
     indices = top.reshape(4, 3, 3).astype(np.uint16)  # the store's dtype
     probs = np.tile(np.float16([0.5, 0.3, 0.1]), (4, 3, 1))
     slots = torch.tensor([2, 0, 1, 2])
     targets = StoredTargets(indices, probs, num_classes, "cpu")
-    assert targets.indices.dtype == dtype
-    dense = targets(CropBatch(None, None, torch.arange(4), slots), None)
-    expected = top.reshape(4, 3, 3)[np.arange(4), slots.numpy()]
-    assert torch.equal(dense.topk(3).indices.sort(1).values,
-                       torch.from_numpy(np.sort(expected, 1)).long())
-    assert torch.allclose(dense.sum(1), torch.ones(4))
+    assert isinstance(targets.indices, np.ndarray) and targets.indices.dtype == np.uint16
+    static = StoredTargets(indices[:, 0], probs[:, 0], num_classes, "cpu")
+    assert static.indices.dtype == dtype
+    rows = torch.arange(4)
+    for source, expected in [(targets, top.reshape(4, 3, 3)[np.arange(4), slots.numpy()]),
+                             (static, top.reshape(4, 3, 3)[:, 0])]:
+        dense = source(CropBatch(None, None, rows, slots), None)
+        assert torch.equal(dense.topk(3).indices.sort(1).values,
+                           torch.from_numpy(np.sort(expected, 1)).long())
+        assert torch.allclose(dense.sum(1), torch.ones(4))
 
 
 def test_static_mode_needs_a_soft_static_store(tiny_data, tmp_path, tiny_dataset,
