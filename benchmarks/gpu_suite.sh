@@ -29,6 +29,11 @@
 #      reuses stage 9's online students)
 #  11. chained refineries (generations.py, 2 generations, seeds 0 1; generation 0 is stage 8's
 #      ground-truth students)
+#  12. many classes (issue 17), only with TIN=<an ImageFolder subset of Tiny-ImageNet-200>, e.g.
+#      `python benchmarks/folder_subset.py /tmp/tiny-imagenet-200 .carry/tin50 --train 50
+#      --val 25 --copy` (~26 MB; the whole set does not fit the 64 MiB carry): a 64 px ResNet-18
+#      refinery, then stored classes per crop and the rest policy at top-k 1 5 10 20 and all 200
+#      (top_k_rest.py --derive: one refinery pass, the smaller top-k cut from it)
 # Rerunning on the same machine reuses finished work (runs/gpu), and SKIP="loader_w16 fidelity"
 # leaves out stages by name, so a suite cut short by a time limit continues in a second call.
 # On an H200 stages 1-5 and 7 need about 10 minutes, stage 6 about 1 (estimated), stage 8 about 3,
@@ -140,4 +145,13 @@ stage top_k_rest 60 python3 benchmarks/top_k_rest.py "$DATA" --refinery $REFINER
 stage generations 60 python3 benchmarks/generations.py "$DATA" --work $W/modes --res "$RES" \
   --epochs "$EPOCHS" --batch-size 256 --lr 0.4 --generations 2 --seeds 0 1 --jobs 2 \
   --workers "$STUDENT_WORKERS" --tag generations_gpu
+if [ -n "${TIN:-}" ]; then
+  stage tin_refinery 60 refine train "$TIN" --arch resnet18 --res 64 --epochs "$EPOCHS" \
+    --batch-size 256 --lr 0.4 --workers "$REFINERY_WORKERS" --eval-every 10 --out $W/tin/refinery \
+    $(resume $W/tin/refinery) &&
+  stage tin_top_k_rest 60 python3 benchmarks/top_k_rest.py "$TIN" \
+    --refinery $W/tin/refinery/model.pt --work $W/tin --res 64 --epochs "$EPOCHS" \
+    --batch-size 256 --lr 0.4 -K "$EPOCHS" --top-ks 1 5 10 20 200 --derive --seeds 0 1 \
+    --jobs "$JOBS" --workers "$STUDENT_WORKERS" --tag top_k_rest_tin200_gpu
+fi
 echo "[suite] done with $(left)s to spare"

@@ -7,7 +7,7 @@ change without notice. See ``docs/api.md``.
 >>> store = refinery.open_store("labels.zarr")                  # doctest: +SKIP
 >>> data = refinery.StoreCropDataset(store, "imagenet/train")   # doctest: +SKIP
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .crop_batch import NOT_STORED, CropBatch, SparseLabels
 from .crop_plan import SLOT_POLICIES, CropPlan, slot_of

@@ -31,7 +31,7 @@ from .crop_batch import CropBatch, SparseLabels
 from .crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, slot_of
 from .errors import DataSetError, StoreMismatchError
 from .label_store import LabelStore
-from .losses import REST_POLICIES, dense_from_sparse
+from .losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse
 from .pixels import box_in_frame, cut_crop, decode_jpeg, read_image_file
 
 CROP_FORMATS = ("tensor", "pil", "numpy")
@@ -325,11 +325,12 @@ class CropCollate:
         With it, ``targets`` are dense ``(B, C)`` float32 distributions (built in the worker,
         :func:`dense_targets`); without it, :class:`~refinery_pipeline.SparseLabels`, to be
         expanded on the device.
-    rest : {"uniform", "renormalize"}
-        Where the probability mass outside the stored top-k goes (as in training).
+    rest : {"renormalize", "uniform"}
+        Where the probability mass outside the stored top-k goes (as in training; default
+        ``renormalize``, as ``refine train``).
     """
 
-    def __init__(self, num_classes: Optional[int] = None, rest: str = "uniform"):
+    def __init__(self, num_classes: Optional[int] = None, rest: str = DEFAULT_REST):
         if rest not in REST_POLICIES:
             raise ValueError(f"rest {rest!r}: choose one of {REST_POLICIES}")
         self.num_classes, self.rest = num_classes, rest
@@ -345,7 +346,8 @@ class CropCollate:
                          column("slot", torch.int64), targets)
 
 
-def dense_targets(labels, num_classes: int, rest: str = "uniform", device=None) -> torch.Tensor:
+def dense_targets(labels, num_classes: int, rest: str = DEFAULT_REST,
+                  device=None) -> torch.Tensor:
     """Stored sparse labels as dense target distributions, exactly as ``refine train`` builds them.
 
     Parameters
@@ -355,8 +357,8 @@ def dense_targets(labels, num_classes: int, rest: str = "uniform", device=None) 
         tensor (from ``CropCollate(num_classes)``) is returned as it is, on ``device``.
     num_classes : int
         C, the store's number of classes.
-    rest : {"uniform", "renormalize"}
-        ``uniform``: the mass outside the top-k, ``max(0, 1 - sum(probs))``, is spread evenly
+    rest : {"renormalize", "uniform"}
+        Default ``renormalize``, as ``refine train``. ``uniform``: the mass outside the top-k, ``max(0, 1 - sum(probs))``, is spread evenly
         over the other ``C - k`` classes; ``renormalize``: the top-k probabilities are divided
         by their sum. Either way each row is then divided by its sum, which absorbs float16
         rounding (stored sums can exceed 1 slightly). With ``k == C`` both renormalize.

@@ -20,11 +20,11 @@ from torch import nn
 
 from .crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
 from .dataset import open_dataset
-from .distributed import init_from_env, is_main
+from .distributed import init_from_env, is_main, node_shared_arrays, world_size
 from .errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
                      RefineryWarning, RunError)
-from .label_store import DEFAULT_TOP_K, LabelStore
-from .losses import get_loss
+from .label_store import DEFAULT_TOP_K, CropRecords, LabelStore
+from .losses import DEFAULT_REST, get_loss
 from .models import (check_input_size, create_model, normalize, save_checkpoint, to_model_input,
                      to_pixels)
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
@@ -60,7 +60,7 @@ class TrainConfig:
     loss: str = "kl"
     adversarial_eta: float = 0.0  # > 0: also train on adversarial twins (needs a teacher)
     precise_bn: int = 0         # > 0: recompute BN statistics over this many batches before eval
-    rest: str = "uniform"       # where the mass outside the stored top-k goes
+    rest: str = DEFAULT_REST    # where the mass outside the stored top-k goes
     slot_policy: str = DEFAULT_SLOT_POLICY  # or "random": an independent slot every epoch
     res: int = None             # crop size; defaults to the store's refinery input size, else 224
     workers: int = 2
@@ -107,10 +107,12 @@ def load_data(cfg: TrainConfig, device):
     _warn_if_crops_overused(cfg, store)
     _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
     crops, records = _crop_source(cfg, train_ds, store)
+    _warn_if_rest_flattens(cfg, records, len(train_ds.classes))
     targets = _target_source(cfg, len(train_ds.classes), device, records, teacher)
     train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
                                train=True, seed=cfg.seed, indices=indices,
                                distributed=torch.distributed.is_initialized())
+    train_loader.records = _labels_per_crop(cfg, records)
     val_loader = make_loader(val_ds, FixedCrops(val_ds.heights, val_ds.widths), (res, res),
                              cfg.batch_size, cfg.workers, train=False)
     return train_ds, train_loader, val_loader, targets, res
@@ -199,16 +201,45 @@ def _warn_if_crops_overused(cfg: TrainConfig, store):
                       RefineryWarning, stacklevel=2)
 
 
+# Fewer stored classes per crop than this cost accuracy against an online refinery: top-1 and
+# top-2 did (Tiny-ImageNet-200 and imagenette), top-5 did not measurably, renormalized
+# (benchmarks/results/top_k_rest_tin200_cpu32.md, top_k_rest_gpu.md).
+MIN_TOP_K = 5
+# Above this share of each target spread evenly by --rest uniform (the mass outside the top k),
+# warn. Students trailed --rest renormalize by 1.6 to 4.8 points at 49% to 91% spread
+# (Tiny-ImageNet-200); below 49% it is unmeasured, so 25% is a judgement, not a measurement.
+MAX_UNIFORM_REST = 0.25
+
+
 def _warn_if_labels_truncated(cfg: TrainConfig, store, num_classes: int):
     """Dropping all but the top few classes of each label cost accuracy against an online
     refinery; say how many classes to store, as for K."""
     if store is None or cfg.teacher is not None or cfg.label_mode == "hard":
         return
-    k, needed = store.layout.top_k, min(num_classes, DEFAULT_TOP_K)
+    k, needed = store.layout.top_k, min(num_classes, MIN_TOP_K)
     if k < needed and is_main():
         warnings.warn(f"{cfg.labels}: keeps the top {k} of {num_classes} classes per crop; fewer "
                       f"than {needed} cost accuracy against an online refinery (precompute with "
-                      f"--top-k {needed})", RefineryWarning, stacklevel=2)
+                      f"--top-k {min(num_classes, DEFAULT_TOP_K)})", RefineryWarning,
+                      stacklevel=2)
+
+
+def _warn_if_rest_flattens(cfg: TrainConfig, records, num_classes: int, sample: int = 4096):
+    """``--rest uniform`` spreads the mass outside each crop's top k evenly over the other
+    classes: where the refinery's top k holds little of it (many classes, a hesitant refinery)
+    most of every target is then the same flat vector, and students learn less. Measured on the
+    first ``sample`` images' labels (cheap at any store size)."""
+    if cfg.rest != "uniform" or records is None or cfg.label_mode != "soft" or not is_main():
+        return
+    probs = records.topk_probs[:sample]
+    if probs.shape[-1] >= num_classes:
+        return
+    spread = 1.0 - float(np.clip(probs.astype(np.float32).sum(-1), 0, 1).mean())
+    if spread > MAX_UNIFORM_REST:
+        warnings.warn(f"{cfg.labels}: --rest uniform spreads {spread:.0%} of each target evenly "
+                      f"over the {num_classes - probs.shape[-1]} classes outside its top "
+                      f"{probs.shape[-1]}; students did better with the default --rest "
+                      "renormalize", RefineryWarning, stacklevel=2)
 
 
 def _warn_if_bn_statistics_lag(cfg: TrainConfig, model, steps: int):
@@ -231,10 +262,32 @@ def _crop_source(cfg: TrainConfig, train_ds, store):
                             "or use --teacher-crops fresh")
     if fresh:
         return _fresh_crops(cfg, train_ds), None
-    # each chunk read is checked against its checksums unless a verify passed these bytes
-    records = store.read_crops(static=cfg.label_mode == "static",
-                               verify=not cfg.skip_store_check)
+    records = _read_records(cfg, store)
     return ReplayedCrops(records.boxes, records.flips, cfg.seed, cfg.slot_policy), records
+
+
+def _read_records(cfg: TrainConfig, store) -> CropRecords:
+    """The store's records, each chunk checked against its checksums unless a verify passed
+    these bytes. Every rank replays any image, so each needs all of them: under torchrun the
+    ranks of one host map one copy (filled chunk by chunk, so never whole in memory), not one
+    each (:func:`.distributed.node_shared_arrays`; 2.5 GB per rank at ImageNet-1k)."""
+    static, verify = cfg.label_mode == "static", not cfg.skip_store_check
+    if world_size() == 1:
+        return store.read_crops(static=static, verify=verify)
+    fill = lambda create: _fill_records(store, static, verify, create)
+    return CropRecords(**node_shared_arrays(fill, cfg.cache_dir))
+
+
+def _fill_records(store, static: bool, verify: bool, create):
+    """Read the store chunk by chunk into arrays made by ``create(name, shape, dtype)``."""
+    lay, arrays = store.layout, {}
+    for c in range(lay.num_chunks):
+        rows = lay.chunk_range(c)
+        part = store.read_crops(np.arange(rows.start, rows.stop), static, verify).arrays()
+        for name, values in part.items():
+            if name not in arrays:
+                arrays[name] = create(name, (lay.num_images,) + values.shape[1:], values.dtype)
+            arrays[name][rows.start:rows.stop] = values
 
 
 def _fresh_crops(cfg: TrainConfig, train_ds) -> FreshCrops:
@@ -251,10 +304,18 @@ def _target_source(cfg: TrainConfig, num_classes: int, device, records, teacher)
     elif cfg.label_mode == "static":
         return StoredTargets(records.static_indices, records.static_probs, num_classes,
                              device, cfg.rest)
-    else:
+    else:  # looked up from each batch's labels, which the loader gathers (_labels_per_crop)
         source = StoredTargets(records.topk_indices, records.topk_probs, num_classes, device,
                                cfg.rest)
     return HardTargets(source) if cfg.label_mode == "hard" else source
+
+
+def _labels_per_crop(cfg: TrainConfig, records):
+    """The records whose per-crop labels the training loader attaches to each batch, gathered
+    on the host (what :class:`.targets.StoredTargets` reads): None unless the store's dynamic
+    labels are the targets."""
+    stored = records is not None and cfg.teacher is None and cfg.label_mode != "static"
+    return records if stored else None
 
 
 def _val_location(data):

@@ -165,6 +165,24 @@ def test_labels_truncated_below_the_default_top_k_warn_with_the_top_k_to_use(sto
             "--batch-size", 64, "--out", tmp_path / "run")
 
 
+def test_a_uniform_rest_that_flattens_targets_warns_with_the_measured_share(store, tiny_data,
+                                                                           tmp_path):
+    """A top-3 store of 10 classes from the tiny (hesitant) refinery: --rest uniform would spread
+    most of each target evenly; the warning says how much, the default does not warn."""
+    probs = LabelStore.open(store).read_crops().topk_probs.astype(np.float32)
+    spread = 1 - np.clip(probs.sum(-1), 0, 1).mean()
+    assert spread > 0.25  # the premise: this store's top 3 hold under 75% of the mass
+    with pytest.warns(RefineryWarning, match=f"--rest uniform spreads {spread:.0%} of each target "
+                                             "evenly over the 7 classes outside its top 3"):
+        run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
+            "--batch-size", 64, "--rest", "uniform", "--out", tmp_path / "uniform")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
+            "--batch-size", 64, "--out", tmp_path / "default")
+    assert not [w for w in caught if "--rest uniform" in str(w.message)]
+
+
 def test_a_trained_student_is_the_next_refinery(store, tiny_data, tmp_path):
     """Chained generations: model.pt loads as a refinery with no architecture flag."""
     out = tmp_path / "gen1"
