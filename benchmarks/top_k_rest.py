@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _results import markdown_table, write_results
+from _results import RESULTS, markdown_table, write_results
 from _runs import (ONLINE, StudentRuns, add_student_arguments, describe_students, final_metrics,
                    precompute_once, recorded_device, runs_by_name)
 
@@ -190,6 +190,31 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_results(result: dict, path: Path):
+    """Mean val top-1 against top-k, one line per rest policy, the online students' mean as a
+    horizontal line and each seed as a dot (written beside the results as ``<tag>.png``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    online = next(s for s in result["summary"] if s["name"] == ONLINE)
+    ax.axhline(online["mean_val_top1"], color="grey", ls="--", label="online refinery")
+    for rest, colour in (("uniform", "tab:red"), ("renormalize", "tab:blue")):
+        rows = sorted((s for s in result["summary"] if s["top_k"]  # all classes: both lines
+                       and (s["rest"] == rest or s["top_k"] >= result["num_classes"])),
+                      key=lambda s: s["top_k"])
+        ks = [s["top_k"] for s in rows]
+        ax.plot(ks, [s["mean_val_top1"] for s in rows], "o-", color=colour, label=f"rest {rest}")
+        for k, s in zip(ks, rows):
+            ax.scatter([k] * len(s["per_seed"]), s["per_seed"], color=colour, s=8, alpha=0.5)
+    ax.set(xscale="log", xlabel="classes stored per crop (top-k)", ylabel="val top-1 (%)",
+           title=f"{result['num_classes']} classes: cached students against top-k")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     args = get_args()
     work = Path(args.work)
@@ -207,6 +232,7 @@ def main():
               "students": rows, "summary": summarise(rows), "distortion": distortion,
               "distortion_images": args.distortion_images, "derivation": derivation}
     write_results(args.tag, result, to_markdown(result))
+    plot_results(result, RESULTS / f"{args.tag}.png")
 
 
 if __name__ == "__main__":
