@@ -93,6 +93,26 @@ class Number(_Bounded, click.FloatRange):
     noun = "a number"
 
 
+class EpochList(click.ParamType):
+    """Comma-separated epochs in increasing order (``140,170``), each >= 1: an LR milestone list
+    mistyped (``170,140``, ``0``, ``14O``) fails before anything runs."""
+    name = "EPOCHS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        if value in (None, ""):
+            return ()  # the default: no milestones
+        fix = "give increasing epochs >= 1 separated by commas, e.g. 140,170"
+        try:
+            epochs = tuple(int(part) for part in str(value).split(","))
+        except ValueError:
+            raise OptionValueError(value, "not a list of whole numbers", fix, param, ctx) from None
+        if min(epochs) < 1 or list(epochs) != sorted(set(epochs)):
+            raise OptionValueError(value, "not increasing epochs >= 1", fix, param, ctx)
+        return epochs
+
+
 # The numeric option types, defined once and shared by every command.
 AT_LEAST_ONE = Count(min=1)
 NON_NEGATIVE_COUNT = Count(min=0)
@@ -278,10 +298,15 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--warmup-epochs", "--lr-warmup-epochs", default=2.0, type=NON_NEGATIVE,
               help="linear warm-up from ~0 to --lr (fractions allowed)")
 @click.option("--lr-scheduler", type=click.Choice(LR_SCHEDULERS), default="linear",
-              help="decay after the warm-up: linear to 0, cosine to 0, or step")
+              help="decay after the warm-up: linear to 0, cosine to 0, step (every "
+                   "--lr-step-size epochs) or multistep (at --lr-milestones)")
 @click.option("--lr-step-size", default=30, type=AT_LEAST_ONE,
               help="step scheduler: epochs between decays")
-@click.option("--lr-gamma", default=0.1, type=FACTOR, help="step scheduler: LR factor per decay")
+@click.option("--lr-gamma", default=0.1, type=FACTOR,
+              help="step and multistep schedulers: LR factor per decay")
+@click.option("--lr-milestones", default="", type=EpochList(), show_default="none",
+              help="multistep scheduler: the epochs at which the LR is multiplied by --lr-gamma, "
+                   "e.g. 140,170 (the paper's recipe, torch's MultiStepLR)")
 @click.option("--label-smoothing", default=0.0, type=SMOOTHING,
               help="ground-truth mode only (--labels none)")
 @click.option("--label-mode", type=click.Choice(["soft", "hard", "static"]), default="soft",
@@ -328,7 +353,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @cache_dir_option
 @friendly_errors(about="out_dir")
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
-          lr_scheduler, lr_step_size, lr_gamma, label_smoothing, label_mode, teacher, teacher_bn,
+          lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode, teacher, teacher_bn,
           teacher_crops, loss, adversarial_eta, precise_bn, rest, slot_policy, res, workers, seed,
           eval_every, device, compile_, resume, allow_partial, skip_store_check, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
@@ -342,6 +367,7 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       lr_scheduler=lr_scheduler, lr_step_size=lr_step_size, lr_gamma=lr_gamma,
+                      lr_milestones=lr_milestones,
                       label_smoothing=label_smoothing, label_mode=label_mode, teacher=teacher,
                       teacher_bn=teacher_bn, teacher_crops=teacher_crops, loss=loss,
                       adversarial_eta=adversarial_eta, precise_bn=precise_bn, rest=rest,

@@ -31,7 +31,7 @@ from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .progress import progress_bar
 from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
-from .schedule import lr_factor
+from .schedule import lr_factor, milestone_problem
 from .steps import AdversarialStep, NaturalStep
 from .targets import GroundTruthTargets, HardTargets, OnlineTargets, StoredTargets
 
@@ -49,9 +49,10 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     warmup_epochs: float = 2.0
-    lr_scheduler: str = "linear"  # decay after the warm-up: linear, cosine or step
+    lr_scheduler: str = "linear"  # decay after the warm-up: linear, cosine, step or multistep
     lr_step_size: int = 30      # step: epochs between decays
-    lr_gamma: float = 0.1       # step: factor per decay
+    lr_gamma: float = 0.1       # step, multistep: factor per decay
+    lr_milestones: tuple = ()   # multistep: the epochs at which the LR is multiplied by lr_gamma
     label_smoothing: float = 0.0
     label_mode: str = "soft"    # 'soft', 'hard' (arg-max) or 'static' (whole-image label)
     teacher: str = None         # online refinery checkpoint: labels every crop as it is shown
@@ -415,7 +416,7 @@ def fit(cfg: TrainConfig) -> dict:
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
         cfg.lr_scheduler, len(train_loader), cfg.epochs, cfg.warmup_epochs, cfg.lr_step_size,
-        cfg.lr_gamma))
+        cfg.lr_gamma, cfg.lr_milestones))
     start_epoch = _maybe_resume(cfg, out, model, optimizer, scheduler)
     _check_epochs_left(cfg, out, start_epoch)
     _warn_if_bn_statistics_lag(cfg, model, len(train_loader) * cfg.epochs)
@@ -572,9 +573,13 @@ def _maybe_resume(cfg, out, model, optimizer, scheduler) -> int:
 
 
 def _check_epochs(cfg: TrainConfig):
-    """``--epochs 0`` would save an untrained model.pt and report metrics it never computed."""
+    """``--epochs 0`` would save an untrained model.pt and report metrics it never computed;
+    milestones that do not fit the scheduler or the run would train another schedule."""
     if cfg.epochs < 1:
         raise RefineryError(f"--epochs {cfg.epochs}: nothing to train; pass --epochs 1 or more")
+    problem = milestone_problem(cfg.lr_scheduler, cfg.lr_milestones, cfg.epochs)
+    if problem:
+        raise RefineryError(problem)
 
 
 def _check_epochs_left(cfg: TrainConfig, out: Path, start_epoch: int):

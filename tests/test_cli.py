@@ -129,6 +129,32 @@ def test_step_lr_scheduler_reaches_the_optimizer(store, tiny_data, tmp_path):
     assert [r["lr"] for r in records] == pytest.approx([0.2, 0.1])  # after each epoch's steps
 
 
+def test_multistep_milestones_reach_the_optimizer(store, tiny_data, tmp_path):
+    """--lr-milestones 1,2 with gamma 0.5: the LR halves after epoch 1 and again after 2."""
+    out = tmp_path / "run"
+    run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 3,
+        "--batch-size", 16, "--out", out, "--res", 24, "--lr", 0.4, "--lr-scheduler",
+        "multistep", "--lr-milestones", "1,2", "--lr-gamma", 0.5, "--lr-warmup-epochs", 0,
+        "--eval-every", 3)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([0.2, 0.1, 0.1])  # after each epoch
+    assert json.loads((out / "config.json").read_text())["lr_milestones"] == [1, 2]
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--lr-milestones", "1"], "only the multistep scheduler decays at milestones"),
+    (["--lr-scheduler", "multistep"], "no --lr-milestones given"),
+    (["--lr-scheduler", "multistep", "--lr-milestones", "1,5"], "epoch 5 is not before"),
+])
+def test_milestones_that_do_not_fit_are_one_line_before_training(store, tiny_data, tmp_path,
+                                                                 options, fragment):
+    out = tmp_path / "run"
+    result = run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 3,
+                 "--batch-size", 16, "--out", out, *options, ok=False)
+    assert_one_line_error(result, fragment)
+    assert not (out / "model.pt").exists()
+
+
 def test_training_at_another_size_than_labelled_warns_in_one_line(store, tiny_data, tmp_path,
                                                                    monkeypatch):
     """Same boxes, resampled pixels: allowed, never silent (the store was labelled at 24 px)."""

@@ -160,6 +160,16 @@ def test_any_non_positive_or_non_finite_lr_makes_no_run(tiny_data, value):
 
 
 @EXAMPLES
+@given(value=st.one_of(
+    st.lists(st.integers(-5, 300), min_size=1, max_size=4).filter(
+        lambda xs: min(xs) < 1 or xs != sorted(set(xs))).map(lambda xs: ",".join(map(str, xs))),
+    st.sampled_from(["14O", "140;170", "1.5", "140,,170"])))
+def test_any_milestone_list_not_increasing_epochs_makes_no_run(tiny_data, value):
+    result = refused_before_running("train", "--lr-milestones", value, tiny_data, "--out", "run")
+    assert_one_line_error(result, "--lr-milestones ", "give increasing epochs >= 1")
+
+
+@EXAMPLES
 @given(value=st.floats(allow_nan=False).filter(lambda x: not 0 < x <= 1))
 def test_any_lr_gamma_outside_0_1_makes_no_run(tiny_data, value):
     result = refused_before_running("train", "--lr-gamma", value, tiny_data, "--out", "run")

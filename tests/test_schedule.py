@@ -36,3 +36,30 @@ def test_step_multiplies_by_gamma_every_step_size_epochs():
 def test_unknown_scheduler_is_refused():
     with pytest.raises(ValueError, match="cosine"):
         lr_factor("exp", STEPS, EPOCHS, 1)
+
+
+def test_multistep_follows_torchs_multisteplr_stepped_per_epoch():
+    """The paper's recipe: x gamma at each milestone epoch, as torch.optim.lr_scheduler's
+    MultiStepLR gives when stepped once per epoch (here per step, constant within an epoch)."""
+    import torch
+    milestones, gamma = (2, 4), 0.1
+    factor = lr_factor("multistep", STEPS, EPOCHS, warmup_epochs=0, gamma=gamma,
+                       milestones=milestones)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma)
+    for epoch in range(EPOCHS):
+        expected = opt.param_groups[0]["lr"]
+        assert [factor(epoch * STEPS + i) for i in range(STEPS)] == pytest.approx(
+            [expected] * STEPS), epoch
+        opt.step()
+        reference.step()
+
+
+def test_milestones_must_fit_the_scheduler_and_the_run():
+    from refinery_pipeline.schedule import milestone_problem
+    assert milestone_problem("multistep", (140, 170), 180) is None
+    assert "pass --lr-scheduler multistep" in milestone_problem("linear", (140, 170), 180)
+    assert "--lr-milestones 140,170" in milestone_problem("multistep", (), 180)
+    assert "epoch 170 is not before the run's end (--epochs 160)" in milestone_problem(
+        "multistep", (140, 170), 160)
+    assert milestone_problem("cosine", (), 10) is None
