@@ -311,6 +311,9 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
               help="ground-truth mode only (--labels none)")
 @click.option("--label-mode", type=click.Choice(["soft", "hard", "static"]), default="soft",
               help="stored soft labels, their arg-max, or the whole-image (soft-static) label")
+@click.option("--init", default=None, type=click.Path(), show_default="random",
+              help="start the student from these weights (a checkpoint of --arch trained on "
+                   "these classes, e.g. the refinery: the paper's Table 3 setting)")
 @click.option("--teacher", default=None, type=click.Path(),
               help="online refinery: label every crop during training (a checkpoint, or "
                    "torchvision weights by name as for precompute --weights)")
@@ -353,9 +356,10 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @cache_dir_option
 @friendly_errors(about="out_dir")
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
-          lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode, teacher, teacher_bn,
-          teacher_crops, loss, adversarial_eta, precise_bn, rest, slot_policy, res, workers, seed,
-          eval_every, device, compile_, resume, allow_partial, skip_store_check, cache_dir):
+          lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode, init,
+          teacher, teacher_bn, teacher_crops, loss, adversarial_eta, precise_bn, rest, slot_policy,
+          res, workers, seed, eval_every, device, compile_, resume, allow_partial, skip_store_check,
+          cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
@@ -367,9 +371,9 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       lr_scheduler=lr_scheduler, lr_step_size=lr_step_size, lr_gamma=lr_gamma,
-                      lr_milestones=lr_milestones,
-                      label_smoothing=label_smoothing, label_mode=label_mode, teacher=teacher,
-                      teacher_bn=teacher_bn, teacher_crops=teacher_crops, loss=loss,
+                      lr_milestones=lr_milestones, label_smoothing=label_smoothing,
+                      label_mode=label_mode, init=init, teacher=teacher, teacher_bn=teacher_bn,
+                      teacher_crops=teacher_crops, loss=loss,
                       adversarial_eta=adversarial_eta, precise_bn=precise_bn, rest=rest,
                       slot_policy=slot_policy, res=res, workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,

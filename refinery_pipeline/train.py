@@ -25,8 +25,8 @@ from .errors import (CheckpointError, DataSetError, IncompleteStoreError, Refine
                      RefineryWarning, RunError)
 from .label_store import DEFAULT_TOP_K, CropRecords, LabelStore
 from .losses import DEFAULT_REST, get_loss
-from .models import (check_input_size, create_model, normalize, save_checkpoint, to_model_input,
-                     to_pixels)
+from .models import (check_input_size, create_model, file_sha256, load_trained_model, normalize,
+                     save_checkpoint, to_model_input, to_pixels)
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .progress import progress_bar
 from .refinery import autocast_for
@@ -56,6 +56,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     label_mode: str = "soft"    # 'soft', 'hard' (arg-max) or 'static' (whole-image label)
     teacher: str = None         # online refinery checkpoint: labels every crop as it is shown
+    init: str = None            # student weights to start from (paper Table 3: the refined model)
     teacher_bn: str = "train"
     teacher_crops: str = "fresh"  # 'fresh' random crops, or 'replay' the store's crops (parity)
     loss: str = "kl"
@@ -406,10 +407,14 @@ def fit(cfg: TrainConfig) -> dict:
     train_ds, train_loader, val_loader, targets, res = load_data(cfg, device)
     classes = train_ds.classes
     run_config = {**asdict(cfg), "res": res, "classes": classes,
-                  "train_images": len(train_loader.indices)}
+                  "train_images": len(train_loader.indices),
+                  "init_sha256": file_sha256(cfg.init) if cfg.init else None}
     _check_same_run(out, saved, run_config)  # again, with what only the data tells
     check_input_size(cfg.arch, res)  # a fixed-size arch (vit_b_16) at another --res: one line
-    model = create_model(cfg.arch, len(classes)).to(device)
+    model = create_model(cfg.arch, len(classes))
+    if cfg.init:
+        _initialise(model, cfg, classes)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -448,6 +453,19 @@ def fit(cfg: TrainConfig) -> dict:
     if is_main():
         save_checkpoint(out / "model.pt", model, cfg.arch, classes, res, metrics=record)
     return record
+
+
+def _initialise(model, cfg: TrainConfig, classes: list):
+    """``--init``: start from trained weights of the same architecture and classes instead of
+    a random initialisation (the paper's Table 3 starts its adversarial students from the refined
+    model). Any layout ``--weights`` takes; another architecture or class set is one line."""
+    trained, _ = load_trained_model(cfg.init, cfg.arch, classes)
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError:  # e.g. an ImageNet-1k model whose outputs were selected for a subset
+        raise CheckpointError(f"{cfg.init}: its weights do not fit a {cfg.arch} for these "
+                              f"{len(classes)} classes; --init needs a checkpoint of this "
+                              "architecture trained on these classes") from None
 
 
 def _check_adversarial(cfg: TrainConfig):

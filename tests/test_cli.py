@@ -209,6 +209,34 @@ def test_a_uniform_rest_that_flattens_targets_warns_with_the_measured_share(stor
     assert not [w for w in caught if "--rest uniform" in str(w.message)]
 
 
+def test_init_starts_the_student_from_the_given_weights(store, tiny_data, tiny_refinery_ckpt,
+                                                       tmp_path):
+    """--init the refinery (a demo_cnn on these classes): with a vanishing LR and no weight decay
+    the student ends where it started, far from a random initialisation's weights."""
+    import torch
+    common = ("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
+              "--batch-size", 16, "--lr", 1e-12, "--wd", 0, "--res", 24)
+    run(*common, "--init", tiny_refinery_ckpt, "--out", tmp_path / "init")
+    run(*common, "--out", tmp_path / "random")
+    start = torch.load(tiny_refinery_ckpt, weights_only=False)["model"]
+    weights = [k for k, v in start.items() if v.ndim > 1]
+    for run_name, close in (("init", True), ("random", False)):
+        end = torch.load(tmp_path / run_name / "model.pt", weights_only=False)["model"]
+        assert all(torch.allclose(end[k], start[k], atol=1e-6) for k in weights) is close
+    config = json.loads((tmp_path / "init" / "config.json").read_text())
+    assert config["init"] == str(tiny_refinery_ckpt) and len(config["init_sha256"]) == 64
+
+
+def test_init_of_another_architecture_is_one_line(store, tiny_data, tiny_refinery_ckpt,
+                                                  tmp_path):
+    out = tmp_path / "run"
+    result = run("train", tiny_data, "--labels", store, "--arch", "resnet18", "--epochs", 1,
+                 "--batch-size", 16, "--res", 24, "--init", tiny_refinery_ckpt, "--out", out,
+                 ok=False)
+    assert_one_line_error(result, str(tiny_refinery_ckpt), "resnet18")
+    assert not (out / "model.pt").exists()
+
+
 def test_a_trained_student_is_the_next_refinery(store, tiny_data, tmp_path):
     """Chained generations: model.pt loads as a refinery with no architecture flag."""
     out = tmp_path / "gen1"
