@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 from _results import markdown_table, write_results
+from _stores import rewrite_store
 
 from refinery_pipeline.label_store import (CHECKSUMS, DONE_FLAGS, IMAGE_SIZES, LABELS, CropRecords,
                                            LabelStore, StoreLayout, round_probabilities)
@@ -89,15 +90,13 @@ def rewrite(labels: dict, path: Path, prob_bits: int) -> float:
     src = labels["store"]
     N, K = labels["flips"].shape
     layout = StoreLayout(N, K, labels["k"], src.layout.chunk_size, prob_bits=prob_bits)
-    attrs = {key: src.attrs[key] for key in ("plan", "refinery", "dataset", "batching")}
-    start = time.perf_counter()
-    store = LabelStore.create(path, layout, {**attrs, "software": software_versions()},
-                              labels=labels["labels"], image_sizes=labels["sizes"])
-    for c in range(layout.num_chunks):
+
+    def chunk(c: int) -> CropRecords:
         rows = slice(layout.chunk_range(c).start, layout.chunk_range(c).stop)
-        store.write_chunk(c, CropRecords(labels["boxes"][rows], labels["flips"][rows],
-                                         labels["indices"][rows], labels["probs"][rows]))
-    store.finalize()
+        return CropRecords(labels["boxes"][rows], labels["flips"][rows],
+                           labels["indices"][rows], labels["probs"][rows])
+    start = time.perf_counter()
+    rewrite_store(src, path, layout, chunk)
     return time.perf_counter() - start
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from _results import RESULTS, markdown_table, write_results
+from _stores import rewrite_store
 from _runs import (ONLINE, StudentRuns, add_student_arguments, describe_students, final_metrics,
                    precompute_once, recorded_device, runs_by_name)
 
@@ -88,20 +89,17 @@ def truncated_store(source: Path, top_k: int, out: Path) -> Path:
     classes cut to its ``top_k`` most probable (they come first, sorted). It saves one refinery
     pass per top-k; `--check-derive` compares one against a real precompute."""
     from dataclasses import replace
-    from refinery_pipeline.label_store import ATTRIBUTES_DIGEST, IMAGE_SIZES_DIGEST, LabelStore
+    from refinery_pipeline.label_store import LabelStore
     if out.exists():
         return out
     full = LabelStore.open(source)
-    attrs = {k: v for k, v in full.attrs.items() if k not in (
-        "format", "format_version", "layout", "complete", ATTRIBUTES_DIGEST, IMAGE_SIZES_DIGEST)}
-    store = LabelStore.create(out, replace(full.layout, top_k=top_k), attrs,
-                              labels=full.read_labels(), image_sizes=full.read_image_sizes())
-    for c in range(full.layout.num_chunks):
+
+    def cut(c: int):
         records = full.read_crops(np.asarray(full.layout.chunk_range(c)), full.layout.soft_static)
         records.topk_indices = records.topk_indices[..., :top_k].copy()
         records.topk_probs = records.topk_probs[..., :top_k].copy()
-        store.write_chunk(c, records)
-    store.finalize()
+        return records
+    rewrite_store(full, out, replace(full.layout, top_k=top_k), cut)
     return out
 
 

@@ -34,12 +34,17 @@ def imagenet1k_wnids() -> tuple:
     return tuple(wnid for wnid, _ in _imagenet1k_table())
 
 
+@lru_cache(maxsize=None)
+def _first_lemmas() -> dict:
+    """WordNet id -> its first lemma, for every ImageNet-1k class that has one."""
+    return {wnid: lemmas.split(",")[0].strip() for wnid, lemmas in _imagenet1k_table() if lemmas}
+
+
 def readable_name(name: str) -> str:
     """A class name for people: an ImageNet-1k WordNet id's first lemma (``n02123394`` ->
     ``Persian cat``), any other name as it is. Plots of ImageNet-subset data (Tiny-ImageNet,
     Imagenette) otherwise title every crop with an id."""
-    lemmas = dict(_imagenet1k_table()).get(name)
-    return lemmas.split(",")[0].strip() if lemmas else name
+    return _first_lemmas().get(name, name)
 
 
 def output_indices(classes, outputs) -> list:

@@ -492,11 +492,13 @@ def _count_mismatch(weights, saved_count: int, saved_names: list, classes: list)
     said = (f"{weights}: these weights predict {saved_count} classes but the data set has "
             f"{len(classes)}")
     if len(classes) < saved_count and _named(saved_names):
-        missing = next((c for c in classes if c not in set(saved_names)), None)
+        theirs = set(saved_names)
+        missing = next((c for c in classes if c not in theirs), None)
         return (f"{said}, and its class {missing!r} is not one of theirs; use a refinery trained "
                 "on these classes, or data whose class folders are some of the weights' classes")
     if len(classes) < saved_count == NUM_IMAGENET1K_CLASSES:
-        missing = next((c for c in classes if c not in set(imagenet1k_wnids())), None)
+        wnids = set(imagenet1k_wnids())
+        missing = next((c for c in classes if c not in wnids), None)
         return (f"{said}, and its class {missing!r} is not an ImageNet-1k WordNet id; name each "
                 "class folder by its ImageNet-1k id (n01440764, ...) to label those classes with "
                 "ImageNet weights, or use a refinery trained on these classes")

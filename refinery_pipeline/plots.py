@@ -142,8 +142,8 @@ def plot_stored_crops(crops, out: str | os.PathLike, max_crops: int = 8) -> Path
             ax, top1 = axes[r, c], int(crops.topk_indices[r, c, 0])
             ax.imshow(crops.pixels[r, c])
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{readable_name(crops.classes[top1])} {crops.topk_probs[r, c, 0]:.2f}", fontsize=7,
-                         color="black" if top1 == truth else "red")
+            ax.set_title(f"{readable_name(crops.classes[top1])} {crops.topk_probs[r, c, 0]:.2f}",
+                         fontsize=7, color="black" if top1 == truth else "red")
         axes[r, 0].set_ylabel(f"#{crops.images[r]}\n{readable_name(crops.classes[truth])}",
                               fontsize=7)
     fig.suptitle("stored crops and their top-1 labels (red: not the image's class)", fontsize=9)

@@ -41,7 +41,7 @@ class StoredTargets:
 
     def __init__(self, indices: np.ndarray, probs: np.ndarray, num_classes: int, device,
                  rest: str = DEFAULT_REST):
-        self.num_classes, self.rest, self.device = num_classes, rest, device
+        self.num_classes, self.rest = num_classes, rest
         self.per_slot = np.ndim(indices) == 3
         if self.per_slot:
             self.indices, self.probs = indices, probs  # host arrays, e.g. node-shared maps

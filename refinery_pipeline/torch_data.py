@@ -358,10 +358,11 @@ def dense_targets(labels, num_classes: int, rest: str = DEFAULT_REST,
     num_classes : int
         C, the store's number of classes.
     rest : {"renormalize", "uniform"}
-        Default ``renormalize``, as ``refine train``. ``uniform``: the mass outside the top-k, ``max(0, 1 - sum(probs))``, is spread evenly
-        over the other ``C - k`` classes; ``renormalize``: the top-k probabilities are divided
-        by their sum. Either way each row is then divided by its sum, which absorbs float16
-        rounding (stored sums can exceed 1 slightly). With ``k == C`` both renormalize.
+        Default ``renormalize``, as ``refine train``: the top-k probabilities are divided by
+        their sum. ``uniform``: the mass outside the top-k, ``max(0, 1 - sum(probs))``, is
+        spread evenly over the other ``C - k`` classes. Either way each row is then divided by
+        its sum, which absorbs float16 rounding (stored sums can exceed 1 slightly). With
+        ``k == C`` both renormalize.
     device : torch.device or str, optional
         Where to build them (default: where ``labels`` are).
 

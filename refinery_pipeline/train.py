@@ -101,7 +101,7 @@ def load_data(cfg: TrainConfig, device):
                             "give both splits the same class folders")
     store = _open_store(cfg, train_ds)
     indices = _trained_images(cfg, store)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = world_size()
     _check_an_epoch_trains(cfg, train_ds.num_images if indices is None else len(indices), world)
     teacher = _online_refinery(cfg, train_ds.classes, store, device)
     res = cfg.res or _default_res(store, teacher)
@@ -406,14 +406,12 @@ def fit(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     train_ds, train_loader, val_loader, targets, res = load_data(cfg, device)
     classes = train_ds.classes
-    run_config = {**asdict(cfg), "res": res, "classes": classes,
-                  "train_images": len(train_loader.indices),
-                  "init_sha256": file_sha256(cfg.init) if cfg.init else None}
-    _check_same_run(out, saved, run_config)  # again, with what only the data tells
     check_input_size(cfg.arch, res)  # a fixed-size arch (vit_b_16) at another --res: one line
     model = create_model(cfg.arch, len(classes))
-    if cfg.init:
-        _initialise(model, cfg, classes)
+    run_config = {**asdict(cfg), "res": res, "classes": classes,
+                  "train_images": len(train_loader.indices),
+                  "init_sha256": _initialise(model, cfg, classes) if cfg.init else None}
+    _check_same_run(out, saved, run_config)  # again, with what only the data tells
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -455,17 +453,19 @@ def fit(cfg: TrainConfig) -> dict:
     return record
 
 
-def _initialise(model, cfg: TrainConfig, classes: list):
+def _initialise(model, cfg: TrainConfig, classes: list) -> str:
     """``--init``: start from trained weights of the same architecture and classes instead of
     a random initialisation (the paper's Table 3 starts its adversarial students from the refined
-    model). Any layout ``--weights`` takes; another architecture or class set is one line."""
-    trained, _ = load_trained_model(cfg.init, cfg.arch, classes)
+    model). Any layout ``--weights`` takes; another architecture or class set is one line.
+    Returns the SHA-256 of the weights file, as a label store identifies its refinery."""
+    trained, ckpt = load_trained_model(cfg.init, cfg.arch, classes)
     try:
         model.load_state_dict(trained.state_dict())
     except RuntimeError:  # e.g. an ImageNet-1k model whose outputs were selected for a subset
         raise CheckpointError(f"{cfg.init}: its weights do not fit a {cfg.arch} for these "
                               f"{len(classes)} classes; --init needs a checkpoint of this "
                               "architecture trained on these classes") from None
+    return file_sha256(ckpt["file"])
 
 
 def _check_adversarial(cfg: TrainConfig):
