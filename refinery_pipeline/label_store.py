@@ -679,16 +679,23 @@ class LabelStore:
                                 f"read ({_reason(exc)}); {RESTORE}") from None
 
     def _undecodable(self, name: str) -> list:
-        """A problem for each chunk of array ``name`` that cannot be decoded."""
+        """A problem for each chunk of array ``name`` that cannot be decoded, or, for a
+        checksummed array's written chunk, decodes to values other than its digest: a codec fed
+        damaged bytes (a truncated Blosc frame) may fail on one read and return garbage on the
+        next, and the chunk must be named either way."""
         array, problems = self.group[name], []
         step = array.chunks[0]
+        checked = self.done_chunks() if name in self.layout.array_names else None
         for i in range(-(-array.shape[0] // step)):
             try:
-                array[i * step:(i + 1) * step]
+                values = array[i * step:(i + 1) * step]
             except storage_io_errors():
                 raise
             except Exception as exc:
                 problems.append(self._decode_problem(name, i, exc))
+                continue
+            if checked is not None and checked[i]:
+                problems += self.chunk_problems(i, {name: values})
         return problems
 
     def _decode_problem(self, name: str, c: int, exc: Exception) -> str:
