@@ -131,6 +131,18 @@ workers_option = click.option("--workers", default=2, type=AT_LEAST_ONE, help=WO
 device_option = click.option("--device", default="auto",
                              help="torch device: auto (the local CUDA device, else cpu), cpu, "
                                   "cuda, cuda:1, ...")
+AUGMENT_HELP = ("training recipe after crop and flip, one step per --augment, names as in "
+                "torchvision v2: trivialaugment, randaugment:N:M, erasing:P, mixup:ALPHA, "
+                "cutmix:ALPHA")
+
+
+def augment_option(help_text: str):
+    """``--augment``, repeatable; parsed by :meth:`.augment.Recipe.parse` in the command,
+    before anything is created, so a bad value leaves nothing behind."""
+    return click.option("--augment", multiple=True, show_default="crop and flip only",
+                        help=help_text)
+
+
 cache_dir_option = click.option("--cache-dir", default=None,
                                 show_default="$REFINERY_CACHE, else ~/.cache/refinery",
                                 help="where an ImageFolder DATA tree is converted to .beton, once")
@@ -218,13 +230,14 @@ def cli():
 @cli.command()
 @click.argument("data", type=click.Path(exists=True))
 @click.argument("store", type=click.Path())
-@click.option("--refinery", "arch", default=None,
+@click.option("--refinery", "arch", multiple=True, show_default="read from each checkpoint",
               help="architecture: a torchvision name, or timm's (timm/NAME; a name both have is "
-                   "torchvision's); read from the checkpoint when omitted")
-@click.option("--weights", required=True, type=click.Path(),
+                   "torchvision's); for an ensemble once (every member) or once per --weights")
+@click.option("--weights", required=True, multiple=True, type=click.Path(),
               help="refinery checkpoint (a `refine train` model.pt, a state_dict, or a "
                    "torchvision-reference or timm training checkpoint), or torchvision weights by "
-                   "name, e.g. ResNet50_Weights.IMAGENET1K_V2")
+                   "name, e.g. ResNet50_Weights.IMAGENET1K_V2; repeat it for an ensemble, whose "
+                   "label is the mean of the members' probabilities (the order is recorded)")
 @click.option("--crops-per-image", "-K", default=DEFAULT_CROPS_PER_IMAGE, type=AT_LEAST_ONE,
               help="crops sampled per image; a student of E epochs needs K >= E for parity")
 @click.option("--top-k", default=DEFAULT_TOP_K, type=AT_LEAST_ONE,
@@ -248,25 +261,28 @@ def cli():
 @click.option("--prob-bits", default=DEFAULT_PROB_BITS, type=PROB_BITS,
               help="store probabilities as multiples of 2^-N, still float16 (11: float16's own "
                    "step at p >= 0.5; fewer bits, smaller stores); 0 keeps them unrounded")
+@augment_option(AUGMENT_HELP)
 @workers_option
 @device_option
 @cache_dir_option
 @friendly_errors(about="store")
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
-               temperature, batch_size, chunk_size, compile_, soft_static, prob_bits, workers,
-               device, cache_dir):
+               temperature, batch_size, chunk_size, compile_, soft_static, prob_bits, augment,
+               workers, device, cache_dir):
     """Label K planned crops of every image in DATA and write the label store STORE."""
+    from refinery_pipeline.augment import Recipe
     from refinery_pipeline.crop_plan import CropPlan
     from refinery_pipeline.dataset import open_dataset
     from refinery_pipeline.precompute import precompute as run
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.refinery import load_refinery, member_archs
     from refinery_pipeline.train import resolve_device
 
+    recipe, archs = Recipe.parse(augment), member_archs(weights, arch)  # before any work
     dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
-    refinery = Refinery.from_checkpoint(weights, arch, dataset.classes, input_size,
-                                        bn_mode=bn_mode, temperature=temperature,
-                                        device=resolve_device(device), compile=compile_)
-    plan = CropPlan(seed=seed, crops_per_image=crops_per_image)
+    refinery = load_refinery(weights, archs, dataset.classes, input_size, bn_mode=bn_mode,
+                             temperature=temperature, device=resolve_device(device),
+                             compile=compile_)
+    plan = CropPlan(seed=seed, crops_per_image=crops_per_image, augment=recipe.names())
     # a storage failure keeps finished chunks: friendly_errors
     s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
             soft_static=soft_static, prob_bits=prob_bits)
@@ -314,9 +330,10 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--init", default=None, type=click.Path(), show_default="random",
               help="start the student from these weights (a checkpoint of --arch trained on "
                    "these classes, e.g. the refinery: the paper's Table 3 setting)")
-@click.option("--teacher", default=None, type=click.Path(),
+@click.option("--teacher", multiple=True, type=click.Path(), show_default="none",
               help="online refinery: label every crop during training (a checkpoint, or "
-                   "torchvision weights by name as for precompute --weights)")
+                   "torchvision weights by name as for precompute --weights); repeat it for an "
+                   "ensemble (the mean of the members' probabilities)")
 @click.option("--teacher-bn", type=click.Choice(["train", "eval"]), default="train",
               help="online refinery's BatchNorm mode (paper: train)")
 @click.option("--teacher-crops", type=click.Choice(["fresh", "replay"]), default="fresh",
@@ -340,6 +357,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--res", default=None, type=PIXELS,
               show_default="the store's refinery input size, else 224",
               help="training crop size, in pixels")
+@augment_option(AUGMENT_HELP + "; with --labels, the store's recipe is replayed and --augment "
+                "must be omitted or equal it")
 @workers_option
 @click.option("--seed", default=0, type=SEED,
               help="student initialisation, fresh crops and slot order")
@@ -358,15 +377,19 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
           lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode, init,
           teacher, teacher_bn, teacher_crops, loss, adversarial_eta, precise_bn, rest, slot_policy,
-          res, workers, seed, eval_every, device, compile_, resume, allow_partial, skip_store_check,
-          cache_dir):
+          res, augment, workers, seed, eval_every, device, compile_, resume, allow_partial,
+          skip_store_check, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
+    from refinery_pipeline.augment import Recipe
     from refinery_pipeline.distributed import is_main
     from refinery_pipeline.plots import plot_runs, read_run
     from refinery_pipeline.train import TrainConfig, fit
 
+    recipe = Recipe.parse(augment)  # before the run directory exists
+    # one teacher stays a plain path, as in the config.json of runs from before ensembles
+    teacher = None if not teacher else teacher[0] if len(teacher) == 1 else tuple(teacher)
     cfg = TrainConfig(data=data, out_dir=out_dir, labels=None if labels == "none" else labels,
                       arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, warmup_epochs=warmup_epochs,
@@ -375,7 +398,8 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       label_mode=label_mode, init=init, teacher=teacher, teacher_bn=teacher_bn,
                       teacher_crops=teacher_crops, loss=loss,
                       adversarial_eta=adversarial_eta, precise_bn=precise_bn, rest=rest,
-                      slot_policy=slot_policy, res=res, workers=workers, seed=seed,
+                      slot_policy=slot_policy, res=res, augment=recipe.names(),
+                      workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,
                       allow_partial=allow_partial, skip_store_check=skip_store_check,
                       cache_dir=cache_dir)
@@ -449,8 +473,9 @@ def show(store, data, images, crops, seed, out, workers, cache_dir):
 @cli.command()
 @click.argument("store")
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--weights", required=True, type=click.Path(),
-              help="the store's refinery checkpoint, or torchvision weights by name")
+@click.option("--weights", required=True, multiple=True, type=click.Path(),
+              help="the store's refinery checkpoint, or torchvision weights by name; an "
+                   "ensemble's members, one --weights each in the recorded order")
 @click.option("--sample-crops", default=20000, type=AT_LEAST_ONE,
               help="about this many stored crops are re-labelled")
 @click.option("--min-agreement", default=0.999, type=FRACTION,
@@ -465,16 +490,13 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
     from refinery_pipeline.audit import audit_store
     from refinery_pipeline.dataset import open_dataset
     from refinery_pipeline.label_store import LabelStore
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.refinery import load_as_recorded
     from refinery_pipeline.train import resolve_device
 
     opened = LabelStore.open(store)
     recorded = opened.attrs["refinery"]  # the store's classes: an ImageNet refinery selects them
-    refinery = Refinery.from_checkpoint(weights, recorded["arch"], opened.classes,
-                                        input_size=recorded["input_size"],
-                                        bn_mode=recorded["bn_mode"],
-                                        temperature=recorded["temperature"],
-                                        device=resolve_device(device))
+    refinery = load_as_recorded(weights, recorded, opened.classes,
+                                device=resolve_device(device))
     dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
     r = audit_store(dataset, store, refinery, sample_crops, seed, workers)
     batches = f"{r.loader_batches} loader batch{'' if r.loader_batches == 1 else 'es'}"

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .augment import plan_augment
 from .errors import StoreMismatchError
 from .label_store import LabelStore, round_probabilities
 from .label_store import Batching
 from .precompute import UnitLoader, build_crop_table, label_loader_batch
+from .refinery import identity_mismatch
 
 
 @dataclass
@@ -42,19 +44,19 @@ def audit_store(dataset, location, refinery, sample_crops: int = 20000, seed: in
                 num_workers: int = 2) -> AuditReport:
     store = LabelStore.open(location)
     store.check_matches(dataset.fingerprint())
-    recorded, ours = store.attrs["refinery"], refinery.describe()
-    if ours != recorded:
-        diff = [k for k in recorded if recorded[k] != ours.get(k)]
-        raise StoreMismatchError(f"{location}: refinery differs from the one that wrote the store "
-                                 f"in {diff}; pass the weights that wrote it (SHA-256 "
-                                 f"{recorded['weights_sha256'][:16]}...)")
+    recorded = store.attrs["refinery"]
+    mismatch = identity_mismatch(recorded, refinery)  # an ensemble: member by member
+    if mismatch:
+        raise StoreMismatchError(f"{location}: {mismatch}")
     lay, plan, batching = store.layout, store.plan, store.batching
     units = sample_loader_batches(store, batching, sample_crops, seed)
     ids = np.concatenate([np.arange(u.start, u.stop) for u in units])
-    table = build_crop_table(dataset, plan, ids, lay.soft_static)
+    recipe = plan_augment(plan, dataset.num_images, refinery.input_size)  # relabelled as made
+    table = build_crop_table(dataset, plan, ids, lay.soft_static, recipe)
     stored = store.read_crops()
     size = (refinery.input_size, refinery.input_size)
-    loader = UnitLoader(dataset, table, size, batching.images_per_batch, units, num_workers)
+    loader = UnitLoader(dataset, table, size, batching.images_per_batch, units, num_workers,
+                        recipe, lay.crops_per_image)
     same_top1, same_topk, errors = [], [], []
     for unit, images in loader(units):
         index = np.arange(unit.start, unit.stop)

@@ -38,6 +38,27 @@ class SparseLabels(NamedTuple):
                             self.probs.to(device, non_blocking=non_blocking))
 
 
+class MixedLabels(NamedTuple):
+    """What ground-truth targets need of crops a mixing recipe (mixup, cutmix) blended with a
+    partner: the partner's class and each crop's own share of the label.
+
+    Attributes
+    ----------
+    partner_labels : torch.Tensor
+        ``(B,)`` int64 ground-truth class of each crop's partner image.
+    weights : torch.Tensor
+        ``(B,)`` float32 the crop's own share: mixup's λ, cutmix's area share; 1 where a crop
+        was not mixed.
+    """
+
+    partner_labels: torch.Tensor
+    weights: torch.Tensor
+
+    def to(self, device, non_blocking: bool = True) -> "MixedLabels":
+        return MixedLabels(self.partner_labels.to(device, non_blocking=non_blocking),
+                           self.weights.to(device, non_blocking=non_blocking))
+
+
 class CropBatch(NamedTuple):
     """One batch of crops, the same in every backend and stage.
 
@@ -56,8 +77,10 @@ class CropBatch(NamedTuple):
         ``NOT_STORED`` (-1) for a crop that is no stored slot (fresh or centred).
     targets : SparseLabels, torch.Tensor or None
         The crops' stored labels when the backend reads them (plain PyTorch backend: sparse or
-        dense ``(B, C)``); None when the consumer looks them up from ``indices`` and ``slots``
-        (training on the FFCV backend keeps the whole store on the device for that).
+        dense ``(B, C)``); None when the consumer looks them up from ``indices`` and ``slots``.
+    mix : MixedLabels or None
+        With a mixing recipe (mixup, cutmix): each crop's partner class and own share, for
+        ground-truth targets (stored and online labels describe the mixed pixels themselves).
     """
 
     images: Any
@@ -65,13 +88,14 @@ class CropBatch(NamedTuple):
     indices: torch.Tensor
     slots: torch.Tensor
     targets: Optional[Any] = None
+    mix: Optional[MixedLabels] = None
 
     def to(self, device, non_blocking: bool = True) -> "CropBatch":
         """The labels, indices, slots and targets on ``device`` (images stay where they are: a
         training step copies them itself, once, as pixels)."""
         move = lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None
         return CropBatch(self.images, move(self.labels), move(self.indices), move(self.slots),
-                         move(self.targets))
+                         move(self.targets), move(self.mix))
 
 
 def batch_from_rows(images, rows: torch.Tensor) -> CropBatch:

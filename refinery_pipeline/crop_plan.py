@@ -61,16 +61,25 @@ class CropPlan:
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
     flip: bool = True
+    # The training recipe applied after box and flip, as canonical ``--augment`` values
+    # (:class:`.augment.Recipe`); empty: crop and flip only. Its parameters are drawn per
+    # (n, k) like the boxes, so the store records only these names (format 4).
+    augment: tuple = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        if self.augment:
+            d["augment"] = list(self.augment)
+        else:  # plans without a recipe read as they did before format 4
+            del d["augment"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CropPlan":
         return cls(seed=int(d["seed"]), crops_per_image=int(d["crops_per_image"]),
-                   scale=tuple(d["scale"]), ratio=tuple(d["ratio"]), flip=bool(d["flip"]))
+                   scale=tuple(d["scale"]), ratio=tuple(d["ratio"]), flip=bool(d["flip"]),
+                   augment=tuple(d.get("augment", ())))
 
 
 def sample_boxes(plan: CropPlan, image_ids: np.ndarray, heights: np.ndarray,
@@ -80,11 +89,20 @@ def sample_boxes(plan: CropPlan, image_ids: np.ndarray, heights: np.ndarray,
     Vectorised over images, slots and the 10 tries; the first try that fits wins, exactly as in
     torchvision's loop, and images where none fits get the centre fallback.
     """
-    n = np.asarray(image_ids, dtype=np.uint64)[:, None, None]
-    k = np.arange(plan.crops_per_image, dtype=np.uint64)[None, :, None]
-    t = np.arange(TRIES, dtype=np.uint64)[None, None, :]
-    H = np.asarray(heights, dtype=np.float64)[:, None, None]
-    W = np.asarray(widths, dtype=np.float64)[:, None, None]
+    ids = np.asarray(image_ids)
+    return boxes_at(plan, ids[:, None], np.arange(plan.crops_per_image)[None, :],
+                    np.asarray(heights)[:, None], np.asarray(widths)[:, None])
+
+
+def boxes_at(plan: CropPlan, images, slots, heights, widths) -> np.ndarray:
+    """The boxes of crops ``(images, slots)`` (broadcast together, with each crop's image
+    ``heights`` and ``widths``), uint16 ``(..., 4)``: :func:`sample_boxes` for any set of crops,
+    e.g. the partners a mixing recipe pairs with (image m, slot j)."""
+    n = np.asarray(images, dtype=np.uint64)[..., None]
+    k = np.asarray(slots, dtype=np.uint64)[..., None]
+    t = np.arange(TRIES, dtype=np.uint64)
+    H = np.asarray(heights, dtype=np.float64)[..., None]
+    W = np.asarray(widths, dtype=np.float64)[..., None]
 
     def draw(j):  # four independent draws per try
         return counter_uniform(plan.seed, STREAM_BOX, n, k, t * np.uint64(4) + np.uint64(j))
@@ -98,13 +116,16 @@ def sample_boxes(plan: CropPlan, image_ids: np.ndarray, heights: np.ndarray,
     y = np.floor(draw(2) * (H - h + 1))
     x = np.floor(draw(3) * (W - w + 1))
 
-    first = np.argmax(fits, axis=2)[..., None]  # index of the first fitting try
-    any_fit = np.take_along_axis(fits, first, axis=2)[..., 0]
-    pick = lambda a: np.take_along_axis(np.broadcast_to(a, fits.shape), first, axis=2)[..., 0]
+    first = np.argmax(fits, axis=-1)[..., None]  # index of the first fitting try
+    any_fit = np.take_along_axis(fits, first, axis=-1)[..., 0]
+    pick = lambda a: np.take_along_axis(np.broadcast_to(a, fits.shape), first, axis=-1)[..., 0]
     boxes = np.stack([pick(y), pick(x), pick(h), pick(w)], axis=-1)
 
-    fallback = centre_fallback(np.asarray(heights), np.asarray(widths), plan.ratio)
-    boxes = np.where(any_fit[..., None], boxes, fallback[:, None, :])
+    shape = any_fit.shape
+    fallback = centre_fallback(np.broadcast_to(np.asarray(heights), shape).reshape(-1),
+                               np.broadcast_to(np.asarray(widths), shape).reshape(-1),
+                               plan.ratio).reshape(shape + (4,))
+    boxes = np.where(any_fit[..., None], boxes, fallback)
     return boxes.astype(np.uint16)
 
 
@@ -129,9 +150,14 @@ def centre_square(heights, widths) -> np.ndarray:
 
 def sample_flips(plan: CropPlan, image_ids: np.ndarray) -> np.ndarray:
     """Horizontal flip flags, uint8 ``(len(image_ids), K)``; all zero when the plan has no flips."""
-    n = np.asarray(image_ids, dtype=np.uint64)[:, None]
-    k = np.arange(plan.crops_per_image, dtype=np.uint64)[None, :]
-    u = counter_uniform(plan.seed, STREAM_FLIP, n, k, 0)
+    return flips_at(plan, np.asarray(image_ids)[:, None],
+                    np.arange(plan.crops_per_image)[None, :])
+
+
+def flips_at(plan: CropPlan, images, slots) -> np.ndarray:
+    """The flip flags of crops ``(images, slots)`` (broadcast together), uint8."""
+    u = counter_uniform(plan.seed, STREAM_FLIP, np.asarray(images, dtype=np.uint64),
+                        np.asarray(slots, dtype=np.uint64), 0)
     return ((u < 0.5) & plan.flip).astype(np.uint8)
 
 

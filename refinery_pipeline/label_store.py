@@ -42,7 +42,10 @@ FORMAT_NAME = "refinery-label-store"
 # 1 and 2 still read: their probabilities are unrounded float16 (prob_bits 0).
 # Also new in 3: the optional ``refinery.selected_outputs`` (an ImageNet-1k refinery's outputs
 # that label a subset of its classes).
-FORMAT_VERSION = 3
+# 4: ``plan.augment``, a training recipe (RandAugment, erasing, mixup, ...) applied before the
+# refinery labelled each crop, every parameter drawn from the plan (refinery_pipeline.augment),
+# and ensemble refineries (``refinery.members``). 1 to 3 still read: they have neither.
+FORMAT_VERSION = 4
 CROP_ARRAYS = ("boxes", "flips", "topk_indices", "topk_probs")
 STATIC_ARRAYS = ("static_indices", "static_probs")
 PROB_ARRAYS = ("topk_probs", "static_probs")  # float16, rounded to the layout's prob_bits
@@ -244,6 +247,12 @@ class RefineryInfo:
         an ImageNet-subset data set): the output that labelled each store class, class ``j``
         from output ``selected_outputs[j]``, probabilities ``softmax(logits[selected] /
         temperature)``. None (absent from the attribute) when output ``j`` is class ``j``.
+    members : list of dict or None
+        An ensemble's members (format 4), each a record like this one without ``members``, in
+        the order given: labels are the mean of their probabilities. The ensemble's ``arch`` is
+        then ``"ensemble"``, its ``weights_sha256`` the SHA-256 of the members' digests joined
+        by commas, its ``normalization`` theirs where all share one (else None). None (absent
+        from the attribute) for one refinery.
     """
 
     arch: str
@@ -253,6 +262,7 @@ class RefineryInfo:
     input_size: int
     normalization: dict
     selected_outputs: Optional[list] = None
+    members: Optional[list] = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .crop_plan import CropPlan, centre_square, sample_boxes, sample_flips
+from .augment import plan_augment
+from .crop_plan import CropPlan, boxes_at, centre_square, flips_at, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
 from .errors import RefineryError, StoreMismatchError, StoreNotFoundError
 from .label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore, StoreLayout,
@@ -168,14 +169,24 @@ class ChunkClaims:
             self.release(c)
 
 
-def build_crop_table(dataset, plan: CropPlan, ids: np.ndarray, soft_static: bool) -> np.ndarray:
-    """Crop table ``(N, K [+1], 5)`` for images ``ids``: the plan's boxes and flips, plus the
-    centred square as an extra slot when soft-static labels are wanted (same decode, ~1/K cost)."""
-    slots = plan.crops_per_image + int(soft_static)
+def build_crop_table(dataset, plan: CropPlan, ids: np.ndarray, soft_static: bool,
+                     recipe=None) -> np.ndarray:
+    """Crop table ``(N, K [+K] [+1], 7)`` for images ``ids``: the plan's boxes and flips; with a
+    mixing ``recipe`` (:class:`.augment.PlanAugment`), then each slot's partner crop (m, j);
+    last, the centred square when soft-static labels are wanted (same decode, ~1/K cost)."""
+    K = plan.crops_per_image
+    mixes = recipe is not None and recipe.recipe.mixes
+    slots = K * (2 if mixes else 1) + int(soft_static)
     table = np.zeros((dataset.num_images, slots, TABLE_FIELDS), np.int32)
     h, w = dataset.heights[ids], dataset.widths[ids]
-    table[ids, :plan.crops_per_image] = crop_table(sample_boxes(plan, ids, h, w),
-                                                   sample_flips(plan, ids))
+    table[ids, :K] = crop_table(sample_boxes(plan, ids, h, w), sample_flips(plan, ids))
+    if mixes:  # partners of slots (n, k): their own boxes (m, j), cut from image m
+        n, k = np.repeat(ids, K), np.tile(np.arange(K), len(ids))
+        m, j = recipe.partners(n, k)
+        boxes = boxes_at(plan, m, j, dataset.heights[m], dataset.widths[m])
+        table[ids, K:2 * K] = crop_table(boxes.reshape(len(ids), K, 4),
+                                         flips_at(plan, m, j).reshape(len(ids), K),
+                                         j.reshape(len(ids), K), m.reshape(len(ids), K))
     if soft_static:
         table[ids, -1, :4] = centre_square(h, w)
         table[ids, -1, 5] = NOT_STORED
@@ -284,8 +295,10 @@ class UnitLoader:
     buffers of the previous pass (pinned ones are costly to allocate on a GPU host).
     """
 
-    def __init__(self, dataset, table, size, images_per_batch: int, units, num_workers: int):
+    def __init__(self, dataset, table, size, images_per_batch: int, units, num_workers: int,
+                 recipe=None, crops_per_image: int = None):
         self.images_per_batch = images_per_batch
+        self.recipe, self.crops_per_image = recipe, crops_per_image
         self.loader = multi_crop_loader(dataset, table, size, images_per_batch,
                                         padded_order(units, images_per_batch), num_workers)
         graph = self.loader.graph  # safe to share: a pass is consumed whole before the next
@@ -297,7 +310,23 @@ class UnitLoader:
         for batch, unit in zip(self.loader, units):  # loader first: its pass ends and closes
             index = as_numpy_indices(batch)[:len(unit)]
             assert index[0] == unit.start and index[-1] == unit.stop - 1, (index, unit)
-            yield unit, batch.images[:len(unit)]
+            images = batch.images[:len(unit)]
+            yield unit, images if self.recipe is None else self._through_recipe(images, unit)
+
+    def _through_recipe(self, images, unit):
+        """The K planned crops of each image after the recipe (partners, the table's columns K
+        to 2K - 1, mixed in and dropped; a soft-static centred square, last, left as it is)."""
+        import torch
+        K, mixes = self.crops_per_image, self.recipe.recipe.mixes
+        if images.ndim == 4:
+            images = images[:, None]
+        B = len(images)
+        n, k = np.repeat(np.arange(unit.start, unit.stop), K), np.tile(np.arange(K), B)
+        own = images[:, :K].reshape((B * K,) + tuple(images.shape[2:]))
+        partner = images[:, K:2 * K].reshape(own.shape) if mixes else None
+        crops = self.recipe.crops(own, partner, self.recipe.pair_params(n, k))
+        rest = images[:, 2 * K if mixes else K:]
+        return torch.cat([crops.reshape((B, K) + tuple(images.shape[2:])), rest], dim=1)
 
 
 def _run_chunks(dataset, store, refinery, plan, chunks, claims, num_workers, show, summary):
@@ -309,10 +338,12 @@ def _run_chunks(dataset, store, refinery, plan, chunks, claims, num_workers, sho
     started = time.perf_counter()
     lay, batching = store.layout, store.batching
     ids = np.concatenate([np.arange(r.start, r.stop) for r in map(lay.chunk_range, chunks)])
-    table = build_crop_table(dataset, plan, ids, lay.soft_static)
+    recipe = plan_augment(plan, dataset.num_images, refinery.input_size)
+    table = build_crop_table(dataset, plan, ids, lay.soft_static, recipe)
     size = (refinery.input_size, refinery.input_size)
     loader = UnitLoader(dataset, table, size, batching.images_per_batch,
-                        [u for c in chunks for u in batching.units(lay, c)], num_workers)
+                        [u for c in chunks for u in batching.units(lay, c)], num_workers, recipe,
+                        plan.crops_per_image)
     K = lay.crops_per_image
     bar = progress_bar(total=len(ids) * K, enabled=show, unit="crop", unit_scale=True,
                        desc="labelling crops", smoothing=0.05)

@@ -3,14 +3,19 @@
 Precompute and training both run :class:`PlannedCropDecoder`, so a stored label describes exactly
 the pixels the student is later shown (the test suite asserts byte equality).
 
-The decoder reads its boxes from a *crop table*, an int32 array ``(N, S, 6)`` of
-``(y, x, h, w, flip, slot)`` per image and slot (``slot`` is the stored slot the row replays, or
-``NOT_STORED``), and the label pipeline copies each sample's slots from the same table into its
-batch (:class:`.crop_batch.CropBatch`):
+The decoder reads its boxes from a *crop table*, an int32 array ``(N, S, 7)`` of
+``(y, x, h, w, flip, slot, source)`` per image and slot (``slot`` is the stored slot the row
+replays, or ``NOT_STORED``; ``source`` is 0 for a crop of the row's own image and m + 1 for a
+crop of image m, the partner a mixing recipe pairs with), and the label pipeline copies each
+sample's slots from the same table into its batch (:class:`.crop_batch.CropBatch`):
 
 * precompute uses the whole plan (``S = K``) and cuts all K crops from one decode of each image;
-* training uses ``S = 1`` and rewrites the table in place before every epoch with that epoch's
-  crop per image (a replayed slot, or a fresh random box for ground-truth/online modes).
+* training uses ``S = 1`` (``S = 2`` with a mixing recipe: the crop and its partner) and rewrites
+  the table in place before every epoch with that epoch's crop per image (a replayed slot, or a
+  fresh random box for ground-truth/online modes).
+
+A recipe (:mod:`.augment`) then runs on the cut crops, after the loader and before the batch is
+handed on (:class:`CropBatches`), with parameters drawn from each crop's own (n, k).
 
 numba freezes small captured arrays into compiled code, so the table is reached through its raw
 address (``carray`` over an ``inttoptr``), never captured as an array; the loader keeps it alive
@@ -39,7 +44,8 @@ from .crop_plan import (DEFAULT_SLOT_POLICY, CropPlan, centre_square, cycle_orde
                         sample_boxes, sample_flips)
 from .errors import RefineryWarning
 
-TABLE_FIELDS = 6  # y, x, h, w, flip, slot
+TABLE_FIELDS = 7  # y, x, h, w, flip, slot, source (0: the row's image; m + 1: image m)
+SOURCE = 6
 
 
 def usable_workers(requested: int) -> int:
@@ -61,15 +67,18 @@ def _int32_pointer(typingctx, address):
     return types.CPointer(types.int32)(types.int64), codegen
 
 
-def crop_table(boxes: np.ndarray, flips: np.ndarray, slots: np.ndarray = None) -> np.ndarray:
-    """Pack boxes ``(N, S, 4)``, flips ``(N, S)`` and slots ``(N, S)`` (default: column s is
-    slot s, i.e. all of an image's stored crops in order) into a C-contiguous int32 table
-    ``(N, S, 6)``."""
+def crop_table(boxes: np.ndarray, flips: np.ndarray, slots: np.ndarray = None,
+               sources: np.ndarray = None) -> np.ndarray:
+    """Pack boxes ``(N, S, 4)``, flips ``(N, S)``, slots ``(N, S)`` (default: column s is
+    slot s, i.e. all of an image's stored crops in order) and source images ``(N, S)``
+    (default: each row's own) into a C-contiguous int32 table ``(N, S, 7)``."""
     if slots is None:
         slots = np.broadcast_to(np.arange(flips.shape[1]), flips.shape)
+    source = np.zeros(flips.shape, np.int32) if sources is None else np.asarray(sources) + 1
     return np.ascontiguousarray(np.concatenate(
         [boxes.astype(np.int32), flips.astype(np.int32)[..., None],
-         np.asarray(slots).astype(np.int32)[..., None]], axis=-1))
+         np.asarray(slots).astype(np.int32)[..., None], source.astype(np.int32)[..., None]],
+        axis=-1))
 
 
 # numba 0.68 corrupts a dispatcher's overload table when compiled helpers such as FFCV's
@@ -106,7 +115,9 @@ def crop_cutter() -> Callable:
 
 
 class PlannedCropDecoder(ResizedCropRGBImageDecoder):
-    """Decode each image once and cut the S crops listed for it in a crop table.
+    """Decode each image once and cut the S crops listed for it in a crop table; a slot whose
+    ``source`` names another image (a mixing partner) decodes that image too (FFCV's OS-cache
+    reader maps the whole file, so any image's bytes can be read).
 
     Output per sample: ``(H, W, 3)`` uint8 when ``S == 1``, else ``(S, H, W, 3)``. Subclassing
     FFCV's resized-crop decoder keeps it the pipeline's decoder (``PipelineSpec`` checks that) and
@@ -148,18 +159,24 @@ class PlannedCropDecoder(ResizedCropRGBImageDecoder):
                 table = table_ref
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
-                field = metadata[source_ix]
-                image_data = mem_read(field["data_ptr"], storage_state)
-                height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                if field["mode"] == jpg:
-                    temp = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1,
-                               False, False)
-                    image = temp.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                else:
-                    image = image_data.reshape(height, width, 3)
+                decoded = np.int64(-1)
+                temp = temp_storage[dst_ix]
+                image = temp.reshape(-1)[:3].reshape(1, 1, 3)
                 for s in range(slots):
                     row = table[source_ix, s]
+                    wanted = np.int64(source_ix) if row[6] == 0 else np.int64(row[6]) - 1
+                    if wanted != decoded:  # each image once per sample, however many slots
+                        field = metadata[wanted]
+                        image_data = mem_read(field["data_ptr"], storage_state)
+                        height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                        if field["mode"] == jpg:
+                            imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1,
+                                       1, False, False)
+                            image = temp.reshape(-1)[:3 * height * width].reshape(height, width,
+                                                                                  3)
+                        else:
+                            image = image_data.reshape(height, width, 3)
+                        decoded = wanted
                     out = destination[dst_ix] if slots == 1 else destination[dst_ix, s]
                     cut(image, row[0], row[1], row[2], row[3], row[4], out)
             return destination[:len(batch_indices)]
@@ -207,12 +224,37 @@ class WithIndexAndSlots(Operation):
 
 # --------------------------------------------------------------------------- per-epoch crop sources
 
-class ReplayedCrops:
-    """Each epoch, every image replays one of its stored slots (chosen by ``slot_policy``)."""
+class _RecipeCrops:
+    """What the crop sources share about a recipe: a mixing recipe needs a second table column
+    (the partner crop), and every batch goes through the recipe (:class:`.augment.BatchRecipe`)."""
 
-    def __init__(self, boxes, flips, seed: int, slot_policy: str = DEFAULT_SLOT_POLICY):
+    recipe = None  # PlanAugment of the epoch's crops, or None: crop and flip only
+
+    @property
+    def table_slots(self) -> int:
+        return 2 if self.recipe is not None and self.recipe.recipe.mixes else 1
+
+    def batch_recipe(self, epoch: int):
+        return None
+
+    @staticmethod
+    def _fill_partners(table, boxes, flips, images, slots):
+        """Column 1: the partner crop of each row, cut from image ``images`` (its box and flip
+        as given); ``slots`` is what the batch reports for it."""
+        table[:, 1, :4], table[:, 1, 4] = boxes, flips
+        table[:, 1, 5], table[:, 1, SOURCE] = slots, np.asarray(images) + 1
+
+
+class ReplayedCrops(_RecipeCrops):
+    """Each epoch, every image replays one of its stored slots (chosen by ``slot_policy``); with
+    the store's recipe (``recipe``, a :class:`.augment.PlanAugment`), each crop goes through it
+    as it was labelled, its partner (m, j) the stored crop j of image m."""
+
+    def __init__(self, boxes, flips, seed: int, slot_policy: str = DEFAULT_SLOT_POLICY,
+                 recipe=None, labels=None):
         self.boxes, self.flips = boxes, flips
         self.seed, self.slot_policy = seed, slot_policy
+        self.recipe, self.labels = recipe, labels
         self.slots = np.zeros(len(boxes), dtype=np.int64)  # the last filled epoch's (for tests)
         self._round = (None, None)  # (cycle, its slot order): one draw serves K epochs
 
@@ -222,6 +264,15 @@ class ReplayedCrops:
         table[:, 0, :4] = self.boxes[rows, self.slots]
         table[:, 0, 4] = self.flips[rows, self.slots]
         table[:, 0, 5] = self.slots
+        if self.table_slots == 2:
+            m, j = self.recipe.partners(rows, self.slots)
+            self._fill_partners(table, self.boxes[m, j], self.flips[m, j], m, j)
+
+    def batch_recipe(self, epoch: int):
+        if self.recipe is None:
+            return None
+        from .augment import BatchRecipe
+        return BatchRecipe(self.recipe, self.labels)
 
     def epoch_slots(self, epoch: int) -> np.ndarray:
         """:func:`.crop_plan.epoch_slots` of every image, the ``cycle`` order kept for its round
@@ -235,22 +286,48 @@ class ReplayedCrops:
         return self._round[1][:, position]
 
 
-class FreshCrops:
-    """Each epoch, a new seeded random box and flip per image (ground-truth and online modes)."""
+class FreshCrops(_RecipeCrops):
+    """Each epoch, a new seeded random box and flip per image (ground-truth and online modes),
+    through ``recipe`` (:class:`.augment.Recipe`, on ``size``-pixel crops) when given, with fresh
+    parameters too: the epoch's plan has K = 1, and a crop's partner is image m's crop of the
+    same epoch. ``labels`` (the images' classes) give mixed crops their ground-truth shares."""
 
-    def __init__(self, plan: CropPlan, heights, widths):
+    def __init__(self, plan: CropPlan, heights, widths, recipe=None, labels=None,
+                 size: int = None):
         self.plan, self.heights, self.widths = plan, heights, widths
+        self.recipe_spec, self.labels, self.size = recipe, labels, size
         self.slots = None
+        self.recipe = self._epoch_recipe(0)
+
+    def epoch_plan(self, epoch: int) -> CropPlan:
+        return replace(self.plan, seed=self.plan.seed * 1_000_003 + epoch + 1, crops_per_image=1)
+
+    def _epoch_recipe(self, epoch: int):
+        if not self.recipe_spec:
+            return None
+        from .augment import PlanAugment
+        return PlanAugment(self.recipe_spec, self.epoch_plan(epoch).seed, len(self.heights), 1,
+                           self.size)
 
     def fill(self, table: np.ndarray, epoch: int):
-        plan = replace(self.plan, seed=self.plan.seed * 1_000_003 + epoch + 1, crops_per_image=1)
+        plan = self.epoch_plan(epoch)
         ids = np.arange(len(self.heights))
-        table[:, 0, :4] = sample_boxes(plan, ids, self.heights, self.widths)[:, 0]
-        table[:, 0, 4] = sample_flips(plan, ids)[:, 0]
-        table[:, 0, 5] = NOT_STORED
+        boxes = sample_boxes(plan, ids, self.heights, self.widths)[:, 0]
+        flips = sample_flips(plan, ids)[:, 0]
+        table[:, 0, :4], table[:, 0, 4], table[:, 0, 5] = boxes, flips, NOT_STORED
+        self.recipe = self._epoch_recipe(epoch)
+        if self.table_slots == 2:
+            m, _ = self.recipe.partners(ids, np.zeros(len(ids)))
+            self._fill_partners(table, boxes[m], flips[m], m, NOT_STORED)
+
+    def batch_recipe(self, epoch: int):
+        if self.recipe is None:
+            return None
+        from .augment import BatchRecipe
+        return BatchRecipe(self._epoch_recipe(epoch), self.labels, fresh=True)
 
 
-class FixedCrops:
+class FixedCrops(_RecipeCrops):
     """The same crop every epoch: used for evaluation (the centred square of each image)."""
 
     def __init__(self, heights, widths):
@@ -270,8 +347,8 @@ class CropBatches:
     ``close()`` stops FFCV's decoding thread when an epoch is abandoned early (precise BN).
     """
 
-    def __init__(self, epoch, records=None):
-        self.epoch, self.records = epoch, records
+    def __init__(self, epoch, records=None, recipe=None):
+        self.epoch, self.records, self.recipe = epoch, records, recipe
 
     def __iter__(self):
         return self
@@ -279,6 +356,8 @@ class CropBatches:
     def __next__(self) -> CropBatch:
         images, rows = next(self.epoch)
         batch = batch_from_rows(images, rows)
+        if self.recipe is not None:  # .augment.BatchRecipe: the crops as labelled
+            batch = self.recipe(batch)
         if self.records is None:
             return batch
         return batch._replace(targets=sparse_labels(self.records.topk_indices,
@@ -298,7 +377,11 @@ class TableLoader(Loader):
     records = None  # the store's records, to attach each crop's stored label
 
     def __iter__(self):
-        return CropBatches(super().__iter__(), self.records)
+        recipe = self._batch_recipe()  # before FFCV's __iter__ moves next_epoch on
+        return CropBatches(super().__iter__(), self.records, recipe)
+
+    def _batch_recipe(self):
+        return None
 
 
 class CropLoader(TableLoader):
@@ -320,6 +403,9 @@ class CropLoader(TableLoader):
         self.crops.fill(self.table, self.next_epoch)
         return super().__iter__()
 
+    def _batch_recipe(self):
+        return self.crops.batch_recipe(self.next_epoch)
+
 
 def _pipelines(table: np.ndarray, output_size) -> dict:
     """Image and label pipelines over one crop table: the decoder cuts its rows, the label op
@@ -333,7 +419,7 @@ def make_loader(dataset, crops, output_size, batch_size: int, num_workers: int =
                 indices=None, drop_last: bool = None) -> CropLoader:
     """A loader of one crop per image from ``crops``, yielding :class:`.crop_batch.CropBatch` es
     of uint8 NHWC crops."""
-    table = np.zeros((dataset.num_images, 1, TABLE_FIELDS), dtype=np.int32)
+    table = np.zeros((dataset.num_images, crops.table_slots, TABLE_FIELDS), dtype=np.int32)
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
     return CropLoader(str(dataset.path), crops, table, batch_size=batch_size,
                       num_workers=usable_workers(num_workers), order=order, seed=seed,
@@ -382,7 +468,8 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     -------
     CropLoader
         Iterating it yields :class:`~refinery_pipeline.CropBatch` es of uint8 ``(B, S, S, 3)``
-        crops with :class:`~refinery_pipeline.SparseLabels` targets; epochs count from 0
+        crops (after the store's recipe, if it has one, as they were labelled) with
+        :class:`~refinery_pipeline.SparseLabels` targets; epochs count from 0
         (``loader.set_epoch(e)`` picks one). Slot ``(epoch, n)`` is
         :func:`~refinery_pipeline.slot_of`'s, the same as in :class:`StoreCropDataset`.
     """
@@ -393,8 +480,10 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     dataset = open_dataset(data, "train", cache_dir)
     store.check_matches(dataset.fingerprint())
     records = store.read_crops()
-    crops = ReplayedCrops(records.boxes, records.flips, seed, slot_policy)
     size = size or store.refinery.input_size
+    from .augment import plan_augment
+    crops = ReplayedCrops(records.boxes, records.flips, seed, slot_policy,
+                          plan_augment(store.plan, dataset.num_images, size), dataset.labels)
     loader = make_loader(dataset, crops, (size, size), batch_size, num_workers, train=True,
                          seed=seed, distributed=distributed, drop_last=drop_last)
     loader.records = records

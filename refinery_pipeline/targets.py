@@ -14,13 +14,20 @@ from .losses import DEFAULT_REST, dense_from_sparse, hard_from_soft, one_hot
 
 
 class GroundTruthTargets:
-    """One-hot (optionally smoothed) targets from the data set's labels."""
+    """One-hot (optionally smoothed) targets from the data set's labels; for crops a recipe
+    mixed with a partner (``batch.mix``), the two classes in the crop's and partner's shares,
+    as torchvision's MixUp and CutMix mix one-hot labels."""
 
     def __init__(self, num_classes: int, smoothing: float = 0.0):
         self.num_classes, self.smoothing = num_classes, smoothing
 
     def __call__(self, batch, pixels):
-        return one_hot(batch.labels, self.num_classes, self.smoothing)
+        own = one_hot(batch.labels, self.num_classes, self.smoothing)
+        if batch.mix is None:
+            return own
+        weights = batch.mix.weights.to(own.dtype)[:, None]
+        partner = one_hot(batch.mix.partner_labels, self.num_classes, self.smoothing)
+        return own * weights + partner * (1 - weights)
 
 
 class StoredTargets:

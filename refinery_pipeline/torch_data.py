@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from .augment import plan_augment
 from .crop_batch import CropBatch, SparseLabels
 from .crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, slot_of
 from .errors import DataSetError, StoreMismatchError
@@ -237,6 +238,7 @@ class StoreCropDataset(Dataset):
         self.transform, self.crop_format = transform, crop_format
         self.slot_policy, self.seed = slot_policy, seed
         self.size = size or self.store.refinery.input_size
+        self.recipe = plan_augment(self.store.plan, len(self.labels), self.size)
         self._epoch = torch.tensor([epoch], dtype=torch.int64).share_memory_()
 
     def _check_images(self):
@@ -270,7 +272,21 @@ class StoreCropDataset(Dataset):
                        self.seed)
 
     def crop(self, n: int, slot: int) -> np.ndarray:
-        """The ``(S, S, 3)`` uint8 crop of ``(n, slot)``, before any transform."""
+        """The ``(S, S, 3)`` uint8 crop of ``(n, slot)`` as the refinery labelled it: cut, then
+        through the store's recipe (``plan.augment``: RandAugment, erasing, mixing with the
+        partner crop (m, j), ...), before the user's transform."""
+        crop = self.cut(n, slot)
+        if self.recipe is None:
+            return crop
+        params = self.recipe.pair_params([n], [slot])
+        partner = None
+        if self.recipe.recipe.mixes:
+            m, j = int(params[0].partner[0]), int(params[0].partner_slot[0])
+            partner = torch.from_numpy(self.cut(m, j))[None]
+        return self.recipe.crops(torch.from_numpy(crop)[None], partner, params)[0].numpy()
+
+    def cut(self, n: int, slot: int) -> np.ndarray:
+        """The ``(S, S, 3)`` uint8 crop of ``(n, slot)``: its stored box and flip only."""
         image = self.images.image(n)
         box = self.records.boxes[n, slot]
         if self.stored_sizes is not None:

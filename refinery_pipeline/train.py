@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .augment import Recipe, plan_augment
 from .crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
 from .dataset import open_dataset
 from .distributed import init_from_env, is_main, node_shared_arrays, world_size
@@ -56,8 +57,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     label_mode: str = "soft"    # 'soft', 'hard' (arg-max) or 'static' (whole-image label)
     teacher: str = None         # online refinery checkpoint: labels every crop as it is shown
+    #                             (a tuple of several: an ensemble, the mean of their labels)
     init: str = None            # student weights to start from (paper Table 3: the refined model)
     teacher_bn: str = "train"
+    augment: tuple = ()         # recipe after crop and flip (augment.Recipe names); a store's own
     teacher_crops: str = "fresh"  # 'fresh' random crops, or 'replay' the store's crops (parity)
     loss: str = "kl"
     adversarial_eta: float = 0.0  # > 0: also train on adversarial twins (needs a teacher)
@@ -108,7 +111,7 @@ def load_data(cfg: TrainConfig, device):
     _warn_if_resampled(cfg, store, res)
     _warn_if_crops_overused(cfg, store)
     _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
-    crops, records = _crop_source(cfg, train_ds, store)
+    crops, records = _crop_source(cfg, train_ds, store, res)
     _warn_if_rest_flattens(cfg, records, len(train_ds.classes))
     targets = _target_source(cfg, len(train_ds.classes), device, records, teacher)
     train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
@@ -163,10 +166,10 @@ def _online_refinery(cfg: TrainConfig, classes: list, store, device):
     also the default crop size."""
     if cfg.teacher is None:
         return None
-    from .refinery import Refinery
+    from .refinery import load_refinery
     size = cfg.res or (store.refinery.input_size if store is not None else None)
-    return Refinery.from_checkpoint(cfg.teacher, classes=classes, input_size=size,
-                                    bn_mode=cfg.teacher_bn, device=device, compile=cfg.compile)
+    return load_refinery(cfg.teacher, classes=classes, input_size=size,
+                         bn_mode=cfg.teacher_bn, device=device, compile=cfg.compile)
 
 
 def _default_res(store, teacher) -> int:
@@ -256,16 +259,31 @@ def _warn_if_bn_statistics_lag(cfg: TrainConfig, model, steps: int):
                   "them stale (pass --precise-bn 100)", RefineryWarning, stacklevel=2)
 
 
-def _crop_source(cfg: TrainConfig, train_ds, store):
-    """Replay the store's crops, or draw fresh seeded crops every epoch."""
+def _crop_source(cfg: TrainConfig, train_ds, store, res: int):
+    """Replay the store's crops through the store's recipe, or draw fresh seeded crops every
+    epoch through ``--augment``'s."""
     fresh = store is None or (cfg.teacher is not None and cfg.teacher_crops == "fresh")
     if cfg.teacher is not None and cfg.teacher_crops == "replay" and store is None:
         raise RefineryError("--teacher-crops replay needs --labels STORE to replay; pass a store "
                             "or use --teacher-crops fresh")
     if fresh:
-        return _fresh_crops(cfg, train_ds), None
+        return _fresh_crops(cfg, train_ds, Recipe.parse(cfg.augment), res), None
+    _check_store_recipe(cfg, store)
     records = _read_records(cfg, store)
-    return ReplayedCrops(records.boxes, records.flips, cfg.seed, cfg.slot_policy), records
+    return ReplayedCrops(records.boxes, records.flips, cfg.seed, cfg.slot_policy,
+                         plan_augment(store.plan, train_ds.num_images, res),
+                         train_ds.labels), records
+
+
+def _check_store_recipe(cfg: TrainConfig, store):
+    """A store's labels describe its crops after its own recipe, so replay applies that recipe;
+    an ``--augment`` that says otherwise would be silently ignored, or contradict the labels."""
+    stored, asked = tuple(store.plan.augment), Recipe.parse(cfg.augment).names()
+    if asked and asked != stored:
+        shown = " ".join(stored) if stored else "none (crop and flip only)"
+        raise RefineryError(f"{cfg.labels}: its labels were computed with the recipe {shown}, "
+                            f"not --augment {' '.join(asked)}; omit --augment to replay the "
+                            "store's recipe, or precompute a store with this one")
 
 
 def _read_records(cfg: TrainConfig, store) -> CropRecords:
@@ -292,9 +310,11 @@ def _fill_records(store, static: bool, verify: bool, create):
             arrays[name][rows.start:rows.stop] = values
 
 
-def _fresh_crops(cfg: TrainConfig, train_ds) -> FreshCrops:
-    """A new seeded RandomResizedCrop box and flip per training image every epoch."""
-    return FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths)
+def _fresh_crops(cfg: TrainConfig, train_ds, recipe: Recipe = None, res: int = None) -> FreshCrops:
+    """A new seeded RandomResizedCrop box and flip per training image every epoch, through
+    ``recipe`` (on ``res``-pixel crops) when given."""
+    return FreshCrops(CropPlan(seed=cfg.seed), train_ds.heights, train_ds.widths,
+                      recipe or None, train_ds.labels, res)
 
 
 def _target_source(cfg: TrainConfig, num_classes: int, device, records, teacher):

@@ -301,3 +301,36 @@ def test_a_dropped_connection_says_to_rerun():
     assert message.startswith("s3://bucket/labels.zarr: reading or writing failed (Could not "
                               "connect"), message
     assert "rerun the same command" in message
+
+
+BAD_RECIPES = [["nonsense"], ["erasing:2"], ["erasing:nan"], ["randaugment:x"], ["mixup:0"],
+               ["trivialaugment:1"], ["trivialaugment", "randaugment:2:9"]]
+
+
+@pytest.mark.parametrize("values", BAD_RECIPES, ids=lambda v: "+".join(v))
+@pytest.mark.parametrize("command", ["precompute", "train"])
+def test_a_bad_augment_value_is_one_line_and_makes_nothing(command, values, tiny_data,
+                                                          tiny_refinery_ckpt):
+    given = [a for v in values for a in ("--augment", v)]
+    args = (["precompute", tiny_data, "labels.zarr", "--weights", tiny_refinery_ckpt]
+            if command == "precompute" else ["train", tiny_data, "--out", "run"])
+    result = refused_before_running(*args, *given)
+    assert_one_line_error(result, f"--augment {values[-1]}: ")
+
+
+def test_augment_values_reach_the_plan_in_canonical_form(tiny_data, tiny_refinery_ckpt,
+                                                         tmp_path):
+    path = tmp_path / "augmented.zarr"
+    run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 2, "--top-k", 3,
+        "--chunk-size", 32, "--workers", 1, "--augment", "TrivialAugment", "--augment",
+        "erasing:0.250")
+    assert LabelStore.open(path).plan.augment == ("trivialaugment", "erasing:0.25")
+
+
+def test_train_augment_values_reach_the_run_config(tiny_data, tmp_path):
+    import json
+    out = tmp_path / "run"
+    run("train", tiny_data, "--arch", "demo_cnn", "--res", 24, "--epochs", 1, "--batch-size", 32,
+        "--workers", 1, "--out", out, "--augment", "randaugment:2:9", "--augment", "mixup:0.2")
+    assert json.loads((out / "config.json").read_text())["augment"] == ["randaugment:2:9",
+                                                                        "mixup:0.2"]

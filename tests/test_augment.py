@@ -1,0 +1,204 @@
+"""Recipes in the crop plan: parameters are pure functions of (n, k), and the pixels a recipe
+store was labelled on are the pixels every backend shows, byte for byte."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.utils.data import DataLoader
+
+import refinery_pipeline as refinery
+from refinery_pipeline.augment import (CUTMIX, MIXUP, NO_MIX, PlanAugment, Recipe, RecipeError,
+                                       magnitude_table, op_names)
+from refinery_pipeline.crop_plan import CropPlan
+from refinery_pipeline.dataset import open_dataset
+from refinery_pipeline.precompute import precompute
+from refinery_pipeline.refinery import Refinery
+from refinery_pipeline.replay import FreshCrops, make_loader
+
+K, TOP_K, SIZE = 3, 4, 24
+FULL = ("trivialaugment", "erasing:0.5", "mixup:0.4", "cutmix:1")
+RECIPES = [("trivialaugment",), ("randaugment:2:9",), ("erasing:1",), ("mixup:0.4",),
+           ("cutmix:1",), FULL]
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+def test_recipe_names_round_trip():
+    recipe = Recipe.parse(["RandAugment:3:12", "erasing:0.25", "cutmix:1.0", "mixup:0.2"])
+    assert recipe.names() == ("randaugment:3:12", "erasing:0.25", "mixup:0.2", "cutmix:1")
+    assert Recipe.parse(recipe.names()) == recipe
+    assert Recipe.parse(["randaugment"]).names() == ("randaugment:2:9",)  # torchvision's defaults
+    assert not Recipe.parse([]) and Recipe.parse(["mixup:1"]).mixes
+
+
+@pytest.mark.parametrize("spec", ["autoaugment", "randaugment:2:31", "randaugment:x", "erasing:0",
+                                  "erasing:1.5", "mixup:0", "mixup:-1", "cutmix:nan",
+                                  "trivialaugment:3", "mixup"])
+def test_bad_recipe_steps_are_one_line_errors(spec):
+    with pytest.raises(RecipeError) as error:
+        Recipe.parse([spec])
+    assert spec in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_step_given_twice_is_refused():
+    with pytest.raises(RecipeError, match="twice"):
+        Recipe.parse(["trivialaugment", "randaugment:2:9"])
+
+
+def test_magnitudes_are_torchvisions():
+    from torchvision.transforms import v2
+    table = magnitude_table(Recipe(auto="randaugment"), 96)
+    names = op_names()
+    assert names == tuple(v2.RandAugment._AUGMENTATION_SPACE)
+    rotate = v2.RandAugment._AUGMENTATION_SPACE["Rotate"][0](31, 96, 96)
+    assert table[names.index("Rotate")].tolist() == [float(v) for v in rotate]
+    translate = v2.RandAugment._AUGMENTATION_SPACE["TranslateX"][0](31, 96, 96)
+    assert table[names.index("TranslateX"), 30] == float(translate[30])  # depends on the size
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 499), st.integers(0, 7)), min_size=1, max_size=40),
+       st.integers(0, 2 ** 31))
+def test_parameters_depend_only_on_their_crop(crops, seed):
+    """Drawn for any subset, in any order, crop (n, k) gets the same parameters: replay cannot
+    depend on batch size, workers, ranks or visiting order."""
+    plan = PlanAugment(Recipe.parse(FULL), seed, 500, 8, 32)
+    n, k = np.array(crops).T
+    everything = plan.params(np.repeat(np.arange(500), 8), np.tile(np.arange(8), 500))
+    some = plan.params(n, k)
+    for field, values in some._asdict().items():
+        assert np.array_equal(values, getattr(everything, field)[n * 8 + k]), field
+
+
+def test_parameters_cover_the_recipe():
+    """Over many crops every op is drawn, signs go both ways, erasing and both mixes happen at
+    their rates, and mixing shares follow their boxes."""
+    plan = PlanAugment(Recipe.parse(FULL), 3, 1000, 10, 32)
+    p = plan.params(np.repeat(np.arange(1000), 10), np.tile(np.arange(10), 1000))
+    assert set(p.ops[:, 0]) == set(range(len(op_names())))
+    assert (p.magnitudes < 0).any() and (p.magnitudes > 0).any()
+    assert 0.45 < (p.erase[:, 2] > 0).mean() < 0.55
+    assert 0.45 < (p.mix == MIXUP).mean() < 0.55 and not (p.mix == NO_MIX).any()
+    cut = p.mix == CUTMIX
+    x1, y1, x2, y2 = p.cut_box[cut].T
+    assert np.allclose(p.weight[cut], 1 - (x2 - x1) * (y2 - y1) / 32 ** 2)
+    assert ((0 <= p.partner) & (p.partner < 1000)).all() and set(p.partner_slot) == set(range(10))
+
+
+def test_no_recipe_draws_nothing():
+    p = PlanAugment(Recipe(), 0, 10, 2, 32).params(np.arange(4), np.zeros(4))
+    assert p.ops.shape == (4, 0) and not p.erase.any() and (p.weight == 1).all()
+
+
+# ----------------------------------------------------------------------------- exact pixels
+
+def store_for(recipe, tiny_data, tiny_refinery_ckpt, tmp_path_factory):
+    path = tmp_path_factory.mktemp("augment") / "labels.zarr"
+    refinery_ = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval")
+    precompute(open_dataset(tiny_data), path, refinery_,
+               CropPlan(seed=5, crops_per_image=K, augment=Recipe.parse(recipe).names()),
+               top_k=TOP_K, crop_batch=32, chunk_size=32, progress=False, num_workers=1)
+    return path, refinery_
+
+
+def replayed_pixels(store, data, batch_size, workers):
+    """Every (n, slot) crop the FFCV backend shows over K epochs (cycle: each slot once)."""
+    loader = refinery.replay_loader(store, data, batch_size, workers, seed=1, drop_last=False)
+    shown = {}
+    for epoch in range(K):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            assert batch.slots.ndim == 1 and batch.images.shape[1:] == (SIZE, SIZE, 3)
+            for i, n in enumerate(batch.indices.tolist()):
+                shown[n, int(batch.slots[i])] = (batch.images[i].numpy().copy(),
+                                                  batch.targets.indices[i].numpy().copy())
+    return shown
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: "+".join(r))
+def test_labels_describe_the_pixels_every_backend_shows(recipe, tiny_data, tiny_refinery_ckpt,
+                                                        tmp_path_factory):
+    """The refinery (BN in eval mode: each label depends on its crop alone) relabels the crops
+    the FFCV replay shows and finds the stored labels; the plain backend shows the same bytes;
+    the recipe changed the pixels (so the test can fail)."""
+    path, refinery_ = store_for(recipe, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
+    store = refinery.open_store(path)
+    assert store.plan.augment == Recipe.parse(recipe).names()
+    shown = replayed_pixels(path, tiny_data, 16, 1)
+    assert len(shown) == store.layout.num_images * K
+    keys = sorted(shown)
+    pixels = torch.from_numpy(np.stack([shown[key][0] for key in keys]))
+    records = store.read_crops()
+    n, k = np.array(keys).T
+    relabelled = refinery_.probabilities(pixels)
+    stored_top1 = torch.from_numpy(records.topk_indices[n, k, 0].astype(np.int64))
+    # the stored top class is the relabelled one, up to float16 rounding of near-ties
+    assert (relabelled.max(1).values - relabelled.gather(1, stored_top1[:, None])[:, 0]
+            ).max() < 2e-3
+    top = relabelled.topk(TOP_K, 1)
+    assert np.allclose(top.values.numpy(), records.topk_probs[n, k].astype(np.float32),
+                       atol=2e-3)
+    plain = refinery.StoreCropDataset(path, tiny_data)
+    plain_only = refinery.StoreCropDataset(path, tiny_data)
+    plain_only.recipe = None
+    changed = 0
+    for key in keys:
+        assert np.array_equal(plain.crop(*key), shown[key][0]), key
+        changed += not np.array_equal(plain_only.crop(*key), shown[key][0])
+    assert changed > len(keys) // 4
+
+
+def test_replay_is_independent_of_batch_size_and_workers(tiny_data, tiny_refinery_ckpt,
+                                                         tmp_path_factory):
+    path, _ = store_for(FULL, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
+    first = replayed_pixels(path, tiny_data, 16, 1)
+    second = replayed_pixels(path, tiny_data, 7, 2)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert np.array_equal(first[key][0], second[key][0]) and \
+            np.array_equal(first[key][1], second[key][1]), key
+    dataset = refinery.StoreCropDataset(path, tiny_data, seed=1)
+    loader = DataLoader(dataset, batch_size=5, num_workers=2,
+                        collate_fn=refinery.CropCollate(), persistent_workers=True)
+    for epoch in range(K):
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            for i, n in enumerate(batch.indices.tolist()):
+                image = batch.images[i].permute(1, 2, 0).numpy()
+                assert np.array_equal(image, first[n, int(batch.slots[i])][0])
+
+
+def test_fresh_crops_with_a_mixing_recipe_carry_mixed_ground_truth(tiny_dataset):
+    """Ground-truth training with the recipe: fresh parameters each epoch, the same whatever
+    the batch size, and each batch says whose classes are mixed in which shares."""
+    recipe = Recipe.parse(FULL)
+
+    def epoch_crops(batch_size, epoch):
+        crops = FreshCrops(CropPlan(seed=2), tiny_dataset.heights, tiny_dataset.widths, recipe,
+                           tiny_dataset.labels, SIZE)
+        loader = make_loader(tiny_dataset, crops, (SIZE, SIZE), batch_size, 1, seed=4,
+                             drop_last=False)
+        loader.next_epoch = epoch
+        out = {}
+        for batch in loader:
+            assert batch.mix is not None and batch.slots.ndim == 1
+            for i, n in enumerate(batch.indices.tolist()):
+                out[n] = (batch.images[i].numpy().copy(), float(batch.mix.weights[i]),
+                          int(batch.mix.partner_labels[i]))
+        return out
+
+    a, b, other_epoch = epoch_crops(16, 0), epoch_crops(9, 0), epoch_crops(16, 1)
+    assert a.keys() == b.keys() == set(range(tiny_dataset.num_images))
+    assert all(np.array_equal(a[n][0], b[n][0]) and a[n][1:] == b[n][1:] for n in a)
+    assert sum(not np.array_equal(a[n][0], other_epoch[n][0]) for n in a) > len(a) // 2
+    weights = np.array([a[n][1] for n in a])
+    assert ((0 <= weights) & (weights <= 1)).all() and (weights < 1).any()
+
+
+def test_ground_truth_targets_mix_one_hot_labels():
+    from refinery_pipeline.crop_batch import CropBatch, MixedLabels
+    from refinery_pipeline.targets import GroundTruthTargets
+    batch = CropBatch(None, torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([-1, -1]),
+                      mix=MixedLabels(torch.tensor([1, 2]), torch.tensor([0.25, 0.5])))
+    target = GroundTruthTargets(3)(batch, None)
+    assert torch.allclose(target, torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]]))
