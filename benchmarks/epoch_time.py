@@ -26,6 +26,7 @@ import torch
 from _results import markdown_table, write_results
 from _runs import device_name
 
+from refinery_pipeline.augment import Recipe
 from refinery_pipeline.losses import get_loss
 from refinery_pipeline.models import create_model
 from refinery_pipeline.precompute import software_versions
@@ -47,14 +48,18 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile student and refinery")
+    p.add_argument("--augment", nargs="+", default=[],
+                   help="a recipe (refine train --augment steps) for the ground-truth and online "
+                        "modes; the store must have been made with the same one")
     p.add_argument("--tag", default="epoch_time")
     args = p.parse_args()
     device = resolve_device("auto")
     base = TrainConfig(data=args.data, out_dir="unused", arch=args.arch, res=args.res,
                        batch_size=args.batch_size, workers=args.workers, compile=args.compile,
                        progress=False)
-    modes = {"ground truth": base, CACHED: replace(base, labels=args.store),
-             ONLINE: replace(base, teacher=args.teacher)}
+    recipe = Recipe.parse(args.augment).names()
+    modes = {"ground truth": replace(base, augment=recipe), CACHED: replace(base, labels=args.store),
+             ONLINE: replace(base, teacher=args.teacher, augment=recipe)}
     setups = {}
     for name, cfg in modes.items():
         _, loader, _, targets, _ = load_data(cfg, device)
@@ -87,10 +92,19 @@ def resident_batches(loader) -> list:
     the step loop with no decoding or transfer. Cloned, since FFCV reuses its batch buffers."""
     epoch = iter(loader)
     try:
-        images, rows = next(epoch)
+        batch = next(epoch)
     finally:
         epoch.close()  # stop FFCV's decoding thread for the batches not taken
-    return list(itertools.repeat((images.clone(), rows.clone()), len(loader)))
+    return list(itertools.repeat(clone(batch), len(loader)))
+
+
+def clone(batch):
+    """A batch (tensors, or named tuples of them such as a CropBatch) that FFCV cannot reuse."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, tuple):
+        return type(batch)(*(None if part is None else clone(part) for part in batch))
+    return batch
 
 
 def to_markdown(result: dict) -> str:
@@ -98,7 +112,9 @@ def to_markdown(result: dict) -> str:
     lines = [f"# Epoch time by label mode: `{a['tag']}`", "",
              f"Device {result['device']}; student {a['arch']} @ {a['res']} px, batch "
              f"{a['batch_size']}, {a['workers']} workers"
-             f"{', torch.compile (student and refinery)' if a.get('compile') else ''}; median of "
+             f"{', torch.compile (student and refinery)' if a.get('compile') else ''}"
+             f"{', recipe `' + ' '.join(a['augment']) + '` in every mode' if a.get('augment') else ''}"
+             "; median of "
              f"{a['rounds']} interleaved epochs after a warm-up.", ""]
     lines += markdown_table(["label mode", "median epoch (s)", "relative to ground truth"],
                             [[r["mode"], f"{r['median_epoch_seconds']:.3f}",

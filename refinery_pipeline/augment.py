@@ -378,3 +378,21 @@ def plan_augment(plan, num_images: int, size: int) -> Optional[PlanAugment]:
         return None
     return PlanAugment(Recipe.parse(plan.augment), plan.seed, num_images, plan.crops_per_image,
                        size)
+
+
+def planned_crops(plan_augment: PlanAugment, images, image_ids, crops_per_image: int):
+    """A multi-crop loader batch ``(B, S, H, W, 3)`` of images ``image_ids`` cut from a crop
+    table made by :func:`.precompute.build_crop_table` with this recipe, as the refinery labels
+    it: the K planned crops after the recipe (the partners, columns K to 2K - 1, mixed in and
+    dropped), then any further column (a soft-static centred square) as it is."""
+    import torch
+    K, mixes = crops_per_image, plan_augment.recipe.mixes
+    if images.ndim == 4:
+        images = images[:, None]
+    B, crop_shape = len(images), tuple(images.shape[2:])
+    n, k = np.repeat(np.asarray(image_ids), K), np.tile(np.arange(K), B)
+    own = images[:, :K].reshape((B * K,) + crop_shape)
+    partner = images[:, K:2 * K].reshape(own.shape) if mixes else None
+    crops = plan_augment.crops(own, partner, plan_augment.pair_params(n, k))
+    rest = images[:, 2 * K if mixes else K:]
+    return torch.cat([crops.reshape((B, K) + crop_shape), rest], dim=1)

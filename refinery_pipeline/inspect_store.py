@@ -73,6 +73,8 @@ class StoredCrops:
 def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
                         num_workers: int = 2) -> StoredCrops:
     """Decode ``num_images`` randomly chosen (finished) images' stored boxes and flips."""
+    from .augment import plan_augment, planned_crops
+    from .precompute import build_crop_table
     from .replay import TABLE_FIELDS, crop_table, multi_crop_loader
     store = LabelStore.open(location)
     store.check_matches(dataset.fingerprint())
@@ -83,11 +85,17 @@ def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(done, min(num_images, len(done)), replace=False))
     records = store.read_crops(ids)
-    table = np.zeros((dataset.num_images, store.layout.crops_per_image, TABLE_FIELDS), np.int32)
-    table[ids] = crop_table(records.boxes, records.flips)
-    size = store.refinery.input_size
+    size, K = store.refinery.input_size, store.layout.crops_per_image
+    recipe = plan_augment(store.plan, dataset.num_images, size)
+    if recipe is None:  # the stored boxes as they are
+        table = np.zeros((dataset.num_images, K, TABLE_FIELDS), np.int32)
+        table[ids] = crop_table(records.boxes, records.flips)
+    else:  # partners too: the plan's boxes, which `refine verify` checks equal the stored ones
+        table = build_crop_table(dataset, store.plan, ids, False, recipe)
     loader = multi_crop_loader(dataset, table, (size, size), len(ids), ids, num_workers)
-    pixels = np.concatenate([batch.images.numpy().copy() for batch in loader])
+    pixels = np.concatenate([(batch.images if recipe is None else
+                              planned_crops(recipe, batch.images, batch.indices.numpy(), K)
+                              ).numpy().copy() for batch in loader])
     pixels = pixels.reshape(len(ids), -1, size, size, 3)  # K = 1 comes without the slot axis
     return StoredCrops(ids, pixels, records.topk_indices, records.topk_probs.astype(np.float32),
                        store.read_labels(ids), store.classes)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .augment import plan_augment
+from .augment import plan_augment, planned_crops
 from .crop_plan import CropPlan, boxes_at, centre_square, flips_at, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
 from .errors import RefineryError, StoreMismatchError, StoreNotFoundError
@@ -311,22 +311,10 @@ class UnitLoader:
             index = as_numpy_indices(batch)[:len(unit)]
             assert index[0] == unit.start and index[-1] == unit.stop - 1, (index, unit)
             images = batch.images[:len(unit)]
-            yield unit, images if self.recipe is None else self._through_recipe(images, unit)
-
-    def _through_recipe(self, images, unit):
-        """The K planned crops of each image after the recipe (partners, the table's columns K
-        to 2K - 1, mixed in and dropped; a soft-static centred square, last, left as it is)."""
-        import torch
-        K, mixes = self.crops_per_image, self.recipe.recipe.mixes
-        if images.ndim == 4:
-            images = images[:, None]
-        B = len(images)
-        n, k = np.repeat(np.arange(unit.start, unit.stop), K), np.tile(np.arange(K), B)
-        own = images[:, :K].reshape((B * K,) + tuple(images.shape[2:]))
-        partner = images[:, K:2 * K].reshape(own.shape) if mixes else None
-        crops = self.recipe.crops(own, partner, self.recipe.pair_params(n, k))
-        rest = images[:, 2 * K if mixes else K:]
-        return torch.cat([crops.reshape((B, K) + tuple(images.shape[2:])), rest], dim=1)
+            if self.recipe is not None:
+                images = planned_crops(self.recipe, images, np.arange(unit.start, unit.stop),
+                                       self.crops_per_image)
+            yield unit, images
 
 
 def _run_chunks(dataset, store, refinery, plan, chunks, claims, num_workers, show, summary):

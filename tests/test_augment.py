@@ -202,3 +202,15 @@ def test_ground_truth_targets_mix_one_hot_labels():
                       mix=MixedLabels(torch.tensor([1, 2]), torch.tensor([0.25, 0.5])))
     target = GroundTruthTargets(3)(batch, None)
     assert torch.allclose(target, torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_show_draws_the_crops_as_labelled(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
+    """`refine show` of a recipe store shows the recipe's pixels, the ones the labels describe."""
+    from refinery_pipeline.inspect_store import sample_stored_crops
+    path, _ = store_for(FULL, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
+    shown = sample_stored_crops(open_dataset(tiny_data), path, num_images=4, seed=2,
+                                num_workers=1)
+    plain = refinery.StoreCropDataset(path, tiny_data)
+    for row, n in enumerate(shown.images):
+        for k in range(K):
+            assert np.array_equal(shown.pixels[row, k], plain.crop(int(n), k)), (n, k)

@@ -30,7 +30,7 @@ from ffcv.reader import Reader
 store_path, beton_path, out_path, epochs, seed, policy, rest = sys.argv[1:8]
 epochs, seed = int(epochs), int(seed)
 g = zarr.open_group(store_path, mode="r")
-assert g.attrs["format"] == "refinery-label-store" and g.attrs["format_version"] <= 3
+assert g.attrs["format"] == "refinery-label-store" and g.attrs["format_version"] <= 4
 boxes, flips = g["boxes"][:], g["flips"][:]
 top_i, top_p = g["topk_indices"][:], g["topk_probs"][:]
 bits = g.attrs["layout"].get("prob_bits", 0)  # version 3: plain float16 on a 2^-bits grid
@@ -125,3 +125,104 @@ def test_a_reader_written_from_the_spec_reproduces_crops_slots_and_targets(
             assert np.array_equal(batch.images.numpy(), spec["crops"][epoch, n])
             ours = refinery.dense_targets(batch.targets, 10, rest)
             assert torch.allclose(ours, torch.from_numpy(spec["targets"][epoch, n]), atol=1e-6)
+
+
+# Also from docs/label-store.md only ("A recipe's pixels"): appended to the reader's functions
+# above (hash, decode, cut), it reproduces every (n, k) crop of a recipe store after the recipe.
+RECIPE_READER = SPEC_READER.split("slots = np.array(")[0] + r'''
+import torch
+from scipy.special import betaincinv
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode, functional as F
+
+plan = g.attrs["plan"]
+pseed, steps = plan["seed"], plan.get("augment", [])
+auto, erase_p, alphas = None, 0.0, {}
+for step in steps:
+    name, *values = step.split(":")
+    if name == "trivialaugment":
+        auto = (v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR), None)
+    elif name == "randaugment":
+        auto = (v2.RandAugment(interpolation=InterpolationMode.BILINEAR),
+                (int(values[0]), int(values[1])))
+    elif name == "erasing":
+        erase_p = float(values[0])
+    else:
+        alphas[name] = float(values[0])
+
+def ops_and_erasing(img, n, k):
+    if auto is not None:
+        t, fixed = auto
+        space = type(t)._AUGMENTATION_SPACE
+        names = list(space)
+        for r in range(1 if fixed is None else fixed[0]):
+            op = names[int(u(pseed, 4, n, k, 3 * r) * 14)]
+            magnitudes_fn, signed = space[op]
+            b = int(u(pseed, 4, n, k, 3 * r + 1) * 31) if fixed is None else fixed[1]
+            values = magnitudes_fn(31, S, S)
+            magnitude = 0.0 if values is None else float(values[b])
+            if signed and u(pseed, 4, n, k, 3 * r + 2) <= 0.5:
+                magnitude = -magnitude
+            img = t._apply_image_or_video_transform(img, op, magnitude,
+                                                    interpolation=InterpolationMode.BILINEAR,
+                                                    fill=t._fill)
+    if erase_p and u(pseed, 5, n, k, 0) < erase_p:
+        for t_ in range(10):
+            area = S * S * (0.02 + 0.31 * u(pseed, 5, n, k, 1 + 4 * t_))
+            aspect = np.exp(np.log(0.3) + (np.log(3.3) - np.log(0.3)) * u(pseed, 5, n, k, 2 + 4 * t_))
+            h, w = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            if h < S and w < S:
+                i = int(u(pseed, 5, n, k, 3 + 4 * t_) * (S - h + 1))
+                j = int(u(pseed, 5, n, k, 4 + 4 * t_) * (S - w + 1))
+                fill = torch.tensor([124, 116, 104], dtype=torch.uint8)[:, None, None]
+                img = F.erase(img, i, j, h, w, fill)
+                break
+    return img
+
+def as_tensor(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+
+def recipe_crop(n, k):
+    img = ops_and_erasing(as_tensor(crop(n, k)), n, k)
+    if alphas:
+        m = min(int(u(pseed, 6, n, k, 2) * N), N - 1)
+        j = min(int(u(pseed, 6, n, k, 3) * K), K - 1)
+        partner = ops_and_erasing(as_tensor(crop(m, j)), m, j)
+        both = len(alphas) == 2
+        kind = ("mixup" if u(pseed, 6, n, k, 0) < 0.5 else "cutmix") if both else next(iter(alphas))
+        a = alphas[kind]
+        lam = float(betaincinv(a, a, u(pseed, 6, n, k, 1)))
+        if kind == "mixup":
+            img = (img.float() * lam + partner.float() * (1 - lam)).round().clamp(0, 255).to(torch.uint8)
+        else:
+            cx, cy = int(u(pseed, 6, n, k, 4) * S), int(u(pseed, 6, n, k, 5) * S)
+            half = int(0.5 * np.sqrt(1 - lam) * S)
+            x1, y1, x2, y2 = max(cx - half, 0), max(cy - half, 0), min(cx + half, S), min(cy + half, S)
+            img = img.clone()
+            img[:, y1:y2, x1:x2] = partner[:, y1:y2, x1:x2]
+    return img.permute(1, 2, 0).numpy()
+
+np.save(out_path, np.stack([[recipe_crop(n, k) for k in range(K)] for n in range(N)]))
+print("recipe reader done")
+'''
+
+
+@pytest.mark.parametrize("recipe", [("trivialaugment", "erasing:0.5", "mixup:0.4", "cutmix:1"),
+                                    ("randaugment:2:9", "cutmix:1")])
+def test_a_reader_written_from_the_spec_reproduces_recipe_crops(recipe, tiny_data,
+                                                                tiny_refinery_ckpt, tmp_path):
+    path = tmp_path / "labels.zarr"
+    precompute(open_dataset(tiny_data), path,
+               Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
+               CropPlan(seed=8, crops_per_image=2, augment=recipe), top_k=3, crop_batch=32,
+               chunk_size=32, progress=False, num_workers=1)
+    out = tmp_path / "recipe.npy"
+    result = subprocess.run([sys.executable, "-c", RECIPE_READER, str(path), str(tiny_data),
+                             str(out), "1", "0", "cycle", "renormalize"],
+                            capture_output=True, text=True, timeout=300)
+    assert "recipe reader done" in result.stdout, result.stderr[-3000:]
+    spec = np.load(out)
+    ours = refinery.StoreCropDataset(path, tiny_data)
+    for n in range(len(ours)):
+        for k in range(2):
+            assert np.array_equal(spec[n, k], ours.crop(n, k)), (n, k)
