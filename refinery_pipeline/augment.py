@@ -267,23 +267,44 @@ class PlanAugment:
             self._auto_transform = cls(interpolation=InterpolationMode.BILINEAR)
         return self._auto_transform
 
-    def __getstate__(self):  # DataLoader workers rebuild torchvision's transform themselves
-        return {k: v for k, v in self.__dict__.items() if k != "_auto_transform"}
+    def __getstate__(self):  # DataLoader workers rebuild the transform and the pool themselves
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_auto_transform", "_thread_pool")}
 
-    def crops(self, own, partner, params: CropAugment):
+    def crops(self, own, partner, params: CropAugment, threads: int = 1):
         """Crops after the recipe: ``own`` and ``partner`` are ``(M, S, S, 3)`` uint8 tensors
         (``partner`` None unless the recipe mixes) of crops (n, k) and of their partners (m, j),
-        ``params`` the draws of (n, k) and, for the partners' own ops, of (m, j)."""
+        ``params`` the draws of (n, k) and, for the partners' own ops, of (m, j).
+
+        ``threads`` > 1 splits the crops over a thread pool (torchvision's kernels release the
+        GIL; ~2 ms per crop at 224 px on one core). Each crop is computed alone, by the same
+        calls, so the bytes do not depend on the thread count."""
         import torch
-        own_params, partner_params = params
         out = torch.empty_like(own)
-        for i in range(len(own)):
-            a = self._one(own[i], own_params, i)
-            if partner is not None and own_params.mix[i] != NO_MIX:
-                a = mix_pair(a, self._one(partner[i], partner_params, i), int(own_params.mix[i]),
-                             float(own_params.weight[i]), own_params.cut_box[i])
-            out[i] = a.permute(1, 2, 0)
+        rows = range(len(own))
+        if threads <= 1 or len(own) < 2 * threads:
+            for i in rows:
+                self._recipe_crop(own, partner, params, i, out)
+            return out
+        parts = [rows[t::threads] for t in range(threads)]
+        list(self._pool(threads).map(
+            lambda part: [self._recipe_crop(own, partner, params, i, out) for i in part], parts))
         return out
+
+    def _recipe_crop(self, own, partner, params, i: int, out):
+        own_params, partner_params = params
+        a = self._one(own[i], own_params, i)
+        if partner is not None and own_params.mix[i] != NO_MIX:
+            a = mix_pair(a, self._one(partner[i], partner_params, i), int(own_params.mix[i]),
+                         float(own_params.weight[i]), own_params.cut_box[i])
+        out[i] = a.permute(1, 2, 0)
+
+    def _pool(self, threads: int):
+        pool = getattr(self, "_thread_pool", None)
+        if pool is None or pool._max_workers != threads:
+            from concurrent.futures import ThreadPoolExecutor
+            self._thread_pool = pool = ThreadPoolExecutor(threads, "recipe")
+        return pool
 
     def _one(self, crop_hwc, params: CropAugment, i: int):
         image = crop_hwc.permute(2, 0, 1).contiguous()
@@ -351,8 +372,10 @@ class BatchRecipe:
     epoch), whose parameters are those of slot 0; otherwise each crop's stored slot's.
     """
 
-    def __init__(self, plan_augment: PlanAugment, labels: np.ndarray, fresh: bool = False):
+    def __init__(self, plan_augment: PlanAugment, labels: np.ndarray, fresh: bool = False,
+                 threads: int = 1):
         self.plan_augment, self.labels, self.fresh = plan_augment, np.asarray(labels), fresh
+        self.threads = threads
 
     def __call__(self, batch):
         import torch
@@ -367,8 +390,8 @@ class BatchRecipe:
         if mixes:
             mix = MixedLabels(torch.from_numpy(self.labels[params[0].partner].astype(np.int64)),
                               torch.from_numpy(params[0].weight.astype(np.float32)))
-        return batch._replace(images=self.plan_augment.crops(own, partner, params), slots=slots,
-                              mix=mix)
+        images = self.plan_augment.crops(own, partner, params, self.threads)
+        return batch._replace(images=images, slots=slots, mix=mix)
 
 
 def plan_augment(plan, num_images: int, size: int) -> Optional[PlanAugment]:
@@ -380,7 +403,8 @@ def plan_augment(plan, num_images: int, size: int) -> Optional[PlanAugment]:
                        size)
 
 
-def planned_crops(plan_augment: PlanAugment, images, image_ids, crops_per_image: int):
+def planned_crops(plan_augment: PlanAugment, images, image_ids, crops_per_image: int,
+                  threads: int = 1):
     """A multi-crop loader batch ``(B, S, H, W, 3)`` of images ``image_ids`` cut from a crop
     table made by :func:`.precompute.build_crop_table` with this recipe, as the refinery labels
     it: the K planned crops after the recipe (the partners, columns K to 2K - 1, mixed in and
@@ -393,6 +417,6 @@ def planned_crops(plan_augment: PlanAugment, images, image_ids, crops_per_image:
     n, k = np.repeat(np.asarray(image_ids), K), np.tile(np.arange(K), B)
     own = images[:, :K].reshape((B * K,) + crop_shape)
     partner = images[:, K:2 * K].reshape(own.shape) if mixes else None
-    crops = plan_augment.crops(own, partner, plan_augment.pair_params(n, k))
+    crops = plan_augment.crops(own, partner, plan_augment.pair_params(n, k), threads)
     rest = images[:, 2 * K if mixes else K:]
     return torch.cat([crops.reshape((B, K) + crop_shape), rest], dim=1)

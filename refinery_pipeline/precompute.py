@@ -30,7 +30,7 @@ from .label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore
 from .remote_storage import is_remote
 from .progress import progress_bar
 from .crop_batch import NOT_STORED, as_numpy_indices
-from .replay import TABLE_FIELDS, crop_table, multi_crop_loader
+from .replay import TABLE_FIELDS, crop_table, multi_crop_loader, usable_workers
 
 
 @dataclass
@@ -299,6 +299,7 @@ class UnitLoader:
                  recipe=None, crops_per_image: int = None):
         self.images_per_batch = images_per_batch
         self.recipe, self.crops_per_image = recipe, crops_per_image
+        self.threads = usable_workers(num_workers)  # the recipe runs as wide as decoding
         self.loader = multi_crop_loader(dataset, table, size, images_per_batch,
                                         padded_order(units, images_per_batch), num_workers)
         graph = self.loader.graph  # safe to share: a pass is consumed whole before the next
@@ -313,7 +314,7 @@ class UnitLoader:
             images = batch.images[:len(unit)]
             if self.recipe is not None:
                 images = planned_crops(self.recipe, images, np.arange(unit.start, unit.stop),
-                                       self.crops_per_image)
+                                       self.crops_per_image, self.threads)
             yield unit, images
 
 

@@ -229,6 +229,7 @@ class _RecipeCrops:
     (the partner crop), and every batch goes through the recipe (:class:`.augment.BatchRecipe`)."""
 
     recipe = None  # PlanAugment of the epoch's crops, or None: crop and flip only
+    recipe_threads = 1  # threads running the recipe on each batch (make_loader: its workers)
 
     @property
     def table_slots(self) -> int:
@@ -272,7 +273,7 @@ class ReplayedCrops(_RecipeCrops):
         if self.recipe is None:
             return None
         from .augment import BatchRecipe
-        return BatchRecipe(self.recipe, self.labels)
+        return BatchRecipe(self.recipe, self.labels, threads=self.recipe_threads)
 
     def epoch_slots(self, epoch: int) -> np.ndarray:
         """:func:`.crop_plan.epoch_slots` of every image, the ``cycle`` order kept for its round
@@ -324,7 +325,8 @@ class FreshCrops(_RecipeCrops):
         if self.recipe is None:
             return None
         from .augment import BatchRecipe
-        return BatchRecipe(self._epoch_recipe(epoch), self.labels, fresh=True)
+        return BatchRecipe(self._epoch_recipe(epoch), self.labels, fresh=True,
+                           threads=self.recipe_threads)
 
 
 class FixedCrops(_RecipeCrops):
@@ -420,6 +422,7 @@ def make_loader(dataset, crops, output_size, batch_size: int, num_workers: int =
     """A loader of one crop per image from ``crops``, yielding :class:`.crop_batch.CropBatch` es
     of uint8 NHWC crops."""
     table = np.zeros((dataset.num_images, crops.table_slots, TABLE_FIELDS), dtype=np.int32)
+    crops.recipe_threads = usable_workers(num_workers)  # the recipe runs as wide as decoding
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
     return CropLoader(str(dataset.path), crops, table, batch_size=batch_size,
                       num_workers=usable_workers(num_workers), order=order, seed=seed,

@@ -214,3 +214,44 @@ def test_show_draws_the_crops_as_labelled(tiny_data, tiny_refinery_ckpt, tmp_pat
     for row, n in enumerate(shown.images):
         for k in range(K):
             assert np.array_equal(shown.pixels[row, k], plain.crop(int(n), k)), (n, k)
+
+
+# ----------------------------------------------------------------------------- refine train
+
+def train_args(tiny_data, out, *options):
+    return ["train", str(tiny_data), "--arch", "demo_cnn", "--epochs", "1", "--batch-size", "32",
+            "--workers", "1", "--out", str(out), *options]
+
+
+def test_train_replays_a_recipe_store_and_refuses_another_recipe(tiny_data, tiny_refinery_ckpt,
+                                                                 tmp_path_factory, tmp_path):
+    from .test_cli import assert_one_line_error, run
+    path, _ = store_for(FULL, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
+    run(*train_args(tiny_data, tmp_path / "cached", "--labels", path))
+    assert (tmp_path / "cached" / "model.pt").is_file()
+    same = [a for step in Recipe.parse(FULL).names() for a in ("--augment", step)]
+    run(*train_args(tiny_data, tmp_path / "same", "--labels", path, *same))
+    refused = run(*train_args(tiny_data, tmp_path / "other", "--labels", path, "--augment",
+                              "cutmix:1"), ok=False)
+    assert_one_line_error(refused, "its labels were computed with the recipe", "omit --augment")
+    assert not (tmp_path / "other").exists()
+
+
+def test_online_refinery_labels_fresh_recipe_crops(tiny_data, tiny_refinery_ckpt, tmp_path):
+    from .test_cli import run
+    out = tmp_path / "online"
+    run(*train_args(tiny_data, out, "--teacher", tiny_refinery_ckpt, "--augment",
+                    "trivialaugment", "--augment", "cutmix:1"))
+    assert (out / "model.pt").is_file()
+
+
+def test_threads_change_no_byte():
+    """The recipe split over threads (as wide as the loader's workers) gives the same crops."""
+    plan = PlanAugment(Recipe.parse(FULL), 1, 200, 4, 32)
+    ids = np.arange(64)
+    own = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(0))
+    params = plan.pair_params(ids, ids % 4)
+    alone = plan.crops(own, own.flip(0), params)
+    assert torch.equal(plan.crops(own, own.flip(0), params, threads=3), alone)
+    assert not torch.equal(alone, own)
