@@ -14,7 +14,9 @@
 #      1-epoch ResNet-50 whose only use is timing an online ResNet-50 refinery (speed does not
 #      depend on the weights)
 #   3. fidelity: stored labels vs the refinery on the student's replayed pixels (real data)
-#   4. parity stores (every K in KS, seeds 0 1), then `refine audit` of the K = 10 one
+#   4. parity stores (every K in KS, seeds 0 1), then `refine audit` of the K = 10 one;
+#      then issue 18's recipes (recipes.py: torchvision's ImageNet recipe cached, online and on
+#      ground truth, an ensemble of two refineries; epoch time with the recipe in every mode)
 #   5. epoch time: ground truth vs cached labels vs an online ResNet-50 refinery, at RES and
 #      at 224 px (where the teacher's share of an online step is larger), and at RES with
 #      student and refinery under torch.compile (`refine train --compile`)
@@ -117,6 +119,20 @@ TIMED_K=${KS%% *}; [[ " $KS " == *" 10 "* ]] && TIMED_K=10  # the reference's K 
 STORE=$W/parity/stores/K${TIMED_K}_seed0.zarr  # audited and timed
 stage stores 60 python3 "${SWEEP[@]}" --precompute-only || exit 1
 stage audit 15 refine audit $STORE "$DATA" --weights $REFINERY --workers "$CORES"
+
+# Issue 18: torchvision's ImageNet recipe in the store; a second refinery for the ensemble row.
+RECIPE=(trivialaugment erasing:0.1 mixup:0.2 cutmix:1)
+stage refinery_b 60 refine train "$DATA" --arch resnet18 --res "$RES" --epochs "$EPOCHS" \
+  --batch-size 256 --lr 0.4 --seed 1 --workers "$CORES" --eval-every 10 --out $W/refinery_b \
+  $(resume $W/refinery_b) &&
+stage recipes 60 python3 benchmarks/recipes.py "$DATA" --refinery $REFINERY \
+  --refinery $W/refinery_b/model.pt --work $W/recipes --res "$RES" --epochs "$EPOCHS" \
+  --batch-size 256 --lr 0.4 -K "$EPOCHS" --augment "${RECIPE[@]}" --jobs "$JOBS" \
+  --workers "$STUDENT_WORKERS" --tag recipes_gpu
+stage epoch_time_recipe 40 python3 benchmarks/epoch_time.py "$DATA" \
+  --store $W/recipes/labels_K${EPOCHS}_recipe.zarr --teacher $REFINERY --arch resnet18 \
+  --res "$RES" --batch-size 256 --workers "$CORES" --rounds 3 --augment "${RECIPE[@]}" \
+  --tag epoch_time_recipe_gpu
 
 stage epoch_time 40 python3 benchmarks/epoch_time.py "$DATA" --store $STORE --teacher $TIMING_R50 \
   --arch resnet18 --res "$RES" --batch-size 256 --workers "$CORES" --rounds 5 --tag epoch_time_gpu

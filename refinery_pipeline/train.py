@@ -279,6 +279,11 @@ def _check_store_recipe(cfg: TrainConfig, store):
     """A store's labels describe its crops after its own recipe, so replay applies that recipe;
     an ``--augment`` that says otherwise would be silently ignored, or contradict the labels."""
     stored, asked = tuple(store.plan.augment), Recipe.parse(cfg.augment).names()
+    if cfg.allow_partial and Recipe.parse(stored).mixes and not store.done_chunks().all():
+        raise IncompleteStoreError(f"{cfg.labels}: its recipe mixes each crop with a partner "
+                                   "crop of any image, which may lie in an unfinished chunk, so "
+                                   "--allow-partial cannot replay it; finish the store with "
+                                   "`refine precompute` first")
     if asked and asked != stored:
         shown = " ".join(stored) if stored else "none (crop and flip only)"
         raise RefineryError(f"{cfg.labels}: its labels were computed with the recipe {shown}, "

@@ -255,3 +255,17 @@ def test_threads_change_no_byte():
     alone = plan.crops(own, own.flip(0), params)
     assert torch.equal(plan.crops(own, own.flip(0), params, threads=3), alone)
     assert not torch.equal(alone, own)
+
+
+def test_a_partial_mixing_store_is_refused_for_allow_partial(tiny_data, tiny_refinery_ckpt,
+                                                            tmp_path):
+    """Partners may lie in unfinished chunks, whose boxes were never written: refuse."""
+    from .test_cli import assert_one_line_error, run
+    path = tmp_path / "partial.zarr"
+    precompute(open_dataset(tiny_data), path,
+               Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
+               CropPlan(seed=5, crops_per_image=2, augment=("mixup:0.4",)), top_k=TOP_K,
+               crop_batch=32, chunk_size=32, progress=False, num_workers=1, only_chunks=[0])
+    refused = run(*train_args(tiny_data, tmp_path / "run", "--labels", path, "--allow-partial"),
+                  ok=False)
+    assert_one_line_error(refused, "may lie in an unfinished chunk", "finish the store")
