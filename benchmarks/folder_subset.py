@@ -8,6 +8,7 @@ images per class on 2 CPU cores) and to carry a data set to the GPU machine with
   tar xzf ../shared/datasets/tiny-imagenet-200-300.tar.gz -C /tmp
   python benchmarks/folder_subset.py /tmp/tiny-imagenet-200 /tmp/tin100 --train 100
   python benchmarks/folder_subset.py /tmp/tiny-imagenet-200 .carry/tin50 --train 50 --val 25 --copy
+  python benchmarks/folder_subset.py /tmp/tiny-imagenet-200 /tmp/tin50c --classes 50 --train 100
 """
 import argparse
 import os
@@ -23,13 +24,25 @@ def get_args():
     p.add_argument("--train", type=int, required=True, help="training files per class")
     p.add_argument("--val", type=int, default=None, help="validation files per class (all)")
     p.add_argument("--copy", action="store_true", help="copy files instead of linking them")
+    p.add_argument("--classes", type=int, default=None,
+                   help="keep this many classes, evenly spaced in sorted order (all)")
     return p.parse_args()
 
 
-def subset_split(source: Path, dest: Path, per_class, copy: bool) -> int:
-    """Link (or copy) the first ``per_class`` files of each class folder; return how many."""
+def kept_classes(source: Path, count) -> list:
+    """The class folders kept: all, or ``count`` evenly spaced in sorted order (a spread of the
+    class set, the same on every machine)."""
+    folders = sorted(d.name for d in source.iterdir() if d.is_dir())
+    if count is None or count >= len(folders):
+        return folders
+    step = len(folders) / count
+    return [folders[int(i * step)] for i in range(count)]
+
+
+def subset_split(source: Path, dest: Path, per_class, copy: bool, classes: list) -> int:
+    """Link (or copy) the first ``per_class`` files of each kept class folder; return how many."""
     made = 0
-    for folder in sorted(d for d in source.iterdir() if d.is_dir()):
+    for folder in (source / name for name in classes):
         files = sorted(f for f in folder.iterdir() if f.is_file())[:per_class]
         (dest / folder.name).mkdir(parents=True)
         for f in files:
@@ -46,7 +59,9 @@ def main():
     for split in ("train", "val"):
         if not (args.source / split).is_dir():
             sys.exit(f"error: {args.source}: has no {split}/ folder; pass an ImageFolder root")
-    counts = {split: subset_split(args.source / split, args.dest / split, per_class, args.copy)
+    classes = kept_classes(args.source / "train", args.classes)
+    counts = {split: subset_split(args.source / split, args.dest / split, per_class, args.copy,
+                                  classes)
               for split, per_class in (("train", args.train), ("val", args.val))}
     print(f"{args.dest}: {counts['train']:,} training and {counts['val']:,} validation images")
 

@@ -203,11 +203,9 @@ class PlanAugment:
             bins = np.full(ops.shape, recipe.magnitude, dtype=np.int64)
         if not count:
             return ops, np.zeros(ops.shape)
-        values = self._magnitudes[np.minimum(ops, len(op_names()) - 1),
-                                  np.minimum(bins, NUM_MAGNITUDE_BINS - 1)]
+        values = self._magnitudes[ops, bins]  # uniforms are < 1, so ids and bins are in range
         negative = self._uniform(STREAM_AUTO, n[:, None], k[:, None], 3 * r + 2) <= 0.5
-        signed = _signed_ops(recipe)[ops]
-        return np.minimum(ops, len(op_names()) - 1), np.where(signed & negative, -values, values)
+        return ops, np.where(_signed_ops(recipe)[ops] & negative, -values, values)
 
     def _erasing(self, n, k) -> np.ndarray:
         """torchvision's RandomErasing box on the crop: draw 0 decides; try t uses draws
