@@ -437,6 +437,32 @@ def plot(runs, out, names):
 
 
 @cli.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.argument("data", required=False, type=click.Path(exists=True))
+@click.option("--split", type=click.Choice(["val", "train"]), default="val",
+              help="train: the training images themselves, for the train/validation gap")
+@click.option("--res", default=None, type=PIXELS, show_default="the checkpoint's",
+              help="crop side")
+@click.option("--batch-size", default=256, type=AT_LEAST_ONE, help="images per batch")
+@workers_option
+@device_option
+@cache_dir_option
+@friendly_errors(about="run")
+def evaluate(run, data, split, res, batch_size, workers, device, cache_dir):
+    """Top-1 of a trained model (a `refine train` RUN directory, or any checkpoint with DATA)
+    on the centred square of every image of a split, as validation is evaluated; `--split
+    train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json."""
+    from refinery_pipeline.evaluation import (checkpoint_of, data_of, evaluate_checkpoint,
+                                              save_evaluation)
+    metrics = evaluate_checkpoint(checkpoint_of(run), data_of(run, data), split, res,
+                                  batch_size, workers, device, cache_dir)
+    saved = save_evaluation(run, metrics)
+    click.echo(f"{split} top-1 {metrics[split + '_top1']:.2f}  top-5 "
+               f"{metrics[split + '_top5']:.2f} on {metrics['images']} images"
+               + (f"; {saved}" if saved else ""))
+
+
+@cli.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @friendly_errors(about="store")

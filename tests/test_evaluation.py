@@ -1,0 +1,38 @@
+"""`refine evaluate`: a model's accuracy on the centred images of either split (the paper's
+train/validation gap), computed exactly as `refine train` evaluates validation."""
+import json
+
+import numpy as np
+
+from refinery_pipeline.dataset import ImageDataset
+from refinery_pipeline.evaluation import evaluate_checkpoint
+
+from .test_cli import assert_one_line_error, run
+
+
+def test_validation_matches_what_training_logged(tiny_refinery_ckpt, tiny_data):
+    """The run evaluated validation at its last epoch with these weights: the same number."""
+    run_dir = tiny_refinery_ckpt.parent
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    result = run("evaluate", run_dir)
+    saved = json.loads((run_dir / "eval_val.json").read_text())
+    assert np.isclose(saved["val_top1"], logged["val_top1"])
+    assert saved["val_per_class"] == logged["val_per_class"]
+    assert f"val top-1 {logged['val_top1']:.2f}" in result.output
+
+
+def test_the_train_split_evaluates_the_training_images(tiny_refinery_ckpt, tiny_data):
+    metrics = evaluate_checkpoint(tiny_refinery_ckpt, tiny_data, "train", num_workers=1)
+    assert metrics["images"] == ImageDataset(tiny_data).num_images == 96
+    assert len(metrics["train_per_class"]) == 10 and 0 <= metrics["train_top1"] <= 100
+    run("evaluate", tiny_refinery_ckpt.parent, "--split", "train", "--workers", 1)
+    saved = json.loads((tiny_refinery_ckpt.parent / "eval_train.json").read_text())
+    assert np.isclose(saved["train_top1"], metrics["train_top1"])
+
+
+def test_a_checkpoint_file_needs_its_data(tiny_refinery_ckpt, tiny_data, tmp_path):
+    assert_one_line_error(run("evaluate", tiny_refinery_ckpt, ok=False), "pass DATA")
+    run("evaluate", tiny_refinery_ckpt, tiny_data, "--workers", 1)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    assert_one_line_error(run("evaluate", unfinished, ok=False), "holds no model.pt")
