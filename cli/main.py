@@ -417,17 +417,27 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
               help="image to write (.png, .pdf, .svg)")
 @click.option("--name", "names", multiple=True, show_default="each run's directory name",
               help="legend name of each run, in order")
+@click.option("--gap", is_flag=True,
+              help="the train/validation gap of each run instead (from `refine evaluate RUN "
+                   "--split train` and `--split val`): the paper's Fig. 1 and Figs. 4-6")
 @friendly_errors(about="out")
-def plot(runs, out, names):
+def plot(runs, out, names, gap):
     """Plot accuracy per epoch and per class of one or several `refine train` RUNS (their --out
     directories): validation vs training crops, side by side in one figure."""
-    from refinery_pipeline.plots import plot_runs, read_run
+    from refinery_pipeline.plots import plot_gap, plot_runs, read_run
     if names and len(names) != len(runs):
         raise RefineryError(f"{len(names)} --name for {len(runs)} runs; give one per run or none")
     if not names:
         short = [Path(r).name for r in runs]
         names = short if len(set(short)) == len(short) else runs  # the paths where names clash
     loaded = [read_run(run, name) for run, name in zip(runs, names)]
+    if gap:
+        if any(run.classes != loaded[0].classes for run in loaded[1:]):
+            raise RefineryError("runs trained on different classes cannot share the per-class "
+                                "gap; plot them separately")
+        default = Path(runs[0]) / "gap.png" if len(runs) == 1 else Path("gap.png")
+        click.echo(f"plot: {plot_gap(runs, list(names), loaded[0].classes, out or default)}")
+        return
     default = Path(runs[0]) / "plot.png" if len(runs) == 1 else Path("runs.png")
     figure = plot_runs(loaded, out or default)
     for run in loaded:

@@ -128,6 +128,51 @@ def _draw_per_class(ax, run: RunMetrics, order: list[int], colour: str):
                 markerfacecolor="none", color=colour)
 
 
+def read_gap(run_dir: str | os.PathLike) -> dict:
+    """A run's ``refine evaluate`` results on both splits (``eval_train.json``,
+    ``eval_val.json``); a one-line error naming the command for a missing one."""
+    run, found = Path(run_dir), {}
+    for split in ("train", "val"):
+        path = run / f"eval_{split}.json"
+        if not path.is_file():
+            raise RefineryError(f"{path}: not found; run `refine evaluate {run} --split {split}` "
+                                "first")
+        found.update(json.loads(path.read_text()))
+    return found
+
+
+def plot_gap(runs: list[str], names: list[str], classes: list[str],
+             out: str | os.PathLike) -> Path:
+    """The paper's overfitting view (Fig. 1, Figs. 4-6) of several runs, e.g. generations:
+    top-1 on the training images and on validation, both centred and evaluated alike, with the
+    gap between them; and the gap per class, classes ordered by the first run's gap."""
+    plt = _pyplot()
+    gaps = [read_gap(run) for run in runs]
+    fig, (overall, per_class) = plt.subplots(
+        1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
+    xs = range(len(runs))
+    overall.bar([x - 0.2 for x in xs], [g["train_top1"] for g in gaps], 0.4, label="train images")
+    overall.bar([x + 0.2 for x in xs], [g["val_top1"] for g in gaps], 0.4, label="validation")
+    for x, g in zip(xs, gaps):
+        overall.annotate(f"gap {g['train_top1'] - g['val_top1']:.1f}", (x, g["train_top1"]),
+                         ha="center", va="bottom", fontsize=8)
+    overall.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
+    overall.set(ylabel="top-1 (%)", title="top-1 on the training images and on validation")
+    per_class_gap = [[t - v for t, v in zip(g["train_per_class"], g["val_per_class"])]
+                     for g in gaps]
+    order = sorted(range(len(classes)), key=lambda c: -per_class_gap[0][c])
+    for name, gap in zip(names, per_class_gap):
+        per_class.plot(range(len(order)), [gap[c] for c in order], marker="o", label=name)
+    per_class.axhline(0, color="grey", linewidth=0.8)
+    per_class.set(ylabel="train - validation top-1 (points)", title="overfitting gap per class")
+    if len(classes) <= CLASS_NAMES_SHOWN:
+        per_class.set_xticks(range(len(order)), [readable_name(classes[c]) for c in order],
+                             rotation=45, ha="right", fontsize=8)
+    for ax in (overall, per_class):
+        ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def plot_stored_crops(crops, out: str | os.PathLike, max_crops: int = 8) -> Path:
     """One row per image: its first ``max_crops`` stored crops, each titled with the stored top-1
     class and probability, in red where it is not the image's ground-truth class (the crops

@@ -1,6 +1,7 @@
 """`refine evaluate`: a model's accuracy on the centred images of either split (the paper's
 train/validation gap), computed exactly as `refine train` evaluates validation."""
 import json
+import shutil
 
 import numpy as np
 
@@ -36,3 +37,18 @@ def test_a_checkpoint_file_needs_its_data(tiny_refinery_ckpt, tiny_data, tmp_pat
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     assert_one_line_error(run("evaluate", unfinished, ok=False), "holds no model.pt")
+
+
+def test_plot_gap_draws_evaluated_runs_and_names_the_missing_step(tiny_refinery_ckpt,
+                                                                   tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("metrics.jsonl", "config.json", "model.pt"):
+        shutil.copy(tiny_refinery_ckpt.parent / name, run_dir / name)
+    missing = run("plot", run_dir, "--gap", "--out", tmp_path / "none.png", ok=False)
+    assert_one_line_error(missing, "eval_train.json", f"refine evaluate {run_dir} --split train")
+    run("evaluate", run_dir, "--split", "train", "--workers", 1)
+    run("evaluate", run_dir, "--workers", 1)
+    out = tmp_path / "gap.png"
+    result = run("plot", run_dir, run_dir, "--name", "a", "--name", "b", "--gap", "--out", out)
+    assert out.stat().st_size > 10_000 and str(out) in result.output
