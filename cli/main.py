@@ -491,19 +491,36 @@ def inspect(store, as_json):
 @click.option("--crops", default=8, type=AT_LEAST_ONE, help="stored crops shown per image")
 @click.option("--seed", default=0, type=SEED, help="which images")
 @click.option("--out", default="crops.png", type=click.Path(), help="figure file")
+@click.option("--compare", "others", multiple=True, metavar="STORE",
+              help="also show this store's top-3 of the same crops (e.g. a later generation's; "
+                   "same data, --seed and -K), once per store")
+@click.option("--name", "names", multiple=True, show_default="the stores' file names",
+              help="name of STORE and of each --compare store, in order")
 @workers_option
 @cache_dir_option
 @friendly_errors(about="out")
-def show(store, data, images, crops, seed, out, workers, cache_dir):
-    """Draw stored crops of STORE (made from DATA) with their stored labels, as students see them."""
+def show(store, data, images, crops, seed, out, others, names, workers, cache_dir):
+    """Draw stored crops of STORE (made from DATA) with their stored labels, as students see them;
+    with --compare, each crop with every store's top-3 (the paper's Figs. 7-8)."""
     from refinery_pipeline.dataset import open_dataset
-    from refinery_pipeline.inspect_store import sample_stored_crops
-    from refinery_pipeline.plots import plot_stored_crops
+    from refinery_pipeline.inspect_store import compared_labels, sample_stored_crops
+    from refinery_pipeline.plots import plot_compared_crops, plot_stored_crops
+    stores = (store, *others)
+    if names and len(names) != len(stores):
+        raise RefineryError(f"{len(names)} --name for {len(stores)} stores; give one per store "
+                            "(STORE first, then each --compare) or none")
     dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
     sample = sample_stored_crops(dataset, store, images, seed, workers)
     shown = min(crops, sample.pixels.shape[1])
-    click.echo(f"{plot_stored_crops(sample, out, crops)}: {len(sample.images)} images x {shown} "
-               f"crop{'' if shown == 1 else 's'}")
+    if others:
+        labels = [(sample.topk_indices, sample.topk_probs)] + [
+            compared_labels(other, sample, store) for other in others]
+        figure = plot_compared_crops(sample, labels, list(names or
+                                                          [Path(s).stem for s in stores]), out,
+                                     crops)
+    else:
+        figure = plot_stored_crops(sample, out, crops)
+    click.echo(f"{figure}: {len(sample.images)} images x {shown} crop{'' if shown == 1 else 's'}")
 
 
 @cli.command()

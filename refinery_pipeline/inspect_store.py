@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import RefineryError
+from .errors import RefineryError, StoreMismatchError
 from .label_store import LabelStore
 
 
@@ -68,6 +68,23 @@ class StoredCrops:
     topk_probs: np.ndarray    # (n, K, k) float32
     labels: np.ndarray        # (n,) ground truth
     classes: list
+
+
+def compared_labels(location, crops: StoredCrops, reference) -> tuple:
+    """Another store's labels ``(topk_indices, topk_probs)`` of the crops in ``crops`` (sampled
+    from the store at ``reference``), e.g. a later generation's refinery on the same crops (the
+    paper's Figs. 7-8). Its crops must be the same: same data set, plan and K."""
+    other, base = LabelStore.open(location), LabelStore.open(reference)
+    for what in ("plan", "dataset"):
+        if other.attrs[what] != base.attrs[what]:
+            raise StoreMismatchError(f"{location}: its {what} differs from {reference}'s, so its "
+                                     "labels are of other crops; compare stores precomputed with "
+                                     "the same --seed and -K on the same data")
+    if not other.done_images()[crops.images].all():
+        raise RefineryError(f"{location}: has not labelled all the images shown yet; finish "
+                            "its precompute first")
+    records = other.read_crops(crops.images)
+    return records.topk_indices, records.topk_probs.astype(np.float32)
 
 
 def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,

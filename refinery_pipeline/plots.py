@@ -195,6 +195,36 @@ def plot_stored_crops(crops, out: str | os.PathLike, max_crops: int = 8) -> Path
     return _save(fig, out)
 
 
+def plot_compared_crops(crops, labels: list, names: list, out: str | os.PathLike,
+                        max_crops: int = 4, top: int = 3) -> Path:
+    """The same stored crops labelled by several stores (``labels``: ``(indices, probs)`` per
+    store, named ``names``), each crop over its top-``top`` classes per store: how the labels of
+    a crop change across generations of refineries (the paper's Figs. 7-8). Red: a store's
+    top-1 is not the image's class."""
+    plt = _pyplot()
+    rows, cols = len(crops.images), min(max_crops, crops.pixels.shape[1])
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.6, (1.9 + 0.42 * len(names))
+                                                  * rows), squeeze=False)
+    for r in range(rows):
+        truth = int(crops.labels[r])
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.imshow(crops.pixels[r, c])
+            ax.set_xticks([]), ax.set_yticks([])
+            lines = [f"{name}: " + ", ".join(
+                f"{readable_name(crops.classes[int(i)])[:12]} {p:.2f}"
+                for i, p in zip(indices[r, c, :top], probs[r, c, :top]))
+                for name, (indices, probs) in zip(names, labels)]
+            wrong = [int(indices[r, c, 0]) != truth for indices, _ in labels]
+            ax.set_xlabel("\n".join(lines), fontsize=6, loc="left",
+                          color="red" if wrong[-1] else "black")
+        axes[r, 0].set_ylabel(f"#{crops.images[r]}\n{readable_name(crops.classes[truth])}",
+                              fontsize=7)
+    fig.suptitle(f"the same crops, each store's top-{top}\n(red: the last store's top-1 is not "
+                 "the image's class)", fontsize=9)
+    return _save(fig, out)
+
+
 def _pyplot():
     """matplotlib's pyplot drawing into files, never a window (no display on servers)."""
     os.environ.setdefault("MPLBACKEND", "Agg")

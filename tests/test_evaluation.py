@@ -52,3 +52,30 @@ def test_plot_gap_draws_evaluated_runs_and_names_the_missing_step(tiny_refinery_
     out = tmp_path / "gap.png"
     result = run("plot", run_dir, run_dir, "--name", "a", "--name", "b", "--gap", "--out", out)
     assert out.stat().st_size > 10_000 and str(out) in result.output
+
+
+def test_show_compare_labels_the_same_crops_by_every_store(tiny_data, tiny_dataset,
+                                                           tiny_refinery_ckpt, tmp_path):
+    """Figs. 7-8: the crops of STORE with each store's labels of them; stores of other crops
+    (another plan) are refused in one line."""
+    from refinery_pipeline.inspect_store import compared_labels, sample_stored_crops
+    from refinery_pipeline.label_store import LabelStore
+    stores = {}
+    for name, options in (("train_bn", ()), ("eval_bn", ("--bn-mode", "eval")),
+                          ("other_seed", ("--seed", 3))):
+        stores[name] = tmp_path / f"{name}.zarr"
+        run("precompute", tiny_data, stores[name], "--weights", tiny_refinery_ckpt, "-K", 2,
+            "--top-k", 3, "--chunk-size", 32, "--workers", 1, *options)
+    out = tmp_path / "compare.png"
+    result = run("show", stores["train_bn"], tiny_data, "--compare", stores["eval_bn"],
+                 "--name", "BN train", "--name", "BN eval", "--images", 2, "--crops", 2,
+                 "--out", out, "--workers", 1)
+    assert out.read_bytes()[:4] == b"\x89PNG" and "2 images x 2 crops" in result.output
+    sample = sample_stored_crops(tiny_dataset, stores["train_bn"], num_images=3, num_workers=1)
+    indices, _ = compared_labels(stores["eval_bn"], sample, stores["train_bn"])
+    assert np.array_equal(indices, LabelStore.open(stores["eval_bn"]).read_crops(
+        sample.images).topk_indices)
+    refused = run("show", stores["train_bn"], tiny_data, "--compare", stores["other_seed"],
+                  "--out", tmp_path / "no.png", ok=False)
+    assert_one_line_error(refused, "its plan differs", "same --seed and -K")
+    assert not (tmp_path / "no.png").exists()
