@@ -343,6 +343,9 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--adversarial-eta", default=0.0, type=NON_NEGATIVE, show_default="off",
               help="adversarial jittering (paper 3.1): also train on each crop moved by ETA x the "
                    "gradient of its loss, labelled by --teacher; watch adv_rms in the log")
+@click.option("--adversarial-bn", type=click.Choice(["separate", "shared"]), default="separate",
+              help="twins in a BatchNorm batch of their own, or in one batch with the natural "
+                   "crops as the paper batches them (one more student pass per step)")
 @click.option("--precise-bn", default=0, metavar="BATCHES", show_default="off",
               type=Count(min=0, fix="give the number of training batches to recompute BatchNorm "
                                     "statistics over (e.g. 100), or 0 for off"),
@@ -376,7 +379,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @friendly_errors(about="out_dir")
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
           lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode, init,
-          teacher, teacher_bn, teacher_crops, loss, adversarial_eta, precise_bn, rest, slot_policy,
+          teacher, teacher_bn, teacher_crops, loss, adversarial_eta, adversarial_bn, precise_bn,
+          rest, slot_policy,
           res, augment, workers, seed, eval_every, device, compile_, resume, allow_partial,
           skip_store_check, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
@@ -397,7 +401,8 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       lr_milestones=lr_milestones, label_smoothing=label_smoothing,
                       label_mode=label_mode, init=init, teacher=teacher, teacher_bn=teacher_bn,
                       teacher_crops=teacher_crops, loss=loss,
-                      adversarial_eta=adversarial_eta, precise_bn=precise_bn, rest=rest,
+                      adversarial_eta=adversarial_eta, adversarial_bn=adversarial_bn,
+                      precise_bn=precise_bn, rest=rest,
                       slot_policy=slot_policy, res=res, augment=recipe.names(),
                       workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,

@@ -15,17 +15,25 @@ Choices the paper leaves open, and why:
 - The gradient goes through the student only (the refinery's label of ``x`` is held fixed), as in
   gradient-sign attacks on one model; it is also what the natural half's backward pass already
   computes, so finding the twins costs no extra pass.
-- Natural crops and twins share the optimizer step but not the BatchNorm batch: each half is
-  normalised by its own statistics (AdvProp, Xie et al. 2020, found mixing them hurts) and the
-  natural half's backward pass is reused, so a step costs two student passes, not three.
-  BatchNorm running statistics are therefore updated twice per step.
+- Natural crops and twins share the optimizer step. By default (``bn="separate"``) they do not
+  share the BatchNorm batch: each half is normalised by its own statistics (AdvProp, Xie et al.
+  2020, found mixing them hurts) and the natural half's backward pass is reused, so a step costs
+  two student passes, not three; BatchNorm running statistics are updated twice per step.
+  ``bn="shared"`` batches them as the paper does: one pass finds the twins (its gradient only
+  reaches the inputs, and it leaves BatchNorm's running statistics alone), then natural crops
+  and twins go through the student as one batch of 2B, normalised together: three passes per
+  step, running statistics updated once, by both.
 """
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .models import IMAGENET_NORMALIZATION, denormalize, normalize
+from .models import IMAGENET_NORMALIZATION, batchnorm_layers, denormalize, normalize
 from .refinery import autocast_for
+
+# How natural crops and their twins meet BatchNorm: each in its own batch (the default), or one
+# batch of both as the paper batches them.
+ADVERSARIAL_BN = ("separate", "shared")
 
 
 def forward_backward(model, x, target, loss_fn, weight: float = 1.0):
@@ -56,15 +64,20 @@ class AdversarialStep:
     """
 
     def __init__(self, label_pixels, eta: float, normalization=IMAGENET_NORMALIZATION,
-                 channels_last: bool = True):
-        """``label_pixels``: float NCHW pixels -> target distributions (the online refinery)."""
+                 channels_last: bool = True, bn: str = "separate"):
+        """``label_pixels``: float NCHW pixels -> target distributions (the online refinery);
+        ``bn``: ``"separate"`` or ``"shared"`` BatchNorm batches (module docstring)."""
         if not eta > 0:
             raise ValueError(f"adversarial step size must be positive, got {eta}")
-        self.label_pixels, self.eta = label_pixels, float(eta)
+        if bn not in ADVERSARIAL_BN:
+            raise ValueError(f"adversarial BN {bn!r}: choose one of {ADVERSARIAL_BN}")
+        self.label_pixels, self.eta, self.bn = label_pixels, float(eta), bn
         self.normalization, self.channels_last = normalization, channels_last
         self._totals = None
 
     def __call__(self, model, x, target, loss_fn):
+        if self.bn == "shared":
+            return self._shared_batch(model, x, target, loss_fn)
         x = x.detach().requires_grad_(True)
         with _local_accumulation(model):  # under DDP, gradients are reduced once, after the twins
             natural, logits = forward_backward(model, x, target, loss_fn, weight=0.5)
@@ -78,6 +91,27 @@ class AdversarialStep:
         self._add(adversarial, (twins - pixels).square().mean().sqrt())
         return (natural + adversarial) / 2, logits
 
+    def _shared_batch(self, model, x, target, loss_fn):
+        """The paper's batching: twins from a pass whose gradient reaches only the inputs, then
+        natural crops and twins as one batch (one BatchNorm batch, one backward pass)."""
+        x = x.detach()
+        probe = x.clone().requires_grad_(True)
+        with _local_accumulation(model), _running_statistics_kept(model), \
+                autocast_for(x.device):  # no DDP reduction, no BN statistics update here
+            probe_loss = loss_fn(model(probe), target)
+        per_crop_grad = torch.autograd.grad(probe_loss, probe)[0] * len(x)
+        pixels = denormalize(x, self.normalization)
+        twins = denormalize(x + self.eta * per_crop_grad, self.normalization).clamp_(0, 255)
+        both = torch.cat([x, normalize(twins, self.normalization, self.channels_last)])
+        twin_target = self.label_pixels(twins)
+        with autocast_for(x.device):
+            logits = model(both)
+        natural = loss_fn(logits[:len(x)], target)
+        adversarial = loss_fn(logits[len(x):], twin_target)
+        ((natural + adversarial) / 2).backward()
+        self._add(adversarial.detach(), (twins - pixels).square().mean().sqrt())
+        return (natural.detach() + adversarial.detach()) / 2, logits[:len(x)].detach()
+
     def _add(self, adversarial_loss, rms):
         batch = torch.stack([adversarial_loss.float(), rms.float(), torch.ones_like(rms)])
         self._totals = batch if self._totals is None else self._totals + batch
@@ -89,6 +123,22 @@ class AdversarialStep:
         loss, rms, steps = self._totals.tolist()
         self._totals = None
         return {"adv_loss": loss / steps, "adv_rms": rms / steps}
+
+
+@contextmanager
+def _running_statistics_kept(model):
+    """BatchNorm in train mode normalises by the batch as usual, but its running statistics
+    (and batch count) come out as they went in: momentum 0 for the pass, the count restored."""
+    layers = [(m, m.momentum, m.num_batches_tracked.clone()) for m in batchnorm_layers(model)
+              if m.track_running_stats and m.num_batches_tracked is not None]
+    for m, _, _ in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in layers:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def _local_accumulation(model):

@@ -64,6 +64,7 @@ class TrainConfig:
     teacher_crops: str = "fresh"  # 'fresh' random crops, or 'replay' the store's crops (parity)
     loss: str = "kl"
     adversarial_eta: float = 0.0  # > 0: also train on adversarial twins (needs a teacher)
+    adversarial_bn: str = "separate"  # or "shared": twins in the natural crops' BN batch (paper)
     precise_bn: int = 0         # > 0: recompute BN statistics over this many batches before eval
     rest: str = DEFAULT_REST    # where the mass outside the stored top-k goes
     slot_policy: str = DEFAULT_SLOT_POLICY  # or "random": an independent slot every epoch
@@ -527,7 +528,7 @@ def _training_step(cfg: TrainConfig, targets):
     if not cfg.adversarial_eta:
         return NaturalStep()
     return AdversarialStep(targets.label_pixels, cfg.adversarial_eta,
-                           channels_last=cfg.channels_last)
+                           channels_last=cfg.channels_last, bn=cfg.adversarial_bn)
 
 
 def _wrap(model, cfg, device):

@@ -92,3 +92,42 @@ def test_natural_step_is_one_plain_pass():
 def test_step_size_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         AdversarialStep(FixedLabels(None), eta=0.0)
+
+
+def bn_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5))
+
+
+def test_shared_bn_trains_natural_crops_and_twins_as_one_batch():
+    """The paper's batching: the same twins as the separate mode (found by a pass that leaves
+    BatchNorm's statistics alone), then one forward of all 2B crops: the parameter gradient is
+    that of the mean loss over the joint batch, BN normalising both halves together."""
+    x, target = batch(8)
+    labels = FixedLabels(target)
+    model = bn_net()
+    reference = bn_net()
+    before = [b.clone() for b in reference.buffers()]
+    loss, logits = AdversarialStep(labels, eta=20.0, bn="shared")(model, x, target,
+                                                                 kl_divergence)
+    twins = labels.seen[0]
+    separate = FixedLabels(target)
+    AdversarialStep(separate, eta=20.0)(bn_net(), x, target, kl_divergence)
+    assert torch.allclose(twins, separate.seen[0], atol=1e-4)  # same probe, same twins
+    both = torch.cat([x, normalize(twins)])
+    out = reference(both)
+    expected = (kl_divergence(out[:8], target) + kl_divergence(out[8:], target)) / 2
+    expected.backward()
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(ours.grad, theirs.grad, atol=1e-5)
+    assert torch.isclose(loss, expected.detach(), atol=1e-5) and logits.shape == (8, 5)
+    # running statistics moved once (the joint batch), not by the probe as well
+    for ours, theirs in zip(model.buffers(), reference.buffers()):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(before, reference.buffers()))
+
+
+def test_an_unknown_bn_mode_is_refused():
+    with pytest.raises(ValueError, match="adversarial BN"):
+        AdversarialStep(FixedLabels(None), eta=1.0, bn="mixed")
