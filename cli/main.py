@@ -325,8 +325,10 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                    "e.g. 140,170 (the paper's recipe, torch's MultiStepLR)")
 @click.option("--label-smoothing", default=0.0, type=SMOOTHING,
               help="ground-truth mode only (--labels none)")
-@click.option("--label-mode", type=click.Choice(["soft", "hard", "static"]), default="soft",
-              help="stored soft labels, their arg-max, or the whole-image (soft-static) label")
+@click.option("--label-mode", type=click.Choice(["soft", "hard", "static", "category-visual"]),
+              default="soft",
+              help="stored soft labels, their arg-max, the whole-image (soft-static) label, or "
+                   "each class's mean stored label (the paper's visual category labels)")
 @click.option("--init", default=None, type=click.Path(), show_default="random",
               help="start the student from these weights (a checkpoint of --arch trained on "
                    "these classes, e.g. the refinery: the paper's Table 3 setting)")

@@ -1,6 +1,7 @@
 """Label sources: where each training batch's target distributions come from.
 
-Every labelling mode of the paper is one of these objects, chosen once by ``train.fit``; the
+Each labelling mode is one of these objects (the paper's, but for its WordNet category labels,
+Table 5's last row, which are not built yet), chosen once by ``train.fit``; the
 step loop calls whichever it is given and never branches on the mode. Each maps a batch (a
 :class:`.crop_batch.CropBatch` on the device: labels, image indices, the slot of each crop) and its
 pixels to dense target distributions (B, C); the pixels are the crops as shown, float NCHW 0-255 on the device, before the student's normalisation, so an online refinery
@@ -100,3 +101,38 @@ class HardTargets:
 
     def label_pixels(self, pixels):
         return hard_from_soft(self.source.label_pixels(pixels))
+
+
+class CategoryTargets:
+    """One target per class, whatever the crop (the paper's category-level labels, Table 5):
+    row ``c`` of ``table`` ``(C, C)`` for every crop of an image of class ``c``."""
+
+    def __init__(self, table: torch.Tensor, device):
+        self.table = torch.as_tensor(table, dtype=torch.float32).to(device)
+
+    def __call__(self, batch, pixels):
+        return self.table[batch.labels]
+
+
+def visual_category_table(topk_indices: np.ndarray, topk_probs: np.ndarray, labels: np.ndarray,
+                          num_classes: int, rest: str = DEFAULT_REST,
+                          crops_per_step: int = 1 << 16) -> torch.Tensor:
+    """The paper's *visual* category labels: each class's mean refinery label over every stored
+    crop of its training images, ``(C, C)`` float32, row ``c`` for class ``c``.
+
+    Each stored label is expanded exactly as training expands it (``rest``), so a class's row is
+    the mean of the targets its crops would otherwise get. The refinery's BatchNorm mode is the
+    store's (the paper fixes it for all its visual variants; here it is whatever labelled the
+    store, recorded in ``refinery.bn_mode``). Summed ``crops_per_step`` crops at a time, so an
+    ImageNet-sized store never expands whole."""
+    indices = np.asarray(topk_indices).reshape(-1, np.shape(topk_indices)[-1])
+    probs = np.asarray(topk_probs).reshape(indices.shape)
+    per_crop = np.repeat(np.asarray(labels), len(indices) // len(labels))
+    sums = torch.zeros(num_classes, num_classes)
+    for start in range(0, len(indices), crops_per_step):
+        part = slice(start, start + crops_per_step)
+        dense = dense_from_sparse(torch.from_numpy(indices[part].astype(np.int64)),
+                                  torch.from_numpy(probs[part]), num_classes, rest)
+        sums.index_add_(0, torch.from_numpy(per_crop[part].astype(np.int64)), dense)
+    counts = torch.bincount(torch.from_numpy(per_crop.astype(np.int64)), minlength=num_classes)
+    return sums / counts.clamp_min(1)[:, None]

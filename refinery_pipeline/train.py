@@ -34,7 +34,10 @@ from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
 from .schedule import lr_factor, milestone_problem
 from .steps import AdversarialStep, NaturalStep
-from .targets import GroundTruthTargets, HardTargets, OnlineTargets, StoredTargets
+from .targets import (CategoryTargets, GroundTruthTargets, HardTargets, OnlineTargets,
+                      StoredTargets, visual_category_table)
+
+CATEGORY_VISUAL = "category-visual"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class TrainConfig:
     lr_gamma: float = 0.1       # step, multistep: factor per decay
     lr_milestones: tuple = ()   # multistep: the epochs at which the LR is multiplied by lr_gamma
     label_smoothing: float = 0.0
-    label_mode: str = "soft"    # 'soft', 'hard' (arg-max) or 'static' (whole-image label)
+    label_mode: str = "soft"    # 'soft', 'hard' (arg-max), 'static' (whole-image label) or
+    #                             'category-visual' (each class's mean stored label)
     teacher: str = None         # online refinery checkpoint: labels every crop as it is shown
     #                             (a tuple of several: an ensemble, the mean of their labels)
     init: str = None            # student weights to start from (paper Table 3: the refined model)
@@ -114,7 +118,8 @@ def load_data(cfg: TrainConfig, device):
     _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
     crops, records = _crop_source(cfg, train_ds, store, res)
     _warn_if_rest_flattens(cfg, records, len(train_ds.classes))
-    targets = _target_source(cfg, len(train_ds.classes), device, records, teacher)
+    targets = _target_source(cfg, len(train_ds.classes), device, records, teacher,
+                             train_ds.labels)
     train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
                                train=True, seed=cfg.seed, indices=indices,
                                distributed=torch.distributed.is_initialized())
@@ -323,8 +328,10 @@ def _fresh_crops(cfg: TrainConfig, train_ds, recipe: Recipe = None, res: int = N
                       recipe or None, train_ds.labels, res)
 
 
-def _target_source(cfg: TrainConfig, num_classes: int, device, records, teacher):
-    """Ground truth, stored labels (dynamic or static) or an online teacher; hard if asked."""
+def _target_source(cfg: TrainConfig, num_classes: int, device, records, teacher,
+                   labels=None):
+    """Ground truth, stored labels (dynamic, static or per class) or an online teacher; hard if
+    asked. ``labels``: the training images' classes (for per-class labels)."""
     if teacher is not None:
         source = OnlineTargets(teacher)
     elif records is None:
@@ -332,6 +339,9 @@ def _target_source(cfg: TrainConfig, num_classes: int, device, records, teacher)
     elif cfg.label_mode == "static":
         return StoredTargets(records.static_indices, records.static_probs, num_classes,
                              device, cfg.rest)
+    elif cfg.label_mode == CATEGORY_VISUAL:
+        return CategoryTargets(visual_category_table(records.topk_indices, records.topk_probs,
+                                                     labels, num_classes, cfg.rest), device)
     else:  # looked up from each batch's labels, which the loader gathers (_labels_per_crop)
         source = StoredTargets(records.topk_indices, records.topk_probs, num_classes, device,
                                cfg.rest)
@@ -342,7 +352,8 @@ def _labels_per_crop(cfg: TrainConfig, records):
     """The records whose per-crop labels the training loader attaches to each batch, gathered
     on the host (what :class:`.targets.StoredTargets` reads): None unless the store's dynamic
     labels are the targets."""
-    stored = records is not None and cfg.teacher is None and cfg.label_mode != "static"
+    stored = records is not None and cfg.teacher is None and \
+        cfg.label_mode not in ("static", CATEGORY_VISUAL)
     return records if stored else None
 
 
@@ -421,6 +432,7 @@ def fit(cfg: TrainConfig) -> dict:
     Every refusal comes before the first byte is written: a refused run leaves ``cfg.out_dir``
     as it was (or absent)."""
     _check_adversarial(cfg)
+    _check_label_mode(cfg)
     _check_precise_bn(cfg)
     _check_epochs(cfg)
     out = Path(cfg.out_dir)
@@ -456,6 +468,8 @@ def fit(cfg: TrainConfig) -> dict:
     bn_loader = _bn_statistics_loader(cfg, train_ds, res) if cfg.precise_bn else None
     if is_main():
         _record_run(out, run_config, start_epoch)
+        if isinstance(targets, CategoryTargets):  # what every crop of class c was trained on
+            np.save(out / "category_targets.npy", targets.table.cpu().numpy())
     record = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -501,6 +515,13 @@ def _check_adversarial(cfg: TrainConfig):
         raise RefineryError(f"--adversarial-eta {cfg.adversarial_eta}: adversarial jittering "
                             "needs a positive step and an online refinery to label the perturbed "
                             "crops; pass --teacher CHECKPOINT")
+
+
+def _check_label_mode(cfg: TrainConfig):
+    """Visual category labels are a class's mean over its stored crops: a store must hold them."""
+    if cfg.label_mode == CATEGORY_VISUAL and (cfg.labels is None or cfg.teacher is not None):
+        raise RefineryError(f"--label-mode {CATEGORY_VISUAL}: each class's label is the mean of "
+                            "its stored crop labels; pass --labels STORE (without --teacher)")
 
 
 def _check_precise_bn(cfg: TrainConfig):

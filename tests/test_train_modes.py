@@ -8,6 +8,7 @@ import torch
 from refinery_pipeline import train as train_module
 from refinery_pipeline.crop_batch import CropBatch
 from refinery_pipeline.crop_plan import CropPlan
+from refinery_pipeline.errors import RefineryError
 from refinery_pipeline.label_store import LabelStore
 from refinery_pipeline.models import to_pixels
 from refinery_pipeline.precompute import precompute
@@ -49,6 +50,7 @@ MODES = {
     "online, adversarial twins in the natural BN batch": dict(teacher="CKPT", adversarial_eta=50.0,
                                                                adversarial_bn="shared"),
     "ground truth, a mixing recipe": dict(augment=("trivialaugment", "cutmix:1")),
+    "visual category labels": dict(labels="STORE", label_mode="category-visual"),
     "reverse KL": dict(labels="STORE", loss="reverse_kl"),
     "L2 on probabilities": dict(labels="STORE", loss="l2"),
     "soft cross-entropy": dict(labels="STORE", loss="soft_ce"),
@@ -176,3 +178,34 @@ def test_compiled_student_and_teacher_train_with_adversarial_twins(tiny_data, ti
     assert len(compiled) == 2  # the student and the online teacher
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)["model"]
     assert not any(k.startswith("_orig_mod") for k in saved)  # loads as a plain refinery
+
+
+def test_visual_category_labels_are_each_class_mean_stored_label(tiny_data, tiny_dataset,
+                                                                 full_store, tmp_path):
+    """Table 5's visual level: every crop of class c trains on the mean of the dense targets of
+    all stored crops of class-c images, recorded in the run."""
+    from refinery_pipeline.losses import dense_from_sparse
+    from refinery_pipeline.targets import visual_category_table
+    records = LabelStore.open(full_store).read_crops()
+    labels = tiny_dataset.labels
+    table = visual_category_table(records.topk_indices, records.topk_probs, labels, 10,
+                                  crops_per_step=7)  # steps that straddle images
+    for c in range(10):
+        rows = np.flatnonzero(labels == c)
+        dense = dense_from_sparse(torch.from_numpy(records.topk_indices[rows].reshape(-1, 10)
+                                                   .astype(np.int64)),
+                                  torch.from_numpy(records.topk_probs[rows].reshape(-1, 10)), 10)
+        assert torch.allclose(table[c], dense.mean(0), atol=1e-6)
+    assert torch.allclose(table.sum(1), torch.ones(10), atol=1e-5)
+    fit(config(tiny_data, tmp_path, labels=str(full_store), label_mode="category-visual"))
+    saved = np.load(tmp_path / "run" / "category_targets.npy")
+    assert np.allclose(saved, table.numpy(), atol=1e-6)
+
+
+def test_visual_category_labels_need_a_store(tiny_data, tmp_path, tiny_refinery_ckpt):
+    with pytest.raises(RefineryError, match="pass --labels STORE"):
+        fit(config(tiny_data, tmp_path, label_mode="category-visual"))
+    with pytest.raises(RefineryError, match="without --teacher"):
+        fit(config(tiny_data, tmp_path, label_mode="category-visual", labels="x.zarr",
+                   teacher=str(tiny_refinery_ckpt)))
+    assert not (tmp_path / "run").exists()
