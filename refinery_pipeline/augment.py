@@ -43,6 +43,9 @@ ERASE_SCALE, ERASE_RATIO, ERASE_TRIES = (0.02, 0.33), (0.3, 3.3), 10
 ERASE_FILL = (124, 116, 104)  # round(255 * (0.485, 0.456, 0.406))
 NO_MIX, MIXUP, CUTMIX = 0, 1, 2
 MAX_OPS = 16  # randaugment:N: more ops than this per crop leave nothing of the image
+# Crops smaller than this run the recipe on one thread: two threads were 0.75-0.9x as fast at
+# 32 px, 0.8-1.2x at 96 and 1.1-1.6x at 224 (benchmarks/results/recipe_cost_cpu.md).
+POOL_MIN_SIZE = 128
 AUTO_RECIPES = ("trivialaugment", "randaugment")
 
 
@@ -275,12 +278,13 @@ class PlanAugment:
         ``params`` the draws of (n, k) and, for the partners' own ops, of (m, j).
 
         ``threads`` > 1 splits the crops over a thread pool (torchvision's kernels release the
-        GIL; ~2 ms per crop at 224 px on one core). Each crop is computed alone, by the same
-        calls, so the bytes do not depend on the thread count."""
+        GIL), for crops of :data:`POOL_MIN_SIZE` pixels and more: smaller ones ran slower on
+        two threads than on one (Python's share of the work). Each crop is computed alone, by
+        the same calls, so the bytes do not depend on the thread count."""
         import torch
         out = torch.empty_like(own)
         rows = range(len(own))
-        if threads <= 1 or len(own) < 2 * threads:
+        if threads <= 1 or len(own) < 2 * threads or self.size < POOL_MIN_SIZE:
             for i in rows:
                 self._recipe_crop(own, partner, params, i, out)
             return out

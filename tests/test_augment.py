@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader
 
 import refinery_pipeline as refinery
-from refinery_pipeline.augment import (CUTMIX, MIXUP, NO_MIX, PlanAugment, Recipe, RecipeError,
-                                       magnitude_table, op_names)
+from refinery_pipeline.augment import (CUTMIX, MIXUP, NO_MIX, POOL_MIN_SIZE, PlanAugment, Recipe,
+                                       RecipeError, magnitude_table, op_names)
 from refinery_pipeline.crop_plan import CropPlan
 from refinery_pipeline.dataset import open_dataset
 from refinery_pipeline.precompute import precompute
@@ -247,9 +247,9 @@ def test_online_refinery_labels_fresh_recipe_crops(tiny_data, tiny_refinery_ckpt
 
 def test_threads_change_no_byte():
     """The recipe split over threads (as wide as the loader's workers) gives the same crops."""
-    plan = PlanAugment(Recipe.parse(FULL), 1, 200, 4, 32)
+    plan = PlanAugment(Recipe.parse(FULL), 1, 200, 4, POOL_MIN_SIZE)  # the pool runs from here
     ids = np.arange(64)
-    own = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8,
+    own = torch.randint(0, 256, (64, POOL_MIN_SIZE, POOL_MIN_SIZE, 3), dtype=torch.uint8,
                         generator=torch.Generator().manual_seed(0))
     params = plan.pair_params(ids, ids % 4)
     alone = plan.crops(own, own.flip(0), params)
