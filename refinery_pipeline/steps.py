@@ -81,15 +81,20 @@ class AdversarialStep:
         x = x.detach().requires_grad_(True)
         with _local_accumulation(model):  # under DDP, gradients are reduced once, after the twins
             natural, logits = forward_backward(model, x, target, loss_fn, weight=0.5)
-        per_crop_grad = x.grad * (2 * len(x))  # undo the batch mean and the 0.5 weight
-        pixels = denormalize(x.detach(), self.normalization)
-        twins = denormalize(x.detach() + self.eta * per_crop_grad, self.normalization)
-        twins = twins.clamp_(0, 255)
+        twins = self._twins(x.detach(), x.grad * (2 * len(x)))  # undo batch mean, 0.5 weight
         twin_input = normalize(twins, self.normalization, self.channels_last)
         adversarial, _ = forward_backward(model, twin_input, self.label_pixels(twins), loss_fn,
                                           weight=0.5)
-        self._add(adversarial, (twins - pixels).square().mean().sqrt())
+        self._add(adversarial, self._moved(x.detach(), twins))
         return (natural + adversarial) / 2, logits
+
+    def _twins(self, x, per_crop_grad):
+        """Each crop moved ``eta`` along its own loss gradient, as pixels clipped to 0-255."""
+        return denormalize(x + self.eta * per_crop_grad, self.normalization).clamp_(0, 255)
+
+    def _moved(self, x, twins):
+        """How far the twins moved: RMS change per pixel value (0-255)."""
+        return (twins - denormalize(x, self.normalization)).square().mean().sqrt()
 
     def _shared_batch(self, model, x, target, loss_fn):
         """The paper's batching: twins from a pass whose gradient reaches only the inputs, then
@@ -99,9 +104,7 @@ class AdversarialStep:
         with _local_accumulation(model), _running_statistics_kept(model), \
                 autocast_for(x.device):  # no DDP reduction, no BN statistics update here
             probe_loss = loss_fn(model(probe), target)
-        per_crop_grad = torch.autograd.grad(probe_loss, probe)[0] * len(x)
-        pixels = denormalize(x, self.normalization)
-        twins = denormalize(x + self.eta * per_crop_grad, self.normalization).clamp_(0, 255)
+        twins = self._twins(x, torch.autograd.grad(probe_loss, probe)[0] * len(x))
         both = torch.cat([x, normalize(twins, self.normalization, self.channels_last)])
         twin_target = self.label_pixels(twins)
         with autocast_for(x.device):
@@ -109,7 +112,7 @@ class AdversarialStep:
         natural = loss_fn(logits[:len(x)], target)
         adversarial = loss_fn(logits[len(x):], twin_target)
         ((natural + adversarial) / 2).backward()
-        self._add(adversarial.detach(), (twins - pixels).square().mean().sqrt())
+        self._add(adversarial.detach(), self._moved(x, twins))
         return (natural.detach() + adversarial.detach()) / 2, logits[:len(x)].detach()
 
     def _add(self, adversarial_loss, rms):
