@@ -325,10 +325,16 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                    "e.g. 140,170 (the paper's recipe, torch's MultiStepLR)")
 @click.option("--label-smoothing", default=0.0, type=SMOOTHING,
               help="ground-truth mode only (--labels none)")
-@click.option("--label-mode", type=click.Choice(["soft", "hard", "static", "category-visual"]),
+@click.option("--label-mode", type=click.Choice(["soft", "hard", "static", "category-visual",
+                                                 "category-wordnet"]),
               default="soft",
-              help="stored soft labels, their arg-max, the whole-image (soft-static) label, or "
-                   "each class's mean stored label (the paper's visual category labels)")
+              help="stored soft labels, their arg-max, the whole-image (soft-static) label, "
+                   "each class's mean stored label (the paper's visual category labels), or "
+                   "each class's WordNet similarities (its taxonomy-based labels; classes named "
+                   "by WordNet id, no --labels)")
+@click.option("--wordnet-temperature", default=0.1, type=POSITIVE,
+              help="category-wordnet: each class's label is softmax(Wu-Palmer similarity / "
+                   "this); smaller keeps more mass on the class itself")
 @click.option("--init", default=None, type=click.Path(), show_default="random",
               help="start the student from these weights (a checkpoint of --arch trained on "
                    "these classes, e.g. the refinery: the paper's Table 3 setting)")
@@ -380,11 +386,10 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @cache_dir_option
 @friendly_errors(about="out_dir")
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
-          lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode, init,
-          teacher, teacher_bn, teacher_crops, loss, adversarial_eta, adversarial_bn, precise_bn,
-          rest, slot_policy,
-          res, augment, workers, seed, eval_every, device, compile_, resume, allow_partial,
-          skip_store_check, cache_dir):
+          lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode,
+          wordnet_temperature, init, teacher, teacher_bn, teacher_crops, loss, adversarial_eta,
+          adversarial_bn, precise_bn, rest, slot_policy, res, augment, workers, seed, eval_every,
+          device, compile_, resume, allow_partial, skip_store_check, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
@@ -401,7 +406,8 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       lr_scheduler=lr_scheduler, lr_step_size=lr_step_size, lr_gamma=lr_gamma,
                       lr_milestones=lr_milestones, label_smoothing=label_smoothing,
-                      label_mode=label_mode, init=init, teacher=teacher, teacher_bn=teacher_bn,
+                      label_mode=label_mode, wordnet_temperature=wordnet_temperature, init=init,
+                      teacher=teacher, teacher_bn=teacher_bn,
                       teacher_crops=teacher_crops, loss=loss,
                       adversarial_eta=adversarial_eta, adversarial_bn=adversarial_bn,
                       precise_bn=precise_bn, rest=rest,

@@ -1,11 +1,12 @@
 """Label sources: where each training batch's target distributions come from.
 
-Each labelling mode is one of these objects (the paper's, but for its WordNet category labels,
-Table 5's last row, which are not built yet), chosen once by ``train.fit``; the
-step loop calls whichever it is given and never branches on the mode. Each maps a batch (a
-:class:`.crop_batch.CropBatch` on the device: labels, image indices, the slot of each crop) and its
-pixels to dense target distributions (B, C); the pixels are the crops as shown, float NCHW 0-255 on the device, before the student's normalisation, so an online refinery
-labels exactly what the student sees without a second copy.
+Each labelling mode is one of these objects (the paper's: ground truth, soft and hard dynamic,
+soft static, visual and WordNet category labels, the online refinery), chosen once by
+``train.fit``; the step loop calls whichever it is given and never branches on the mode. Each
+maps a batch (a :class:`.crop_batch.CropBatch` on the device: labels, image indices, the slot of
+each crop) and its pixels to dense target distributions (B, C); the pixels are the crops as
+shown, float NCHW 0-255 on the device, before the student's normalisation, so an online
+refinery labels exactly what the student sees without a second copy.
 """
 import numpy as np
 import torch
@@ -23,12 +24,19 @@ class GroundTruthTargets:
         self.num_classes, self.smoothing = num_classes, smoothing
 
     def __call__(self, batch, pixels):
-        own = one_hot(batch.labels, self.num_classes, self.smoothing)
-        if batch.mix is None:
-            return own
-        weights = batch.mix.weights.to(own.dtype)[:, None]
-        partner = one_hot(batch.mix.partner_labels, self.num_classes, self.smoothing)
-        return own * weights + partner * (1 - weights)
+        return _per_class(batch, lambda labels: one_hot(labels, self.num_classes,
+                                                        self.smoothing))
+
+
+def _per_class(batch, target_of):
+    """Targets that depend on the class alone (``target_of(labels) -> (B, C)``); for crops a
+    recipe mixed with a partner (``batch.mix``), the crop's and the partner's targets in their
+    shares of the pixels, as torchvision's MixUp and CutMix mix one-hot labels."""
+    own = target_of(batch.labels)
+    if batch.mix is None:
+        return own
+    weights = batch.mix.weights.to(own.dtype)[:, None]
+    return own * weights + target_of(batch.mix.partner_labels) * (1 - weights)
 
 
 class StoredTargets:
@@ -105,13 +113,14 @@ class HardTargets:
 
 class CategoryTargets:
     """One target per class, whatever the crop (the paper's category-level labels, Table 5):
-    row ``c`` of ``table`` ``(C, C)`` for every crop of an image of class ``c``."""
+    row ``c`` of ``table`` ``(C, C)`` for every crop of an image of class ``c`` (mixed crops:
+    both classes' rows in their shares, as for ground truth)."""
 
     def __init__(self, table: torch.Tensor, device):
         self.table = torch.as_tensor(table, dtype=torch.float32).to(device)
 
     def __call__(self, batch, pixels):
-        return self.table[batch.labels]
+        return _per_class(batch, lambda labels: self.table[labels])
 
 
 def visual_category_table(topk_indices: np.ndarray, topk_probs: np.ndarray, labels: np.ndarray,

@@ -36,8 +36,10 @@ from .schedule import lr_factor, milestone_problem
 from .steps import AdversarialStep, NaturalStep
 from .targets import (CategoryTargets, GroundTruthTargets, HardTargets, OnlineTargets,
                       StoredTargets, visual_category_table)
+from .wordnet import DEFAULT_TEMPERATURE, wordnet_category_table, wordnet_reader
 
 CATEGORY_VISUAL = "category-visual"
+CATEGORY_WORDNET = "category-wordnet"
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,9 @@ class TrainConfig:
     lr_milestones: tuple = ()   # multistep: the epochs at which the LR is multiplied by lr_gamma
     label_smoothing: float = 0.0
     label_mode: str = "soft"    # 'soft', 'hard' (arg-max), 'static' (whole-image label) or
-    #                             'category-visual' (each class's mean stored label)
+    #                             'category-visual' (each class's mean stored label) or
+    #                             'category-wordnet' (WordNet similarity of the class names)
+    wordnet_temperature: float = DEFAULT_TEMPERATURE  # category-wordnet: softmax(wup / this)
     teacher: str = None         # online refinery checkpoint: labels every crop as it is shown
     #                             (a tuple of several: an ensemble, the mean of their labels)
     init: str = None            # student weights to start from (paper Table 3: the refined model)
@@ -118,8 +122,7 @@ def load_data(cfg: TrainConfig, device):
     _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
     crops, records = _crop_source(cfg, train_ds, store, res)
     _warn_if_rest_flattens(cfg, records, len(train_ds.classes))
-    targets = _target_source(cfg, len(train_ds.classes), device, records, teacher,
-                             train_ds.labels)
+    targets = _target_source(cfg, train_ds.classes, device, records, teacher, train_ds.labels)
     train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
                                train=True, seed=cfg.seed, indices=indices,
                                distributed=torch.distributed.is_initialized())
@@ -328,10 +331,14 @@ def _fresh_crops(cfg: TrainConfig, train_ds, recipe: Recipe = None, res: int = N
                       recipe or None, train_ds.labels, res)
 
 
-def _target_source(cfg: TrainConfig, num_classes: int, device, records, teacher,
-                   labels=None):
-    """Ground truth, stored labels (dynamic, static or per class) or an online teacher; hard if
-    asked. ``labels``: the training images' classes (for per-class labels)."""
+def _target_source(cfg: TrainConfig, classes, device, records, teacher, labels=None):
+    """Ground truth, stored labels (dynamic, static or per class), WordNet's per class or an
+    online teacher; hard if asked. ``labels``: the training images' classes (for per-class
+    labels)."""
+    num_classes = len(classes)
+    if cfg.label_mode == CATEGORY_WORDNET:
+        return CategoryTargets(wordnet_category_table(classes, cfg.wordnet_temperature,
+                                                      f"{cfg.data}: train"), device)
     if teacher is not None:
         source = OnlineTargets(teacher)
     elif records is None:
@@ -353,7 +360,7 @@ def _labels_per_crop(cfg: TrainConfig, records):
     on the host (what :class:`.targets.StoredTargets` reads): None unless the store's dynamic
     labels are the targets."""
     stored = records is not None and cfg.teacher is None and \
-        cfg.label_mode not in ("static", CATEGORY_VISUAL)
+        cfg.label_mode not in ("static", CATEGORY_VISUAL, CATEGORY_WORDNET)
     return records if stored else None
 
 
@@ -518,10 +525,17 @@ def _check_adversarial(cfg: TrainConfig):
 
 
 def _check_label_mode(cfg: TrainConfig):
-    """Visual category labels are a class's mean over its stored crops: a store must hold them."""
+    """Visual category labels are a class's mean over its stored crops: a store must hold them.
+    WordNet's come from the class names alone, so a store or teacher given with them would be
+    silently ignored: refused, and a missing WordNet is reported before any data is read."""
     if cfg.label_mode == CATEGORY_VISUAL and (cfg.labels is None or cfg.teacher is not None):
         raise RefineryError(f"--label-mode {CATEGORY_VISUAL}: each class's label is the mean of "
                             "its stored crop labels; pass --labels STORE (without --teacher)")
+    if cfg.label_mode == CATEGORY_WORDNET:
+        if cfg.labels is not None or cfg.teacher is not None:
+            raise RefineryError(f"--label-mode {CATEGORY_WORDNET}: each class's label comes from "
+                                "WordNet alone, not from a refinery; drop --labels and --teacher")
+        wordnet_reader()
 
 
 def _check_precise_bn(cfg: TrainConfig):
