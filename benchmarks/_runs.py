@@ -63,6 +63,21 @@ def final_metrics(run_dir: Path) -> dict:
     return [json.loads(line) for line in lines if "val_top1" in line][-1]
 
 
+def overfitting_gap(run_dir: Path, threads: int = 1, workers: int = 1) -> dict:
+    """A finished run's top-1 on its own training images and on validation, both centred and
+    evaluated alike (``refine evaluate --split train|val``, each once: kept as
+    ``RUN/eval_SPLIT.json``), and the gap between them: the paper's measure of overfitting."""
+    found = {}
+    for split in ("train", "val"):
+        path = Path(run_dir) / f"eval_{split}.json"
+        if not path.is_file():
+            run_logged(["refine", "evaluate", str(run_dir), "--split", split, "--workers",
+                        str(workers)], Path(run_dir) / f"evaluate_{split}.log", threads)
+        found[split] = json.loads(path.read_text())[f"{split}_top1"]
+    return {"train_top1": found["train"], "val_top1": found["val"],
+            "gap": found["train"] - found["val"]}
+
+
 def precompute_seconds(store: Path) -> float | None:
     """How long the finished ``refine precompute`` of ``store`` took; None if it has not run."""
     marker = store.with_suffix(".seconds")
