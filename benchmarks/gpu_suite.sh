@@ -31,7 +31,11 @@
 #      reuses stage 9's online students)
 #  11. chained refineries (generations.py, 2 generations, seeds 0 1; generation 0 is stage 8's
 #      ground-truth students)
-#  12. many classes (issue 17), only with TIN=<an ImageFolder subset of Tiny-ImageNet-200>, e.g.
+#  12. issue 19: a ResNet-50 refinery, then Table 2 (paper_tables.py architectures: ResNet-18
+#      and MobileNetV2 students on it and on the ResNet-18 refinery), Table 5 (label levels) and
+#      the chain in the overfitting regime (generations.py --gap --control --show-crops on a
+#      100-per-class subset, 100 epochs per generation)
+#  13. many classes (issue 17), only with TIN=<an ImageFolder subset of Tiny-ImageNet-200>, e.g.
 #      `python benchmarks/folder_subset.py /tmp/tiny-imagenet-200 .carry/tin50 --train 50
 #      --val 25 --copy` (~26 MB; the whole set does not fit the 64 MiB carry): a 64 px ResNet-18
 #      refinery, then stored classes per crop and the rest policy at top-k 1 5 10 20 and all 200
@@ -161,6 +165,23 @@ stage top_k_rest 60 python3 benchmarks/top_k_rest.py "$DATA" --refinery $REFINER
 stage generations 60 python3 benchmarks/generations.py "$DATA" --work $W/modes --res "$RES" \
   --epochs "$EPOCHS" --batch-size 256 --lr 0.4 --generations 2 --seeds 0 1 --jobs 2 \
   --workers "$STUDENT_WORKERS" --tag generations_gpu
+# Issue 19: Table 2 (a ResNet-50 refinery for smaller students of two architectures), Table 5
+# (label levels) and the chain in the overfitting regime (a 100-per-class subset, long schedule,
+# the equal-total-epochs control, the gap and Figs. 7-8).
+stage refinery_r50 60 refine train "$DATA" --arch resnet50 --res "$RES" --epochs "$EPOCHS" \
+  --batch-size 256 --lr 0.4 --workers "$CORES" --eval-every 10 --out $W/refinery_r50 \
+  $(resume $W/refinery_r50) &&
+stage table2 60 python3 benchmarks/paper_tables.py architectures "$DATA" --work $W/modes \
+  --refinery resnet50=$W/refinery_r50/model.pt --refinery resnet18=$REFINERY \
+  --student-arch resnet18 mobilenet_v2 --res "$RES" --epochs "$EPOCHS" --batch-size 256 \
+  --lr 0.4 -K "$EPOCHS" --jobs "$JOBS" --workers "$STUDENT_WORKERS" --tag paper_table2_gpu
+stage table5 60 python3 benchmarks/paper_tables.py levels "$DATA" --work $W/modes \
+  --refinery resnet18=$REFINERY --res "$RES" --epochs "$EPOCHS" --batch-size 256 --lr 0.4 \
+  -K "$EPOCHS" --jobs "$JOBS" --workers "$STUDENT_WORKERS" --tag paper_table5_gpu
+python3 benchmarks/folder_subset.py "$DATA" $W/subset100 --train 100 >/dev/null &&
+stage overfit_chain 60 python3 benchmarks/generations.py $W/subset100 --work $W/overfit \
+  --res "$RES" --epochs 100 --batch-size 128 --lr 0.2 --generations 3 --seeds 0 1 --jobs 2 \
+  --workers "$STUDENT_WORKERS" --gap --control --show-crops --tag generations_overfit_gpu
 if [ -n "${TIN:-}" ]; then
   stage tin_refinery 60 refine train "$TIN" --arch resnet18 --res 64 --epochs "$EPOCHS" \
     --batch-size 256 --lr 0.4 --workers "$REFINERY_WORKERS" --eval-every 10 --out $W/tin/refinery \

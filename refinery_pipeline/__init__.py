@@ -17,8 +17,10 @@ from .label_store import (FORMAT_VERSION, Batching, CropRecords, DatasetInfo, La
                           RefineryInfo, StoreLayout)
 from .losses import (LOSSES, REST_POLICIES, get_loss, kl_divergence, l2_on_probabilities,
                      reverse_kl, soft_cross_entropy)
+from .targets import visual_category_table
 from .torch_data import (BetonImages, CropCollate, CropSample, FolderImages, MappedImages,
                          StoreCropDataset, dense_targets)
+from .wordnet import wordnet_category_table
 
 
 def open_store(location) -> LabelStore:
@@ -63,6 +65,7 @@ __all__ = [
     "open_store", "LabelStore", "StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo",
     "Batching", "CropRecords", "FORMAT_VERSION",
     "slot_of", "SLOT_POLICIES", "dense_targets", "REST_POLICIES",
+    "visual_category_table", "wordnet_category_table",
     "get_loss", "LOSSES", "kl_divergence", "soft_cross_entropy", "reverse_kl",
     "l2_on_probabilities",
     "CropBatch", "SparseLabels", "NOT_STORED",
