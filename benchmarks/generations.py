@@ -130,8 +130,8 @@ def draw_crops(args, students: StudentRuns, seed: int, path: Path):
     command = ["refine", "show", str(stores[0]), args.data, "--images", "4", "--crops", "4",
                "--seed", str(seed), "--out", str(path), "--workers", str(args.workers)]
     command += [o for store in stores[1:] for o in ("--compare", str(store))]
-    command += [o for g in range(args.generations + 1)
-                for o in ("--name", f"generation {g}" + (" (ground truth)" if g == 0 else ""))]
+    command += [o for g in range(args.generations + 1)  # short: three fit under each crop
+                for o in ("--name", f"gen {g}" + (" (GT)" if g == 0 else ""))]
     run_logged(command, students.work / "logs" / f"show_crops_seed{seed}.log", students.threads)
 
 

@@ -203,7 +203,7 @@ def plot_compared_crops(crops, labels: list, names: list, out: str | os.PathLike
     top-1 is not the image's class."""
     plt = _pyplot()
     rows, cols = len(crops.images), min(max_crops, crops.pixels.shape[1])
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.6, (1.9 + 0.42 * len(names))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.6, (2.2 + 0.42 * len(names))
                                                   * rows), squeeze=False)
     for r in range(rows):
         truth = int(crops.labels[r])
@@ -212,7 +212,7 @@ def plot_compared_crops(crops, labels: list, names: list, out: str | os.PathLike
             ax.imshow(crops.pixels[r, c])
             ax.set_xticks([]), ax.set_yticks([])
             lines = [f"{name}: " + ", ".join(
-                f"{readable_name(crops.classes[int(i)])[:12]} {p:.2f}"
+                f"{readable_name(crops.classes[int(i)])[:11]} {p:.2f}"
                 for i, p in zip(indices[r, c, :top], probs[r, c, :top]))
                 for name, (indices, probs) in zip(names, labels)]
             wrong = [int(indices[r, c, 0]) != truth for indices, _ in labels]
