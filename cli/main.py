@@ -15,6 +15,7 @@ from refinery_pipeline.errors import (RefineryError, RefineryWarning, storage_er
 from refinery_pipeline.label_store import (DEFAULT_PROB_BITS, DEFAULT_REST, DEFAULT_TOP_K,
                                            MAX_PROB_BITS, REST_POLICIES)
 from refinery_pipeline.schedule import LR_SCHEDULERS
+from refinery_pipeline.wordnet import DEFAULT_TEMPERATURE
 
 WORKERS_HELP = ("decoding threads (FFCV's num_workers); on a GPU machine about its core count, "
                 "e.g. 16")
@@ -332,7 +333,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                    "each class's mean stored label (the paper's visual category labels), or "
                    "each class's WordNet similarities (its taxonomy-based labels; classes named "
                    "by WordNet id, no --labels)")
-@click.option("--wordnet-temperature", default=0.1, type=POSITIVE,
+@click.option("--wordnet-temperature", default=DEFAULT_TEMPERATURE, type=POSITIVE,
               help="category-wordnet: each class's label is softmax(Wu-Palmer similarity / "
                    "this); smaller keeps more mass on the class itself")
 @click.option("--init", default=None, type=click.Path(), show_default="random",

@@ -75,15 +75,19 @@ def cache_root() -> Path:
     return default_cache_dir() / "wordnet"
 
 
+def _is_database(directory: Path) -> bool:
+    return all((Path(directory) / f).is_file() for f in _DATABASE_FILES)
+
+
 def _database_dir() -> Path | None:
     """The first WordNet dict directory of ``$REFINERY_WORDNET`` or Debian's; None if neither."""
     named = os.environ.get(WORDNET_ENV)
     if named:
-        if not all((Path(named) / f).is_file() for f in _DATABASE_FILES):
+        if not _is_database(named):
             raise WordNetError(f"{named}: ${WORDNET_ENV} names no WordNet database (no data.noun "
                                "and index.noun); point it at WordNet 3.0's dict directory")
         return Path(named)
-    if all((DEBIAN_WORDNET / f).is_file() for f in _DATABASE_FILES):
+    if _is_database(DEBIAN_WORDNET):
         return DEBIAN_WORDNET
     return None
 
