@@ -11,7 +11,7 @@ __version__ = "0.3.0"
 
 from .crop_batch import NOT_STORED, CropBatch, SparseLabels
 from .crop_plan import SLOT_POLICIES, CropPlan, slot_of
-from .errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
+from .errors import (ArgumentError, CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
                      RefineryWarning, StoreError, StoreMismatchError, StoreNotFoundError)
 from .label_store import (FORMAT_VERSION, Batching, CropRecords, DatasetInfo, LabelStore,
                           RefineryInfo, StoreLayout)
@@ -73,4 +73,5 @@ __all__ = [
     "MappedImages", "replay_loader",
     "RefineryError", "RefineryWarning", "StoreError", "StoreNotFoundError",
     "StoreMismatchError", "IncompleteStoreError", "DataSetError", "CheckpointError",
+    "ArgumentError",
 ]

@@ -40,6 +40,11 @@ class StoreCorruptError(StoreError):
     """A label store's bytes no longer match what was written (checksums, digests, shapes)."""
 
 
+class ArgumentError(RefineryError, ValueError):
+    """A public API argument of the wrong kind or out of range; the message names the argument
+    and the fix. A ``ValueError`` too, so callers that caught the built-in error still do."""
+
+
 class CheckpointError(RefineryError):
     """A model checkpoint cannot be loaded for the requested use."""
 
