@@ -144,6 +144,11 @@ def augment_option(help_text: str):
                         help=help_text)
 
 
+# Every command that loads weights: a checkpoint is read as data unless its user trusts it.
+trust_checkpoint_option = click.option(
+    "--trust-checkpoint", is_flag=True,
+    help="load weights files that run code to load (pickled objects beyond tensors and plain "
+         "data); only for files from someone you trust")
 cache_dir_option = click.option("--cache-dir", default=None,
                                 show_default="$REFINERY_CACHE, else ~/.cache/refinery",
                                 help="where an ImageFolder DATA tree is converted to .beton, once")
@@ -265,16 +270,18 @@ def cli():
 @augment_option(AUGMENT_HELP)
 @workers_option
 @device_option
+@trust_checkpoint_option
 @cache_dir_option
 @friendly_errors(about="store")
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
                temperature, batch_size, chunk_size, compile_, soft_static, prob_bits, augment,
-               workers, device, cache_dir):
+               workers, device, trust_checkpoint, cache_dir):
     """Label K planned crops of every image in DATA and write the label store STORE."""
     from refinery_pipeline.augment import Recipe
     from refinery_pipeline.crop_plan import CropPlan
     from refinery_pipeline.dataset import open_dataset
     from refinery_pipeline.precompute import precompute as run
+    from refinery_pipeline.models import OptionNames
     from refinery_pipeline.refinery import load_refinery, member_archs
     from refinery_pipeline.train import resolve_device
 
@@ -282,7 +289,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
     refinery = load_refinery(weights, archs, dataset.classes, input_size, bn_mode=bn_mode,
                              temperature=temperature, device=resolve_device(device),
-                             compile=compile_)
+                             compile=compile_, trust_checkpoint=trust_checkpoint,
+                             option_names=OptionNames("--refinery", "--input-size"))
     plan = CropPlan(seed=seed, crops_per_image=crops_per_image, augment=recipe.names())
     # a storage failure keeps finished chunks: friendly_errors
     s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
@@ -343,6 +351,9 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
               help="online refinery: label every crop during training (a checkpoint, or "
                    "torchvision weights by name as for precompute --weights); repeat it for an "
                    "ensemble (the mean of the members' probabilities)")
+@click.option("--teacher-arch", default=None, show_default="read from each checkpoint",
+              help="the --teacher's architecture, for checkpoints that record none (a bare "
+                   "state_dict); names as for --arch")
 @click.option("--teacher-bn", type=click.Choice(["train", "eval"]), default="train",
               help="online refinery's BatchNorm mode (paper: train)")
 @click.option("--teacher-crops", type=click.Choice(["fresh", "replay"]), default="fresh",
@@ -384,13 +395,15 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 @click.option("--skip-store-check", is_flag=True,
               help="do not check the store's chunks against their checksums while reading it; "
                    "accepted only after a passing `refine verify` of the same bytes")
+@trust_checkpoint_option
 @cache_dir_option
 @friendly_errors(about="out_dir")
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
           lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode,
-          wordnet_temperature, init, teacher, teacher_bn, teacher_crops, loss, adversarial_eta,
-          adversarial_bn, precise_bn, rest, slot_policy, res, augment, workers, seed, eval_every,
-          device, compile_, resume, allow_partial, skip_store_check, cache_dir):
+          wordnet_temperature, init, teacher, teacher_arch, teacher_bn, teacher_crops, loss,
+          adversarial_eta, adversarial_bn, precise_bn, rest, slot_policy, res, augment, workers,
+          seed, eval_every, device, compile_, resume, allow_partial, skip_store_check,
+          trust_checkpoint, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
@@ -408,7 +421,7 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       lr_scheduler=lr_scheduler, lr_step_size=lr_step_size, lr_gamma=lr_gamma,
                       lr_milestones=lr_milestones, label_smoothing=label_smoothing,
                       label_mode=label_mode, wordnet_temperature=wordnet_temperature, init=init,
-                      teacher=teacher, teacher_bn=teacher_bn,
+                      teacher=teacher, teacher_arch=teacher_arch, teacher_bn=teacher_bn,
                       teacher_crops=teacher_crops, loss=loss,
                       adversarial_eta=adversarial_eta, adversarial_bn=adversarial_bn,
                       precise_bn=precise_bn, rest=rest,
@@ -416,7 +429,7 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,
                       allow_partial=allow_partial, skip_store_check=skip_store_check,
-                      cache_dir=cache_dir)
+                      trust_checkpoint=trust_checkpoint, cache_dir=cache_dir)
     m = fit(cfg)
     if is_main():
         click.echo(f"val top-1 {m['val_top1']:.2f}  top-5 {m['val_top5']:.2f}; "
@@ -467,19 +480,27 @@ def plot(runs, out, names, gap):
               help="train: the training images themselves, for the train/validation gap")
 @click.option("--res", default=None, type=PIXELS, show_default="the checkpoint's",
               help="crop side")
+@click.option("--arch", default=None, show_default="read from the checkpoint",
+              help="the model's architecture, for a checkpoint that records none (a bare "
+                   "state_dict): a torchvision name, or timm's (timm/NAME)")
 @click.option("--batch-size", default=256, type=AT_LEAST_ONE, help="images per batch")
 @workers_option
 @device_option
+@trust_checkpoint_option
 @cache_dir_option
 @friendly_errors(about="run")
-def evaluate(run, data, split, res, batch_size, workers, device, cache_dir):
+def evaluate(run, data, split, res, arch, batch_size, workers, device, trust_checkpoint,
+             cache_dir):
     """Top-1 of a trained model (a `refine train` RUN directory, or any checkpoint with DATA)
     on the centred square of every image of a split, as validation is evaluated; `--split
     train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json."""
     from refinery_pipeline.evaluation import (checkpoint_of, data_of, evaluate_checkpoint,
                                               save_evaluation)
+    from refinery_pipeline.models import OptionNames
     metrics = evaluate_checkpoint(checkpoint_of(run), data_of(run, data), split, res,
-                                  batch_size, workers, device, cache_dir)
+                                  batch_size, workers, device, cache_dir, arch=arch,
+                                  trust_checkpoint=trust_checkpoint,
+                                  option_names=OptionNames("--arch", "--res"))
     saved = save_evaluation(run, metrics)
     click.echo(f"{split} top-1 {metrics[split + '_top1']:.2f}  top-5 "
                f"{metrics[split + '_top5']:.2f} on {metrics['images']} images"
@@ -550,9 +571,11 @@ def show(store, data, images, crops, seed, out, others, names, workers, cache_di
 @click.option("--seed", default=0, type=SEED, help="which loader batches are sampled")
 @workers_option
 @device_option
+@trust_checkpoint_option
 @cache_dir_option
 @friendly_errors(about="store")
-def audit(store, data, weights, sample_crops, min_agreement, seed, workers, device, cache_dir):
+def audit(store, data, weights, sample_crops, min_agreement, seed, workers, device,
+          trust_checkpoint, cache_dir):
     """Re-run the refinery on sampled stored crops of STORE (made from DATA) and compare."""
     from refinery_pipeline.audit import audit_store
     from refinery_pipeline.dataset import open_dataset
@@ -563,7 +586,7 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
     opened = LabelStore.open(store)
     recorded = opened.attrs["refinery"]  # the store's classes: an ImageNet refinery selects them
     refinery = load_as_recorded(weights, recorded, opened.classes,
-                                device=resolve_device(device))
+                                device=resolve_device(device), trust_checkpoint=trust_checkpoint)
     dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
     r = audit_store(dataset, store, refinery, sample_crops, seed, workers)
     batches = f"{r.loader_batches} loader batch{'' if r.loader_batches == 1 else 'es'}"

@@ -49,6 +49,11 @@ class CheckpointError(RefineryError):
     """A model checkpoint cannot be loaded for the requested use."""
 
 
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint that would run code to load (a pickled object beyond tensors and plain
+    data), refused unless the user says they trust whoever made the file."""
+
+
 class RunError(RefineryError):
     """A training run's --out directory holds another run, or --resume does not match its run."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, RunError
+from .errors import RunError
 
 SPLITS = ("train", "val")
 
@@ -53,7 +53,8 @@ def save_evaluation(run, metrics: dict):
 
 def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
                         batch_size: int = 256, num_workers: int = 2, device: str = "auto",
-                        cache_dir=None) -> dict:
+                        cache_dir=None, arch: str = None, trust_checkpoint: bool = False,
+                        option_names=None) -> dict:
     """Top-1, top-5 and per-class top-1 (percent) of ``weights`` on the centred square of every
     image of ``split``, as ``refine train`` evaluates validation.
 
@@ -68,6 +69,13 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         ``train``: the training images, for the paper's train/validation gap.
     res : int, optional
         Crop side; the checkpoint's recorded input size by default.
+    arch : str, optional
+        The architecture, for a checkpoint that records none (a bare ``state_dict``).
+    trust_checkpoint : bool
+        Load a checkpoint that needs code run to load; only for a file whose author you trust.
+    option_names : OptionNames, optional
+        What the messages ask for (``refine evaluate`` passes its ``--arch`` and ``--res``);
+        the Python keywords by default.
 
     Returns
     -------
@@ -76,17 +84,17 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         ``split``, ``images``, ``res``, ``checkpoint``.
     """
     from .dataset import open_dataset
-    from .models import load_trained_model
+    from .models import PYTHON_NAMES, checkpoint_input_size, load_trained_model
     from .replay import FixedCrops, make_loader
     from .train import _val_location, evaluate, resolve_device
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     location = data if split == "train" else _val_location(data)
     dataset = open_dataset(location, split, cache_dir, num_workers=num_workers)
-    model, ckpt = load_trained_model(weights, classes=dataset.classes)
-    size = res or ckpt.get("input_size")
-    if not size:
-        raise CheckpointError(f"{weights}: the checkpoint records no input size; pass --res N")
+    names = option_names or PYTHON_NAMES
+    model, ckpt = load_trained_model(weights, arch, dataset.classes,
+                                     trust_checkpoint=trust_checkpoint, option_names=names)
+    size = checkpoint_input_size(weights, res, ckpt, names)
     device = resolve_device(device)
     model = model.to(device, memory_format=torch.channels_last)
     loader = make_loader(dataset, FixedCrops(dataset.heights, dataset.widths), (size, size),

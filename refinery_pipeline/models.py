@@ -11,15 +11,18 @@ than the data set's (ImageNet-1k weights on Imagenette's WordNet-id folders) lab
 import errno
 import hashlib
 import os
+import pickle
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, RefineryWarning
+from .checkpoint_safety import load_weights_file, refuse_if_code
+from .errors import CheckpointError, RefineryWarning, UntrustedCheckpointError
 from .imagenet_classes import (NUM_IMAGENET1K_CLASSES, imagenet1k_outputs, imagenet1k_wnids,
                                output_indices)
 
@@ -221,7 +224,7 @@ def save_checkpoint(path, model: nn.Module, arch: str, classes, input_size: int,
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, ema: bool = False) -> dict:
+def load_checkpoint(path, ema: bool = False, trust_checkpoint: bool = False) -> dict:
     """Load a checkpoint as a dict with the weights under ``model``, whoever wrote it.
 
     Models trained elsewhere are refineries too, with no conversion step: besides ``refine
@@ -237,6 +240,9 @@ def load_checkpoint(path, ema: bool = False) -> dict:
     ema : bool
         Take the EMA weights those scripts keep beside the plain ones (``model_ema``,
         ``state_dict_ema``) instead of the plain ones.
+    trust_checkpoint : bool
+        Load a file that needs code run to load (see :mod:`.checkpoint_safety`); only for a
+        file whose author you trust.
 
     Returns
     -------
@@ -245,6 +251,8 @@ def load_checkpoint(path, ema: bool = False) -> dict:
 
     Raises
     ------
+    UntrustedCheckpointError
+        Loading the file would run code, and ``trust_checkpoint`` is not set; nothing has run.
     CheckpointError
         No such file, not a PyTorch file, or no (EMA) weights inside.
     """
@@ -252,7 +260,9 @@ def load_checkpoint(path, ema: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_weights_file(path, trust_checkpoint)
+    except UntrustedCheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}); pass a "
                               "file written by `refine train` or torch.save(model.state_dict())") \
@@ -372,21 +382,43 @@ def _arg(args, name: str):
     return args.get(name) if isinstance(args, dict) else getattr(args, name, None)
 
 
-def load_trained_model(weights, arch: str = None, classes: list = None, ema: bool = False):
+@dataclass(frozen=True)
+class OptionNames:
+    """How a caller's user gives the facts a checkpoint may not record, so that a message asks
+    for something that caller takes: Python keywords by default, a command's own options in the
+    CLI (``--refinery`` and ``--input-size`` in ``refine precompute``). ``arch`` None: the caller
+    gives it from elsewhere (``refine audit``: the store's record), so only other weights fix a
+    checkpoint of another architecture."""
+    arch: str = "arch="
+    input_size: str = "input_size="
+
+    def ask(self, field: str, value) -> str:
+        """``--refinery resnet18`` for an option, ``arch=resnet18`` for a keyword."""
+        option = getattr(self, field)
+        return f"{option}{value}" if option.endswith("=") else f"{option} {value}"
+
+
+PYTHON_NAMES = OptionNames()
+
+
+def load_trained_model(weights, arch: str = None, classes: list = None, ema: bool = False,
+                       trust_checkpoint: bool = False, option_names: OptionNames = PYTHON_NAMES):
     """``(model, checkpoint)`` from ``weights``: a checkpoint file, or a torchvision weights name.
 
     ``arch`` and the data set's ``classes`` must agree with what the weights record; the
     checkpoint's ``file`` is what identifies the weights (its SHA-256 goes into label stores),
-    and its ``arch`` is the canonical name (:func:`resolve_arch`). ``ema``: see
-    :func:`load_checkpoint`. Weights for more classes than the data set's label it when its
-    classes are some of theirs (by the names a checkpoint records, or as ImageNet-1k WordNet ids
-    for a 1000-way head): the model is then a :class:`ClassSubset` of those outputs.
+    and its ``arch`` is the canonical name (:func:`resolve_arch`). ``ema`` and
+    ``trust_checkpoint``: see :func:`load_checkpoint`. Weights for more classes than the data
+    set's label it when its classes are some of theirs (by the names a checkpoint records, or as
+    ImageNet-1k WordNet ids for a 1000-way head): the model is then a :class:`ClassSubset` of
+    those outputs. ``option_names``: what the messages ask for (:class:`OptionNames`).
     """
     pretrained = torchvision_weights(weights)
     if pretrained is not None:
-        return _load_torchvision_weights(pretrained, str(weights), arch, classes)
-    ckpt = load_checkpoint(weights, ema)
-    arch = _checkpoint_arch(weights, arch, ckpt.get("arch"))
+        return _load_torchvision_weights(pretrained, str(weights), arch, classes,
+                                         trust_checkpoint, option_names)
+    ckpt = load_checkpoint(weights, ema, trust_checkpoint)
+    arch = _checkpoint_arch(weights, arch, ckpt.get("arch"), option_names)
     saved_classes = ckpt.get("num_classes") or _head_size(ckpt["model"])
     outputs = _check_classes(weights, saved_classes, ckpt.get("classes"), classes)
     model = create_model(arch, saved_classes or len(classes or ()))
@@ -433,20 +465,39 @@ def select_outputs(model: nn.Module, outputs) -> nn.Module:
     return model if outputs is None else ClassSubset(model, outputs)
 
 
-def _checkpoint_arch(weights, asked: str, saved: str) -> str:
-    """The canonical architecture of a checkpoint: the one it records, or ``asked``
-    (``--refinery``) where it records none; both given, they must name the same network."""
+def _checkpoint_arch(weights, asked: str, saved: str, names: OptionNames) -> str:
+    """The canonical architecture of a checkpoint: the one it records, or ``asked`` (given as
+    ``names.arch``) where it records none; both given, they must name the same network."""
     try:
         asked, saved = (resolve_arch(a) if a else None for a in (asked, saved))
     except CheckpointError as exc:
         raise CheckpointError(f"{weights}: {exc}") from None
     if asked is None and saved is None:
         raise CheckpointError(f"{weights}: the checkpoint does not name its architecture; pass "
-                              "--refinery ARCH")
+                              f"{names.ask('arch', 'ARCH')}")
     if None not in (asked, saved) and asked != saved:
-        raise CheckpointError(f"{weights}: checkpoint is a {saved}, not a {asked}; drop "
-                              f"--refinery or pass --refinery {saved}")
+        raise CheckpointError(f"{weights}: checkpoint is a {saved}, not a {asked}; "
+                              f"{_other_arch_fix(names, saved, asked)}")
     return asked or saved
+
+
+def _other_arch_fix(names: OptionNames, saved: str, asked: str) -> str:
+    """The fix for weights of another network than asked: name theirs, or pass other weights
+    (only the latter where the architecture is not the user's to give)."""
+    other = f"weights of a {asked}"
+    return f"pass {names.ask('arch', saved)} or {other}" if names.arch else f"pass {other}"
+
+
+def checkpoint_input_size(weights, asked: int, ckpt: dict,
+                          names: OptionNames = PYTHON_NAMES) -> int:
+    """The crop size to run ``weights`` at: ``asked``, else the checkpoint's. Never a guess: a
+    network labels or classifies crops of another size than it was trained at worse, and
+    silently so, and a refinery's size also becomes its store's and so its students'."""
+    size = asked or ckpt.get("input_size")
+    if not size:
+        raise CheckpointError(f"{weights}: the checkpoint records no input size; pass the size "
+                              f"it was trained at, {names.ask('input_size', 'N')}")
+    return int(size)
 
 
 def _check_classes(weights, saved_count: int, saved_names: list, classes: list):
@@ -529,25 +580,31 @@ def torchvision_weights(name):
                               "torchvision.models.get_model_weights('resnet50'))") from None
 
 
-def _load_torchvision_weights(weights, name: str, arch: str, classes: list):
+def _load_torchvision_weights(weights, name: str, arch: str, classes: list,
+                              trust_checkpoint: bool, names: OptionNames):
     """A torchvision model with its pretrained weights, downloaded once into torch's hub cache
     (``$TORCH_HOME``), described like a ``refine train`` checkpoint."""
     import torchvision
     own_arch = next(m for m in torchvision.models.list_models(torchvision.models)
                     if torchvision.models.get_model_weights(m) is type(weights))
     if arch not in (None, own_arch):
-        raise CheckpointError(f"{name}: these are weights of a {own_arch}, not a {arch}; drop "
-                              f"--refinery or pass --refinery {own_arch}")
+        raise CheckpointError(f"{name}: these are weights of a {own_arch}, not a {arch}; "
+                              f"{_other_arch_fix(names, own_arch, arch)}")
     categories = weights.meta["categories"]  # names (tench, ...), not ids: matched by order
     outputs = _check_classes(name, len(categories), None, classes)
     _warn_if_class_order_unverified(name, categories, classes)
     file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     try:
+        if not trust_checkpoint:  # torchvision unpickles the cached file with no restriction:
+            # read it as data first (the file is read twice, but nothing it names runs)
+            weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
         model = torchvision.models.get_model(own_arch, weights=weights)
     except OSError as exc:  # no network (URLError), no space
         raise CheckpointError(f"{name}: cannot download {weights.url} ({exc}); copy that file into "
                               f"{file.parent}/ or pass a local checkpoint") from None
     except Exception as exc:  # a damaged file in the cache, or a download failing its hash check
+        if isinstance(exc, pickle.UnpicklingError):
+            refuse_if_code(file, exc)  # a cached file replaced by one that runs code
         raise CheckpointError(f"{name}: {file} does not load ({type(exc).__name__}); delete it to "
                               "download it again") from None
     transform = weights.transforms()

@@ -19,22 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
-from .models import (IMAGENET_NORMALIZATION, ClassSubset, batchnorm_layers, file_sha256,
-                     load_trained_model, normalize, to_pixels)
+from .models import (IMAGENET_NORMALIZATION, PYTHON_NAMES, ClassSubset, OptionNames,
+                     batchnorm_layers, checkpoint_input_size, file_sha256, load_trained_model,
+                     normalize, to_pixels)
 
 BN_MODES = ("train", "eval")
-
-
-def _input_size(weights, asked: int, ckpt: dict) -> int:
-    """The refinery's crop size: ``asked``, else the checkpoint's. Never a guess: a network
-    labels crops of another size than it was trained at worse, and silently so, and the size
-    also becomes the store's and so its students'."""
-    size = asked or ckpt.get("input_size")
-    if not size:
-        raise CheckpointError(f"{weights}: the checkpoint records no input size; pass the size "
-                              "it was trained at, --input-size N (refine precompute) or --res N "
-                              "(refine train --teacher)")
-    return int(size)
 
 
 def set_bn_mode(model: nn.Module, bn_mode: str) -> nn.Module:
@@ -101,15 +90,19 @@ class Refinery(Labeller):
 
     @classmethod
     def from_checkpoint(cls, weights, arch: str = None, classes: list = None,
-                        input_size: int = None, **kwargs) -> "Refinery":
+                        input_size: int = None, trust_checkpoint: bool = False,
+                        option_names: OptionNames = PYTHON_NAMES, **kwargs) -> "Refinery":
         """Load weights: a ``refine train`` checkpoint (needs no ``arch``), a ``state_dict``, a
         torchvision or timm training checkpoint, or torchvision's pretrained weights by name;
         they must predict the data set's ``classes``, or more classes among which they are (an
         ImageNet-1k refinery for an ImageNet-subset data set: those classes' outputs are
         selected, :class:`.models.ClassSubset`). ``input_size`` overrides the checkpoint's
-        and is required where it records none."""
-        model, ckpt = load_trained_model(weights, arch, classes)
-        size = _input_size(weights, input_size, ckpt)
+        and is required where it records none. ``trust_checkpoint``, ``option_names``: see
+        :func:`.models.load_trained_model`."""
+        model, ckpt = load_trained_model(weights, arch, classes,
+                                         trust_checkpoint=trust_checkpoint,
+                                         option_names=option_names)
+        size = checkpoint_input_size(weights, input_size, ckpt, option_names)
         return cls(model, ckpt["arch"], file_sha256(ckpt["file"]), size,
                    normalization=ckpt.get("normalization", IMAGENET_NORMALIZATION),
                    source=str(weights), **kwargs)
@@ -159,11 +152,11 @@ class EnsembleRefinery(Labeller):
     arch = ENSEMBLE
     selected_outputs = None  # each member's own are in its record
 
-    def __init__(self, members):
+    def __init__(self, members, option_names: OptionNames = PYTHON_NAMES):
         self.members = tuple(members)
         if len(self.members) < 2:
             raise ValueError("an ensemble has two members or more; use a Refinery for one")
-        _require_shared(self.members)
+        _require_shared(self.members, option_names)
         first = self.members[0]
         self.device, self.input_size = first.device, first.input_size
         self.bn_mode, self.temperature = first.bn_mode, first.temperature
@@ -186,9 +179,10 @@ class EnsembleRefinery(Labeller):
         return sum(m.probabilities_of_pixels(pixels) for m in self.members) / len(self.members)
 
 
-def _require_shared(members):
+def _require_shared(members, names: OptionNames):
     """Members that disagree on a shared setting are refused naming both; for the input size,
-    the one a user meets (checkpoints trained at other sizes), with the option that fixes it."""
+    the one a user meets (checkpoints trained at other sizes), with the option that fixes it
+    (``names.input_size``)."""
     first = members[0]
     for name in SHARED_BY_MEMBERS:
         for m in members[1:]:
@@ -199,7 +193,7 @@ def _require_shared(members):
                 raise CheckpointError(
                     f"{m.source}: records input size {b} px, but {first.source} records {a} px; "
                     "the members of an ensemble label the same crops: pass one size, "
-                    "--input-size N (refine precompute) or --res N (refine train --teacher)")
+                    f"{names.ask('input_size', 'N')}")
             raise CheckpointError(f"{m.source}: {name} {b}, but {first.source} has {a}; give "
                                   f"every member of an ensemble the same {name}")
 
@@ -242,7 +236,8 @@ def member_archs(weights, arch=None) -> list:
     return arch
 
 
-def load_refinery(weights, arch=None, classes: list = None, input_size: int = None, **kwargs):
+def load_refinery(weights, arch=None, classes: list = None, input_size: int = None,
+                  option_names: OptionNames = PYTHON_NAMES, **kwargs):
     """A :class:`Refinery` for one weights file, an :class:`EnsembleRefinery` for several.
 
     Parameters
@@ -252,14 +247,15 @@ def load_refinery(weights, arch=None, classes: list = None, input_size: int = No
         recorded).
     arch : None, str or sequence of str
         See :func:`member_archs`.
-    classes, input_size, **kwargs
+    classes, input_size, option_names, **kwargs
         As for :meth:`Refinery.from_checkpoint`, for every member. Without ``input_size`` the
         members' checkpoints must record the same size.
     """
     sources = _weights_list(weights)
-    members = [Refinery.from_checkpoint(w, a, classes, input_size, **kwargs)
+    members = [Refinery.from_checkpoint(w, a, classes, input_size, option_names=option_names,
+                                        **kwargs)
                for w, a in zip(sources, member_archs(sources, arch))]
-    return members[0] if len(members) == 1 else EnsembleRefinery(members)
+    return members[0] if len(members) == 1 else EnsembleRefinery(members, option_names)
 
 
 def load_as_recorded(weights, recorded: dict, classes: list, **kwargs):
@@ -272,7 +268,7 @@ def load_as_recorded(weights, recorded: dict, classes: list, **kwargs):
     archs = [records[i]["arch"] if i < len(records) else None for i in range(len(sources))]
     return load_refinery(sources, archs, classes, recorded["input_size"],
                          bn_mode=recorded["bn_mode"], temperature=recorded["temperature"],
-                         **kwargs)
+                         option_names=OptionNames(arch=None), **kwargs)  # as recorded
 
 
 def identity_mismatch(recorded: dict, refinery):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .augment import Recipe, plan_augment
+from .checkpoint_safety import load_weights_file
 from .crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
 from .dataset import open_dataset
 from .distributed import init_from_env, is_main, node_shared_arrays, world_size
@@ -26,8 +27,8 @@ from .errors import (CheckpointError, DataSetError, IncompleteStoreError, Refine
                      RefineryWarning, RunError)
 from .label_store import DEFAULT_TOP_K, CropRecords, LabelStore
 from .losses import DEFAULT_REST, get_loss
-from .models import (check_input_size, create_model, file_sha256, load_trained_model, normalize,
-                     save_checkpoint, to_model_input, to_pixels)
+from .models import (OptionNames, check_input_size, create_model, file_sha256,
+                     load_trained_model, normalize, save_checkpoint, to_model_input, to_pixels)
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .progress import progress_bar
 from .refinery import autocast_for
@@ -67,6 +68,7 @@ class TrainConfig:
     teacher: str = None         # online refinery checkpoint: labels every crop as it is shown
     #                             (a tuple of several: an ensemble, the mean of their labels)
     init: str = None            # student weights to start from (paper Table 3: the refined model)
+    teacher_arch: str = None    # the teacher's architecture, where its checkpoint records none
     teacher_bn: str = "train"
     augment: tuple = ()         # recipe after crop and flip (augment.Recipe names); a store's own
     teacher_crops: str = "fresh"  # 'fresh' random crops, or 'replay' the store's crops (parity)
@@ -86,6 +88,7 @@ class TrainConfig:
     resume: bool = False
     allow_partial: bool = False
     skip_store_check: bool = False  # only after a passing `refine verify` of the same bytes
+    trust_checkpoint: bool = False  # load weights files that run code to load (trusted ones only)
     cache_dir: str = None
     progress: bool = True
 
@@ -177,8 +180,10 @@ def _online_refinery(cfg: TrainConfig, classes: list, store, device):
         return None
     from .refinery import load_refinery
     size = cfg.res or (store.refinery.input_size if store is not None else None)
-    return load_refinery(cfg.teacher, classes=classes, input_size=size,
-                         bn_mode=cfg.teacher_bn, device=device, compile=cfg.compile)
+    return load_refinery(cfg.teacher, cfg.teacher_arch, classes, size, bn_mode=cfg.teacher_bn,
+                         device=device, compile=cfg.compile,
+                         trust_checkpoint=cfg.trust_checkpoint,
+                         option_names=OptionNames("--teacher-arch", "--res"))
 
 
 def _default_res(store, teacher) -> int:
@@ -505,7 +510,9 @@ def _initialise(model, cfg: TrainConfig, classes: list) -> str:
     a random initialisation (the paper's Table 3 starts its adversarial students from the refined
     model). Any layout ``--weights`` takes; another architecture or class set is one line.
     Returns the SHA-256 of the weights file, as a label store identifies its refinery."""
-    trained, ckpt = load_trained_model(cfg.init, cfg.arch, classes)
+    trained, ckpt = load_trained_model(cfg.init, cfg.arch, classes,
+                                       trust_checkpoint=cfg.trust_checkpoint,
+                                       option_names=OptionNames("--arch", "--res"))
     try:
         model.load_state_dict(trained.state_dict())
     except RuntimeError:  # e.g. an ImageNet-1k model whose outputs were selected for a subset
@@ -580,9 +587,9 @@ RUN_FILES = ("metrics.jsonl", "last.pt", "model.pt")  # what a run that trained 
 # (lr, epochs, data, batch size, ...) would continue the saved state under another schedule or
 # on other data, so they must match config.json. --device and --compile change float rounding
 # only; --eval-every only which epochs are evaluated; --skip-store-check only whether a verified
-# store is checked again.
+# store is checked again; --trust-checkpoint only whether a file that runs code may load.
 RESUMABLE_CHANGES = frozenset({"out_dir", "resume", "workers", "device", "compile", "progress",
-                               "cache_dir", "eval_every", "skip_store_check"})
+                               "cache_dir", "eval_every", "skip_store_check", "trust_checkpoint"})
 
 
 def _check_run_dir(cfg: TrainConfig, out: Path):
@@ -639,7 +646,7 @@ def _maybe_resume(cfg, out, model, optimizer, scheduler) -> int:
         return 0
     last = out / "last.pt"
     try:
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = load_weights_file(last, cfg.trust_checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -168,7 +168,7 @@ def test_timm_checkpoint_of_a_shared_name_is_timms_model(tmp_path):
     assert type(model).__module__.startswith("timm.")
     assert_same_outputs(model, original)
     with pytest.raises(CheckpointError, match="checkpoint is a timm/resnet18, not a resnet18; "
-                                              "drop --refinery or pass --refinery timm/resnet18"):
+                                              "pass arch=timm/resnet18 or weights of a resnet18"):
         load_trained_model(path, "resnet18")
     ema, _ = load_trained_model(path, ema=True)
     assert not torch.equal(ema.fc.weight, original.fc.weight)
@@ -179,9 +179,9 @@ def test_timm_checkpoint_without_args_needs_arch_and_size(tmp_path):
     original = make("resnet18d")
     path = tmp_path / "checkpoint.pth.tar"
     torch.save(timm_checkpoint(original, "resnet18d"), path)  # arch: 'resnet', names no model
-    with pytest.raises(CheckpointError, match="does not name its architecture; pass --refinery"):
+    with pytest.raises(CheckpointError, match="does not name its architecture; pass arch=ARCH"):
         load_trained_model(path)
-    with pytest.raises(CheckpointError, match="records no input size; pass .*--input-size N"):
+    with pytest.raises(CheckpointError, match="records no input size; pass .*input_size=N"):
         Refinery.from_checkpoint(path, "resnet18d")
     refinery = Refinery.from_checkpoint(path, "timm/resnet18d", input_size=32, bn_mode="eval")
     assert refinery.arch == "timm/resnet18d"
