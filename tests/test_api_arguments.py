@@ -142,7 +142,7 @@ def test_every_public_call_is_covered(store, dataset, tiny_data, mixup_store):
 
 def test_every_public_call_names_its_wrong_argument(store, dataset, tiny_data, mixup_store):
     before = store_bytes(mixup_store)
-    for public, calls in bad_calls(store, dataset, tiny_data, mixup_store).items():
+    for calls in bad_calls(store, dataset, tiny_data, mixup_store).values():
         for name, call in calls:
             assert_argument_error(call, name)
     assert store_bytes(mixup_store) == before  # mode="w" would have replaced the store

@@ -7,16 +7,15 @@ Before, ``StoreCropDataset(store, ImageFolder("DATA/val"))`` was accepted for a 
 """
 import shutil
 
-import numpy as np
 import pytest
 from torchvision.datasets import DatasetFolder, ImageFolder
 
 import refinery_pipeline as refinery
 from refinery_pipeline.crop_plan import CropPlan
 from refinery_pipeline.dataset import open_dataset
+from refinery_pipeline.pixels import read_image_file
 from refinery_pipeline.precompute import precompute
 from refinery_pipeline.refinery import Refinery
-from refinery_pipeline.torch_data import read_image_file
 
 from .test_api import write_tree
 
