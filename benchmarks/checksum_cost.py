@@ -96,10 +96,12 @@ def main():
         store = LabelStore.open(path)
         in_memory = store.read_crops(verify=False).arrays()
         cases = {
-            "read for training, unchecked": lambda: LabelStore.open(path).read_crops(verify=False),
+            "read for training, unchecked": lambda: LabelStore.open(
+                path, check=False).read_crops(verify=False),
             "read for training, checked (default)": lambda: LabelStore.open(path).read_crops(),
             "hashing alone, one thread (arrays in memory)": lambda: hash_all(store, in_memory),
-            "checks on opening (require_intact)": lambda: LabelStore.open(path).require_intact(),
+            "checks on opening (require_intact)": lambda: LabelStore.open(
+                path, check=False).require_intact(),
             "refine verify (verify_store)": lambda: verify_store(path),
         }
         times = {name: [] for name in cases}

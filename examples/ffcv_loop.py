@@ -2,7 +2,8 @@
 
 FFCV decodes each image's stored crop for the epoch in its own threads and hands uint8 NHWC
 batches with the stored top-k labels; the loop normalizes them to float NCHW on the device,
-expands the labels to dense targets there, and trains with KL divergence.
+expands the labels to dense targets there, and trains with KL divergence. FFCV reuses its batch
+buffers: ``.clone()`` any tensor of a batch kept beyond its step (a kept view changes).
 
     python examples/ffcv_loop.py labels.zarr imagenet_train.beton --epochs 2
 """
@@ -33,7 +34,7 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_dec
 for epoch in range(args.epochs):
     loader.set_epoch(epoch)  # which stored crop each image replays (and the shuffle)
     total, steps = 0.0, 0
-    for batch in loader:
+    for batch in loader:  # its tensors are overwritten a few batches on: clone what you keep
         # (B, S, S, 3) uint8 -> (B, 3, S, S) float; permute keeps NHWC memory (channels_last)
         images = batch.images.to(args.device, non_blocking=True).permute(0, 3, 1, 2)
         images = (images.float() - mean) / std

@@ -12,7 +12,8 @@ __version__ = "0.3.0"
 from .crop_batch import NOT_STORED, CropBatch, SparseLabels
 from .crop_plan import SLOT_POLICIES, CropPlan, slot_of
 from .errors import (ArgumentError, CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
-                     RefineryWarning, StoreError, StoreMismatchError, StoreNotFoundError)
+                     RefineryWarning, StoreCorruptError, StoreError, StoreMismatchError,
+                     StoreNotFoundError)
 from .label_store import (FORMAT_VERSION, Batching, CropRecords, DatasetInfo, LabelStore,
                           RefineryInfo, StoreLayout)
 from .losses import (LOSSES, REST_POLICIES, get_loss, kl_divergence, l2_on_probabilities,
@@ -46,6 +47,12 @@ def open_store(location) -> LabelStore:
         Nothing is stored there.
     StoreError
         Not a label store, or one of a newer format than this version reads.
+    StoreCorruptError
+        The store was edited or damaged since it was written: its layout, attributes (plan,
+        recipe, refinery, ...), ``labels`` or ``image_sizes`` fail the checks ``refine verify``
+        and ``refine train`` run (chunks are checked as they are read).
+    ArgumentError
+        ``location`` is no path or URL.
     """
     return LabelStore.open(location)
 
@@ -54,8 +61,11 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, **kwargs):
     """The FFCV backend: a loader of the store's crops with their labels (needs ``ffcv``).
 
     See :func:`refinery_pipeline.replay.replay_loader` for the parameters; it yields the same
-    :class:`CropBatch` es, with the same slot per ``(epoch, n)``, as :class:`StoreCropDataset`
-    under a ``DataLoader`` with :class:`CropCollate`.
+    :class:`CropBatch` es, with the same slot (and ``mix``) per ``(epoch, n)``, as
+    :class:`StoreCropDataset` under a ``DataLoader`` with :class:`CropCollate`.
+
+    FFCV reuses its batch buffers: a tensor of a batch is overwritten a few batches later, so
+    keep a copy (``batch.images[i].clone()``) of anything kept beyond the step.
     """
     from .replay import replay_loader as _replay_loader
     return _replay_loader(store, data, batch_size, num_workers, **kwargs)
@@ -72,6 +82,6 @@ __all__ = [
     "StoreCropDataset", "CropCollate", "CropSample", "BetonImages", "FolderImages",
     "MappedImages", "replay_loader",
     "RefineryError", "RefineryWarning", "StoreError", "StoreNotFoundError",
-    "StoreMismatchError", "IncompleteStoreError", "DataSetError", "CheckpointError",
-    "ArgumentError",
+    "StoreMismatchError", "IncompleteStoreError", "StoreCorruptError", "DataSetError",
+    "CheckpointError", "ArgumentError",
 ]

@@ -380,7 +380,6 @@ class BatchRecipe:
         self.threads = threads
 
     def __call__(self, batch):
-        import torch
         from .crop_batch import MixedLabels
         mixes = self.plan_augment.recipe.mixes
         slots = batch.slots[:, 0] if batch.slots.ndim == 2 else batch.slots
@@ -388,10 +387,7 @@ class BatchRecipe:
         indices = batch.indices.numpy()
         drawn = np.zeros(len(indices), np.int64) if self.fresh else slots.numpy()
         params = self.plan_augment.pair_params(indices, drawn)
-        mix = None
-        if mixes:
-            mix = MixedLabels(torch.from_numpy(self.labels[params[0].partner].astype(np.int64)),
-                              torch.from_numpy(params[0].weight.astype(np.float32)))
+        mix = MixedLabels.of_crops(params[0], self.labels) if mixes else None
         images = self.plan_augment.crops(own, partner, params, self.threads)
         return batch._replace(images=images, slots=slots, mix=mix)
 

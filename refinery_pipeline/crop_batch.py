@@ -54,6 +54,14 @@ class MixedLabels(NamedTuple):
     partner_labels: torch.Tensor
     weights: torch.Tensor
 
+    @classmethod
+    def of_crops(cls, params, labels) -> "MixedLabels":
+        """The mix of crops whose recipe draws are ``params`` (:class:`.augment.CropAugment`):
+        the class in ``labels`` (every image's) of each crop's partner image, and its share. The
+        one definition both backends use."""
+        return cls(torch.from_numpy(np.asarray(labels)[params.partner].astype(np.int64)),
+                   torch.from_numpy(params.weight.astype(np.float32)))
+
     def to(self, device, non_blocking: bool = True) -> "MixedLabels":
         return MixedLabels(self.partner_labels.to(device, non_blocking=non_blocking),
                            self.weights.to(device, non_blocking=non_blocking))
@@ -79,8 +87,12 @@ class CropBatch(NamedTuple):
         The crops' stored labels when the backend reads them (plain PyTorch backend: sparse or
         dense ``(B, C)``); None when the consumer looks them up from ``indices`` and ``slots``.
     mix : MixedLabels or None
-        With a mixing recipe (mixup, cutmix): each crop's partner class and own share, for
-        ground-truth targets (stored and online labels describe the mixed pixels themselves).
+        Wherever a mixing recipe (mixup, cutmix) made the crops, stored (a recipe store, both
+        backends) or fresh (ground-truth training with a mixing ``--augment``): each crop's
+        partner class and own share of the pixels (1 where the recipe left a crop unmixed);
+        None without a mixing recipe. It describes the pixels, for targets made from classes
+        (one-hot ground truth, category labels: mix them with it). Stored labels (``targets``)
+        and an online refinery's describe the mixed pixels already: never mix those again.
     """
 
     images: Any

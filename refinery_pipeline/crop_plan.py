@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .validators import index_array, one_of, whole_number
+
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Distinct streams keep boxes, flips and slot choices statistically independent.
 STREAM_BOX, STREAM_FLIP, STREAM_SLOT = 1, 2, 3
@@ -224,6 +226,17 @@ def slot_of(epoch: int, images, crops_per_image: int, policy: str = DEFAULT_SLOT
     -------
     int or numpy.ndarray
         An int for a single image, else int64 slots shaped like ``images``.
+
+    Raises
+    ------
+    ArgumentError
+        A negative epoch, image index or seed, ``crops_per_image`` below 1, an unknown policy.
     """
+    epoch = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
+    images = index_array("images", images)
+    crops_per_image = whole_number("crops_per_image", crops_per_image, 1,
+                                   "pass the store's K (store.layout.crops_per_image)")
+    one_of("policy", policy, SLOT_POLICIES)
+    seed = whole_number("seed", seed, 0, "pass the training run's seed, 0 or more")
     slots = epoch_slots(seed, epoch, 0, crops_per_image, policy, images=images)
     return int(slots[0]) if np.ndim(images) == 0 else slots.reshape(np.shape(images))

@@ -33,6 +33,7 @@ from .remote_storage import (CREATION_WAIT_SECONDS, claim_creation, is_remote, r
                              remote_filesystem, remote_store, unreachable_message)
 from .errors import (IncompleteStoreError, StoreCorruptError, StoreError, StoreMismatchError,
                      StoreNotFoundError, storage_error_message, storage_io_errors)
+from .validators import flag, index_array, one_of, path_like, refuse
 
 FORMAT_NAME = "refinery-label-store"
 # 2: an ``image_sizes`` array (each image's stored height and width) and ``dataset.source`` (the
@@ -54,6 +55,12 @@ CHECKSUMS, DONE_FLAGS = "chunk_sha256", "chunk_done"  # per chunk: digests, then
 # Written once at creation: the SHA-256 of ``image_sizes``, then a digest of every attribute
 # written at creation (which covers the first); ``complete`` comes later, so it is left out.
 IMAGE_SIZES_DIGEST, ATTRIBUTES_DIGEST = "image_sizes_sha256", "attributes_sha256"
+# Every store of this format or later was sealed at creation (the digest came within format 2),
+# so one without ``attributes_sha256`` had it deleted, most likely to hide an edit.
+SEALED_FROM_FORMAT = 3
+# Modes a store opens in: reading, or reading and writing chunks (precompute's resume). zarr's
+# "w" and "a" would create a new group over the store and lose it.
+OPEN_MODES = ("r", "r+")
 UNSEALED_ATTRIBUTES = ("complete", ATTRIBUTES_DIGEST)
 RESTORE = "restore the store from where it came from, or recompute it with `refine precompute`"
 # Classes stored per crop. On imagenette-96 (10 classes, GPU parity sweep) students on top-5
@@ -307,6 +314,7 @@ class LabelStore:
                              f"refinery reads ({FORMAT_VERSION}); upgrade refinery")
         self.attrs = attrs
         self.layout = _parse_layout(location, attrs.get("layout"))
+        self._intact = False  # require_intact passed on this object (its attributes are a copy)
 
     # ------------------------------------------------------------------ typed attributes
     @property
@@ -430,9 +438,35 @@ class LabelStore:
         group.attrs.update(seal_attributes(group))  # last: the digests cover all of the above
 
     @classmethod
-    def open(cls, location, mode: str = "r") -> "LabelStore":
-        """Open a store directory, or a zip made by ``refine pack`` (read-only, in place)."""
+    def open(cls, location, mode: str = "r", *, check: bool = True) -> "LabelStore":
+        """Open a store directory, a zip made by ``refine pack`` (read-only, in place), or an
+        fsspec URL.
+
+        Parameters
+        ----------
+        location : str or os.PathLike
+            Where the store is.
+        mode : {"r", "r+"}
+            ``"r"`` reads; ``"r+"`` also writes chunks (how precompute resumes a store).
+        check : bool
+            Reading (``mode="r"``): refuse a store whose layout, attributes, ``labels`` or
+            ``image_sizes`` no longer match what was written (:meth:`require_intact`, the checks
+            ``refine verify`` and ``refine train`` run; about 0.1 s at ImageNet size), so no way
+            into the API reads an edited store; chunks are checked as they are read. False only
+            for a tool that reports the damage itself (``refine verify``).
+
+        Raises
+        ------
+        StoreNotFoundError
+            Nothing is stored there.
+        StoreError
+            Not a label store, or one of a newer format than this version reads.
+        StoreCorruptError
+            ``check``: the store was damaged or edited since it was written.
+        """
         import zarr
+        path_like("location", location, "label store")
+        one_of("mode", mode, OPEN_MODES)
         missing = StoreNotFoundError(f"{location}: no label store there; create one with "
                                      "`refine precompute`")
         if not is_remote(location) and not Path(location).exists():
@@ -457,7 +491,10 @@ class LabelStore:
             raise StoreError(storage_error_message(exc, location)) from None
         except Exception as exc:
             raise StoreError(f"{location}: cannot open as a Zarr v3 label store ({exc})") from None
-        return cls(group, location)
+        store = cls(group, location)
+        if mode == "r" and flag("check", check):
+            store.require_intact()
+        return store
 
     # ------------------------------------------------------------------ writing
     def write_chunk(self, c: int, records: "CropRecords"):
@@ -536,6 +573,9 @@ class LabelStore:
         """The rows of ``images`` only: reads just the chunks that hold them (``verify``: each of
         those chunks whole, checked as in :meth:`read`)."""
         images = np.asarray(images, dtype=np.int64)
+        if not len(images):
+            return {name: np.zeros((0,) + self.group[name].shape[1:], self.group[name].dtype)
+                    for name in names}
         if not verify:
             return {name: self._read(name, images) for name in names}
         chunks = np.unique(images // self.layout.chunk_size)
@@ -547,23 +587,51 @@ class LabelStore:
         return {name: np.concatenate([p[name] for p in parts])[where] for name in names}
 
     def read_crops(self, images=None, static: bool = False, verify: bool = True) -> CropRecords:
-        """Every image's records (``images=None``: whole arrays in one pass), or those of the
-        image indices ``images`` only (just the chunks that hold them). ``static`` adds the
-        soft-static labels, which the store must have. ``verify`` (the default) checks what is
-        read against the chunks' checksums: a damaged chunk raises :class:`StoreCorruptError`
-        instead of reaching training as zeros or noise."""
-        names = CROP_ARRAYS + (STATIC_ARRAYS if static else ())
+        """The crop records of every image, or of some.
+
+        Parameters
+        ----------
+        images : array_like of int, optional
+            Image indices (rows of the store, ``0 ... N - 1``, any order, repeats allowed): reads
+            just the chunks that hold them. None (default): every image, whole arrays in one
+            pass.
+        static : bool
+            Add the soft-static labels, which the store must have.
+        verify : bool
+            Default True: the store passes :meth:`require_intact` (once per opened store) and
+            what is read matches its chunks' checksums, so a damaged or edited store raises
+            :class:`StoreCorruptError` instead of reaching training as zeros or noise.
+
+        Returns
+        -------
+        CropRecords
+        """
+        rows = None if images is None else self._image_rows(images)
+        names = CROP_ARRAYS + (STATIC_ARRAYS if flag("static", static) else ())
         if static and not self.layout.soft_static:
             raise StoreError(f"{self.location}: store has no soft-static labels; recompute it "
                              "with `refine precompute --soft-static`")
-        arrays = (self.read(names, verify) if images is None
-                  else self.read_images(images, names, verify))
+        if flag("verify", verify):
+            self.require_intact()
+        arrays = (self.read(names, verify) if rows is None
+                  else self.read_images(rows, names, verify))
         return CropRecords(**arrays)
 
     def read_labels(self, images=None) -> np.ndarray:
-        """Ground-truth class of every image (or of ``images``), int64."""
-        values = self.read((LABELS,)) if images is None else self.read_images(images, (LABELS,))
+        """Ground-truth class of every image (or of the image indices ``images``), int64, from a
+        store that passes :meth:`require_intact` (which checks them against their digest)."""
+        rows = None if images is None else self._image_rows(images)
+        self.require_intact()
+        values = self.read((LABELS,)) if rows is None else self.read_images(rows, (LABELS,))
         return values[LABELS].astype(np.int64)
+
+    def _image_rows(self, images) -> np.ndarray:
+        """``images`` as int64 row indices, refused unless a 1-d array of rows that exist."""
+        rows = index_array("images", images, self.layout.num_images)
+        if rows.ndim != 1:
+            raise refuse("images", images, f"must be one row of image indices (got {rows.ndim} "
+                         "dimensions)", "pass a 1-d array, e.g. np.array([0, 5])")
+        return rows
 
     def read_image_sizes(self) -> Optional[np.ndarray]:
         """``(N, 2)`` int64 height and width of each image as stored, the frame of its boxes;
@@ -648,11 +716,15 @@ class LabelStore:
         return problems
 
     def require_intact(self):
-        """Raise :class:`StoreCorruptError` for the first layout or content problem (what
-        training checks on opening a store; the chunks are checked as they are read)."""
+        """Raise :class:`StoreCorruptError` for the first layout or content problem (what every
+        reader checks on opening a store; the chunks are checked as they are read). Once passed,
+        it is not repeated for this object, whose attributes were read once at opening."""
+        if self._intact:
+            return
         problems = self.layout_problems()
         for problem in problems or self.content_problems():
             raise self._corrupt(problem)
+        self._intact = True
 
     # ------------------------------------------------------------------ checking, internals
     def _rows_range(self, c: int) -> range:
@@ -794,6 +866,10 @@ class LabelStore:
 
     def _digest_problems(self) -> list:
         recorded = self.attrs.get(ATTRIBUTES_DIGEST)
+        if recorded is None and self.format_version >= SEALED_FROM_FORMAT:
+            return [f"the attribute {ATTRIBUTES_DIGEST}, which every format-"
+                    f"{SEALED_FROM_FORMAT}+ store records, is missing: the attributes in "
+                    f"zarr.json were edited after creation; {RESTORE}"]
         if recorded is None or recorded == attributes_digest(self.attrs):
             return []
         return [f"the attributes in zarr.json were edited after creation (their SHA-256 differs "
@@ -905,6 +981,17 @@ class LabelStore:
         if not root.is_dir():
             return 0
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def open_for_reading(store) -> LabelStore:
+    """``store`` (a :class:`LabelStore` or its location) ready to replay: it passes
+    :meth:`LabelStore.require_intact` (a store opened with ``check=False`` or for writing is
+    checked here) and every chunk is written. The one entry check of both loader backends."""
+    if not isinstance(store, LabelStore):
+        store = LabelStore.open(path_like("store", store, "label store"))
+    store.require_intact()
+    store.require_complete()
+    return store
 
 
 def _check_layout(location, layout: StoreLayout):

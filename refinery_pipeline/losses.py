@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .label_store import DEFAULT_REST, REST_POLICIES  # noqa: F401 (defined beside DEFAULT_TOP_K)
+from .validators import one_of, refuse
 
 LOSSES = ("kl", "soft_ce", "reverse_kl", "l2")
 
@@ -25,8 +26,7 @@ def dense_from_sparse(indices: torch.Tensor, probs: torch.Tensor, num_classes: i
     if rest == "renormalize" or k == num_classes:
         target = torch.zeros(len(probs), num_classes, device=probs.device)
         return target.scatter_(1, indices.long(), probs / probs.sum(1, keepdim=True))
-    if rest != "uniform":
-        raise ValueError(f"unknown rest policy {rest!r}; choose one of {REST_POLICIES}")
+    one_of("rest", rest, REST_POLICIES)
     leftover = (1.0 - probs.sum(1, keepdim=True)).clamp_min(0.0)
     target = (leftover / (num_classes - k)).expand(-1, num_classes).clone()
     target.scatter_(1, indices.long(), probs)
@@ -44,31 +44,52 @@ def hard_from_soft(target: torch.Tensor) -> torch.Tensor:
     return F.one_hot(target.argmax(1), target.shape[1]).float()
 
 
+def check_pair(logits: torch.Tensor, target: torch.Tensor):
+    """Refuse a target that is not one ``(B, C)`` distribution per row of ``(B, C)`` logits:
+    broadcasting would otherwise turn a ``(B,)`` class-index target or a target of another
+    width into a number that trains on nothing meaningful (shapes only: no device sync)."""
+    for name, value in (("logits", logits), ("target", target)):
+        if not isinstance(value, torch.Tensor) or value.ndim != 2:
+            raise refuse(name, value, "must be a (B, C) tensor", "pass the model's logits and "
+                         "dense targets (dense_targets(batch.targets, store.num_classes))")
+    if logits.shape != target.shape:
+        raise refuse("target", target, f"its shape {tuple(target.shape)} does not fit logits "
+                     f"of shape {tuple(logits.shape)}", "pass targets built by dense_targets("
+                     "labels, num_classes) for the model's number of classes")
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: ``-sum_c p_c log q_c``, averaged over the batch."""
+    """Eq. 2: ``-sum_c p_c log q_c``, averaged over the batch; ``logits`` and ``target`` are
+    both ``(B, C)``."""
+    check_pair(logits, target)
     return -(target * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
 def kl_divergence(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: ``KL(p || q)``; same gradient as Eq. 2, but 0 when the student matches the label."""
+    """Eq. 1: ``KL(p || q)``; same gradient as Eq. 2, but 0 when the student matches the label.
+    ``logits`` and ``target`` are both ``(B, C)``."""
+    check_pair(logits, target)
     entropy = -(target * target.clamp_min(1e-12).log()).sum(1).mean()
     return soft_cross_entropy(logits, target) - entropy
 
 
 def reverse_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``KL(q || p)`` (the paper's Table 7), with p floored to keep log p finite."""
+    """``KL(q || p)`` (the paper's Table 7), with p floored to keep log p finite; ``logits``
+    and ``target`` are both ``(B, C)``."""
+    check_pair(logits, target)
     log_q = F.log_softmax(logits.float(), dim=1)
     return (log_q.exp() * (log_q - target.clamp_min(1e-8).log())).sum(1).mean()
 
 
 def l2_on_probabilities(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared distance between probability vectors (the paper's Table 7)."""
+    """Squared distance between probability vectors (the paper's Table 7); ``logits`` and
+    ``target`` are both ``(B, C)``."""
+    check_pair(logits, target)
     return ((F.softmax(logits.float(), dim=1) - target) ** 2).sum(1).mean()
 
 
 def get_loss(name: str):
+    """The loss function called ``name`` (one of :data:`LOSSES`), ``loss(logits, target)``."""
     table = {"kl": kl_divergence, "soft_ce": soft_cross_entropy, "reverse_kl": reverse_kl,
              "l2": l2_on_probabilities}
-    if name not in table:
-        raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
-    return table[name]
+    return table[one_of("name", name, LOSSES, what="loss")]

@@ -40,8 +40,8 @@ from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToTensor
 
 from .crop_batch import NOT_STORED, CropBatch, batch_from_rows, sparse_labels
-from .crop_plan import (DEFAULT_SLOT_POLICY, CropPlan, centre_square, cycle_order, epoch_slots,
-                        sample_boxes, sample_flips)
+from .crop_plan import (DEFAULT_SLOT_POLICY, SLOT_POLICIES, CropPlan, centre_square, cycle_order,
+                        epoch_slots, sample_boxes, sample_flips)
 from .errors import RefineryWarning
 
 TABLE_FIELDS = 7  # y, x, h, w, flip, slot, source (0: the row's image; m + 1: image m)
@@ -398,8 +398,10 @@ class CropLoader(TableLoader):
         super().__init__(path, **kwargs)
 
     def set_epoch(self, epoch: int):
-        """Replay ``epoch``'s crops on the next iteration (as ``StoreCropDataset.set_epoch``)."""
-        self.next_epoch = int(epoch)
+        """Replay ``epoch``'s crops on the next iteration (as ``StoreCropDataset.set_epoch``);
+        epochs count from 0."""
+        from .validators import whole_number
+        self.next_epoch = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
 
     def __iter__(self):
         self.crops.fill(self.table, self.next_epoch)
@@ -472,14 +474,40 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     CropLoader
         Iterating it yields :class:`~refinery_pipeline.CropBatch` es of uint8 ``(B, S, S, 3)``
         crops (after the store's recipe, if it has one, as they were labelled) with
-        :class:`~refinery_pipeline.SparseLabels` targets; epochs count from 0
-        (``loader.set_epoch(e)`` picks one). Slot ``(epoch, n)`` is
+        :class:`~refinery_pipeline.SparseLabels` targets, and ``mix`` where the recipe mixes;
+        epochs count from 0 (``loader.set_epoch(e)`` picks one). Slot ``(epoch, n)`` is
         :func:`~refinery_pipeline.slot_of`'s, the same as in :class:`StoreCropDataset`.
+
+    Raises
+    ------
+    StoreCorruptError
+        The store fails the checks ``refine verify`` and ``refine train`` run.
+    StoreMismatchError
+        ``data`` is not the data set the store was made from.
+    ArgumentError
+        An argument of the wrong kind or range.
+
+    Notes
+    -----
+    FFCV reuses its batch buffers: a batch's tensors (``images``, ``labels``, ``indices``,
+    ``slots``) are overwritten a few batches later. Use them within the step, or keep a copy
+    (``batch.images[i].clone()``); a kept view shows other crops' pixels.
     """
     from .dataset import open_dataset
-    from .label_store import LabelStore
-    store = store if isinstance(store, LabelStore) else LabelStore.open(store)
-    store.require_complete()
+    from .label_store import open_for_reading
+    from .validators import flag, one_of, optional_whole_number, path_like, whole_number
+    batch_size = whole_number("batch_size", batch_size, 1, "pass a positive batch size")
+    num_workers = whole_number("num_workers", num_workers, 1, "pass 1 or more decoding threads")
+    seed = whole_number("seed", seed)
+    one_of("slot_policy", slot_policy, SLOT_POLICIES)
+    size = optional_whole_number("size", size, 1, "pass a crop side in pixels, or None for the "
+                                 "size the refinery labelled")
+    flag("distributed", distributed)
+    flag("drop_last", drop_last)
+    path_like("data", data, ".beton or ImageFolder tree")
+    if cache_dir is not None:
+        path_like("cache_dir", cache_dir, "cache directory")
+    store = open_for_reading(store)
     dataset = open_dataset(data, "train", cache_dir)
     store.check_matches(dataset.fingerprint())
     records = store.read_crops()

@@ -26,7 +26,7 @@ def pack_store(store_dir, out_zip) -> int:
     (``refine train --labels X.zip``).
     """
     root, out = Path(store_dir), Path(out_zip)
-    store = LabelStore.open(root)
+    store = LabelStore.open(root, check=False)  # verify_store below names every problem
     store.require_complete()
     _refuse_existing(out)
     if out.resolve().is_relative_to(root.resolve()):
@@ -91,7 +91,7 @@ def verify_store(location, dataset=None) -> VerifyReport:
     Each problem names what is wrong and how to fix it, e.g.
     ``chunk 3: topk_probs (key topk_probs/c/3/0/0) does not match its checksum; ...``.
     """
-    store = LabelStore.open(location)
+    store = LabelStore.open(location, check=False)  # to list every problem, not the first
     report = VerifyReport(str(location), store.layout.num_chunks)
     if dataset is not None:
         try:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .crop_batch import SparseLabels, sparse_labels
-from .losses import DEFAULT_REST, dense_from_sparse, hard_from_soft, one_hot
+from .losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse, hard_from_soft, one_hot
+from .validators import index_array, one_of, refuse, whole_number
 
 
 class GroundTruthTargets:
@@ -133,10 +134,32 @@ def visual_category_table(topk_indices: np.ndarray, topk_probs: np.ndarray, labe
     the mean of the targets its crops would otherwise get. The refinery's BatchNorm mode is the
     store's (the paper fixes it for all its visual variants; here it is whatever labelled the
     store, recorded in ``refinery.bn_mode``). Summed ``crops_per_step`` crops at a time, so an
-    ImageNet-sized store never expands whole."""
-    indices = np.asarray(topk_indices).reshape(-1, np.shape(topk_indices)[-1])
-    probs = np.asarray(topk_probs).reshape(indices.shape)
-    per_crop = np.repeat(np.asarray(labels), len(indices) // len(labels))
+    ImageNet-sized store never expands whole.
+
+    Parameters
+    ----------
+    topk_indices, topk_probs : numpy.ndarray
+        ``(N, K, k)`` (``records.topk_indices``, ``records.topk_probs``) or ``(N, k)``.
+    labels : numpy.ndarray
+        ``(N,)`` ground-truth class of each image (``store.read_labels()``).
+    num_classes : int
+        C, the store's number of classes.
+    rest : {"renormalize", "uniform"}
+        As :func:`dense_targets`.
+    crops_per_step : int
+        Crops expanded at a time (memory, not the result).
+
+    Raises
+    ------
+    ArgumentError
+        Shapes that do not fit together, class indices or labels not below ``num_classes``,
+        an unknown ``rest``.
+    """
+    num_classes = whole_number("num_classes", num_classes, 1, "pass the store's number of "
+                               "classes (store.num_classes)")
+    one_of("rest", rest, REST_POLICIES)
+    crops_per_step = whole_number("crops_per_step", crops_per_step, 1, "pass e.g. 65536")
+    indices, probs, per_crop = _category_inputs(topk_indices, topk_probs, labels, num_classes)
     sums = torch.zeros(num_classes, num_classes)
     for start in range(0, len(indices), crops_per_step):
         part = slice(start, start + crops_per_step)
@@ -145,3 +168,23 @@ def visual_category_table(topk_indices: np.ndarray, topk_probs: np.ndarray, labe
         sums.index_add_(0, torch.from_numpy(per_crop[part].astype(np.int64)), dense)
     counts = torch.bincount(torch.from_numpy(per_crop.astype(np.int64)), minlength=num_classes)
     return sums / counts.clamp_min(1)[:, None]
+
+
+def _category_inputs(topk_indices, topk_probs, labels, num_classes: int) -> tuple:
+    """Stored labels as ``(crops, k)`` indices and probabilities and each crop's class,
+    refused unless their shapes fit together and every class is below ``num_classes``."""
+    indices = index_array("topk_indices", topk_indices, what="class", keep_dtype=True)
+    probs, labels = np.asarray(topk_probs), index_array("labels", labels, what="class")
+    if indices.ndim not in (2, 3) or probs.shape != indices.shape:
+        raise refuse("topk_probs", topk_probs, f"of shape {probs.shape} does not fit "
+                     f"topk_indices of shape {indices.shape}; both must be (N, K, k) or (N, k)",
+                     "pass records.topk_indices and records.topk_probs of one read")
+    if labels.shape != indices.shape[:1]:
+        raise refuse("labels", labels, f"of shape {labels.shape} does not fit {len(indices)} "
+                     "images of stored labels", "pass store.read_labels() of the same store")
+    high = max(int(indices.max(initial=0)), int(labels.max(initial=0)))
+    if high >= num_classes:
+        raise refuse("num_classes", num_classes, f"too few for these labels (class index {high})",
+                     "pass the store's number of classes (store.num_classes)")
+    per_crop = np.repeat(labels, indices[0].size // indices.shape[-1])
+    return indices.reshape(-1, indices.shape[-1]), probs.reshape(-1, indices.shape[-1]), per_crop

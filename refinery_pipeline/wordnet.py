@@ -37,6 +37,7 @@ import torch
 
 from .dataset import default_cache_dir
 from .errors import DataSetError, RefineryError
+from .validators import positive_number, refuse
 
 DEFAULT_TEMPERATURE = 0.1
 WORDNET_ENV = "REFINERY_WORDNET"
@@ -245,9 +246,17 @@ def wordnet_category_table(classes, temperature: float = DEFAULT_TEMPERATURE,
     -------
     torch.Tensor
         ``(C, C)`` float32, each row a distribution whose largest entry is its own class.
+
+    Raises
+    ------
+    ArgumentError
+        ``temperature`` not a finite number above 0, ``classes`` no list of names.
     """
-    if not temperature > 0:
-        raise RefineryError(f"--wordnet-temperature {temperature}: give a positive temperature "
-                            f"(e.g. {DEFAULT_TEMPERATURE})")
-    sims = torch.from_numpy(wup_similarities(classes, where))
+    temperature = positive_number("temperature", temperature, "pass a positive temperature "
+                                  f"(e.g. {DEFAULT_TEMPERATURE})")
+    names = [] if isinstance(classes, str) or not hasattr(classes, "__iter__") else list(classes)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise refuse("classes", classes, "must be a non-empty list of class names (WordNet "
+                     "noun ids)", "pass store.classes")
+    sims = torch.from_numpy(wup_similarities(names, where))
     return torch.softmax(sims / temperature, dim=1).float()

@@ -49,6 +49,23 @@ def tiny_refinery_ckpt(tiny_data, tmp_path_factory) -> Path:
     return out / "model.pt"
 
 
+@pytest.fixture(scope="session")
+def mixup_store(tiny_data, tiny_refinery_ckpt, tmp_path_factory) -> Path:
+    """A complete store of the tiny shapes whose recipe mixes (``mixup:0.4``), K = 2, top-4:
+    the store the public API's entry checks and both backends' ``CropBatch.mix`` are tested on
+    (tests copy it before changing a byte)."""
+    from refinery_pipeline.crop_plan import CropPlan
+    from refinery_pipeline.dataset import open_dataset
+    from refinery_pipeline.precompute import precompute
+    from refinery_pipeline.refinery import Refinery
+    path = tmp_path_factory.mktemp("mixup") / "labels.zarr"
+    precompute(open_dataset(tiny_data), path,
+               Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
+               CropPlan(seed=5, crops_per_image=2, augment=("mixup:0.4",)), top_k=4,
+               crop_batch=32, chunk_size=32, progress=False, num_workers=1)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("REFINERY_CACHE", str(tmp_path / "cache"))

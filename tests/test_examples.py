@@ -1,4 +1,5 @@
-"""The examples under ``examples/`` run end to end on a tiny store, each in its own process."""
+"""The examples under ``examples/`` run end to end on a tiny store, each in its own process, and
+README's API snippet runs as it is printed."""
 import ast
 import math
 import os
@@ -15,8 +16,10 @@ from refinery_pipeline.precompute import precompute
 from refinery_pipeline.refinery import Refinery
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ("plain_pytorch.py", "ffcv_loop.py", "timm_style.py")
-LOSS = re.compile(r"^epoch 0: mean loss (\S+)$", re.MULTILINE)
+EXAMPLES = ("plain_pytorch.py", "ffcv_loop.py", "timm_style.py", "lightning_loop.py")
+LOSS = re.compile(r"^epoch (\d+): mean loss (\S+)$", re.MULTILINE)
+# Lightning calls set_epoch from a hook: two epochs show the hook runs each epoch.
+EPOCHS = {"lightning_loop.py": 2}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def example_runs(tiny_data, tiny_refinery_ckpt, tmp_path_factory) -> dict:
     env = dict(os.environ, REFINERY_CACHE=str(out / "cache"), CUDA_VISIBLE_DEVICES="")
     runs = {name: subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / name), str(store), str(tiny_data),
-         "--epochs", "1", "--batch-size", "8", "--limit-steps", "2"],
+         "--epochs", str(EPOCHS.get(name, 1)), "--batch-size", "8", "--limit-steps", "2"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name in EXAMPLES}
     results = {}
@@ -50,9 +53,9 @@ def example_runs(tiny_data, tiny_refinery_ckpt, tmp_path_factory) -> dict:
 def test_example_trains_and_prints_a_finite_loss(example_runs, name):
     returncode, stdout, stderr = example_runs[name]
     assert returncode == 0, stderr[-3000:]
-    found = LOSS.search(stdout)
-    assert found, f"no loss line in {stdout!r}"
-    assert math.isfinite(float(found.group(1))), found.group(0)
+    found = LOSS.findall(stdout)
+    assert [int(epoch) for epoch, _ in found] == list(range(EPOCHS.get(name, 1))), stdout
+    assert all(math.isfinite(float(loss)) for _, loss in found), found
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -60,3 +63,26 @@ def test_example_is_short_and_says_what_it_shows(name):
     source = (ROOT / "examples" / name).read_text()
     assert len(source.splitlines()) < 60
     assert ast.get_docstring(ast.parse(source))
+
+
+def readme_snippet() -> str:
+    """The Python block of README's "Use a store in your own training loop" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Use a store in your own training loop"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("\n```", start)]
+
+
+def test_readme_snippet_runs_as_printed(mixup_store, tiny_data):
+    """Only the paths and the sizes change (each must appear exactly once, so an edited README
+    fails here rather than drifting): tiny data, one worker-free epoch."""
+    code = readme_snippet()
+    for old, new in (('"labels.zarr"', repr(str(mixup_store))),
+                     ('"DATA/train"', repr(str(tiny_data))),
+                     ("num_workers=8", "num_workers=0"), ("range(16)", "range(1)")):
+        assert code.count(old) == 1, f"README's snippet no longer holds {old}"
+        code = code.replace(old, new)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert math.isfinite(namespace["loss"].item())
+    assert namespace["b"].targets.indices.shape[1] == 4  # it trained on the store's labels
