@@ -1,0 +1,77 @@
+"""A ``.beton`` written by ``refine``: its stored bytes, keyed by the files it was written from."""
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataSetError
+from .base import ImageSource, decode_image
+
+KEYS_FIELD = "keys"  # the sidecar entry a keyed .beton lists its keys in, in sample order
+FFCV_JPEG_MODE = 0  # FFCV's IMAGE_MODES["jpg"]: the sample's bytes are a JPEG file
+
+
+class BetonSource(ImageSource):
+    """The images of a ``.beton`` in sample order, keyed by its sidecar.
+
+    Keys come from the sidecar's ``keys`` (a keyed ``.beton``), else from the source files it
+    lists (``files``, relative to ``root``); a ``.beton`` with neither has no keys and is
+    refused in one line. :meth:`encoded` gives the stored JPEG bytes (what the refinery
+    decoded); images stored raw (``write_mode='raw'``) have only :meth:`image`.
+    """
+
+    kind = "beton"
+    key_rule = "the .beton sidecar's keys, or its source files relative to their split folder"
+
+    def __init__(self, path):
+        from ..dataset import ImageDataset, _common_root
+        dataset = ImageDataset(path)  # one-line errors for foreign or missing files
+        self.path = Path(path).resolve()
+        self.pointers, self.nbytes = dataset.image_byte_spans()
+        self.modes = dataset.reader.metadata[dataset.image_field]["mode"].astype(np.int64)
+        self.sizes = np.stack([dataset.heights, dataset.widths], -1)
+        self._labels = dataset.labels
+        self._blob = None
+        meta = dataset.meta
+        keys = meta.get(KEYS_FIELD)
+        if keys is None and meta.get("files"):
+            root = Path(meta.get("root") or _common_root(meta["files"], dataset.classes))
+            keys = [Path(f).relative_to(root).as_posix() for f in meta["files"]]
+        if keys is None:
+            raise DataSetError(f"{self.path}: has no image keys (its sidecar lists no source "
+                               "files); convert the original images again with `refine convert`, "
+                               "or open it by position as before")
+        if len(keys) != len(self.pointers):
+            raise DataSetError(f"{self.path}: its sidecar lists {len(keys)} keys for "
+                               f"{len(self.pointers)} images; the sidecar belongs to another "
+                               "file: convert the original images again")
+        super().__init__(self.path, keys, dataset.classes)
+
+    def __getstate__(self):
+        return dict(self.__dict__, _blob=None)  # each process maps the file itself
+
+    @property
+    def has_bytes(self) -> bool:
+        return bool(np.all(self.modes == FFCV_JPEG_MODE))
+
+    def labels(self):
+        return self._labels
+
+    def _stored(self, i: int) -> np.ndarray:
+        if self._blob is None:
+            self._blob = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._blob[self.pointers[i]:self.pointers[i] + self.nbytes[i]]
+
+    def encoded(self, i: int) -> bytes:
+        if self.modes[i] != FFCV_JPEG_MODE:
+            raise DataSetError(f"{self.describe(i)}: stored as raw pixels, not encoded bytes; "
+                               "read it with image(i)")
+        return self._stored(i).tobytes()
+
+    def image(self, i: int) -> np.ndarray:
+        if self.modes[i] == FFCV_JPEG_MODE:
+            return decode_image(self.encoded(i), self.describe(i))
+        h, w = self.sizes[i]
+        return np.asarray(self._stored(i)[:h * w * 3]).reshape(h, w, 3)
+
+    def describe(self, i: int) -> str:
+        return f"{self.path} image {i}"
