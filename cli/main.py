@@ -129,7 +129,19 @@ PROB_BITS = Count(min=0, max=MAX_PROB_BITS)  # stored probabilities: multiples o
 
 # Options several commands share, defined once.
 workers_option = click.option("--workers", default=2, type=AT_LEAST_ONE, help=WORKERS_HELP)
-device_option = click.option("--device", default="auto",
+
+
+def _checked_device(ctx, param, value):
+    """``--device``: a name torch does not know, or a device this machine lacks, fails before
+    the command runs, so nothing is converted or created for it."""
+    from refinery_pipeline.devices import device_problem
+    problem = device_problem(value)
+    if problem is not None:
+        raise OptionValueError(value, *problem, param, ctx)
+    return value
+
+
+device_option = click.option("--device", default="auto", callback=_checked_device,
                              help="torch device: auto (the local CUDA device, else cpu), cpu, "
                                   "cuda, cuda:1, ...")
 AUGMENT_HELP = ("training recipe after crop and flip, one step per --augment, names as in "
@@ -438,7 +450,9 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
 def plot(runs, out, names, gap):
     """Plot accuracy per epoch and per class of one or several `refine train` RUNS (their --out
     directories): validation vs training crops, side by side in one figure."""
-    from refinery_pipeline.plots import plot_gap, plot_runs, read_run
+    from refinery_pipeline.plots import figure_path, plot_gap, plot_runs, read_run
+    if out is not None:
+        figure_path(out)  # before reading any run
     if names and len(names) != len(runs):
         raise RefineryError(f"{len(names)} --name for {len(runs)} runs; give one per run or none")
     if not names:
@@ -475,15 +489,20 @@ def plot(runs, out, names, gap):
 def evaluate(run, data, split, res, batch_size, workers, device, cache_dir):
     """Top-1 of a trained model (a `refine train` RUN directory, or any checkpoint with DATA)
     on the centred square of every image of a split, as validation is evaluated; `--split
-    train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json."""
+    train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json for the
+    data it trained on, and RUN/eval_SPLIT-<fingerprint>.json for any other DATA."""
     from refinery_pipeline.evaluation import (checkpoint_of, data_of, evaluate_checkpoint,
-                                              save_evaluation)
+                                              measured_own_data, save_evaluation)
     metrics = evaluate_checkpoint(checkpoint_of(run), data_of(run, data), split, res,
                                   batch_size, workers, device, cache_dir)
     saved = save_evaluation(run, metrics)
+    record = metrics["data"]
     click.echo(f"{split} top-1 {metrics[split + '_top1']:.2f}  top-5 "
-               f"{metrics[split + '_top5']:.2f} on {metrics['images']} images"
-               + (f"; {saved}" if saved else ""))
+               f"{metrics[split + '_top5']:.2f} on {metrics['images']} images of "
+               f"{record['path']} (data set {record['id']})" + (f"; {saved}" if saved else ""))
+    if saved and not measured_own_data(run, record):
+        click.echo(f"note: not the data {run} trained on, so kept apart from its own "
+                   f"eval_{split}.json (which `refine plot --gap` reads)")
 
 
 @cli.command()
@@ -518,7 +537,8 @@ def show(store, data, images, crops, seed, out, others, names, workers, cache_di
     with --compare, each crop with every store's top-3 (the paper's Figs. 7-8)."""
     from refinery_pipeline.dataset import open_dataset
     from refinery_pipeline.inspect_store import compared_labels, sample_stored_crops
-    from refinery_pipeline.plots import plot_compared_crops, plot_stored_crops
+    from refinery_pipeline.plots import figure_path, plot_compared_crops, plot_stored_crops
+    figure_path(out)  # before any image is decoded for it
     stores = (store, *others)
     if names and len(names) != len(stores):
         raise RefineryError(f"{len(names)} --name for {len(stores)} stores; give one per store "

@@ -21,9 +21,11 @@ from torch import nn
 from .augment import Recipe, plan_augment
 from .crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
 from .dataset import open_dataset
+from .devices import resolve_device
 from .distributed import init_from_env, is_main, node_shared_arrays, world_size
 from .errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
                      RefineryWarning, RunError)
+from .evaluation import data_ids
 from .label_store import DEFAULT_TOP_K, CropRecords, LabelStore
 from .losses import DEFAULT_REST, get_loss
 from .models import (check_input_size, create_model, file_sha256, load_trained_model, normalize,
@@ -88,15 +90,6 @@ class TrainConfig:
     skip_store_check: bool = False  # only after a passing `refine verify` of the same bytes
     cache_dir: str = None
     progress: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    import os
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- data
@@ -455,7 +448,9 @@ def fit(cfg: TrainConfig) -> dict:
     model = create_model(cfg.arch, len(classes))
     run_config = {**asdict(cfg), "res": res, "classes": classes,
                   "train_images": len(train_loader.indices),
-                  "init_sha256": _initialise(model, cfg, classes) if cfg.init else None}
+                  "init_sha256": _initialise(model, cfg, classes) if cfg.init else None,
+                  "data_ids": data_ids(train_ds, open_dataset(_val_location(cfg.data), "val",
+                                                              cfg.cache_dir))}
     _check_same_run(out, saved, run_config)  # again, with what only the data tells
     model = model.to(device)
     if cfg.channels_last:
