@@ -6,6 +6,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -14,6 +15,7 @@ from refinery_pipeline.errors import (RefineryError, RefineryWarning, storage_er
                                       storage_io_errors)
 from refinery_pipeline.label_store import (DEFAULT_PROB_BITS, DEFAULT_REST, DEFAULT_TOP_K,
                                            MAX_PROB_BITS, REST_POLICIES)
+from refinery_pipeline.option_relevance import check_options_used
 from refinery_pipeline.schedule import LR_SCHEDULERS
 from refinery_pipeline.wordnet import DEFAULT_TEMPERATURE
 
@@ -337,7 +339,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
               help="multistep scheduler: the epochs at which the LR is multiplied by --lr-gamma, "
                    "e.g. 140,170 (the paper's recipe, torch's MultiStepLR)")
 @click.option("--label-smoothing", default=0.0, type=SMOOTHING,
-              help="ground-truth mode only (--labels none)")
+              help="ground-truth targets only (--labels none, no --teacher); refused otherwise")
 @click.option("--label-mode", type=click.Choice(["soft", "hard", "static", "category-visual",
                                                  "category-wordnet"]),
               default="soft",
@@ -539,6 +541,7 @@ def show(store, data, images, crops, seed, out, others, names, workers, cache_di
     from refinery_pipeline.inspect_store import compared_labels, sample_stored_crops
     from refinery_pipeline.plots import figure_path, plot_compared_crops, plot_stored_crops
     figure_path(out)  # before any image is decoded for it
+    check_options_used("show", SimpleNamespace(names=names, others=others), {"names": ()})
     stores = (store, *others)
     if names and len(names) != len(stores):
         raise RefineryError(f"{len(names)} --name for {len(stores)} stores; give one per store "
@@ -617,6 +620,7 @@ def convert(data, out_dir, max_resolution, jpeg_quality, write_mode, workers):
     """
     from refinery_pipeline.dataset import BetonOptions, ImageDataset, convert_tree
     options = BetonOptions(max_resolution, jpeg_quality, write_mode)
+    check_options_used("convert", options)  # a JPEG quality for raw pixels: refused
     written = convert_tree(data, out_dir, options, workers)
     for path in written:
         ds = ImageDataset(path)

@@ -202,11 +202,12 @@ class DatabaseErrors:
     def __exit__(self, kind, exc, tb):
         if exc is None or isinstance(exc, RefineryError) or not isinstance(exc, Exception):
             return False
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+        said = (str(exc).splitlines() or [""])[0][:200]
         if self.copy is not None:
-            reason = reason.replace(str(self.copy), self.source)
+            said = said.replace(str(self.copy), self.source)
+        reason = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
         raise WordNetError(f"{self.source}: not a readable WordNet {WORDNET_VERSION} database "
-                           f"({type(exc).__name__}: {reason[:200]}); restore it (Debian's: "
+                           f"({reason}); restore it (Debian's: "
                            f"{REINSTALL}) or set ${WORDNET_ENV} to an intact WordNet "
                            f"{WORDNET_VERSION} dict directory") from None
 
