@@ -176,9 +176,11 @@ def test_too_few_steps_warn_with_a_batch_that_gives_enough_and_the_scaled_lr(ima
     assert scaled == pytest.approx(lr * suggested / batch, rel=1e-2)
 
 
-def test_the_tiny_test_runs_take_enough_steps():
-    """96 images in batches of 16, as most tests train: no warning to wade through."""
-    assert few_steps_problem(96, 1, 16, 0.4, 2) is None
+def test_the_measured_threshold():
+    """4 steps per epoch ended at chance, 8 trained (benchmarks/results/steps_per_epoch_cpu.md);
+    the tests' tiny runs (96 images in batches of 16: 6 steps) are toys, and do warn."""
+    assert few_steps_problem(500, 1, 125, 0.2, 16) and few_steps_problem(96, 1, 16, 0.4, 2)
+    assert few_steps_problem(500, 1, 62, 0.1, 16) is None
 
 
 @settings(max_examples=100, deadline=None)
@@ -202,6 +204,6 @@ def test_the_defaults_on_a_small_data_set_warn_in_one_line_each(tiny_data, tmp_p
     steps = [m for m in shown if m.startswith("--batch-size 64 on 96 training images is 1 SGD "
                                                "step per epoch")]
     warm = [m for m in shown if m.startswith("--warmup-epochs 2 is longer than the run")]
-    assert len(steps) == 1 and "pass --batch-size 24 (4 steps per epoch) and --lr 0.15" in steps[0]
+    assert len(steps) == 1 and "pass --batch-size 12 (8 steps per epoch) and --lr 0.075" in steps[0]
     assert len(warm) == 1 and "pass --warmup-epochs 0.125 or less" in warm[0]
     assert "val top-1" in result.output
