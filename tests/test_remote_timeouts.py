@@ -53,23 +53,33 @@ def short_timeouts(monkeypatch):
     monkeypatch.setenv(ATTEMPTS_ENV, "1")
 
 
-def opened_within(location, seconds: float):
-    """``(exception or None, seconds taken)`` of ``open_store(location)``, in a thread so that
-    a hang fails the test instead of stalling the suite."""
-    outcome = {}
+def within(seconds: float, call, *args):
+    """``(result, exception or None, seconds taken)`` of ``call(*args)``, run in a thread so
+    that a hang fails the test after ``seconds`` instead of stalling the suite."""
+    outcome = {"result": None, "error": None}
 
     def attempt():
         start = time.perf_counter()
         try:
-            refinery.open_store(location)
+            outcome["result"] = call(*args)
         except Exception as exc:
             outcome["error"] = exc
         outcome["seconds"] = time.perf_counter() - start
     worker = threading.Thread(target=attempt, daemon=True)
     worker.start()
     worker.join(seconds)
-    assert not worker.is_alive(), f"open_store({location}) still waits after {seconds:.0f} s"
-    return outcome.get("error"), outcome["seconds"]
+    assert not worker.is_alive(), f"{call.__name__}{args} still waits after {seconds:.0f} s"
+    return outcome["result"], outcome["error"], outcome["seconds"]
+
+
+def opened_within(location, seconds: float):
+    """``(exception or None, seconds taken)`` of ``open_store(location)``."""
+    _, error, taken = within(seconds, refinery.open_store, location)
+    return error, taken
+
+
+def cli_within(seconds: float, *args):
+    return within(seconds, lambda: run(*args, ok=False))[0]
 
 
 @pytest.mark.parametrize("url", ["http://{}/labels.zarr", "https://{}/labels.zarr",
@@ -97,7 +107,7 @@ def test_a_silent_s3_endpoint_is_bounded_too(silent_server, short_timeouts, monk
 
 def test_the_cli_names_the_url_and_the_fix(silent_server, short_timeouts):
     location = f"http://{silent_server}/labels.zarr"
-    result = run("inspect", location, ok=False)
+    result = cli_within(BOUND, "inspect", location)
     assert_one_line_error(result, location, "does not answer", TIMEOUT_ENV)
 
 
@@ -106,9 +116,9 @@ def test_the_cli_names_the_url_and_the_fix(silent_server, short_timeouts):
                                          (ATTEMPTS_ENV, "1.5")])
 def test_a_bad_timeout_setting_is_one_line(name, value, silent_server, monkeypatch):
     monkeypatch.setenv(name, value)
-    with pytest.raises(ArgumentError, match=f"\\${name}={value}: not"):
-        refinery.open_store(f"http://{silent_server}/labels.zarr")
-    result = run("inspect", f"http://{silent_server}/labels.zarr", ok=False)
+    _, error, _ = within(BOUND, refinery.open_store, f"http://{silent_server}/labels.zarr")
+    assert isinstance(error, ArgumentError) and str(error).startswith(f"${name}={value}: not")
+    result = cli_within(BOUND, "inspect", f"http://{silent_server}/labels.zarr")
     assert_one_line_error(result, f"${name}={value}")
 
 
