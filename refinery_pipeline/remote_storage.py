@@ -119,16 +119,6 @@ def bounded_options(protocol: str, timeout: float, attempts: int) -> dict:
     return {}
 
 
-def _merged(options: dict, bounds: dict) -> dict:
-    """``options`` with ``bounds`` added; a caller's own nested settings are kept beside ours."""
-    merged = dict(options)
-    for key, value in bounds.items():
-        given = merged.get(key)
-        merged[key] = {**value, **given} if isinstance(given, dict) and isinstance(value, dict) \
-            else given if given is not None else value
-    return merged
-
-
 def _bounded(fs, attempts: int):
     if hasattr(fs, "retries"):
         fs.retries = attempts  # s3fs's own loop around botocore's (not a constructor option)
@@ -140,7 +130,7 @@ def remote_filesystem(location, **options) -> tuple:
     (:func:`bounded_options`, from :data:`TIMEOUT_ENV` and :data:`ATTEMPTS_ENV`)."""
     import fsspec
     timeout, attempts = storage_limits()
-    options = _merged(options, bounded_options(_protocol(location), timeout, attempts))
+    options = {**bounded_options(_protocol(location), timeout, attempts), **options}
     fs, path = fsspec.core.url_to_fs(str(location), **options)
     return _bounded(fs, attempts), path
 

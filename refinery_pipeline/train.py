@@ -42,7 +42,6 @@ from .targets import (CategoryTargets, GroundTruthTargets, HardTargets, OnlineTa
 from .wordnet import DEFAULT_TEMPERATURE, wordnet_category_table, wordnet_reader
 
 
-
 @dataclass(frozen=True)
 class TrainConfig:
     data: str

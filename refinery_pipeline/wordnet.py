@@ -22,6 +22,10 @@ the first database found: ``$REFINERY_WORDNET`` (a WordNet 3.0 ``dict`` director
 nltk (3.9+) reads only files under its data path that are neither links nor outside that path,
 so a database without ``lexnames`` is copied once (28 MB) into a cache directory with the file
 written from WordNet's fixed list (``lexnames(5WN)``).
+
+nltk parses the files as it reads them and has no error of its own for a damaged database, so
+any failure inside its reader is reported as one :class:`WordNetError` naming the user's
+directory (:class:`DatabaseErrors`), never the cached copy nltk actually reads.
 """
 import hashlib
 import os
