@@ -6,6 +6,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -14,6 +15,7 @@ from refinery_pipeline.errors import (RefineryError, RefineryWarning, storage_er
                                       storage_io_errors)
 from refinery_pipeline.label_store import (DEFAULT_PROB_BITS, DEFAULT_REST, DEFAULT_TOP_K,
                                            MAX_PROB_BITS, REST_POLICIES)
+from refinery_pipeline.option_relevance import check_options_used
 from refinery_pipeline.schedule import LR_SCHEDULERS
 from refinery_pipeline.wordnet import DEFAULT_TEMPERATURE
 
@@ -129,7 +131,19 @@ PROB_BITS = Count(min=0, max=MAX_PROB_BITS)  # stored probabilities: multiples o
 
 # Options several commands share, defined once.
 workers_option = click.option("--workers", default=2, type=AT_LEAST_ONE, help=WORKERS_HELP)
-device_option = click.option("--device", default="auto",
+
+
+def _checked_device(ctx, param, value):
+    """``--device``: a name torch does not know, or a device this machine lacks, fails before
+    the command runs, so nothing is converted or created for it."""
+    from refinery_pipeline.devices import device_problem
+    problem = device_problem(value)
+    if problem is not None:
+        raise OptionValueError(value, *problem, param, ctx)
+    return value
+
+
+device_option = click.option("--device", default="auto", callback=_checked_device,
                              help="torch device: auto (the local CUDA device, else cpu), cpu, "
                                   "cuda, cuda:1, ...")
 AUGMENT_HELP = ("training recipe after crop and flip, one step per --augment, names as in "
@@ -333,7 +347,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
               help="multistep scheduler: the epochs at which the LR is multiplied by --lr-gamma, "
                    "e.g. 140,170 (the paper's recipe, torch's MultiStepLR)")
 @click.option("--label-smoothing", default=0.0, type=SMOOTHING,
-              help="ground-truth mode only (--labels none)")
+              help="ground-truth targets only (--labels none, no --teacher); refused otherwise")
 @click.option("--label-mode", type=click.Choice(["soft", "hard", "static", "category-visual",
                                                  "category-wordnet"]),
               default="soft",
@@ -451,7 +465,9 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
 def plot(runs, out, names, gap):
     """Plot accuracy per epoch and per class of one or several `refine train` RUNS (their --out
     directories): validation vs training crops, side by side in one figure."""
-    from refinery_pipeline.plots import plot_gap, plot_runs, read_run
+    from refinery_pipeline.plots import figure_path, plot_gap, plot_runs, read_run
+    if out is not None:
+        figure_path(out)  # before reading any run
     if names and len(names) != len(runs):
         raise RefineryError(f"{len(names)} --name for {len(runs)} runs; give one per run or none")
     if not names:
@@ -493,18 +509,23 @@ def evaluate(run, data, split, res, arch, batch_size, workers, device, trust_che
              cache_dir):
     """Top-1 of a trained model (a `refine train` RUN directory, or any checkpoint with DATA)
     on the centred square of every image of a split, as validation is evaluated; `--split
-    train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json."""
+    train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json for the
+    data it trained on, and RUN/eval_SPLIT-<fingerprint>.json for any other DATA."""
     from refinery_pipeline.evaluation import (checkpoint_of, data_of, evaluate_checkpoint,
-                                              save_evaluation)
+                                              measured_own_data, save_evaluation)
     from refinery_pipeline.models import OptionNames
     metrics = evaluate_checkpoint(checkpoint_of(run), data_of(run, data), split, res,
                                   batch_size, workers, device, cache_dir, arch=arch,
                                   trust_checkpoint=trust_checkpoint,
                                   option_names=OptionNames("--arch", "--res"))
     saved = save_evaluation(run, metrics)
+    record = metrics["data"]
     click.echo(f"{split} top-1 {metrics[split + '_top1']:.2f}  top-5 "
-               f"{metrics[split + '_top5']:.2f} on {metrics['images']} images"
-               + (f"; {saved}" if saved else ""))
+               f"{metrics[split + '_top5']:.2f} on {metrics['images']} images of "
+               f"{record['path']} (data set {record['id']})" + (f"; {saved}" if saved else ""))
+    if saved and not measured_own_data(run, record):
+        click.echo(f"note: not the data {run} trained on, so kept apart from its own "
+                   f"eval_{split}.json (which `refine plot --gap` reads)")
 
 
 @cli.command()
@@ -539,7 +560,9 @@ def show(store, data, images, crops, seed, out, others, names, workers, cache_di
     with --compare, each crop with every store's top-3 (the paper's Figs. 7-8)."""
     from refinery_pipeline.dataset import open_dataset
     from refinery_pipeline.inspect_store import compared_labels, sample_stored_crops
-    from refinery_pipeline.plots import plot_compared_crops, plot_stored_crops
+    from refinery_pipeline.plots import figure_path, plot_compared_crops, plot_stored_crops
+    figure_path(out)  # before any image is decoded for it
+    check_options_used("show", SimpleNamespace(names=names, others=others), {"names": ()})
     stores = (store, *others)
     if names and len(names) != len(stores):
         raise RefineryError(f"{len(names)} --name for {len(stores)} stores; give one per store "
@@ -620,6 +643,7 @@ def convert(data, out_dir, max_resolution, jpeg_quality, write_mode, workers):
     """
     from refinery_pipeline.dataset import BetonOptions, ImageDataset, convert_tree
     options = BetonOptions(max_resolution, jpeg_quality, write_mode)
+    check_options_used("convert", options)  # a JPEG quality for raw pixels: refused
     written = convert_tree(data, out_dir, options, workers)
     for path in written:
         ds = ImageDataset(path)

@@ -6,13 +6,20 @@ training accuracy too, but as a running average over augmented crops with the we
 moving, which is not that: a crop is harder than the centred image, so that number cannot show
 whether a network memorised its training set. This module evaluates any checkpoint on the
 centred square of every image of the split asked for, exactly as validation is evaluated.
+
+Each result records the data set it measured (path and fingerprint), and a run directory keeps
+the results of the data it trained on apart from any other data's: ``eval_<split>.json`` for
+its own, ``eval_<split>-<fingerprint id>.json`` for another data set, so evaluating a run on
+other data never overwrites what ``refine plot --gap`` reads.
 """
+import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
-from .errors import RunError
+from .errors import RefineryWarning, RunError
 
 SPLITS = ("train", "val")
 
@@ -41,14 +48,100 @@ def data_of(run, data=None) -> str:
                        "DATA") from None
 
 
+def data_id(fingerprint: dict) -> str:
+    """A short name for a data set's fingerprint (the first 12 hex digits of the SHA-256 of its
+    canonical JSON): what names another data set's results in a run directory."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_record(dataset, data, split: str) -> dict:
+    """What an evaluation measured: the data set as given (``path``, ``split``), the ``.beton``
+    read (a tree's cached conversion), its fingerprint (count, classes, hashes of the stored
+    image bytes and labels, as a label store records its data set), the tree's file-list
+    fingerprint where it came from one (``source``), and the fingerprint's ``id``."""
+    fingerprint = dataset.fingerprint()
+    return {"path": str(data), "split": split, "beton": str(dataset.path),
+            "fingerprint": fingerprint, "source": dataset.source(), "id": data_id(fingerprint)}
+
+
+def data_ids(train_ds, val_ds) -> dict:
+    """``{"train": id, "val": id}`` of a run's two splits, which ``refine train`` records in
+    ``config.json`` so that an evaluation can tell the run's own data from any other."""
+    return {"train": data_id(train_ds.fingerprint()), "val": data_id(val_ds.fingerprint())}
+
+
+def _run_config(run: Path) -> dict:
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def measured_own_data(run, record: dict) -> bool:
+    """Whether the evaluation ``record`` (see :func:`data_record`) measured the data set the
+    run in directory ``run`` trained on: by the fingerprints ``config.json`` records, and for a
+    run from before those were recorded, by the data set's path."""
+    config = _run_config(Path(run))
+    ids = config.get("data_ids")
+    if isinstance(ids, dict) and record.get("split") in ids:
+        return ids[record["split"]] == record.get("id")
+    trained_on = config.get("data")
+    return trained_on is not None and \
+        Path(str(trained_on)).resolve() == Path(str(record.get("path"))).resolve()
+
+
 def save_evaluation(run, metrics: dict):
-    """``RUN/eval_<split>.json`` for a run directory (what ``refine plot`` reads); None for a
+    """Keep ``metrics`` in a run directory: ``RUN/eval_<split>.json`` for the data the run
+    trained on (what ``refine plot --gap`` reads), ``RUN/eval_<split>-<id>.json`` for other data
+    (named by its fingerprint, so no data set's result replaces another's). None for a
     checkpoint file, which has no run to keep it."""
-    if not Path(run).is_dir():
+    run = Path(run)
+    if not run.is_dir():
         return None
-    path = Path(run) / f"eval_{metrics['split']}.json"
+    record, split = metrics["data"], metrics["split"]
+    own = measured_own_data(run, record)
+    path = run / (f"eval_{split}.json" if own else f"eval_{split}-{record['id']}.json")
     path.write_text(json.dumps(metrics))
     return path
+
+
+def read_evaluation(run, split: str) -> dict:
+    """The run's ``refine evaluate`` result on its own ``split`` (``RUN/eval_<split>.json``).
+
+    A result from before evaluations recorded their data set is read as the run's own, with a
+    :class:`RefineryWarning` saying so; one that records another data set is refused.
+
+    Raises
+    ------
+    RunError
+        No result of the run's own data (naming those of other data sets found instead, and
+        the command that writes it), or the file is not a result of the run's own data.
+    """
+    run = Path(run)
+    path = run / f"eval_{split}.json"
+    command = f"`refine evaluate {run} --split {split}`"
+    if not path.is_file():
+        others = sorted(p.name for p in run.glob(f"eval_{split}-*.json"))
+        held = (f" (only {', '.join(others)}: results of other data sets than the run trained "
+                "on)") if others else ""
+        raise RunError(f"{path}: not found{held}; run {command} first")
+    try:
+        result = json.loads(path.read_text())
+    except ValueError:
+        raise RunError(f"{path}: not JSON; rerun {command}") from None
+    record = result.get("data") if isinstance(result, dict) else None
+    if not isinstance(result, dict) or f"{split}_top1" not in result:
+        raise RunError(f"{path}: not a `refine evaluate` result; rerun {command}")
+    if record is None:
+        trained_on = _run_config(run).get("data", "the data in its config.json")
+        warnings.warn(f"{path}: written before evaluation files recorded their data set; read "
+                      f"as the run's own ({trained_on}); rerun {command} to record it",
+                      RefineryWarning, stacklevel=2)
+    elif not measured_own_data(run, record):
+        raise RunError(f"{path}: measured {record.get('path')} (data set {record.get('id')}), "
+                       f"not the data the run trained on; rerun {command}")
+    return result
 
 
 def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
@@ -81,7 +174,8 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
     -------
     dict
         ``{split}_top1``, ``{split}_top5``, ``{split}_per_class`` (a list in class order), and
-        ``split``, ``images``, ``res``, ``checkpoint``.
+        ``split``, ``images``, ``res``, ``checkpoint``, and ``data``: what was measured (see
+        :func:`data_record`).
     """
     from .dataset import open_dataset
     from .models import PYTHON_NAMES, checkpoint_input_size, load_trained_model
@@ -89,17 +183,17 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
     from .train import _val_location, evaluate, resolve_device
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
+    device = resolve_device(device)  # before any data is converted
     location = data if split == "train" else _val_location(data)
     dataset = open_dataset(location, split, cache_dir, num_workers=num_workers)
     names = option_names or PYTHON_NAMES
     model, ckpt = load_trained_model(weights, arch, dataset.classes,
                                      trust_checkpoint=trust_checkpoint, option_names=names)
     size = checkpoint_input_size(weights, res, ckpt, names)
-    device = resolve_device(device)
     model = model.to(device, memory_format=torch.channels_last)
     loader = make_loader(dataset, FixedCrops(dataset.heights, dataset.widths), (size, size),
                          batch_size, num_workers, train=False)
     metrics = evaluate(model, loader, device, len(dataset.classes))
     return {f"{split}_{key[4:]}": value for key, value in metrics.items()} | {
         "split": split, "images": dataset.num_images, "res": int(size),
-        "checkpoint": str(weights)}
+        "checkpoint": str(weights), "data": data_record(dataset, data, split)}

@@ -29,10 +29,12 @@ from typing import Optional
 import numpy as np
 
 from .crop_plan import CropPlan
-from .remote_storage import (CREATION_WAIT_SECONDS, claim_creation, is_remote, release_creation,
-                             remote_filesystem, remote_store, unreachable_message)
-from .errors import (IncompleteStoreError, StoreCorruptError, StoreError, StoreMismatchError,
-                     StoreNotFoundError, storage_error_message, storage_io_errors)
+from .remote_storage import (CREATION_WAIT_SECONDS, claim_creation, is_remote, network_failure,
+                             release_creation, remote_filesystem, remote_store,
+                             unreachable_message)
+from .errors import (IncompleteStoreError, RefineryError, StoreCorruptError, StoreError,
+                     StoreMismatchError, StoreNotFoundError, storage_error_message,
+                     storage_io_errors)
 from .validators import flag, index_array, one_of, path_like, refuse
 
 FORMAT_NAME = "refinery-label-store"
@@ -473,17 +475,20 @@ class LabelStore:
             raise missing
         target = str(location)
         try:
-            if target.endswith(".zip"):
-                if mode != "r":
-                    raise StoreError(f"{location}: a packed store is read-only; unpack it to "
-                                     "extend it")
-                target = zarr.storage.ZipStore(target, mode="r")
-            elif is_remote(target):
+            if target.endswith(".zip") and mode != "r":
+                raise StoreError(f"{location}: a packed store is read-only; unpack it to "
+                                 "extend it")
+            if is_remote(target):  # a directory, or a packed zip read in place
                 target = remote_store(target, read_only=mode == "r")
+            elif target.endswith(".zip"):
+                target = zarr.storage.ZipStore(target, mode="r")
             group = zarr.open_group(target, mode=mode, zarr_format=3)
-        except StoreError:
+        except RefineryError:
             raise
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            silent = network_failure(exc) if is_remote(location) else None
+            if silent is not None:  # fsspec's HTTP says "not found" for a server that is silent
+                raise StoreError(unreachable_message(location, silent)) from None
             raise missing from None  # a URL with nothing behind it
         except storage_io_errors() as exc:  # an endpoint that is down, a disk that is gone
             if is_remote(location):

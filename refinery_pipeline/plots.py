@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RefineryError, RefineryWarning
+from .errors import ArgumentError, RefineryError, RefineryWarning
 from .imagenet_classes import readable_name
 
 CLASS_NAMES_SHOWN = 40  # above this many classes the per-class axis drops its tick labels
@@ -129,15 +129,13 @@ def _draw_per_class(ax, run: RunMetrics, order: list[int], colour: str):
 
 
 def read_gap(run_dir: str | os.PathLike) -> dict:
-    """A run's ``refine evaluate`` results on both splits (``eval_train.json``,
-    ``eval_val.json``); a one-line error naming the command for a missing one."""
-    run, found = Path(run_dir), {}
+    """A run's ``refine evaluate`` results on both splits of the data it trained on
+    (``eval_train.json``, ``eval_val.json``; never another data set's), via
+    :func:`.evaluation.read_evaluation`: a one-line error naming the command for a missing one."""
+    from .evaluation import read_evaluation
+    found = {}
     for split in ("train", "val"):
-        path = run / f"eval_{split}.json"
-        if not path.is_file():
-            raise RefineryError(f"{path}: not found; run `refine evaluate {run} --split {split}` "
-                                "first")
-        found.update(json.loads(path.read_text()))
+        found.update(read_evaluation(run_dir, split))
     return found
 
 
@@ -232,8 +230,38 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: str | os.PathLike) -> Path:
+def figure_formats() -> list:
+    """The file extensions matplotlib writes (without the dot), sorted."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def figure_path(out: str | os.PathLike, option: str = "--out") -> Path:
+    """``out`` as a figure file matplotlib can write, checked before any work is done for it:
+    an unknown extension would fail only after the figure was drawn (with matplotlib's
+    traceback), and a missing one would write ``out.png`` while ``out`` was reported.
+
+    Raises
+    ------
+    ArgumentError
+        The extension is missing or one matplotlib has no writer for.
+    """
     out = Path(out)
+    formats = figure_formats()
+    kind = out.suffix[1:].lower()
+    if kind not in formats:
+        what = f"matplotlib cannot write .{kind} files" if kind else "no file extension"
+        raise ArgumentError(f"{option} {out}: {what}; give a file name ending in one of "
+                            f"{', '.join('.' + f for f in formats)} (e.g. {out.stem}.png)")
+    return out
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
+    try:
+        out = figure_path(out)
+    except ArgumentError:
+        _pyplot().close(fig)
+        raise
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -45,11 +45,11 @@ def lr_factor(scheduler: str, steps_per_epoch: int, epochs: int, warmup_epochs: 
 
 def milestone_problem(scheduler: str, milestones, epochs: int):
     """Why ``milestones`` do not fit ``scheduler`` and ``epochs`` (one line naming the fix), or
-    None. Milestones with another scheduler, or none with ``multistep``, would silently train
-    another schedule than asked; one at or past the last epoch would never apply."""
+    None. None given with ``multistep`` would silently train another schedule than asked; one at
+    or past the last epoch would never apply. (Milestones with another scheduler are a row of
+    :data:`.option_relevance.OPTION_USES`, which ``refine train`` checks first.)"""
     if scheduler != "multistep":
-        return (f"--lr-milestones {','.join(map(str, milestones))}: only the multistep scheduler "
-                "decays at milestones; pass --lr-scheduler multistep") if milestones else None
+        return None
     if not milestones:
         return ("--lr-scheduler multistep: no --lr-milestones given; pass the epochs to decay "
                 "at, e.g. --lr-milestones 140,170")
@@ -58,3 +58,39 @@ def milestone_problem(scheduler: str, milestones, epochs: int):
         return (f"--lr-milestones {','.join(map(str, milestones))}: epoch {late[0]} is not "
                 f"before the run's end (--epochs {epochs}); give milestones below {epochs}")
     return None
+
+
+# Fewer SGD steps per epoch than this warn. `refine train`'s defaults (batch 256, lr 0.4, 2
+# warm-up epochs) on 500 imagenette images took 1 step per epoch, diverged (train loss up to 28)
+# and ended at chance; with the LR scaled linearly with the batch, 16 epochs of 1, 2 and 4
+# steps did too (10.0-11.5% top-1, loss spikes of 12-31), 8 steps trained (24.5%), 16 better
+# (37.5%) (ResNet-18 @ 32 px, benchmarks/results/steps_per_epoch_cpu.md).
+MIN_STEPS_PER_EPOCH = 8
+
+
+def few_steps_problem(images: int, world: int, batch_size: int, lr: float, epochs: int):
+    """Why ``batch_size`` leaves an epoch of ``images`` (over ``world`` ranks) too few SGD steps
+    for a per-epoch schedule, with a batch size that gives :data:`MIN_STEPS_PER_EPOCH` and the
+    learning rate scaled linearly with it (Goyal et al.'s rule); None when it does not."""
+    per_rank = -(-images // world)  # as training shards them: padded to equal shares
+    steps = per_rank // batch_size
+    if steps >= MIN_STEPS_PER_EPOCH:
+        return None
+    batch = max(1, per_rank // MIN_STEPS_PER_EPOCH)
+    ranks = f" ({per_rank} per rank on {world} ranks)" if world > 1 else ""
+    return (f"--batch-size {batch_size} on {images} training images{ranks} is {steps} SGD "
+            f"step{'' if steps == 1 else 's'} per epoch ({steps * epochs} in {epochs} epochs), "
+            f"too few for the learning-rate schedule: such runs diverge; pass --batch-size "
+            f"{batch} ({per_rank // batch} steps per epoch) and --lr {lr * batch / batch_size:.3g} "
+            f"(--lr {lr:g} scaled linearly with the batch)")
+
+
+def warmup_problem(warmup_epochs: float, epochs: int):
+    """Why a warm-up of ``warmup_epochs`` does not fit a run of ``epochs``, or None: one longer
+    than the run ends before the LR reaches its peak, and never decays it."""
+    if warmup_epochs <= epochs:
+        return None
+    return (f"--warmup-epochs {warmup_epochs:g} is longer than the run (--epochs {epochs}): the "
+            f"LR rises for the whole run, reaching {epochs / warmup_epochs:.0%} of --lr, and "
+            f"never decays; pass --warmup-epochs {epochs / 8:g} or less (the defaults warm up "
+            "for an eighth of the run)")

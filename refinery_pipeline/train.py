@@ -22,25 +22,25 @@ from .augment import Recipe, plan_augment
 from .checkpoint_safety import load_weights_file
 from .crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
 from .dataset import open_dataset
+from .devices import resolve_device
 from .distributed import init_from_env, is_main, node_shared_arrays, world_size
 from .errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
                      RefineryWarning, RunError)
+from .evaluation import data_ids
 from .label_store import DEFAULT_TOP_K, CropRecords, LabelStore
 from .losses import DEFAULT_REST, get_loss
 from .models import (OptionNames, check_input_size, create_model, file_sha256,
                      load_trained_model, normalize, save_checkpoint, to_model_input, to_pixels)
+from .option_relevance import CATEGORY_VISUAL, CATEGORY_WORDNET, check_options_used
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .progress import progress_bar
 from .refinery import autocast_for
 from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
-from .schedule import lr_factor, milestone_problem
+from .schedule import few_steps_problem, lr_factor, milestone_problem, warmup_problem
 from .steps import AdversarialStep, NaturalStep
 from .targets import (CategoryTargets, GroundTruthTargets, HardTargets, OnlineTargets,
                       StoredTargets, visual_category_table)
 from .wordnet import DEFAULT_TEMPERATURE, wordnet_category_table, wordnet_reader
-
-CATEGORY_VISUAL = "category-visual"
-CATEGORY_WORDNET = "category-wordnet"
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,6 @@ class TrainConfig:
     progress: bool = True
 
 
-def resolve_device(name: str) -> torch.device:
-    import os
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 # ----------------------------------------------------------------------------- data
 
 def load_data(cfg: TrainConfig, device):
@@ -117,7 +108,9 @@ def load_data(cfg: TrainConfig, device):
     store = _open_store(cfg, train_ds)
     indices = _trained_images(cfg, store)
     world = world_size()
-    _check_an_epoch_trains(cfg, train_ds.num_images if indices is None else len(indices), world)
+    images = train_ds.num_images if indices is None else len(indices)
+    _check_an_epoch_trains(cfg, images, world)
+    _warn_if_few_steps(cfg, images, world)
     teacher = _online_refinery(cfg, train_ds.classes, store, device)
     res = cfg.res or _default_res(store, teacher)
     _warn_if_resampled(cfg, store, res)
@@ -158,6 +151,22 @@ def _check_an_epoch_trains(cfg: TrainConfig, images: int, world: int = 1):
     raise DataSetError(f"{where} {images} training images{ranks}, fewer than --batch-size "
                        f"{cfg.batch_size}, so every epoch would train 0 steps (incomplete batches "
                        f"are dropped); pass --batch-size {per_rank} or less")
+
+
+def _warn_if_few_steps(cfg: TrainConfig, images: int, world: int = 1):
+    """An epoch of very few SGD steps gives a per-epoch schedule (warm-up, decay) too few steps
+    to follow: the defaults on 500 images took one step per epoch and diverged. Allowed (a quick
+    try on tiny data), never silent."""
+    problem = few_steps_problem(images, world, cfg.batch_size, cfg.lr, cfg.epochs)
+    if problem and is_main():
+        warnings.warn(problem, RefineryWarning, stacklevel=2)
+
+
+def _warn_if_warmup_outlasts_the_run(cfg: TrainConfig):
+    """A warm-up longer than the run never reaches --lr and never decays."""
+    problem = warmup_problem(cfg.warmup_epochs, cfg.epochs)
+    if problem and is_main():
+        warnings.warn(problem, RefineryWarning, stacklevel=2)
 
 
 def _open_store(cfg: TrainConfig, train_ds):
@@ -277,9 +286,6 @@ def _crop_source(cfg: TrainConfig, train_ds, store, res: int):
     """Replay the store's crops through the store's recipe, or draw fresh seeded crops every
     epoch through ``--augment``'s."""
     fresh = store is None or (cfg.teacher is not None and cfg.teacher_crops == "fresh")
-    if cfg.teacher is not None and cfg.teacher_crops == "replay" and store is None:
-        raise RefineryError("--teacher-crops replay needs --labels STORE to replay; pass a store "
-                            "or use --teacher-crops fresh")
     if fresh:
         return _fresh_crops(cfg, train_ds, Recipe.parse(cfg.augment), res), None
     _check_store_recipe(cfg, store)
@@ -443,10 +449,12 @@ def fit(cfg: TrainConfig) -> dict:
 
     Every refusal comes before the first byte is written: a refused run leaves ``cfg.out_dir``
     as it was (or absent)."""
+    check_options_used("train", cfg)  # an option this run would ignore: refused
     _check_adversarial(cfg)
     _check_label_mode(cfg)
     _check_precise_bn(cfg)
     _check_epochs(cfg)
+    _warn_if_warmup_outlasts_the_run(cfg)
     out = Path(cfg.out_dir)
     _check_run_dir(cfg, out)
     saved = _saved_config(out) if cfg.resume else None
@@ -460,7 +468,9 @@ def fit(cfg: TrainConfig) -> dict:
     model = create_model(cfg.arch, len(classes))
     run_config = {**asdict(cfg), "res": res, "classes": classes,
                   "train_images": len(train_loader.indices),
-                  "init_sha256": _initialise(model, cfg, classes) if cfg.init else None}
+                  "init_sha256": _initialise(model, cfg, classes) if cfg.init else None,
+                  "data_ids": data_ids(train_ds, open_dataset(_val_location(cfg.data), "val",
+                                                              cfg.cache_dir))}
     _check_same_run(out, saved, run_config)  # again, with what only the data tells
     model = model.to(device)
     if cfg.channels_last:
@@ -523,25 +533,17 @@ def _initialise(model, cfg: TrainConfig, classes: list) -> str:
 
 
 def _check_adversarial(cfg: TrainConfig):
-    """Adversarial twins need labels of pixels no store holds: only an online refinery has them.
-    Checked before any data is read or converted."""
-    if cfg.adversarial_eta and (cfg.adversarial_eta < 0 or cfg.teacher is None):
+    """A negative step is no step (that adversarial twins need a --teacher is a row of
+    :data:`.option_relevance.OPTION_USES`). Checked before any data is read or converted."""
+    if cfg.adversarial_eta < 0:
         raise RefineryError(f"--adversarial-eta {cfg.adversarial_eta}: adversarial jittering "
-                            "needs a positive step and an online refinery to label the perturbed "
-                            "crops; pass --teacher CHECKPOINT")
+                            "needs a positive step; pass e.g. 50, or 0 for off")
 
 
 def _check_label_mode(cfg: TrainConfig):
-    """Visual category labels are a class's mean over its stored crops: a store must hold them.
-    WordNet's come from the class names alone, so a store or teacher given with them would be
-    silently ignored: refused, and a missing WordNet is reported before any data is read."""
-    if cfg.label_mode == CATEGORY_VISUAL and (cfg.labels is None or cfg.teacher is not None):
-        raise RefineryError(f"--label-mode {CATEGORY_VISUAL}: each class's label is the mean of "
-                            "its stored crop labels; pass --labels STORE (without --teacher)")
+    """WordNet's category labels need WordNet: a missing or damaged database is reported before
+    any data is read (which labels each mode reads is :data:`.option_relevance.OPTION_USES`)."""
     if cfg.label_mode == CATEGORY_WORDNET:
-        if cfg.labels is not None or cfg.teacher is not None:
-            raise RefineryError(f"--label-mode {CATEGORY_WORDNET}: each class's label comes from "
-                                "WordNet alone, not from a refinery; drop --labels and --teacher")
         wordnet_reader()
 
 

@@ -22,6 +22,10 @@ the first database found: ``$REFINERY_WORDNET`` (a WordNet 3.0 ``dict`` director
 nltk (3.9+) reads only files under its data path that are neither links nor outside that path,
 so a database without ``lexnames`` is copied once (28 MB) into a cache directory with the file
 written from WordNet's fixed list (``lexnames(5WN)``).
+
+nltk parses the files as it reads them and has no error of its own for a damaged database, so
+any failure inside its reader is reported as one :class:`WordNetError` naming the user's
+directory (:class:`DatabaseErrors`), never the cached copy nltk actually reads.
 """
 import hashlib
 import os
@@ -44,6 +48,7 @@ WORDNET_ENV = "REFINERY_WORDNET"
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
 WORDNET_VERSION = "3.0"
 WNID = re.compile(r"^n(\d{8})$")
+ROOT_NOUN_OFFSET = 1740  # entity.n.01, the first synset of WordNet 3.0's data.noun
 # WordNet's lexicographer files, in file-number order (lexnames(5WN)); the syntactic category
 # is 1 noun, 2 verb, 3 adjective, 4 adverb.
 LEXNAMES = (
@@ -57,7 +62,11 @@ LEXNAMES = (
     "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather",
     "adj.ppl")
 _CATEGORY_NUMBER = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
-_DATABASE_FILES = ("data.noun", "index.noun")  # what a WordNet dict directory must hold
+_PARTS_OF_SPEECH = ("noun", "verb", "adj", "adv")
+# what nltk's reader opens in a WordNet dict directory (its ``lexnames`` is written if missing)
+_DATABASE_FILES = tuple(f for pos in _PARTS_OF_SPEECH
+                        for f in (f"data.{pos}", f"index.{pos}", f"{pos}.exc"))
+REINSTALL = "`apt-get install --reinstall wordnet-base`"
 
 
 class WordNetError(RefineryError):
@@ -76,17 +85,26 @@ def cache_root() -> Path:
     return default_cache_dir() / "wordnet"
 
 
+def _missing_files(directory) -> list:
+    return [f for f in _DATABASE_FILES if not (Path(directory) / f).is_file()]
+
+
 def _is_database(directory: Path) -> bool:
-    return all((Path(directory) / f).is_file() for f in _DATABASE_FILES)
+    return not _missing_files(directory)
 
 
 def _database_dir() -> Path | None:
     """The first WordNet dict directory of ``$REFINERY_WORDNET`` or Debian's; None if neither."""
     named = os.environ.get(WORDNET_ENV)
     if named:
-        if not _is_database(named):
+        missing = _missing_files(named)
+        if len(missing) == len(_DATABASE_FILES):
             raise WordNetError(f"{named}: ${WORDNET_ENV} names no WordNet database (no data.noun "
                                "and index.noun); point it at WordNet 3.0's dict directory")
+        if missing:
+            raise WordNetError(f"{named}: ${WORDNET_ENV} names an incomplete WordNet database "
+                               f"(no {', '.join(missing)}); point it at WordNet 3.0's whole dict "
+                               "directory")
         return Path(named)
     if _is_database(DEBIAN_WORDNET):
         return DEBIAN_WORDNET
@@ -95,10 +113,15 @@ def _database_dir() -> Path | None:
 
 def _readable_copy(database: Path) -> Path:
     """``database`` itself if it has ``lexnames``, else a cached copy that has it (made once,
-    atomically: concurrent ranks see a whole copy or none)."""
+    atomically: concurrent ranks see a whole copy or none). The copy is named by the source's
+    path and its files' sizes and times, so a database repaired or replaced in place is copied
+    again rather than read from a copy of its broken state."""
     if (database / "lexnames").is_file():
         return database
-    digest = hashlib.sha256(str(database.resolve()).encode()).hexdigest()[:12]
+    files = sorted(f for f in database.iterdir() if f.is_file())
+    identity = [str(database.resolve())] + [f"{f.name}|{f.stat().st_size}|{f.stat().st_mtime_ns}"
+                                            for f in files]
+    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
     target = cache_root() / f"dict-{digest}"
     if not (target / "lexnames").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,15 +169,82 @@ def wordnet_reader():
     """
     database = _database_dir()
     if database is not None:
-        reader = _open_reader(_readable_copy(database))
+        copy = _readable_copy(database)
+        with DatabaseErrors(database, copy):
+            reader = _open_reader(copy)
+            version = reader.get_version()
         where = database
     else:
         reader, where = _nltk_wordnet(), "nltk's corpora/wordnet"
-    if reader.get_version() != WORDNET_VERSION:
-        raise WordNetError(f"{where}: WordNet {reader.get_version()}, not {WORDNET_VERSION} "
+        with DatabaseErrors(where):
+            version = reader.get_version()  # loads nltk's lazy reader
+    if version is None:
+        raise WordNetError(f"{where}: its data files name no WordNet version, so they are not "
+                           f"WordNet's; set ${WORDNET_ENV} to a WordNet {WORDNET_VERSION} dict "
+                           f"directory (Debian's: {REINSTALL})")
+    if version != WORDNET_VERSION:
+        raise WordNetError(f"{where}: WordNet {version}, not {WORDNET_VERSION} "
                            f"(ImageNet's class ids are WordNet 3.0 offsets); set "
                            f"${WORDNET_ENV} to a WordNet 3.0 dict directory")
+    reader.refinery_errors = DatabaseErrors(where, copy if database is not None else None)
     return reader
+
+
+class DatabaseErrors:
+    """Context manager: any failure of nltk's reader inside it (``StopIteration``, a
+    ``UnicodeDecodeError``, a missing file, a line that does not parse) is one
+    :class:`WordNetError` naming the user's database, never the cached copy nltk reads.
+
+    nltk parses the files as it goes and has no error of its own for a damaged database, so
+    every exception it raises there means the files are not WordNet's."""
+
+    def __init__(self, source, copy: Path = None):
+        self.source, self.copy = str(source), copy
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, RefineryError) or not isinstance(exc, Exception):
+            return False
+        said = (str(exc).splitlines() or [""])[0][:200]
+        if self.copy is not None:
+            said = said.replace(str(self.copy), self.source)
+        reason = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+        raise WordNetError(f"{self.source}: not a readable WordNet {WORDNET_VERSION} database "
+                           f"({reason}); restore it (Debian's: "
+                           f"{REINSTALL}) or set ${WORDNET_ENV} to an intact WordNet "
+                           f"{WORDNET_VERSION} dict directory") from None
+
+    def damage(self, reader, offset: int) -> str | None:
+        """Why noun ``offset`` (a byte offset into ``data.noun``) was not found if the database
+        is to blame rather than the class: the file ends before it, or WordNet's root noun
+        (``entity``) no longer reads either. None for a class WordNet lacks."""
+        root = getattr(getattr(reader, "root", None), "path", None)
+        data = Path(root) / "data.noun" if root else None
+        if data is not None and data.is_file() and offset >= data.stat().st_size:
+            indexed = _last_indexed_noun(reader)
+            if indexed >= data.stat().st_size:
+                return (f"data.noun ends at byte {data.stat().st_size}, before the nouns its "
+                        f"index.noun lists (up to offset {indexed}), so it is truncated")
+        with warnings.catch_warnings(), self:
+            warnings.simplefilter("ignore")
+            root_noun = reader.synset_from_pos_and_offset("n", ROOT_NOUN_OFFSET)
+        if root_noun is None or root_noun.name() != "entity.n.01":
+            return "data.noun no longer holds WordNet's root noun 'entity' at its offset"
+        return None
+
+
+def _last_indexed_noun(reader) -> int:
+    """The largest noun offset the reader's ``index.noun`` lists (0 if unknown): the least size
+    of an intact ``data.noun``."""
+    offsets = getattr(reader, "_lemma_pos_offset_map", {})  # nltk's parsed index files
+    return max((o for by_pos in offsets.values() for o in by_pos.get("n", ())), default=0)
+
+
+def _errors_of(reader) -> DatabaseErrors:
+    """The reader's :class:`DatabaseErrors` (naming its database), set by :func:`wordnet_reader`."""
+    return getattr(reader, "refinery_errors", None) or DatabaseErrors("WordNet")
 
 
 def _nltk_wordnet():
@@ -187,6 +277,7 @@ def class_synsets(classes, where: str = "the data set") -> list:
         A class is not named by a WordNet noun id, or WordNet 3.0 has no such noun.
     """
     reader = wordnet_reader()
+    errors = _errors_of(reader)
     synsets = []
     for name in classes:
         match = WNID.match(name)
@@ -194,9 +285,14 @@ def class_synsets(classes, where: str = "the data set") -> list:
             raise DataSetError(f"{where}: class {name!r} is not a WordNet noun id (n########); "
                                "WordNet category labels need classes named as ImageNet's are, "
                                "else use --label-mode category-visual")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), errors:
             warnings.simplefilter("ignore")  # nltk warns, then returns None, for no such noun
             synset = reader.synset_from_pos_and_offset("n", int(match.group(1)))
+        damage = errors.damage(reader, int(match.group(1))) if synset is None else None
+        if damage:
+            raise WordNetError(f"{errors.source}: looking up class {name}: {damage}; restore it "
+                               f"(Debian's: {REINSTALL}) or set ${WORDNET_ENV} to an intact "
+                               f"WordNet {WORDNET_VERSION} dict directory")
         if synset is None:
             raise DataSetError(f"{where}: class {name!r} is no noun of WordNet "
                                f"{WORDNET_VERSION}; rename it to its WordNet 3.0 id, or use "
@@ -218,9 +314,10 @@ def wup_similarities(classes, where: str = "the data set") -> np.ndarray:
         return np.load(cached)
     synsets = class_synsets(names, where)
     sims = np.eye(len(names))
-    for i, a in enumerate(synsets):
-        for j in range(i + 1, len(names)):
-            sims[i, j] = sims[j, i] = a.wup_similarity(synsets[j])
+    with _errors_of(wordnet_reader()):  # hypernym paths read more of the database
+        for i, a in enumerate(synsets):
+            for j in range(i + 1, len(names)):
+                sims[i, j] = sims[j, i] = a.wup_similarity(synsets[j])
     cached.parent.mkdir(parents=True, exist_ok=True)
     staging = cached.with_suffix(f".{os.getpid()}.npy")
     np.save(staging, sims)

@@ -164,6 +164,7 @@ def test_training_at_another_size_than_labelled_warns_in_one_line(store, tiny_da
     with warnings.catch_warnings():  # 2 epochs over K=4 crops: no reuse warning
         warnings.simplefilter("error", RefineryWarning)
         warnings.filterwarnings("ignore", ".*keeps the top 3", RefineryWarning)  # tested below
+        warnings.filterwarnings("ignore", ".*SGD steps per epoch", RefineryWarning)  # 6 of them
         run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 2,
             "--batch-size", 16, "--out", tmp_path / "fits", "--eval-every", 2)
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
