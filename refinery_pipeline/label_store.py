@@ -48,15 +48,24 @@ FORMAT_NAME = "refinery-label-store"
 # 4: ``plan.augment``, a training recipe (RandAugment, erasing, mixup, ...) applied before the
 # refinery labelled each crop, every parameter drawn from the plan (refinery_pipeline.augment),
 # and ensemble refineries (``refinery.members``). 1 to 3 still read: they have neither.
-FORMAT_VERSION = 4
+# 5: each image's key (``image_keys``) and the SHA-256 of its encoded bytes (``image_digests``),
+# so a copy of the data set in any order, form or subset is joined by name and told exact or
+# approximate (refinery_pipeline.keys, .sources). 1 to 4 still read: they join by position.
+FORMAT_VERSION = 5
 CROP_ARRAYS = ("boxes", "flips", "topk_indices", "topk_probs")
 STATIC_ARRAYS = ("static_indices", "static_probs")
 PROB_ARRAYS = ("topk_probs", "static_probs")  # float16, rounded to the layout's prob_bits
 LABELS, IMAGE_SIZES = "labels", "image_sizes"  # whole per-image arrays written at creation
+IMAGE_KEYS, IMAGE_DIGESTS = "image_keys", "image_digests"  # format 5, also written at creation
 CHECKSUMS, DONE_FLAGS = "chunk_sha256", "chunk_done"  # per chunk: digests, then the done flag
 # Written once at creation: the SHA-256 of ``image_sizes``, then a digest of every attribute
 # written at creation (which covers the first); ``complete`` comes later, so it is left out.
 IMAGE_SIZES_DIGEST, ATTRIBUTES_DIGEST = "image_sizes_sha256", "attributes_sha256"
+# Every per-image array written whole at creation (but ``labels``, which ``dataset.labels_sha256``
+# covers) -> the attribute holding the SHA-256 of its values. Keys and digests are optional (a
+# ``.beton`` not written by refine names no files); an array is expected iff its digest is there.
+SEALED_ARRAYS = {IMAGE_SIZES: IMAGE_SIZES_DIGEST, IMAGE_KEYS: "image_keys_sha256",
+                 IMAGE_DIGESTS: "image_digests_sha256"}
 # Every store of this format or later was sealed at creation (the digest came within format 2),
 # so one without ``attributes_sha256`` had it deleted, most likely to hide an edit.
 SEALED_FROM_FORMAT = 3
@@ -105,6 +114,8 @@ def _codecs(name: str) -> dict:
         return {"filters": [TransposeCodec(order=(2, 0, 1))], "compressors": [blosc("shuffle")]}
     if name == "flips":  # one bit of information per byte
         return {"compressors": [blosc("bitshuffle")]}
+    if name == IMAGE_DIGESTS:  # SHA-256 values: incompressible by design
+        return {"compressors": None}
     # Class indices too (format 3; bitshuffle before): byte shuffle keeps each index's low byte
     # whole, so the classes an image's crops share repeat as bytes for zstd to match: at top-10
     # of 200 classes 7.4 bytes per crop instead of 10.0; transposing slots or ranks side by side,
@@ -352,13 +363,16 @@ class LabelStore:
     # ------------------------------------------------------------------ creating and opening
     @classmethod
     def create(cls, location, layout: StoreLayout, attrs: dict, labels=None,
-               image_sizes=None) -> "LabelStore":
+               image_sizes=None, keys=None, digests=None) -> "LabelStore":
         """Create an empty store; ``attrs`` carries plan, refinery, data set and versions.
 
         ``labels`` (the data set's ground truth) is written whole at creation, so a store alone
         can report how often the refinery agrees with the image labels; so are ``image_sizes``
         ``(N, 2)`` (height, width as stored), the frame the boxes are drawn in, so a reader of
-        the original files can tell when their sizes differ. A local store is built
+        the original files can tell when their sizes differ; and, format 5, each image's
+        ``keys`` (normalized names, :mod:`.keys`) and ``digests`` ``(N, 32)`` (SHA-256 of the
+        encoded bytes its pixels were decoded from), so a copy of the data set in another order
+        or form is joined by name and each image told exact or approximate. A local store is built
         under a temporary name and renamed into place, so a kill mid-creation leaves no
         half-made store behind, and any error removes the temporary directory.
 
@@ -368,12 +382,15 @@ class LabelStore:
         for its run, as it checks one it resumes.
         """
         _check_layout(location, layout)
+        keys = None if keys is None else encode_keys(location, keys, layout.num_images)
+        digests = None if digests is None else _checked_digests(location, digests,
+                                                                layout.num_images)
         if is_remote(location):  # object stores have no rename: objects appear whole or not
             import zarr
             if not claim_creation(location):
                 return cls._await_creation(location)
             try:
-                cls._create_at(location, layout, attrs, labels, image_sizes)
+                cls._create_at(location, layout, attrs, labels, image_sizes, keys, digests)
             except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError,
                     zarr.errors.ContainsArrayAndGroupError):
                 return cls._await_creation(location)  # a store without our marker
@@ -383,7 +400,7 @@ class LabelStore:
         building = location.with_name(f".{location.name}.creating-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
         try:
-            cls._create_at(building, layout, attrs, labels, image_sizes)
+            cls._create_at(building, layout, attrs, labels, image_sizes, keys, digests)
             os.rename(building, location)
         except BaseException as exc:
             shutil.rmtree(building, ignore_errors=True)
@@ -414,7 +431,7 @@ class LabelStore:
 
     @classmethod
     def _create_at(cls, location, layout: StoreLayout, attrs: dict, labels=None,
-                   image_sizes=None):
+                   image_sizes=None, keys=None, digests=None):
         import zarr
         target = remote_store(location) if is_remote(location) else str(location)
         group = zarr.open_group(target, mode="w-", zarr_format=3)
@@ -432,6 +449,11 @@ class LabelStore:
                                    chunks=(chunk, 2), fill_value=0, **_codecs(IMAGE_SIZES))
         if image_sizes is not None:
             sizes[:] = np.asarray(image_sizes, dtype=np.uint16)
+        for name, values in ((IMAGE_KEYS, keys), (IMAGE_DIGESTS, digests)):
+            if values is not None:
+                width = values.shape[1]
+                group.create_array(name, shape=values.shape, dtype="uint8", fill_value=0,
+                                   chunks=(chunk, width), **_codecs(name))[:] = values
         group.create_array(CHECKSUMS, shape=(layout.num_chunks, len(layout.array_names), 32),
                            dtype="uint8", chunks=(1, len(layout.array_names), 32), fill_value=0,
                            compressors=None)
@@ -645,6 +667,30 @@ class LabelStore:
             return None
         return self._read(IMAGE_SIZES).astype(np.int64)
 
+    @property
+    def keyed(self) -> bool:
+        """Whether the store names its images (format 5, made from files with names): a copy
+        of its data set is then joined by key, in any order or form."""
+        return IMAGE_KEYS in self.group
+
+    def read_keys(self, images=None) -> Optional[list]:
+        """Each image's key (or those of rows ``images``), as :func:`.keys.normalize_key` made
+        it; None when the store names no images (format < 5, or a ``.beton`` without names)."""
+        if not self.keyed:
+            return None
+        rows = None if images is None else self._image_rows(images)
+        values = self._read(IMAGE_KEYS) if rows is None else self._read(IMAGE_KEYS, rows)
+        return decode_keys(values)
+
+    def read_image_digests(self, images=None) -> Optional[np.ndarray]:
+        """``(N, 32)`` uint8: SHA-256 of the encoded bytes each image's labelled pixels were
+        decoded from (a copy with these bytes gives exactly those pixels); None before format
+        5."""
+        if IMAGE_DIGESTS not in self.group:
+            return None
+        rows = None if images is None else self._image_rows(images)
+        return self._read(IMAGE_DIGESTS) if rows is None else self._read(IMAGE_DIGESTS, rows)
+
     def chunk_problems(self, c: int, arrays: dict = None, recorded: np.ndarray = None) -> list:
         """What is wrong with written chunk ``c``: the one check behind ``refine verify`` and
         verified reads.
@@ -841,6 +887,10 @@ class LabelStore:
         expected[LABELS] = ((N,), "uint16", (C,))
         if self.format_version >= 2:
             expected[IMAGE_SIZES] = ((N, 2), "uint16", (C, 2))
+        for name in (IMAGE_KEYS, IMAGE_DIGESTS):
+            if SEALED_ARRAYS[name] in self.attrs:  # the width is the array's own (keys: longest)
+                width = 32 if name == IMAGE_DIGESTS else self._array(name).shape[-1]
+                expected[name] = ((N, width), "uint8", (C, width))
         expected[CHECKSUMS] = ((lay.num_chunks, A, 32), "uint8", (1, A, 32))
         expected[DONE_FLAGS] = ((lay.num_chunks,), "uint8", (1,))
         return expected
@@ -892,11 +942,16 @@ class LabelStore:
                 f"its files deleted); {RESTORE}"]
 
     def _image_sizes_problems(self) -> list:
-        recorded = self.attrs.get(IMAGE_SIZES_DIGEST)
-        if recorded is None or values_sha256(self._read(IMAGE_SIZES)) == recorded:
-            return []
-        return [f"array {IMAGE_SIZES} does not match {IMAGE_SIZES_DIGEST} (its values were "
-                f"changed or its files deleted); {RESTORE}"]
+        """Each per-image array written at creation (sizes; keys and digests, format 5) against
+        the SHA-256 of its values recorded in the attributes."""
+        problems = []
+        for name, attribute in SEALED_ARRAYS.items():
+            recorded = self.attrs.get(attribute)
+            if recorded is None or values_sha256(self._read(name)) == recorded:
+                continue
+            problems.append(f"array {name} does not match {attribute} (its values were changed "
+                            f"or its files deleted); {RESTORE}")
+        return problems
 
     def _zip_entry_problems(self) -> list:
         """A packed store holds exactly its keys: no extra entries, none twice, none whose name
@@ -1057,9 +1112,46 @@ def seal_attributes(group) -> dict:
     meant to be written."""
     import zarr
     stored = zarr.open_group(group.store, path=group.path, mode="r", zarr_format=3)
-    attrs = {**stored.attrs, IMAGE_SIZES_DIGEST: values_sha256(stored[IMAGE_SIZES][:])}
-    return {IMAGE_SIZES_DIGEST: attrs[IMAGE_SIZES_DIGEST],
-            ATTRIBUTES_DIGEST: attributes_digest(attrs)}
+    sealed = {attribute: values_sha256(stored[name][:])
+              for name, attribute in SEALED_ARRAYS.items() if name in stored}
+    return {**sealed, ATTRIBUTES_DIGEST: attributes_digest({**stored.attrs, **sealed})}
+
+
+def encode_keys(location, keys, num_images: int) -> np.ndarray:
+    """``keys`` as the ``image_keys`` array: ``(N, L)`` uint8, each key's UTF-8 zero-padded to
+    the longest (``L``). Keys are normalized (:func:`.keys.normalize_key`) and must be unique:
+    a store joins copies by them."""
+    from .keys import normalize_keys
+    keys = normalize_keys(list(keys))
+    if len(keys) != num_images:
+        raise StoreError(f"{location}: {len(keys)} image keys for {num_images} images; give one "
+                         "key per image")
+    seen, repeated = set(), []
+    for key in keys:
+        if key in seen:
+            repeated.append(key)
+        seen.add(key)
+    if repeated:
+        raise StoreError(f"{location}: {len(repeated)} image keys appear twice (e.g. "
+                         f"{repeated[0]!r}); give every image its own name")
+    encoded = [key.encode("utf-8") for key in keys]
+    table = np.zeros((num_images, max(1, max(map(len, encoded), default=1))), np.uint8)
+    for row, key in zip(table, encoded):
+        row[:len(key)] = np.frombuffer(key, np.uint8)
+    return table
+
+
+def decode_keys(table: np.ndarray) -> list:
+    """The keys of an ``image_keys`` array: each row's bytes up to its first NUL, as UTF-8."""
+    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in np.asarray(table, np.uint8)]
+
+
+def _checked_digests(location, digests, num_images: int) -> np.ndarray:
+    values = np.ascontiguousarray(digests, dtype=np.uint8)
+    if values.shape != (num_images, 32):
+        raise StoreError(f"{location}: image digests of shape {values.shape}, not "
+                         f"({num_images}, 32); give one SHA-256 per image")
+    return values
 
 
 def round_probabilities(values, bits: int) -> np.ndarray:

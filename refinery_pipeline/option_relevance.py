@@ -86,6 +86,9 @@ OPTION_USES = (
               lambda c: _online(c) and c.labels is not None,
               "an online --teacher replays the crops of a store", "pass --teacher CHECKPOINT "
               "and --labels STORE, or use --teacher-crops fresh", value="replay"),
+    OptionUse("train", "--teacher-arch", "teacher_arch", _online,
+              "names the architecture of an online --teacher's bare state_dict, and there is "
+              "no --teacher", "pass --teacher CHECKPOINT, or drop --teacher-arch"),
     OptionUse("train", "--teacher-bn", "teacher_bn", _online,
               "sets the BatchNorm mode of an online --teacher, and there is none",
               "pass --teacher CHECKPOINT, or drop --teacher-bn"),

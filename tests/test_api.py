@@ -83,7 +83,7 @@ def test_public_names_and_typed_store_views(api_store, tiny_dataset):
     assert isinstance(store.dataset, refinery.DatasetInfo)
     assert store.dataset.classes == list(SHAPES) and store.dataset.num_images == 96
     assert isinstance(store.batching, refinery.Batching) and store.batching.crop_batch == 32
-    assert store.format_version == refinery.FORMAT_VERSION == 4
+    assert store.format_version == refinery.FORMAT_VERSION == 5
     sizes = store.read_image_sizes()
     assert np.array_equal(sizes, np.stack([tiny_dataset.heights, tiny_dataset.widths], -1))
     one = store.read_crops(np.array([7]))

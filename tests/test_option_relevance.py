@@ -22,7 +22,8 @@ STORE, TEACHER = "labels.zarr", "refinery.pt"
 EVERY_MODE = {"data", "out_dir", "arch", "epochs", "batch_size", "lr", "momentum", "nesterov",
               "weight_decay", "warmup_epochs", "lr_scheduler", "init", "teacher", "augment",
               "loss", "precise_bn", "res", "workers", "seed", "eval_every", "device",
-              "channels_last", "compile", "resume", "cache_dir", "progress"}
+              "channels_last", "compile", "resume", "cache_dir", "progress",
+              "trust_checkpoint"}  # trust: how any checkpoint a run loads (init, resume) is read
 
 
 def row_id(row) -> str:
@@ -41,6 +42,7 @@ IGNORED = {
     "train --labels": dict(labels=STORE, teacher=TEACHER),
     "train --teacher-crops replay": dict(teacher=TEACHER, teacher_crops="replay"),
     "train --teacher-bn": dict(labels=STORE, teacher_bn="eval"),
+    "train --teacher-arch": dict(labels=STORE, teacher_arch="resnet18"),
     "train --adversarial-eta": dict(labels=STORE, adversarial_eta=1.0),
     "train --adversarial-bn": dict(teacher=TEACHER, adversarial_bn="shared"),
     "train --label-smoothing": dict(labels=STORE, label_smoothing=0.1),
@@ -61,6 +63,7 @@ USED = {
     "train --labels": dict(labels=STORE, teacher=TEACHER, teacher_crops="replay"),
     "train --teacher-crops replay": dict(labels=STORE, teacher=TEACHER, teacher_crops="replay"),
     "train --teacher-bn": dict(teacher=TEACHER, teacher_bn="eval"),
+    "train --teacher-arch": dict(teacher=TEACHER, teacher_arch="resnet18"),
     "train --adversarial-eta": dict(teacher=TEACHER, adversarial_eta=1.0),
     "train --adversarial-bn": dict(teacher=TEACHER, adversarial_eta=1.0, adversarial_bn="shared"),
     "train --label-smoothing": dict(label_smoothing=0.1),

@@ -30,7 +30,7 @@ from ffcv.reader import Reader
 store_path, beton_path, out_path, epochs, seed, policy, rest = sys.argv[1:8]
 epochs, seed = int(epochs), int(seed)
 g = zarr.open_group(store_path, mode="r")
-assert g.attrs["format"] == "refinery-label-store" and g.attrs["format_version"] <= 4
+assert g.attrs["format"] == "refinery-label-store" and g.attrs["format_version"] <= 5
 boxes, flips = g["boxes"][:], g["flips"][:]
 top_i, top_p = g["topk_indices"][:], g["topk_probs"][:]
 bits = g.attrs["layout"].get("prob_bits", 0)  # version 3: plain float16 on a 2^-bits grid
