@@ -196,7 +196,8 @@ class ArraySource:
 
 
 class FileSource:
-    """Reads image files as RGB (grayscale, CMYK, palette and PNG inputs are converted).
+    """Reads image files as ``(H, W, 3)`` uint8 RGB by :func:`.pixels.open_image_file`'s rule
+    (every PIL mode: 16-bit, palette, CMYK, alpha, grayscale; the first frame).
 
     FFCV's writer waits forever if a worker process raises, so a file that cannot be decoded is
     recorded in ``error_log`` and replaced by a 1x1 placeholder; :func:`write_beton` then fails
@@ -211,17 +212,24 @@ class FileSource:
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
+        from .pixels import open_image_file
         try:
-            with Image.open(self.files[i]) as im:
-                return np.asarray(im.convert("RGB")), int(self.labels[i])
+            return open_image_file(self.files[i]), int(self.labels[i])
         except Exception as exc:
+            message = _unreadable_message(self.files[i], exc)
             if self.error_log is None:
-                raise DataSetError(f"{self.files[i]}: cannot be read as an image ({exc}); "
-                                   "delete or replace the file") from None
+                raise DataSetError(message) from None
             with open(self.error_log, "a") as log:
-                log.write(f"{self.files[i]}\t{str(exc).splitlines()[0]}\n")
+                log.write(message.replace("\n", " ") + "\n")
             return np.zeros((1, 1, 3), np.uint8), int(self.labels[i])
+
+
+def _unreadable_message(path, exc: Exception) -> str:
+    """Ours (a :class:`DataSetError` names the file and the fix), or PIL's reason in one line."""
+    if isinstance(exc, DataSetError):
+        return str(exc)
+    return (f"{path}: cannot be read as an image ({str(exc).splitlines()[0]}); delete or "
+            "replace the file")
 
 
 def _raise_logged_errors(error_log: Path):
@@ -230,10 +238,8 @@ def _raise_logged_errors(error_log: Path):
     lines = error_log.read_text().splitlines()
     error_log.unlink()
     if lines:
-        path, reason = lines[0].split("\t", 1)
         more = f" (and {len(lines) - 1} more files)" if len(lines) > 1 else ""
-        raise DataSetError(f"{path}: cannot be read as an image ({reason}){more}; delete or "
-                           "replace the file")
+        raise DataSetError(lines[0] + more)
 
 
 class _Reordered:

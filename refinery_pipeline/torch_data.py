@@ -33,7 +33,8 @@ from .crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, slot_of
 from .errors import DataSetError, StoreMismatchError
 from .label_store import LabelStore
 from .losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse
-from .pixels import box_in_frame, cut_crop, decode_jpeg, read_image_file
+from .pixels import (box_in_frame, cut_crop, decode_jpeg, read_image_file, rgb_of_array,
+                     rgb_of_image)
 
 CROP_FORMATS = ("tensor", "pil", "numpy")
 
@@ -116,7 +117,8 @@ class FolderImages:
 class MappedImages:
     """Any map-style data set of ``(image, label)`` pairs in the store's order.
 
-    Images may be PIL images, ``(H, W, 3)`` uint8 arrays or ``(3, H, W)`` uint8 tensors. A data
+    Images may be PIL images of any mode, arrays ``(H, W[, C])`` or tensors ``([C, ]H, W)``,
+    converted by the rule of :mod:`.pixels` (the one ``refine`` converts files by). A data
     set that lists its files as torchvision's ``DatasetFolder``/``ImageFolder`` do (``samples``
     and ``root``) is reordered into the store's order, so ``ImageFolder(root)`` works as it is.
     """
@@ -133,15 +135,30 @@ class MappedImages:
         return len(self.dataset)
 
     def image(self, n: int) -> np.ndarray:
+        """Item ``n``'s image as ``(H, W, 3)`` uint8 by :mod:`.pixels`' one rule: a PIL image of
+        any mode, an ``(H, W[, C])`` array or a ``([C, ]H, W)`` tensor (torchvision's layout) of
+        uint8, uint16, bool or float in [0, 1]; anything else is refused naming the item."""
         image = self.dataset[int(self.positions[n]) if self.positions is not None else n][0]
+        what = f"image {n} of the mapped data set ({type(self.dataset).__name__})"
         if isinstance(image, torch.Tensor):
-            return image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image.numpy()
+            image = _tensor_as_hwc(image)
         if hasattr(image, "convert"):  # PIL
-            image = image.convert("RGB")
-        return np.asarray(image)
+            return rgb_of_image(image, what)
+        return rgb_of_array(image, what)
 
     def check(self, store: LabelStore):
         pass  # nothing beyond count and labels (checked by the caller) identifies arbitrary data
+
+
+def _tensor_as_hwc(image: torch.Tensor) -> np.ndarray:
+    """A ``(C, H, W)`` tensor (torchvision's layout; C 1 to 4) as an ``(H, W, C)`` array; an
+    ``(H, W, C)`` or ``(H, W)`` one as it is. bfloat16 and half become float32."""
+    image = image.detach().cpu()
+    if image.is_floating_point():
+        image = image.float()
+    if image.ndim == 3 and image.shape[0] in (1, 2, 3, 4):
+        image = image.permute(1, 2, 0)
+    return image.numpy()
 
 
 def _store_positions(dataset) -> np.ndarray:
