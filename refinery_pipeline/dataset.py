@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -28,11 +28,49 @@ META_SUFFIX = ".meta.json"
 
 @dataclass(frozen=True)
 class BetonOptions:
-    """How an ImageFolder tree is written to a .beton (part of the cache key)."""
+    """How an ImageFolder tree is written to a .beton (part of the cache key).
+
+    ``max_resolution`` caps each image's longer side (FFCV's writer: INTER_AREA, sizes floored):
+    the stored frame every crop box is drawn in. It bounds the loaders' decode scratch, which
+    is decoding threads x the largest stored image (``docs/design.md``, bounded memory).
+    """
 
     max_resolution: int = 0  # 0 keeps the stored size; else the longer side is capped (INTER_AREA)
     jpeg_quality: int = 90
     write_mode: str = "jpg"  # 'jpg' or 'raw' (FFCV's 'proportion' mode is unseeded: not offered)
+
+    def recorded(self) -> dict:
+        """The options that differ from the defaults (what a store records of a conversion)."""
+        default = BetonOptions()
+        return {k: v for k, v in self.__dict__.items() if getattr(default, k) != v}
+
+
+def check_cap_applies(data, max_resolution: int = None):
+    """``--max-resolution`` converts a tree; a ``.beton``'s sizes were fixed when it was written."""
+    if max_resolution is not None and not Path(data).is_dir():
+        raise DataSetError(f"--max-resolution {max_resolution}: {data} is a .beton, whose image "
+                           "sizes were fixed when it was written; pass its ImageFolder tree, or "
+                           "omit the option (`refine convert --max-resolution` writes capped "
+                           ".beton files)")
+
+
+def conversion_options(source=None, max_resolution: int = None) -> BetonOptions:
+    """How to convert a tree for a label store: as recorded in its ``dataset.source``
+    (``conversion``; absent: the defaults), so the tree converts to the very ``.beton`` the labels
+    were made on; ``max_resolution`` (``--max-resolution``) must then agree with the record.
+    Without a store (``source`` None), the defaults with ``max_resolution`` if given."""
+    try:
+        recorded = BetonOptions(**((source or {}).get("conversion") or {}))
+    except TypeError:
+        raise DataSetError(f"the store records an unknown conversion {source['conversion']}; "
+                           "read it with the refinery version that wrote it") from None
+    if max_resolution is None or max_resolution == recorded.max_resolution:
+        return recorded
+    if source is not None:
+        raise DataSetError(f"--max-resolution {max_resolution}: the store's labels were made on "
+                           f"images converted with --max-resolution {recorded.max_resolution}; "
+                           "pass that value, or omit the option")
+    return replace(recorded, max_resolution=int(max_resolution))
 
 
 class ImageDataset:
@@ -110,7 +148,9 @@ class ImageDataset:
         if not files:
             return None
         root = self.meta.get("root") or _common_root(files, self.classes)
-        return source_fingerprint(root, files)
+        record = source_fingerprint(root, files)
+        conversion = BetonOptions(**self.meta.get("options", {})).recorded()
+        return {**record, "conversion": conversion} if conversion else record
 
     def image_byte_spans(self) -> tuple:
         """``(offsets, lengths)``, int64 ``(N,)``: where each image's encoded bytes lie in the
@@ -439,6 +479,25 @@ def open_dataset(data, split: str = "train", cache_dir=None,
         write_beton(FileSource(files, labels), beton, options, classes=classes, files=files,
                     num_workers=num_workers, root=root)
     return ImageDataset(beton)
+
+
+def find_cached_beton(fingerprint: dict, cache_dir=None):
+    """The ``.beton`` in the cache whose recorded fingerprint (its sidecar's, still current) is
+    ``fingerprint``'s images and labels, or None: where a store's exact pixels are, found
+    without the tree (``refine inspect``). Only sidecars are read, never a ``.beton``'s bytes."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    keys = ("image_bytes_sha256", "labels_sha256")
+    for sidecar in sorted(cache.glob(f"*.beton{META_SUFFIX}")):
+        beton = sidecar.with_name(sidecar.name[:-len(META_SUFFIX)])
+        try:
+            meta, stat = json.loads(sidecar.read_text()), beton.stat()
+        except (OSError, ValueError):
+            continue
+        recorded = meta.get("fingerprint") or {}
+        current = meta.get("fingerprint_stamp") == [stat.st_size, stat.st_mtime_ns]
+        if current and all(recorded.get(k) == fingerprint.get(k) for k in keys):
+            return beton
+    return None
 
 
 SPLITS = ("train", "val")

@@ -32,6 +32,7 @@ torchvision's decoders differ by up to 8 levels, and PIL/torchvision resizing by
 
 This module imports neither FFCV nor torch.
 """
+import re
 import warnings
 from pathlib import Path
 
@@ -58,13 +59,19 @@ def check_image_size(path, width: int, height: int):
     """Refuse an image above :func:`max_image_pixels` before it is decoded."""
     limit = max_image_pixels()
     if limit is not None and width * height > limit:
-        raise DataSetError(_too_large(path, f"{width}x{height} is {width * height:,} pixels, "
-                                            f"above the limit of {limit:,}"))
+        raise DataSetError(_too_large(path, f"{width}x{height} is {width * height:,} pixels"))
 
 
-def _too_large(path, detail: str) -> str:
-    return (f"{path}: too large to read ({detail}: PIL's decompression-bomb guard); downscale "
-            "the file, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it")
+def _too_large(path, size: str) -> str:
+    return (f"{path}: too large to read ({size}, above the limit of {max_image_pixels():,}: "
+            "PIL's decompression-bomb guard); downscale the file, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust it")
+
+
+def _pil_size(message: str) -> str:
+    """The pixel count PIL's DecompressionBombError names, as we write numbers."""
+    found = re.search(r"\((\d+) pixels\)", message)
+    return f"{int(found.group(1)):,} pixels" if found else message
 
 
 def rgb_of_image(image, what="image") -> np.ndarray:
@@ -124,7 +131,7 @@ def open_image_file(path) -> np.ndarray:
                 image.seek(0)
                 return rgb_of_image(image, path)
         except Image.DecompressionBombError as exc:
-            raise DataSetError(_too_large(path, str(exc).split(", could")[0])) from None
+            raise DataSetError(_too_large(path, _pil_size(str(exc)))) from None
 
 
 def decode_jpeg(data) -> np.ndarray:
