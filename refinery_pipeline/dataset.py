@@ -231,6 +231,10 @@ class ArraySource:
     def __len__(self):
         return len(self.labels)
 
+    def largest_image_pixels(self) -> int:
+        shapes = [np.shape(image) for image in self.images]
+        return max(h * w for h, w, *_ in shapes)
+
     def __getitem__(self, i):
         return np.ascontiguousarray(self.images[i]), int(self.labels[i])
 
@@ -250,6 +254,13 @@ class FileSource:
 
     def __len__(self):
         return len(self.files)
+
+    def largest_image_pixels(self) -> int:
+        """Pixels of the largest file, from the headers (files PIL cannot read are left out:
+        the conversion names them)."""
+        from .pixels import image_file_size
+        sizes = [image_file_size(f) for f in self.files]
+        return max([w * h for w, h in filter(None, sizes)], default=1)
 
     def __getitem__(self, i):
         from .pixels import open_image_file
@@ -298,6 +309,23 @@ class _Reordered:
         return self.source[int(self.order[i])]
 
 
+FFCV_PAGE_SIZE = 8 << 20  # DatasetWriter's default page
+
+
+def page_size_for(largest_pixels: int, max_resolution: int = 0) -> int:
+    """A ``.beton`` page that holds the largest image.
+
+    FFCV writes every sample within one page (8 MiB by default); a larger one made its writer
+    process raise and FFCV's main process wait forever (a 12,000 x 9,000 photo re-encodes to
+    ~20 MB). Pages here hold the largest stored image's raw bytes, 3 per pixel (a JPEG
+    re-encode is smaller: under 2 bytes per pixel even for noise at quality 100), plus 1 MiB,
+    rounded up to a power of two as FFCV requires; never below FFCV's default."""
+    if max_resolution:
+        largest_pixels = min(largest_pixels, max_resolution * max_resolution)
+    need = 3 * largest_pixels + (1 << 20)
+    return max(FFCV_PAGE_SIZE, 1 << (need - 1).bit_length())
+
+
 SIZE_SAMPLE = 16  # images encoded to estimate a .beton's size before writing it
 FREE_SPACE_FIX = "free space there or choose another folder (--cache-dir for a converted tree)"
 
@@ -332,9 +360,10 @@ def _check_free_space(folder: Path, needed: int):
 
 
 def _guarded_allocator(failure_log: str):
-    """FFCV's ``MemoryAllocator`` with a guarded page write.
+    """FFCV's ``MemoryAllocator`` with a guarded page write and a guarded allocation.
 
-    It wraps FFCV's page writer so a failing write (a full disk) cannot hang the conversion.
+    It wraps FFCV's page writer so a failing write (a full disk) cannot hang the conversion,
+    nor a sample larger than a page (see :func:`page_size_for`).
 
     FFCV's writer processes write pages in turn and its main process waits for every sample;
     a process that dies on ``ENOSPC`` leaves the others waiting for its turn and the main
@@ -344,6 +373,14 @@ def _guarded_allocator(failure_log: str):
     from ffcv.memory_allocator import MemoryAllocator
 
     class GuardedAllocator(MemoryAllocator):
+        def malloc(self, size):
+            if size <= self.page_size:
+                return super().malloc(size)
+            with open(failure_log, "a") as log:  # FFCV would raise here, and hang
+                log.write(f"{OVERSIZE}\tan image encodes to {size:,} bytes, more than the "
+                          f".beton's {self.page_size:,}-byte page\n")
+            return 0, np.empty(size, np.uint8)  # discarded: the write fails
+
         def flush_page(self):
             if self.my_page < 0:
                 return
@@ -360,12 +397,16 @@ def _guarded_allocator(failure_log: str):
     return GuardedAllocator
 
 
+OVERSIZE = "oversize"  # the failure log's code for a sample larger than a page
+
+
 def _raise_write_failure(failure_log: Path, path: Path):
     if not failure_log.is_file():
         return
-    reason = failure_log.read_text().splitlines()[0].split("\t", 1)[-1]
+    code, reason = failure_log.read_text().splitlines()[0].split("\t", 1)
     failure_log.unlink()
-    raise DataSetError(f"{path.parent}: writing {path.name} failed ({reason}); {FREE_SPACE_FIX}")
+    fix = ("convert with a smaller --max-resolution" if code == OVERSIZE else FREE_SPACE_FIX)
+    raise DataSetError(f"{path.parent}: writing {path.name} failed ({reason}); {fix}")
 
 
 def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=None,
@@ -393,8 +434,10 @@ def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=No
     tmp = path.with_name(path.name + f".{os.getpid()}.partial")
     image_field = RGBImageField(write_mode=options.write_mode, jpeg_quality=options.jpeg_quality,
                                 max_resolution=options.max_resolution or None)
+    largest = source.largest_image_pixels() if hasattr(source, "largest_image_pixels") else 0
     writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()},
-                           num_workers=max(1, num_workers))
+                           num_workers=max(1, num_workers),
+                           page_size=page_size_for(largest, options.max_resolution))
     _check_free_space(path.parent, estimated_beton_bytes(source, image_field, writer.num_workers,
                                                          writer.page_size))
     error_log = tmp.with_name(tmp.name + ".errors")

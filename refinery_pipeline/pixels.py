@@ -134,6 +134,19 @@ def open_image_file(path) -> np.ndarray:
             raise DataSetError(_too_large(path, _pil_size(str(exc)))) from None
 
 
+def image_file_size(path):
+    """``(width, height)`` of an image file from its header (nothing decoded), or None when PIL
+    cannot read it (the conversion then names the file)."""
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except Exception:  # noqa: BLE001 - reported when the file is converted
+            return None
+
+
 def decode_jpeg(data) -> np.ndarray:
     """Decode JPEG bytes to ``(H, W, 3)`` uint8 RGB exactly as FFCV's ``imdecode`` does."""
     import simplejpeg

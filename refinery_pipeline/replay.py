@@ -172,7 +172,8 @@ class PlannedCropDecoder(ResizedCropRGBImageDecoder):
         address, (num_images, slots, _) = self.table.ctypes.data, self.table.shape
         table_ref = self.table
         threads, image_bytes = self.threads, self.scratch_bytes // self.threads
-        self.scratch = np.empty((threads, image_bytes), np.uint8)
+        if self.scratch is None or self.scratch.shape != (threads, image_bytes):
+            self.scratch = np.empty((threads, image_bytes), np.uint8)  # one per loader
         scratch_ref, scratch_address = self.scratch, self.scratch.ctypes.data
         enabled = Compiler.is_enabled
 

@@ -233,3 +233,44 @@ def test_an_image_under_the_limit_reads_without_pils_warning(large_tree, monkeyp
         warnings.simplefilter("error")
         from refinery_pipeline.pixels import open_image_file
         assert open_image_file(large_tree / "train" / CLASSES[0] / "big.jpg").shape == LARGE + (3,)
+
+
+# --------------------------------------------------------------------------- .beton pages
+
+def big_raw_images():
+    """An image of 9.7 MB raw, more than FFCV's default 8 MiB page, and a small one."""
+    rng = np.random.default_rng(5)
+    return [rng.integers(0, 256, (1800, 1800, 3), dtype=np.uint8),
+            rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)]
+
+
+def test_an_image_larger_than_ffcvs_default_page_converts(tmp_path):
+    """FFCV's writer process raised on a sample over its 8 MiB page and its main process
+    waited forever; pages are sized from the largest image now."""
+    from refinery_pipeline.dataset import ArraySource, ImageDataset, write_beton
+    from refinery_pipeline.torch_data import BetonImages
+    images = big_raw_images()
+    order = write_beton(ArraySource(images, [0, 1]), tmp_path / "big.beton",
+                        BetonOptions(write_mode="raw"), num_workers=1)
+    assert ImageDataset(tmp_path / "big.beton").reader.page_size == 16 << 20
+    read = BetonImages(tmp_path / "big.beton")
+    assert all(np.array_equal(read.image(n), images[order[n]]) for n in range(2))
+
+
+def test_a_sample_larger_than_its_page_fails_fast_in_one_line(tmp_path, monkeypatch):
+    import signal
+
+    from refinery_pipeline import dataset
+    monkeypatch.setattr(dataset, "page_size_for", lambda *args: dataset.FFCV_PAGE_SIZE)
+    signal.signal(signal.SIGALRM, lambda *args: pytest.fail("the conversion hangs"))
+    signal.alarm(120)
+    try:
+        with pytest.raises(DataSetError) as raised:
+            dataset.write_beton(dataset.ArraySource(big_raw_images(), [0, 1]),
+                                tmp_path / "big.beton", BetonOptions(write_mode="raw"),
+                                num_workers=1)
+    finally:
+        signal.alarm(0)
+    message = str(raised.value)
+    assert "\n" not in message and "9,720,000 bytes" in message and "--max-resolution" in message
+    assert not list(tmp_path.iterdir())  # no partial .beton, no logs
