@@ -163,6 +163,19 @@ trust_checkpoint_option = click.option(
     "--trust-checkpoint", is_flag=True,
     help="load weights files that run code to load (pickled objects beyond tensors and plain "
          "data); only for files from someone you trust")
+
+
+MAX_RESOLUTION_HELP = ("cap each image's longer side when converting a DATA tree (FFCV's "
+                       "ImageNet recipe: 256 to 512); decode memory is --workers x the largest "
+                       "stored image")
+
+
+def max_resolution_option(show_default: str):
+    """``--max-resolution``: the stored frame a tree converts to (crop boxes are drawn in it)."""
+    return click.option("--max-resolution", default=None, type=NON_NEGATIVE_COUNT,
+                        show_default=show_default, help=MAX_RESOLUTION_HELP)
+
+
 cache_dir_option = click.option("--cache-dir", default=None,
                                 show_default="$REFINERY_CACHE, else ~/.cache/refinery",
                                 help="where an ImageFolder DATA tree is converted to .beton, once")
@@ -282,6 +295,7 @@ def cli():
               help="store probabilities as multiples of 2^-N, still float16 (11: float16's own "
                    "step at p >= 0.5; fewer bits, smaller stores); 0 keeps them unrounded")
 @augment_option(AUGMENT_HELP)
+@max_resolution_option("a resumed STORE's, else 0: keep each image's size")
 @workers_option
 @device_option
 @trust_checkpoint_option
@@ -289,18 +303,20 @@ def cli():
 @friendly_errors(about="store")
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
                temperature, batch_size, chunk_size, compile_, soft_static, prob_bits, augment,
-               workers, device, trust_checkpoint, cache_dir):
+               max_resolution, workers, device, trust_checkpoint, cache_dir):
     """Label K planned crops of every image in DATA and write the label store STORE."""
     from refinery_pipeline.augment import Recipe
     from refinery_pipeline.crop_plan import CropPlan
-    from refinery_pipeline.dataset import open_dataset
+    from refinery_pipeline.dataset import check_cap_applies, conversion_options, open_dataset
     from refinery_pipeline.precompute import precompute as run
     from refinery_pipeline.models import OptionNames
     from refinery_pipeline.refinery import load_refinery, member_archs
     from refinery_pipeline.train import resolve_device
 
     recipe, archs = Recipe.parse(augment), member_archs(weights, arch)  # before any work
-    dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
+    check_cap_applies(data, max_resolution)
+    options = conversion_options(_recorded_source(store), max_resolution)  # a resume's frame
+    dataset = open_dataset(data, "train", cache_dir, options, num_workers=workers)
     refinery = load_refinery(weights, archs, dataset.classes, input_size, bn_mode=bn_mode,
                              temperature=temperature, device=resolve_device(device),
                              compile=compile_, trust_checkpoint=trust_checkpoint,
@@ -317,6 +333,26 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                    f"({s.crops_per_second:,.0f} crops/s); {s.chunks_written} chunks written, "
                    f"{s.chunks_skipped} already done{busy}; store {s.store_bytes / 1e6:.2f} MB, "
                    f"{s.bytes_per_crop:.1f} bytes/crop")
+        click.echo(f"pixels: {dataset.path} (the exact pixel source of these labels)")
+
+
+def _open_store_data(data, store, cache_dir, workers: int = 2):
+    """DATA of an existing STORE, a tree converted as the store's labels were made (so to the
+    same .beton)."""
+    from refinery_pipeline.dataset import conversion_options, open_dataset
+    options = conversion_options(_recorded_source(store))
+    return open_dataset(data, "train", cache_dir, options, num_workers=workers)
+
+
+def _recorded_source(location):
+    """The ``dataset.source`` an existing store records; None for a new store, or one that
+    cannot be read (the command's own check of it names the problem)."""
+    from refinery_pipeline.errors import StoreError
+    from refinery_pipeline.label_store import LabelStore
+    try:
+        return LabelStore.open(location).dataset.source
+    except (StoreError, TypeError, KeyError):
+        return None
 
 
 @cli.command()
@@ -396,6 +432,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
               help="training crop size, in pixels")
 @augment_option(AUGMENT_HELP + "; with --labels, the store's recipe is replayed and --augment "
                 "must be omitted or equal it")
+@max_resolution_option("the --labels store's, else 0: keep each image's size")
 @workers_option
 @click.option("--seed", default=0, type=SEED,
               help="student initialisation, fresh crops and slot order")
@@ -415,7 +452,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
           lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode,
           wordnet_temperature, init, teacher, teacher_arch, teacher_bn, teacher_crops, loss,
-          adversarial_eta, adversarial_bn, precise_bn, rest, slot_policy, res, augment, workers,
+          adversarial_eta, adversarial_bn, precise_bn, rest, slot_policy, res, augment,
+          max_resolution, workers,
           seed, eval_every, device, compile_, resume, allow_partial, skip_store_check,
           trust_checkpoint, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
@@ -443,7 +481,8 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,
                       allow_partial=allow_partial, skip_store_check=skip_store_check,
-                      trust_checkpoint=trust_checkpoint, cache_dir=cache_dir)
+                      trust_checkpoint=trust_checkpoint, cache_dir=cache_dir,
+                      max_resolution=max_resolution)
     m = fit(cfg)
     if is_main():
         click.echo(f"val top-1 {m['val_top1']:.2f}  top-5 {m['val_top5']:.2f}; "
@@ -531,11 +570,17 @@ def evaluate(run, data, split, res, arch, batch_size, workers, device, trust_che
 @cli.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@cache_dir_option
 @friendly_errors(about="store")
-def inspect(store, as_json):
-    """Show what a label store holds: plan, refinery, data set, size, completeness, labels."""
+def inspect(store, as_json, cache_dir):
+    """Show what a label store holds: plan, refinery, data set, size, completeness, labels, and
+    its exact pixel source (beton: the converted .beton in the cache, when it is there)."""
     from refinery_pipeline.inspect_store import describe_store, format_summary
-    summary = describe_store(store)
+    summary = describe_store(store, cache_dir)
+    if summary["beton"] is None and not as_json:
+        from refinery_pipeline.dataset import default_cache_dir
+        summary["beton"] = (f"not in {cache_dir or default_cache_dir()} (any command given the "
+                            "DATA tree converts it there and precompute prints it)")
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
 
 
@@ -558,7 +603,6 @@ def inspect(store, as_json):
 def show(store, data, images, crops, seed, out, others, names, workers, cache_dir):
     """Draw stored crops of STORE (made from DATA) with their stored labels, as students see them;
     with --compare, each crop with every store's top-3 (the paper's Figs. 7-8)."""
-    from refinery_pipeline.dataset import open_dataset
     from refinery_pipeline.inspect_store import compared_labels, sample_stored_crops
     from refinery_pipeline.plots import figure_path, plot_compared_crops, plot_stored_crops
     figure_path(out)  # before any image is decoded for it
@@ -567,7 +611,7 @@ def show(store, data, images, crops, seed, out, others, names, workers, cache_di
     if names and len(names) != len(stores):
         raise RefineryError(f"{len(names)} --name for {len(stores)} stores; give one per store "
                             "(STORE first, then each --compare) or none")
-    dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
+    dataset = _open_store_data(data, store, cache_dir, workers)
     sample = sample_stored_crops(dataset, store, images, seed, workers)
     shown = min(crops, sample.pixels.shape[1])
     if others:
@@ -601,7 +645,6 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
           trust_checkpoint, cache_dir):
     """Re-run the refinery on sampled stored crops of STORE (made from DATA) and compare."""
     from refinery_pipeline.audit import audit_store
-    from refinery_pipeline.dataset import open_dataset
     from refinery_pipeline.label_store import LabelStore
     from refinery_pipeline.refinery import load_as_recorded
     from refinery_pipeline.train import resolve_device
@@ -610,7 +653,7 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
     recorded = opened.attrs["refinery"]  # the store's classes: an ImageNet refinery selects them
     refinery = load_as_recorded(weights, recorded, opened.classes,
                                 device=resolve_device(device), trust_checkpoint=trust_checkpoint)
-    dataset = open_dataset(data, "train", cache_dir, num_workers=workers)
+    dataset = _open_store_data(data, store, cache_dir, workers)
     r = audit_store(dataset, store, refinery, sample_crops, seed, workers)
     batches = f"{r.loader_batches} loader batch{'' if r.loader_batches == 1 else 'es'}"
     click.echo(f"{r.crops:,} crops in {batches} re-labelled (BN {r.bn_mode}): "
@@ -626,8 +669,8 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
 @cli.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--max-resolution", default=0, type=NON_NEGATIVE_COUNT,
-              help="cap each image's longer side (FFCV's ImageNet recipe: 256 to 512); 0 keeps it")
+@click.option("--max-resolution", default=0, type=NON_NEGATIVE_COUNT, help=MAX_RESOLUTION_HELP
+              + "; 0 keeps it")
 @click.option("--jpeg-quality", default=90, type=Count(min=1, max=100),
               help="quality of the re-encoded JPEGs")
 @click.option("--write-mode", type=click.Choice(["jpg", "raw"]), default="jpg",
@@ -675,9 +718,8 @@ def verify(store, data, cache_dir):
 
     A pass is recorded in the cache (outside the store), so that `refine train
     --skip-store-check` may skip re-checking these very bytes."""
-    from refinery_pipeline.dataset import open_dataset
     from refinery_pipeline.store_tools import record_verified, store_identity, verify_store
-    dataset = open_dataset(data, "train", cache_dir) if data else None
+    dataset = _open_store_data(data, store, cache_dir) if data else None
     identity = store_identity(store)  # before reading: a change during the check voids it
     report = verify_store(store, dataset)
     for problem in report.problems:

@@ -71,6 +71,50 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, **kwargs):
     return _replay_loader(store, data, batch_size, num_workers, **kwargs)
 
 
+def beton_path(data, cache_dir=None, *, split: str = "train", store=None,
+               max_resolution: int = None, num_workers: int = 2):
+    """Where a data set's exact pixel source is: the ``.beton`` every command decodes.
+
+    An ImageFolder tree is converted once into a cache under a hashed name; this converts it if
+    needed and returns that file, the one to pass to :class:`BetonImages` (byte-exact crops) or to
+    share. A ``.beton`` is returned as it is.
+
+    Parameters
+    ----------
+    data : str or os.PathLike
+        An ImageFolder tree (``DATA/<split>/<class>/*`` or ``DATA/<class>/*``) or a ``.beton``.
+    cache_dir : str or os.PathLike, optional
+        The conversion cache (``--cache-dir``); default ``$REFINERY_CACHE``, else
+        ``~/.cache/refinery``.
+    split : {"train", "val"}
+        Which split of a tree with ``train/`` and ``val/``.
+    store : LabelStore or str, optional
+        Convert as this store's labels were made (its recorded ``--max-resolution``), so the
+        file is the one it was labelled from.
+    max_resolution : int, optional
+        Cap each image's longer side (``--max-resolution``); 0 keeps the sizes.
+    num_workers : int
+        Processes converting the tree.
+
+    Returns
+    -------
+    pathlib.Path
+        The ``.beton`` (its sidecar ``<file>.meta.json`` lists the tree's files in stored order).
+
+    Raises
+    ------
+    DataSetError
+        Not a tree or ``.beton``, an unreadable image, or a ``max_resolution`` other than the
+        store's.
+    """
+    from .dataset import conversion_options, open_dataset
+    source = None
+    if store is not None:
+        source = (store if isinstance(store, LabelStore) else LabelStore.open(store)).dataset.source
+    options = conversion_options(source, max_resolution)
+    return open_dataset(data, split, cache_dir, options, num_workers).path
+
+
 __all__ = [
     "open_store", "LabelStore", "StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo",
     "Batching", "CropRecords", "FORMAT_VERSION",
@@ -80,7 +124,7 @@ __all__ = [
     "l2_on_probabilities",
     "CropBatch", "SparseLabels", "NOT_STORED",
     "StoreCropDataset", "CropCollate", "CropSample", "BetonImages", "FolderImages",
-    "MappedImages", "replay_loader",
+    "MappedImages", "replay_loader", "beton_path",
     "RefineryError", "RefineryWarning", "StoreError", "StoreNotFoundError",
     "StoreMismatchError", "IncompleteStoreError", "StoreCorruptError", "DataSetError",
     "CheckpointError", "ArgumentError",

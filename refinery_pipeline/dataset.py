@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -28,11 +28,49 @@ META_SUFFIX = ".meta.json"
 
 @dataclass(frozen=True)
 class BetonOptions:
-    """How an ImageFolder tree is written to a .beton (part of the cache key)."""
+    """How an ImageFolder tree is written to a .beton (part of the cache key).
+
+    ``max_resolution`` caps each image's longer side (FFCV's writer: INTER_AREA, sizes floored):
+    the stored frame every crop box is drawn in. It bounds the loaders' decode scratch, which
+    is decoding threads x the largest stored image (``docs/design.md``, bounded memory).
+    """
 
     max_resolution: int = 0  # 0 keeps the stored size; else the longer side is capped (INTER_AREA)
     jpeg_quality: int = 90
     write_mode: str = "jpg"  # 'jpg' or 'raw' (FFCV's 'proportion' mode is unseeded: not offered)
+
+    def recorded(self) -> dict:
+        """The options that differ from the defaults (what a store records of a conversion)."""
+        default = BetonOptions()
+        return {k: v for k, v in self.__dict__.items() if getattr(default, k) != v}
+
+
+def check_cap_applies(data, max_resolution: int = None):
+    """``--max-resolution`` converts a tree; a ``.beton``'s sizes were fixed when it was written."""
+    if max_resolution is not None and not Path(data).is_dir():
+        raise DataSetError(f"--max-resolution {max_resolution}: {data} is a .beton, whose image "
+                           "sizes were fixed when it was written; pass its ImageFolder tree, or "
+                           "omit the option (`refine convert --max-resolution` writes capped "
+                           ".beton files)")
+
+
+def conversion_options(source=None, max_resolution: int = None) -> BetonOptions:
+    """How to convert a tree for a label store: as recorded in its ``dataset.source``
+    (``conversion``; absent: the defaults), so the tree converts to the very ``.beton`` the labels
+    were made on; ``max_resolution`` (``--max-resolution``) must then agree with the record.
+    Without a store (``source`` None), the defaults with ``max_resolution`` if given."""
+    try:
+        recorded = BetonOptions(**((source or {}).get("conversion") or {}))
+    except TypeError:
+        raise DataSetError(f"the store records an unknown conversion {source['conversion']}; "
+                           "read it with the refinery version that wrote it") from None
+    if max_resolution is None or max_resolution == recorded.max_resolution:
+        return recorded
+    if source is not None:
+        raise DataSetError(f"--max-resolution {max_resolution}: the store's labels were made on "
+                           f"images converted with --max-resolution {recorded.max_resolution}; "
+                           "pass that value, or omit the option")
+    return replace(recorded, max_resolution=int(max_resolution))
 
 
 class ImageDataset:
@@ -110,7 +148,9 @@ class ImageDataset:
         if not files:
             return None
         root = self.meta.get("root") or _common_root(files, self.classes)
-        return source_fingerprint(root, files)
+        record = source_fingerprint(root, files)
+        conversion = BetonOptions(**self.meta.get("options", {})).recorded()
+        return {**record, "conversion": conversion} if conversion else record
 
     def image_byte_spans(self) -> tuple:
         """``(offsets, lengths)``, int64 ``(N,)``: where each image's encoded bytes lie in the
@@ -191,12 +231,17 @@ class ArraySource:
     def __len__(self):
         return len(self.labels)
 
+    def largest_image_pixels(self) -> int:
+        shapes = [np.shape(image) for image in self.images]
+        return max(h * w for h, w, *_ in shapes)
+
     def __getitem__(self, i):
         return np.ascontiguousarray(self.images[i]), int(self.labels[i])
 
 
 class FileSource:
-    """Reads image files as RGB (grayscale, CMYK, palette and PNG inputs are converted).
+    """Reads image files as ``(H, W, 3)`` uint8 RGB by :func:`.pixels.open_image_file`'s rule
+    (every PIL mode: 16-bit, palette, CMYK, alpha, grayscale; the first frame).
 
     FFCV's writer waits forever if a worker process raises, so a file that cannot be decoded is
     recorded in ``error_log`` and replaced by a 1x1 placeholder; :func:`write_beton` then fails
@@ -210,18 +255,32 @@ class FileSource:
     def __len__(self):
         return len(self.files)
 
+    def largest_image_pixels(self) -> int:
+        """Pixels of the largest file, from the headers (files PIL cannot read are left out:
+        the conversion names them)."""
+        from .pixels import image_file_size
+        sizes = [image_file_size(f) for f in self.files]
+        return max([w * h for w, h in filter(None, sizes)], default=1)
+
     def __getitem__(self, i):
-        from PIL import Image
+        from .pixels import open_image_file
         try:
-            with Image.open(self.files[i]) as im:
-                return np.asarray(im.convert("RGB")), int(self.labels[i])
+            return open_image_file(self.files[i]), int(self.labels[i])
         except Exception as exc:
+            message = _unreadable_message(self.files[i], exc)
             if self.error_log is None:
-                raise DataSetError(f"{self.files[i]}: cannot be read as an image ({exc}); "
-                                   "delete or replace the file") from None
+                raise DataSetError(message) from None
             with open(self.error_log, "a") as log:
-                log.write(f"{self.files[i]}\t{str(exc).splitlines()[0]}\n")
+                log.write(message.replace("\n", " ") + "\n")
             return np.zeros((1, 1, 3), np.uint8), int(self.labels[i])
+
+
+def _unreadable_message(path, exc: Exception) -> str:
+    """Ours (a :class:`DataSetError` names the file and the fix), or PIL's reason in one line."""
+    if isinstance(exc, DataSetError):
+        return str(exc)
+    return (f"{path}: cannot be read as an image ({str(exc).splitlines()[0]}); delete or "
+            "replace the file")
 
 
 def _raise_logged_errors(error_log: Path):
@@ -230,10 +289,8 @@ def _raise_logged_errors(error_log: Path):
     lines = error_log.read_text().splitlines()
     error_log.unlink()
     if lines:
-        path, reason = lines[0].split("\t", 1)
         more = f" (and {len(lines) - 1} more files)" if len(lines) > 1 else ""
-        raise DataSetError(f"{path}: cannot be read as an image ({reason}){more}; delete or "
-                           "replace the file")
+        raise DataSetError(lines[0] + more)
 
 
 class _Reordered:
@@ -250,6 +307,23 @@ class _Reordered:
         if self.failure_log is not None and os.path.exists(self.failure_log):
             return np.zeros((1, 1, 3), np.uint8), 0
         return self.source[int(self.order[i])]
+
+
+FFCV_PAGE_SIZE = 8 << 20  # DatasetWriter's default page
+
+
+def page_size_for(largest_pixels: int, max_resolution: int = 0) -> int:
+    """A ``.beton`` page that holds the largest image.
+
+    FFCV writes every sample within one page (8 MiB by default); a larger one made its writer
+    process raise and FFCV's main process wait forever (a 12,000 x 9,000 photo re-encodes to
+    ~20 MB). Pages here hold the largest stored image's raw bytes, 3 per pixel (a JPEG
+    re-encode is smaller: under 2 bytes per pixel even for noise at quality 100), plus 1 MiB,
+    rounded up to a power of two as FFCV requires; never below FFCV's default."""
+    if max_resolution:
+        largest_pixels = min(largest_pixels, max_resolution * max_resolution)
+    need = 3 * largest_pixels + (1 << 20)
+    return max(FFCV_PAGE_SIZE, 1 << (need - 1).bit_length())
 
 
 SIZE_SAMPLE = 16  # images encoded to estimate a .beton's size before writing it
@@ -286,9 +360,10 @@ def _check_free_space(folder: Path, needed: int):
 
 
 def _guarded_allocator(failure_log: str):
-    """FFCV's ``MemoryAllocator`` with a guarded page write.
+    """FFCV's ``MemoryAllocator`` with a guarded page write and a guarded allocation.
 
-    It wraps FFCV's page writer so a failing write (a full disk) cannot hang the conversion.
+    It wraps FFCV's page writer so a failing write (a full disk) cannot hang the conversion,
+    nor a sample larger than a page (see :func:`page_size_for`).
 
     FFCV's writer processes write pages in turn and its main process waits for every sample;
     a process that dies on ``ENOSPC`` leaves the others waiting for its turn and the main
@@ -298,6 +373,14 @@ def _guarded_allocator(failure_log: str):
     from ffcv.memory_allocator import MemoryAllocator
 
     class GuardedAllocator(MemoryAllocator):
+        def malloc(self, size):
+            if size <= self.page_size:
+                return super().malloc(size)
+            with open(failure_log, "a") as log:  # FFCV would raise here, and hang
+                log.write(f"{OVERSIZE}\tan image encodes to {size:,} bytes, more than the "
+                          f".beton's {self.page_size:,}-byte page\n")
+            return 0, np.empty(size, np.uint8)  # discarded: the write fails
+
         def flush_page(self):
             if self.my_page < 0:
                 return
@@ -314,12 +397,16 @@ def _guarded_allocator(failure_log: str):
     return GuardedAllocator
 
 
+OVERSIZE = "oversize"  # the failure log's code for a sample larger than a page
+
+
 def _raise_write_failure(failure_log: Path, path: Path):
     if not failure_log.is_file():
         return
-    reason = failure_log.read_text().splitlines()[0].split("\t", 1)[-1]
+    code, reason = failure_log.read_text().splitlines()[0].split("\t", 1)
     failure_log.unlink()
-    raise DataSetError(f"{path.parent}: writing {path.name} failed ({reason}); {FREE_SPACE_FIX}")
+    fix = ("convert with a smaller --max-resolution" if code == OVERSIZE else FREE_SPACE_FIX)
+    raise DataSetError(f"{path.parent}: writing {path.name} failed ({reason}); {fix}")
 
 
 def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=None,
@@ -347,8 +434,10 @@ def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=No
     tmp = path.with_name(path.name + f".{os.getpid()}.partial")
     image_field = RGBImageField(write_mode=options.write_mode, jpeg_quality=options.jpeg_quality,
                                 max_resolution=options.max_resolution or None)
+    largest = source.largest_image_pixels() if hasattr(source, "largest_image_pixels") else 0
     writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()},
-                           num_workers=max(1, num_workers))
+                           num_workers=max(1, num_workers),
+                           page_size=page_size_for(largest, options.max_resolution))
     _check_free_space(path.parent, estimated_beton_bytes(source, image_field, writer.num_workers,
                                                          writer.page_size))
     error_log = tmp.with_name(tmp.name + ".errors")
@@ -433,6 +522,25 @@ def open_dataset(data, split: str = "train", cache_dir=None,
         write_beton(FileSource(files, labels), beton, options, classes=classes, files=files,
                     num_workers=num_workers, root=root)
     return ImageDataset(beton)
+
+
+def find_cached_beton(fingerprint: dict, cache_dir=None):
+    """The ``.beton`` in the cache whose recorded fingerprint (its sidecar's, still current) is
+    ``fingerprint``'s images and labels, or None: where a store's exact pixels are, found
+    without the tree (``refine inspect``). Only sidecars are read, never a ``.beton``'s bytes."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    keys = ("image_bytes_sha256", "labels_sha256")
+    for sidecar in sorted(cache.glob(f"*.beton{META_SUFFIX}")):
+        beton = sidecar.with_name(sidecar.name[:-len(META_SUFFIX)])
+        try:
+            meta, stat = json.loads(sidecar.read_text()), beton.stat()
+        except (OSError, ValueError):
+            continue
+        recorded = meta.get("fingerprint") or {}
+        current = meta.get("fingerprint_stamp") == [stat.st_size, stat.st_mtime_ns]
+        if current and all(recorded.get(k) == fingerprint.get(k) for k in keys):
+            return beton
+    return None
 
 
 SPLITS = ("train", "val")

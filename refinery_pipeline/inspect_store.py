@@ -11,10 +11,15 @@ from .errors import RefineryError, StoreMismatchError
 from .label_store import LabelStore
 
 
-def describe_store(location) -> dict:
+def describe_store(location, cache_dir=None) -> dict:
+    """What ``refine inspect`` prints: layout, plan, refinery, data set, size, labels, and
+    ``beton``, the cached ``.beton`` holding the store's exact pixels (None when the cache holds
+    no converted copy of its data: ``refinery.beton_path(DATA)`` makes and names one)."""
+    from .dataset import find_cached_beton
     store = LabelStore.open(location)
     lay, attrs = store.layout, store.attrs
     done = store.done_chunks()
+    beton = find_cached_beton(attrs["dataset"], cache_dir)
     summary = {
         "location": str(location), "format_version": attrs["format_version"],
         "images": lay.num_images, "crops_per_image": lay.crops_per_image, "top_k": lay.top_k,
@@ -23,7 +28,9 @@ def describe_store(location) -> dict:
         "chunks_done": f"{int(done.sum())}/{len(done)}",
         "complete": bool(done.all()), "plan": attrs["plan"], "refinery": attrs["refinery"],
         "dataset": {k: v for k, v in attrs["dataset"].items() if k != "classes"},
-        "classes": len(attrs["dataset"]["classes"]), "batching": attrs.get("batching", {}),
+        "classes": len(attrs["dataset"]["classes"]),
+        "beton": str(beton) if beton is not None else None,
+        "batching": attrs.get("batching", {}),
         "software": attrs.get("software", {}),
     }
     size = store.nbytes_on_disk()

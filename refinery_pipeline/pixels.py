@@ -1,18 +1,150 @@
-"""Cutting a stored crop without FFCV: the same pixels as the FFCV replay, from the same bytes.
+"""Image pixels as refinery reads them: every file and array as ``(H, W, 3)`` uint8 RGB by one rule,
+and a stored crop cut without FFCV, the same pixels as the FFCV replay from the same bytes.
 
-FFCV decodes JPEGs with libjpeg-turbo's fast integer DCT and default (fancy) chroma upsampling,
-crops the box, resizes it with OpenCV ``INTER_AREA`` (also when it upsamples) and mirrors the
-result. ``simplejpeg`` (its own libjpeg-turbo) with ``fastdct=True, fastupsample=False`` and
-``cv2.resize`` reproduce that byte for byte; PIL, ``cv2.imdecode`` and torchvision's decoders
-differ by up to 8 levels, and PIL/torchvision resizing by up to 99 (``shared/notes/exact-pixels.md``).
+The one rule (:func:`rgb_of_image`, :func:`rgb_of_array`), used by the ``.beton`` conversion, the
+original-file (tree) path and mapped data sets alike, so all three agree:
+
+* 8-bit PIL modes (1, L, LA, P with or without transparency, PA, RGB, RGBA, CMYK, YCbCr, ...)
+  are PIL's ``convert("RGB")``, exactly as torchvision's ``ImageFolder`` loader reads them;
+  alpha and palette transparency are dropped, not composited (torchvision's rule);
+* 16-bit samples (PIL ``I;16``, ``I;16B``, ``I;16L``, uint16 arrays) keep their high byte,
+  ``v >> 8``: the rule PIL already applies to 16-bit RGB PNGs, so a 16-bit grey and a 16-bit
+  colour file of the same scene agree (``convert("RGB")`` would clip a 16-bit grey to white);
+* 32-bit integer images (PIL ``I``, how 16-bit grey files open elsewhere) are 16-bit samples
+  clipped to ``[0, 65535]``, then as above;
+* floating point (PIL ``F``, float arrays, float tensors) is torchvision's ``[0, 1]`` scale:
+  ``floor(clip(v, 0, 1) * 255 + 0.5)``, NaN as 0;
+* grey becomes three equal channels; a second channel (grey + alpha) or fourth (RGBA) is dropped;
+* multi-frame files (GIF, APNG, TIFF pages) give their first frame.
+
+Anything else (other dtypes, shapes) is refused in one line naming the image and the fix.
+
+Image size: an image above :func:`max_image_pixels` (PIL's decompression-bomb limit) is refused in
+one line naming the file; PIL's warning at half that size is not shown, because decode buffers
+are per decoding thread, not per sample (``docs/design.md``, bounded memory).
+
+Exact crops: FFCV decodes JPEGs with libjpeg-turbo's fast integer DCT and default (fancy) chroma
+upsampling, crops the box, resizes it with OpenCV ``INTER_AREA`` (also when it upsamples) and
+mirrors the result. ``simplejpeg`` (its own libjpeg-turbo) with ``fastdct=True,
+fastupsample=False`` and ``cv2.resize`` reproduce that byte for byte; PIL, ``cv2.imdecode`` and
+torchvision's decoders differ by up to 8 levels, and PIL/torchvision resizing by up to 99
+(``shared/notes/exact-pixels.md``).
 
 This module imports neither FFCV nor torch.
 """
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .errors import DataSetError
+
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+ARRAY_FIX = ("give uint8 (0..255), uint16 (0..65535), bool, or float in [0, 1] pixels, "
+             "(H, W), (H, W, 1..4) or, for tensors, (1..4, H, W)")
+
+
+def max_image_pixels() -> int:
+    """The largest image refinery reads, in pixels: PIL's decompression-bomb limit,
+    ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 by default; e.g. 16,000 x 11,000). Raise
+    ``PIL.Image.MAX_IMAGE_PIXELS`` for files you trust; None there means no limit."""
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def check_image_size(path, width: int, height: int):
+    """Refuse an image above :func:`max_image_pixels` before it is decoded."""
+    limit = max_image_pixels()
+    if limit is not None and width * height > limit:
+        raise DataSetError(_too_large(path, f"{width}x{height} is {width * height:,} pixels"))
+
+
+def _too_large(path, size: str) -> str:
+    return (f"{path}: too large to read ({size}, above the limit of {max_image_pixels():,}: "
+            "PIL's decompression-bomb guard); downscale the file, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust it")
+
+
+def _pil_size(message: str) -> str:
+    """The pixel count PIL's DecompressionBombError names, as we write numbers."""
+    found = re.search(r"\((\d+) pixels\)", message)
+    return f"{int(found.group(1)):,} pixels" if found else message
+
+
+def rgb_of_image(image, what="image") -> np.ndarray:
+    """A PIL image of any mode as ``(H, W, 3)`` uint8 RGB, by the module's rule (its docstring).
+
+    ``what`` names the image in an error (a file path, ``image 3 of the data set``)."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        return rgb_of_array(np.asarray(image), what)
+    if image.mode == "I":
+        return rgb_of_array(np.clip(np.asarray(image), 0, 65535).astype(np.uint16), what)
+    try:
+        return np.asarray(image.convert("RGB"))
+    except (ValueError, OSError) as exc:
+        raise DataSetError(f"{what}: PIL cannot convert mode {image.mode} to RGB ({exc}); "
+                           "save the image as RGB or grayscale") from None
+
+
+def rgb_of_array(array: np.ndarray, what="image") -> np.ndarray:
+    """An ``(H, W)`` or ``(H, W, C)`` array (C 1 to 4: grey, grey + alpha, RGB, RGBA) as
+    ``(H, W, 3)`` uint8 RGB, by the module's rule; other dtypes and shapes are refused."""
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[2] in (1, 2, 3, 4):
+        array = array[..., :1] if array.shape[2] < 3 else array[..., :3]
+    elif array.ndim != 2:
+        raise DataSetError(f"{what}: pixels of shape {array.shape} are no image; {ARRAY_FIX}")
+    pixels = _eight_bit(array, what)
+    if pixels.ndim == 2 or pixels.shape[2] == 1:
+        pixels = np.repeat(pixels.reshape(pixels.shape[:2] + (1,)), 3, axis=2)
+    return np.ascontiguousarray(pixels)
+
+
+def _eight_bit(array: np.ndarray, what) -> np.ndarray:
+    """Samples of any supported dtype as uint8: the module's 16-bit and float rules."""
+    kind, size = array.dtype.kind, array.dtype.itemsize
+    if kind == "u" and size == 1:
+        return array
+    if kind == "b":
+        return array.astype(np.uint8) * np.uint8(255)
+    if kind == "u" and size == 2:
+        return (array.astype(np.uint16) >> 8).astype(np.uint8)
+    if kind == "f":
+        scaled = np.floor(np.clip(np.nan_to_num(array.astype(np.float64)), 0, 1) * 255 + 0.5)
+        return scaled.astype(np.uint8)
+    raise DataSetError(f"{what}: pixels of dtype {array.dtype} have no agreed 8-bit scale; "
+                       f"{ARRAY_FIX}")
+
+
+def open_image_file(path) -> np.ndarray:
+    """An image file's first frame as ``(H, W, 3)`` uint8 RGB through PIL and
+    :func:`rgb_of_image`: how ``refine`` converts a tree, and how torchvision's ``ImageFolder``
+    reads its 8-bit files. Files above :func:`max_image_pixels` are refused."""
+    from PIL import Image
+    with warnings.catch_warnings():  # the limit is enforced below: PIL's half-way warning is noise
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                image.seek(0)
+                return rgb_of_image(image, path)
+        except Image.DecompressionBombError as exc:
+            raise DataSetError(_too_large(path, _pil_size(str(exc)))) from None
+
+
+def image_file_size(path):
+    """``(width, height)`` of an image file from its header (nothing decoded), or None when PIL
+    cannot read it (the conversion then names the file)."""
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except Exception:  # noqa: BLE001 - reported when the file is converted
+            return None
 
 
 def decode_jpeg(data) -> np.ndarray:
@@ -23,18 +155,21 @@ def decode_jpeg(data) -> np.ndarray:
 
 
 def read_image_file(path) -> np.ndarray:
-    """An original image file as ``(H, W, 3)`` uint8 RGB: JPEGs through :func:`decode_jpeg`
-    (libjpeg-turbo, fast), anything else (and JPEGs it cannot read, e.g. CMYK) through PIL,
-    converted to RGB as ``refine`` converts trees."""
+    """An original image file as ``(H, W, 3)`` uint8 RGB: YCbCr and grey JPEGs through
+    :func:`decode_jpeg` (libjpeg-turbo, fast), anything else (CMYK and YCCK JPEGs, files it
+    cannot read) through :func:`open_image_file`, the rule ``refine`` converts trees by."""
     path = Path(path)
     if path.suffix.lower() in JPEG_SUFFIXES:
+        import simplejpeg
+        data = path.read_bytes()
         try:
-            return decode_jpeg(path.read_bytes())
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace in ("Gray", "YCbCr", "RGB"):
+                check_image_size(path, width, height)
+                return decode_jpeg(data)
         except ValueError:
-            pass  # CMYK, progressive oddities: PIL below handles them
-    from PIL import Image
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+            pass  # progressive oddities, not a JPEG after all: PIL below handles them
+    return open_image_file(path)
 
 
 def cut_crop(image: np.ndarray, box, flip: bool, size: int) -> np.ndarray:

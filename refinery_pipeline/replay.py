@@ -21,6 +21,8 @@ numba freezes small captured arrays into compiled code, so the table is reached 
 address (``carray`` over an ``inttoptr``), never captured as an array; the loader keeps it alive
 and only ever writes it in place.
 """
+import contextlib
+import queue
 import warnings
 from dataclasses import replace
 from typing import Callable
@@ -46,6 +48,7 @@ from .errors import RefineryWarning
 
 TABLE_FIELDS = 7  # y, x, h, w, flip, slot, source (0: the row's image; m + 1: image m)
 SOURCE = 6
+BATCHES_AHEAD = 2  # FFCV keeps BATCHES_AHEAD + 2 batches of output buffers
 
 
 def usable_workers(requested: int) -> int:
@@ -59,12 +62,19 @@ def usable_workers(requested: int) -> int:
     return max(1, requested)
 
 
-@intrinsic
-def _int32_pointer(typingctx, address):
-    """Turn an integer address into an ``int32*`` inside compiled code."""
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int32)))
-    return types.CPointer(types.int32)(types.int64), codegen
+def _pointer_intrinsic(item):
+    """A compiled ``address -> item*`` cast: numba freezes small captured arrays into the code,
+    so arrays rewritten or allocated later are reached through their address instead."""
+    @intrinsic
+    def pointer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(item)))
+        return types.CPointer(item)(types.int64), codegen
+    return pointer
+
+
+_int32_pointer = _pointer_intrinsic(types.int32)
+_uint8_pointer = _pointer_intrinsic(types.uint8)
 
 
 def crop_table(boxes: np.ndarray, flips: np.ndarray, slots: np.ndarray = None,
@@ -120,26 +130,38 @@ class PlannedCropDecoder(ResizedCropRGBImageDecoder):
     reader maps the whole file, so any image's bytes can be read).
 
     Output per sample: ``(H, W, 3)`` uint8 when ``S == 1``, else ``(S, H, W, 3)``. Subclassing
-    FFCV's resized-crop decoder keeps it the pipeline's decoder (``PipelineSpec`` checks that) and
-    reuses its scratch buffer for the decoded image.
+    FFCV's resized-crop decoder keeps it the pipeline's decoder (``PipelineSpec`` checks that).
+
+    Memory: FFCV's base class declares its decode scratch per *sample*, and FFCV allocates every
+    declared buffer ``batch size x (batches ahead + 2)`` times, so one 6000 x 4000 image in the
+    data set cost 72 MB x 256 x 4 = 74 GB. Here the scratch belongs to the decoding *threads*:
+    ``threads`` buffers of the largest stored image, allocated once per loader (its pages are
+    touched only as far as the images decoded need), each thread decoding an interleaved share
+    of every batch into its own buffer. The loader runs one epoch at a time
+    (:meth:`TableLoader.__iter__`), so no two batches share a buffer.
     """
 
-    def __init__(self, table: np.ndarray, output_size):
+    def __init__(self, table: np.ndarray, output_size, threads: int = 1):
         super().__init__(tuple(output_size))
         assert table.dtype == np.int32 and table.flags.c_contiguous and table.ndim == 3
-        self.table = table
+        self.table, self.threads = table, max(1, int(threads))
+        self.scratch = None  # (threads, largest image bytes) uint8, made with the code
 
     @property
     def get_crop_generator(self):  # required by the abstract base; boxes come from the table
         raise NotImplementedError
 
     def declare_state_and_memory(self, previous_state):
-        state, (out, scratch) = super().declare_state_and_memory(previous_state)
+        state, (out, _per_sample_scratch) = super().declare_state_and_memory(previous_state)
         slots = self.table.shape[1]
-        if slots == 1:
-            return state, (out, scratch)
-        shape = (slots,) + tuple(out.shape)
-        return replace(state, shape=shape), (AllocationQuery(shape, out.dtype), scratch)
+        if slots > 1:
+            out = AllocationQuery((slots,) + tuple(out.shape), out.dtype)
+        return replace(state, shape=out.shape), out
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes of decode scratch this decoder holds: threads x the largest stored image."""
+        return self.threads * int(self.max_height) * int(self.max_width) * 3
 
     def generate_code(self) -> Callable:
         jpg = IMAGE_MODES["jpg"]
@@ -149,37 +171,42 @@ class PlannedCropDecoder(ResizedCropRGBImageDecoder):
         cut = crop_cutter()
         address, (num_images, slots, _) = self.table.ctypes.data, self.table.shape
         table_ref = self.table
+        threads, image_bytes = self.threads, self.scratch_bytes // self.threads
+        if self.scratch is None or self.scratch.shape != (threads, image_bytes):
+            self.scratch = np.empty((threads, image_bytes), np.uint8)  # one per loader
+        scratch_ref, scratch_address = self.scratch, self.scratch.ctypes.data
         enabled = Compiler.is_enabled
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+        def decode(batch_indices, destination, metadata, storage_state):
             if enabled:
                 table = numba.carray(_int32_pointer(address), (num_images, slots, TABLE_FIELDS))
+                scratch = numba.carray(_uint8_pointer(scratch_address), (threads, image_bytes))
             else:
-                table = table_ref
-            for dst_ix in my_range(len(batch_indices)):
-                source_ix = batch_indices[dst_ix]
-                decoded = np.int64(-1)
-                temp = temp_storage[dst_ix]
-                image = temp.reshape(-1)[:3].reshape(1, 1, 3)
-                for s in range(slots):
-                    row = table[source_ix, s]
-                    wanted = np.int64(source_ix) if row[6] == 0 else np.int64(row[6]) - 1
-                    if wanted != decoded:  # each image once per sample, however many slots
-                        field = metadata[wanted]
-                        image_data = mem_read(field["data_ptr"], storage_state)
-                        height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                        if field["mode"] == jpg:
-                            imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1,
-                                       1, False, False)
-                            image = temp.reshape(-1)[:3 * height * width].reshape(height, width,
-                                                                                  3)
-                        else:
-                            image = image_data.reshape(height, width, 3)
-                        decoded = wanted
-                    out = destination[dst_ix] if slots == 1 else destination[dst_ix, s]
-                    cut(image, row[0], row[1], row[2], row[3], row[4], out)
-            return destination[:len(batch_indices)]
+                table, scratch = table_ref, scratch_ref
+            count = len(batch_indices)
+            for thread in my_range(threads):
+                temp = scratch[thread]
+                for dst_ix in range(thread, count, threads):
+                    source_ix = batch_indices[dst_ix]
+                    decoded = np.int64(-1)
+                    image = temp[:3].reshape(1, 1, 3)
+                    for s in range(slots):
+                        row = table[source_ix, s]
+                        wanted = np.int64(source_ix) if row[6] == 0 else np.int64(row[6]) - 1
+                        if wanted != decoded:  # each image once per sample, however many slots
+                            field = metadata[wanted]
+                            image_data = mem_read(field["data_ptr"], storage_state)
+                            height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                            if field["mode"] == jpg:
+                                imdecode_c(image_data, temp, height, width, height, width, 0, 0,
+                                           1, 1, False, False)
+                                image = temp[:3 * height * width].reshape(height, width, 3)
+                            else:
+                                image = image_data.reshape(height, width, 3)
+                            decoded = wanted
+                        out = destination[dst_ix] if slots == 1 else destination[dst_ix, s]
+                        cut(image, row[0], row[1], row[2], row[3], row[4], out)
+            return destination[:count]
 
         decode.is_parallel = True
         return decode
@@ -374,13 +401,39 @@ class CropBatches:
 
 
 class TableLoader(Loader):
-    """An FFCV ``Loader`` over a crop table, yielding :class:`.crop_batch.CropBatch` es."""
+    """An FFCV ``Loader`` over a crop table, yielding :class:`.crop_batch.CropBatch` es.
+
+    One epoch decodes at a time: the crop table and the decoder's per-thread scratch belong to
+    the loader, so an epoch abandoned without ``close()`` (a ``break``) is stopped, and its
+    thread awaited, before the next one starts; FFCV alone would let both decode at once.
+    """
 
     records = None  # the store's records, to attach each crop's stored label
+    _running = None  # FFCV's EpochIterator (a thread) of the latest epoch
 
     def __iter__(self):
+        self._stop_running_epoch()
+        self._prepare_epoch()
         recipe = self._batch_recipe()  # before FFCV's __iter__ moves next_epoch on
-        return CropBatches(super().__iter__(), self.records, recipe)
+        self._running = super().__iter__()
+        return CropBatches(self._running, self.records, recipe)
+
+    def _stop_running_epoch(self):
+        """Stop the latest epoch's decoding thread and wait for it. FFCV's ``close()`` only
+        asks it to stop once its queue is full; with no batches left it ends at once, after
+        handing over (here: dropping) what it had decoded."""
+        running = self._running
+        if running is None or not running.is_alive():
+            return
+        running.close()
+        running.iter_ixes = iter(())  # FFCV 1.0.2 reads its next batch from this iterator
+        while running.is_alive():
+            with contextlib.suppress(queue.Empty):
+                running.output_queue.get_nowait()
+            running.join(0.01)
+
+    def _prepare_epoch(self):
+        pass
 
     def _batch_recipe(self):
         return None
@@ -403,18 +456,17 @@ class CropLoader(TableLoader):
         from .validators import whole_number
         self.next_epoch = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
 
-    def __iter__(self):
+    def _prepare_epoch(self):
         self.crops.fill(self.table, self.next_epoch)
-        return super().__iter__()
 
     def _batch_recipe(self):
         return self.crops.batch_recipe(self.next_epoch)
 
 
-def _pipelines(table: np.ndarray, output_size) -> dict:
-    """Image and label pipelines over one crop table: the decoder cuts its rows, the label op
-    copies their slots into each sample's row."""
-    return {"image": [PlannedCropDecoder(table, output_size), ToTensor()],
+def _pipelines(table: np.ndarray, output_size, threads: int) -> dict:
+    """Image and label pipelines over one crop table: the decoder cuts its rows (decoding with
+    ``threads`` threads), the label op copies their slots into each sample's row."""
+    return {"image": [PlannedCropDecoder(table, output_size, threads), ToTensor()],
             "label": [IntDecoder(), WithIndexAndSlots(table), ToTensor()]}
 
 
@@ -424,23 +476,26 @@ def make_loader(dataset, crops, output_size, batch_size: int, num_workers: int =
     """A loader of one crop per image from ``crops``, yielding :class:`.crop_batch.CropBatch` es
     of uint8 NHWC crops."""
     table = np.zeros((dataset.num_images, crops.table_slots, TABLE_FIELDS), dtype=np.int32)
-    crops.recipe_threads = usable_workers(num_workers)  # the recipe runs as wide as decoding
+    threads = usable_workers(num_workers)
+    crops.recipe_threads = threads  # the recipe runs as wide as decoding
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
     return CropLoader(str(dataset.path), crops, table, batch_size=batch_size,
-                      num_workers=usable_workers(num_workers), order=order, seed=seed,
+                      num_workers=threads, order=order, seed=seed,
                       drop_last=train if drop_last is None else drop_last,
                       distributed=distributed, indices=indices,
-                      pipelines=_pipelines(table, output_size), batches_ahead=2)
+                      pipelines=_pipelines(table, output_size, threads),
+                      batches_ahead=BATCHES_AHEAD)
 
 
 def multi_crop_loader(dataset, table: np.ndarray, output_size, images_per_batch: int,
                       indices, num_workers: int = 2) -> TableLoader:
     """Sequential loader over ``indices`` yielding :class:`.crop_batch.CropBatch` es of all the
     table's crops per image, ``(B, S, H, W, 3)`` (``(B, H, W, 3)`` when S is 1)."""
-    return TableLoader(str(dataset.path), batch_size=images_per_batch,
-                       num_workers=usable_workers(num_workers), order=OrderOption.SEQUENTIAL,
-                       indices=np.asarray(indices), drop_last=False,
-                       pipelines=_pipelines(table, output_size), batches_ahead=2)
+    threads = usable_workers(num_workers)
+    return TableLoader(str(dataset.path), batch_size=images_per_batch, num_workers=threads,
+                       order=OrderOption.SEQUENTIAL, indices=np.asarray(indices),
+                       drop_last=False, pipelines=_pipelines(table, output_size, threads),
+                       batches_ahead=BATCHES_AHEAD)
 
 
 def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: int = 0,
@@ -453,7 +508,8 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     store : LabelStore or str
         The label store (or its location).
     data : str or os.PathLike
-        Its data set: the ``.beton``, or the ImageFolder tree (converted once, cached).
+        Its data set: the ``.beton``, or the ImageFolder tree (converted once, cached, as the
+        store records it was: see :func:`~refinery_pipeline.beton_path`).
     batch_size, num_workers : int
         As FFCV's ``Loader`` (``num_workers`` decoding threads).
     seed : int
@@ -493,7 +549,7 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     ``slots``) are overwritten a few batches later. Use them within the step, or keep a copy
     (``batch.images[i].clone()``); a kept view shows other crops' pixels.
     """
-    from .dataset import open_dataset
+    from .dataset import conversion_options, open_dataset
     from .label_store import open_for_reading
     from .validators import flag, one_of, optional_whole_number, path_like, whole_number
     batch_size = whole_number("batch_size", batch_size, 1, "pass a positive batch size")
@@ -508,7 +564,7 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     if cache_dir is not None:
         path_like("cache_dir", cache_dir, "cache directory")
     store = open_for_reading(store)
-    dataset = open_dataset(data, "train", cache_dir)
+    dataset = open_dataset(data, "train", cache_dir, conversion_options(store.dataset.source))
     store.check_matches(dataset.fingerprint())
     records = store.read_crops()
     size = size or store.refinery.input_size

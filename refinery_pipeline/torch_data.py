@@ -34,7 +34,8 @@ from .crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, slot_of
 from .errors import DataSetError, StoreMismatchError
 from .label_store import LabelStore, open_for_reading
 from .losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse
-from .pixels import box_in_frame, cut_crop, decode_jpeg, read_image_file
+from .pixels import (box_in_frame, cut_crop, decode_jpeg, read_image_file, rgb_of_array,
+                     rgb_of_image)
 from .validators import (one_of, optional_callable, optional_whole_number, path_like, refuse,
                          whole_number)
 
@@ -129,7 +130,8 @@ def check_source_files(store: LabelStore, root, files):
 class MappedImages:
     """Any map-style data set of ``(image, label)`` pairs in the store's order.
 
-    Images may be PIL images, ``(H, W, 3)`` uint8 arrays or ``(3, H, W)`` uint8 tensors. A data
+    Images may be PIL images of any mode, arrays ``(H, W[, C])`` or tensors ``([C, ]H, W)``,
+    converted by the rule of :mod:`.pixels` (the one ``refine`` converts files by). A data
     set that lists its files as torchvision's ``DatasetFolder``/``ImageFolder`` do (``samples``
     and ``root``) is reordered into the store's order, so ``ImageFolder(root)`` works as it is,
     and :meth:`check` compares its file names with the store's record, as for a tree. Labels
@@ -157,6 +159,9 @@ class MappedImages:
         return len(self.dataset)
 
     def image(self, n: int) -> np.ndarray:
+        """Item ``n``'s image as ``(H, W, 3)`` uint8 by :mod:`.pixels`' one rule: a PIL image of
+        any mode, an ``(H, W[, C])`` array or a ``([C, ]H, W)`` tensor (torchvision's layout) of
+        uint8, uint16, bool or float in [0, 1]; anything else is refused naming the item."""
         item = self.dataset[int(self.positions[n]) if self.positions is not None else n]
         if not (isinstance(item, (tuple, list)) and len(item) >= 2):
             raise DataSetError(f"images: item {n} of the data set is a {type(item).__name__}, "
@@ -165,11 +170,12 @@ class MappedImages:
         image, label = item[0], item[1]
         if self._store_labels is not None and int(label) != self._store_labels[n]:
             raise other_class_error(self._location, n)
+        what = f"image {n} of the mapped data set ({type(self.dataset).__name__})"
         if isinstance(image, torch.Tensor):
-            return image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image.numpy()
+            image = _tensor_as_hwc(image)
         if hasattr(image, "convert"):  # PIL
-            image = image.convert("RGB")
-        return np.asarray(image)
+            return rgb_of_image(image, what)
+        return rgb_of_array(image, what)
 
     def check(self, store: LabelStore):
         """File names where the data set lists them (torchvision's ``DatasetFolder``,
@@ -179,6 +185,17 @@ class MappedImages:
             check_source_files(store, self.root, self.files)
         if self.labels is None:
             self._store_labels, self._location = store.read_labels(), store.location
+
+
+def _tensor_as_hwc(image: torch.Tensor) -> np.ndarray:
+    """A ``(C, H, W)`` tensor (torchvision's layout; C 1 to 4) as an ``(H, W, C)`` array; an
+    ``(H, W, C)`` or ``(H, W)`` one as it is. bfloat16 and half become float32."""
+    image = image.detach().cpu()
+    if image.is_floating_point():
+        image = image.float()
+    if image.ndim == 3 and image.shape[0] in (1, 2, 3, 4):
+        image = image.permute(1, 2, 0)
+    return image.numpy()
 
 
 def other_class_error(location, n: int) -> StoreMismatchError:

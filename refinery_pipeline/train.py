@@ -21,7 +21,7 @@ from torch import nn
 from .augment import Recipe, plan_augment
 from .checkpoint_safety import load_weights_file
 from .crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
-from .dataset import open_dataset
+from .dataset import check_cap_applies, conversion_options, open_dataset
 from .devices import resolve_device
 from .distributed import init_from_env, is_main, node_shared_arrays, world_size
 from .errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
@@ -90,6 +90,7 @@ class TrainConfig:
     skip_store_check: bool = False  # only after a passing `refine verify` of the same bytes
     trust_checkpoint: bool = False  # load weights files that run code to load (trusted ones only)
     cache_dir: str = None
+    max_resolution: int = None  # cap a tree's longer side; None: the store's record, else keep
     progress: bool = True
 
 
@@ -100,8 +101,9 @@ def load_data(cfg: TrainConfig, device):
 
     The validation split is located and opened first: converting a large ``train/`` tree takes
     minutes, and a missing or unreadable ``val/`` must not be reported only after that."""
-    val_ds = open_dataset(_val_location(cfg.data), "val", cfg.cache_dir, num_workers=cfg.workers)
-    train_ds = open_dataset(cfg.data, "train", cfg.cache_dir, num_workers=cfg.workers)
+    options = _conversion(cfg)
+    val_ds = open_dataset(_val_location(cfg.data), "val", cfg.cache_dir, options, cfg.workers)
+    train_ds = open_dataset(cfg.data, "train", cfg.cache_dir, options, cfg.workers)
     if val_ds.classes != train_ds.classes:
         raise RefineryError(f"{val_ds.path}: validation classes differ from the training classes; "
                             "give both splits the same class folders")
@@ -126,6 +128,14 @@ def load_data(cfg: TrainConfig, device):
     val_loader = make_loader(val_ds, FixedCrops(val_ds.heights, val_ds.widths), (res, res),
                              cfg.batch_size, cfg.workers, train=False)
     return train_ds, train_loader, val_loader, targets, res
+
+
+def _conversion(cfg: TrainConfig):
+    """How a tree is converted: as the store's labels were made (its recorded
+    ``--max-resolution``), and validation as training, so both are seen in one frame."""
+    check_cap_applies(cfg.data, cfg.max_resolution)
+    source = LabelStore.open(cfg.labels).dataset.source if cfg.labels is not None else None
+    return conversion_options(source, cfg.max_resolution)
 
 
 def _trained_images(cfg: TrainConfig, store):

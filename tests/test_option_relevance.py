@@ -23,7 +23,8 @@ EVERY_MODE = {"data", "out_dir", "arch", "epochs", "batch_size", "lr", "momentum
               "weight_decay", "warmup_epochs", "lr_scheduler", "init", "teacher", "augment",
               "loss", "precise_bn", "res", "workers", "seed", "eval_every", "device",
               "channels_last", "compile", "resume", "cache_dir", "progress",
-              "trust_checkpoint"}  # trust: how any checkpoint a run loads (init, resume) is read
+              "trust_checkpoint",  # how any checkpoint a run loads (init, resume) is read
+              "max_resolution"}  # how a DATA tree converts (refused for a .beton by itself)
 
 
 def row_id(row) -> str:
