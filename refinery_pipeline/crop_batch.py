@@ -93,6 +93,11 @@ class CropBatch(NamedTuple):
         None without a mixing recipe. It describes the pixels, for targets made from classes
         (one-hot ground truth, category labels: mix them with it). Stored labels (``targets``)
         and an online refinery's describe the mixed pixels already: never mix those again.
+    exact : torch.Tensor or None
+        ``(B,)`` bool where the crops replay a store: True for a crop cut from the very bytes
+        the refinery decoded (its label describes exactly these pixels), False for one cut from
+        a copy of another encoding or size (approximate); None for crops no store labelled
+        (fresh, centred).
     """
 
     images: Any
@@ -101,13 +106,14 @@ class CropBatch(NamedTuple):
     slots: torch.Tensor
     targets: Optional[Any] = None
     mix: Optional[MixedLabels] = None
+    exact: Optional[torch.Tensor] = None
 
     def to(self, device, non_blocking: bool = True) -> "CropBatch":
         """The labels, indices, slots and targets on ``device`` (images stay where they are: a
         training step copies them itself, once, as pixels)."""
         move = lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None
         return CropBatch(self.images, move(self.labels), move(self.indices), move(self.slots),
-                         move(self.targets), move(self.mix))
+                         move(self.targets), move(self.mix), move(self.exact))
 
 
 def batch_from_rows(images, rows: torch.Tensor) -> CropBatch:

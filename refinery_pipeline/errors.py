@@ -20,6 +20,12 @@ class DataSetError(RefineryError):
     """The image data set (ImageFolder tree or .beton) cannot be used as given."""
 
 
+class MissingImagesError(DataSetError):
+    """A copy of a store's data set lacks images the store labels (or holds them unusably:
+    reframed, or every replayable crop needs a missing partner); refused unless the caller
+    allows missing images (``allow_missing=True``, ``--allow-missing``), which skips them."""
+
+
 class StoreError(RefineryError):
     """A label store is missing, malformed, or of an unsupported format version."""
 

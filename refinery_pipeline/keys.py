@@ -243,6 +243,50 @@ def join(store_keys, copy_keys) -> Join:
                 examples=_examples(store_keys, copy_keys, rows, status))
 
 
+NO_ROW, AMBIGUOUS_ROW = -1, -2  # KeyIndex.row of a key naming no store image, or several
+
+
+class KeyIndex:
+    """A store's keys, looked up one copy key at a time by :func:`join`'s rule: equal, else
+    the one store key whose last components it equals (a suffix several store keys end with
+    matches none). For a stream of items whose keys are not known ahead (WebDataset shards read
+    in order); a copy listed whole is joined by :func:`join`, which also finds duplicates.
+
+    Suffixes are indexed on the first look-up of a key with that many components, once.
+    """
+
+    def __init__(self, store_keys):
+        self.keys = normalize_keys(store_keys)
+        self._index = _unique_index(self.keys)
+        self._suffixes = {}  # number of components -> {suffix: store row or AMBIGUOUS_ROW}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def row(self, key) -> int:
+        """The store row of copy key ``key`` (normalized here), ``NO_ROW`` (-1) when it names
+        no store image, ``AMBIGUOUS_ROW`` (-2) when it ends several store keys."""
+        key = normalize_key(key)
+        row = self._index.get(key)
+        if row is not None:
+            return row
+        depth = key.count("/") + 1
+        if depth not in self._suffixes:
+            self._suffixes[depth] = self._suffix_table(depth)
+        return self._suffixes[depth].get(key, NO_ROW)
+
+    def _suffix_table(self, depth: int) -> dict:
+        """Each store key's last ``depth`` components -> its row (keys with more components
+        only: a key of ``depth`` components would have matched whole)."""
+        table = {}
+        for row, key in enumerate(self.keys):
+            parts = key.split("/")
+            if len(parts) > depth:
+                suffix = "/".join(parts[-depth:])
+                table[suffix] = AMBIGUOUS_ROW if suffix in table else row
+        return table
+
+
 def _unique_index(store_keys) -> dict:
     index = dict(zip(store_keys, range(len(store_keys))))
     if len(index) < len(store_keys):

@@ -183,13 +183,65 @@ def cut_crop(image: np.ndarray, box, flip: bool, size: int) -> np.ndarray:
 
 
 def box_in_frame(box, stored_size, actual_size) -> np.ndarray:
-    """A box drawn in an image's stored frame ``(H, W)``, scaled to a frame of another size
-    (original files of a ``.beton`` written with a capped resolution). Identity when equal."""
+    """A box ``(y, x, h, w)`` drawn in an image's stored frame ``(H, W)``, rescaled to the frame
+    ``(H', W')`` of a copy of another size (a resized copy; original files of a ``.beton``
+    written with a capped resolution). Identity when equal. The rule (``docs/label-store.md``):
+    ``fy = H'/H``, ``fx = W'/W``; ``y0 = round(y fy)``, ``x0 = round(x fx)``,
+    ``h' = max(1, min(H' - y0, round(h fy)))``, ``w' = max(1, min(W' - x0, round(w fx)))``,
+    rounding half to even (Python's ``round``, numpy's ``rint``)."""
     (sh, sw), (ah, aw) = stored_size, actual_size
     if (sh, sw) == (ah, aw):
         return np.asarray(box)
-    y, x, h, w = (float(v) for v in box)
-    fy, fx = ah / sh, aw / sw
-    y0, x0 = int(round(y * fy)), int(round(x * fx))
-    return np.array([y0, x0, max(1, min(ah - y0, int(round(h * fy)))),
-                     max(1, min(aw - x0, int(round(w * fx))))])
+    return np.array(_rescaled(*(float(v) for v in box), ah / sh, aw / sw, ah, aw), np.int64)
+
+
+def boxes_in_frames(boxes, stored_sizes, actual_sizes) -> np.ndarray:
+    """:func:`box_in_frame` of whole tables: boxes ``(N, ..., 4)`` of N images whose stored
+    frames are ``stored_sizes`` ``(N, 2)`` and whose copies' frames are ``actual_sizes``
+    ``(N, 2)``; int64, the same values box by box."""
+    boxes = np.asarray(boxes)
+    stored = np.asarray(stored_sizes, np.float64)
+    actual = np.asarray(actual_sizes, np.float64)
+    extra = (1,) * (boxes.ndim - 2)  # broadcast each image's frame over its boxes
+    fy, fx = [(actual[:, a] / stored[:, a]).reshape((-1,) + extra) for a in (0, 1)]
+    ah, aw = [actual[:, a].reshape((-1,) + extra) for a in (0, 1)]
+    y, x, h, w = (boxes[..., i].astype(np.float64) for i in range(4))
+    return np.stack(_rescaled(y, x, h, w, fy, fx, ah, aw), -1).astype(np.int64)
+
+
+def _rescaled(y, x, h, w, fy, fx, ah, aw) -> tuple:
+    """The rescaling rule on numbers or arrays alike (one definition for both forms)."""
+    y0, x0 = np.rint(y * fy), np.rint(x * fx)
+    return (y0, x0, np.maximum(1, np.minimum(ah - y0, np.rint(h * fy))),
+            np.maximum(1, np.minimum(aw - x0, np.rint(w * fx))))
+
+
+def reframed(stored_sizes, actual_sizes):
+    """Whether a copy's frame ``(H', W')`` is no rescaling of the stored ``(H, W)`` (rotated,
+    cropped or padded): scaled by its longer side's factor, the shorter stored side misses the
+    copy's by more than one pixel. Boxes cannot be carried into such a frame; the image is
+    unusable (counted, treated as missing). Sizes ``(2,)`` or ``(N, 2)``; a bool or ``(N,)``."""
+    stored = np.asarray(stored_sizes, np.float64)
+    actual = np.asarray(actual_sizes, np.float64)
+    tall = stored[..., 0] >= stored[..., 1]  # the longer side gives the most precise factor
+    long_stored, short_stored = (np.where(tall, stored[..., 0], stored[..., 1]),
+                                 np.where(tall, stored[..., 1], stored[..., 0]))
+    long_actual, short_actual = (np.where(tall, actual[..., 0], actual[..., 1]),
+                                 np.where(tall, actual[..., 1], actual[..., 0]))
+    return np.abs(np.rint(short_stored * long_actual / long_stored) - short_actual) > 1
+
+
+def rgb_of_any(image, what="image") -> np.ndarray:
+    """An image held in memory, by the module's rule: a PIL image of any mode, an ``(H, W[, C])``
+    array, or a tensor in torchvision's ``([C, ]H, W)`` layout (C 1 to 4; recognised by its
+    methods, so this module needs no torch); bfloat16 and half tensors as float32."""
+    if hasattr(image, "convert"):  # PIL
+        return rgb_of_image(image, what)
+    if hasattr(image, "detach") and hasattr(image, "permute"):  # a torch tensor
+        image = image.detach().cpu()
+        if image.is_floating_point():
+            image = image.float()
+        if image.ndim == 3 and image.shape[0] in (1, 2, 3, 4):
+            image = image.permute(1, 2, 0)
+        image = image.numpy()
+    return rgb_of_array(image, what)

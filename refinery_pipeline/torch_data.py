@@ -1,27 +1,20 @@
 """The plain-PyTorch backend: a label store as a ``torch.utils.data.Dataset`` for any training loop.
 
-:class:`StoreCropDataset` item ``n`` is image ``n``'s crop for the current epoch: the stored box
-and flip of the slot that ``(epoch, n)`` selects (the same slot ``refine train`` replays), cut
-from the image, handed to the user's own transform, with that slot's stored top-k label. The
-slot is a pure function of ``(seed, epoch, n)``, so the result never depends on batch size,
-``DataLoader`` workers, samplers or ranks; ``set_epoch`` reaches persistent workers too.
+:class:`StoreCropDataset` item ``i`` is store row ``n = rows[i]``'s crop for the current epoch:
+the stored box and flip of the slot that ``(epoch, n)`` selects (the same slot ``refine train``
+replays), cut from the image, handed to the user's own transform, with that slot's stored top-k
+label. The slot is a pure function of ``(seed, epoch, n)``, so the result never depends on batch
+size, ``DataLoader`` workers, samplers, ranks, or the copy's order and completeness;
+``set_epoch`` reaches persistent workers too.
 
-Pixel sources, in decreasing fidelity:
+Where the pixels come from (:mod:`.pixel_readers`): a store that names its images (format 5)
+takes any copy of its data set, joined by key (:mod:`.copies`: missing images refused or
+skipped, boxes rescaled to a resized copy's frame, each crop told exact or approximate); older
+stores take the data set they were made from, by position. :class:`StoreCrops` offers the same
+crops as a stage of a streaming ``webdataset`` pipeline.
 
-* :class:`BetonImages`: the ``.beton`` the store was made from. Its JPEG bytes are decoded with
-  FFCV's exact libjpeg-turbo settings, so crops equal the FFCV replay byte for byte (FFCV's
-  Python ``Reader`` locates the bytes; nothing else of FFCV runs);
-* :class:`FolderImages`: the original ImageFolder tree, in the store's order, checked against
-  the store's record of it. Approximate: the ``.beton`` holds a re-encoded copy of each file
-  (``benchmarks/results/`` measures the refinery's agreement between the two);
-* :class:`MappedImages`: any map-style data set of ``(image, label)`` in the store's order (a
-  torchvision ``ImageFolder`` is put in the store's order by itself, and its file names are
-  checked as a tree's are).
-
-Nothing here imports FFCV at import time; only :class:`BetonImages` needs it, when opened.
+Nothing here imports FFCV at import time; only a ``.beton`` needs it, when opened.
 """
-import os
-from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
@@ -29,225 +22,28 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from .augment import plan_augment
+from .copies import reframed_message
 from .crop_batch import CropBatch, MixedLabels, SparseLabels
 from .crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, slot_of
-from .errors import DataSetError, StoreMismatchError
-from .label_store import LabelStore, open_for_reading
+from .errors import DataSetError
+from .label_store import open_for_reading
 from .losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse
-from .pixels import (box_in_frame, cut_crop, decode_jpeg, read_image_file, rgb_of_array,
-                     rgb_of_image)
-from .validators import (one_of, optional_callable, optional_whole_number, path_like, refuse,
+from .pixel_readers import BetonImages, FolderImages, MappedImages  # noqa: F401 - public
+from .pixel_readers import open_pixels
+from .pixels import box_in_frame, cut_crop, reframed
+from .validators import (flag, one_of, optional_callable, optional_whole_number, refuse,
                          whole_number)
 
 CROP_FORMATS = ("tensor", "pil", "numpy")
 NO_PARTNER = -1  # CropSample.partner_label of a crop no mixing recipe made
 
 
-# ----------------------------------------------------------------------------- pixel sources
-
-class BetonImages:
-    """Images of a ``.beton``, decoded exactly as FFCV decodes them.
-
-    Only small per-image tables are kept; the file is memory-mapped lazily in each process, so
-    the object pickles cheaply into ``DataLoader`` workers.
-    """
-
-    def __init__(self, path):
-        from .dataset import ImageDataset
-        # FFCV's Reader: one-line errors for foreign files
-        dataset = ImageDataset(path_like("path", path, ".beton"))
-        self.path, self.dataset = Path(path), dataset
-        self.pointers, self.nbytes = dataset.image_byte_spans()
-        self.modes = dataset.reader.metadata[dataset.image_field]["mode"].astype(np.int64)
-        self.sizes = np.stack([dataset.heights, dataset.widths], -1)
-        self.labels = dataset.labels
-        self._blob = None
-
-    def __len__(self):
-        return len(self.pointers)
-
-    def __getstate__(self):
-        state = dict(self.__dict__, _blob=None)
-        state["dataset"] = None  # FFCV's Reader stays in the parent
-        return state
-
-    def image(self, n: int) -> np.ndarray:
-        if self._blob is None:
-            self._blob = np.memmap(self.path, dtype=np.uint8, mode="r")
-        data = self._blob[self.pointers[n]:self.pointers[n] + self.nbytes[n]]
-        if self.modes[n] == 0:  # FFCV's IMAGE_MODES["jpg"]
-            return decode_jpeg(data.tobytes())
-        h, w = self.sizes[n]
-        return np.asarray(data[:h * w * 3]).reshape(h, w, 3)
-
-    def check(self, store: LabelStore):
-        store.check_matches(self.dataset.fingerprint())
-
-
-class FolderImages:
-    """The original files of an ImageFolder tree, in the order ``refine`` wrote them.
-
-    ``root`` is the split folder (``DATA/train``) or a root holding ``train/``. The order is the
-    tree's sorted scan permuted by the store's recorded rule; :meth:`check` compares the files
-    with the store's record of its source and the labels with its ground truth.
-    """
-
-    def __init__(self, root):
-        from .dataset import scan_image_folder, split_dir, store_order
-        self.root = split_dir(path_like("root", root, "ImageFolder tree"), "train")
-        self.classes, files, labels = scan_image_folder(self.root)
-        order = store_order(len(files))
-        self.files = [files[i] for i in order]
-        self.labels = np.asarray(labels)[order]
-
-    def __len__(self):
-        return len(self.files)
-
-    def image(self, n: int) -> np.ndarray:
-        return read_image_file(self.files[n])
-
-    def check(self, store: LabelStore):
-        check_source_files(store, self.root, self.files)
-
-
-def check_source_files(store: LabelStore, root, files):
-    """Raise :class:`StoreMismatchError` unless ``files`` (in store order, under the split folder
-    ``root``) are the tree the store records as its source: the same names relative to the split
-    folder, in the same order. Stores made from a ``.beton`` given directly, and format-1
-    stores, record no tree: their pixel sources are checked by count and labels alone."""
-    from .dataset import source_fingerprint
-    recorded = store.dataset.source
-    if recorded is None or recorded.get("kind") != "image_folder":
-        return
-    ours = source_fingerprint(root, files)
-    if ours["files_sha256"] != recorded["files_sha256"]:
-        raise StoreMismatchError(
-            f"{root}: these files are not the tree {store.location} was made from "
-            f"({ours['num_files']} files here, {recorded['num_files']} recorded, names or "
-            "order differ); pass that tree, or its .beton")
-
-
-class MappedImages:
-    """Any map-style data set of ``(image, label)`` pairs in the store's order.
-
-    Images may be PIL images of any mode, arrays ``(H, W[, C])`` or tensors ``([C, ]H, W)``,
-    converted by the rule of :mod:`.pixels` (the one ``refine`` converts files by). A data
-    set that lists its files as torchvision's ``DatasetFolder``/``ImageFolder`` do (``samples``
-    and ``root``) is reordered into the store's order, so ``ImageFolder(root)`` works as it is,
-    and :meth:`check` compares its file names with the store's record, as for a tree. Labels
-    are compared with the store's up front where the data set lists them (``targets``), else
-    each as its item is read (listing them would decode every image).
-    """
-
-    def __init__(self, dataset):
-        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
-            raise refuse("images", dataset, "must be a .beton path, an ImageFolder tree or a "
-                         "map-style data set of (image, label)",
-                         "pass the data set the store was made from")
-        self.dataset = dataset
-        self.root = self.files = self.positions = None
-        if _lists_files(dataset):
-            self.root = Path(dataset.root)
-            self.files, self.positions = _store_order_of(dataset)
-        targets = getattr(dataset, "targets", None)
-        self.labels = None if targets is None else np.asarray(targets)
-        if self.labels is not None and self.positions is not None:
-            self.labels = self.labels[self.positions]
-        self._store_labels, self._location = None, None  # check(): compared item by item
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def image(self, n: int) -> np.ndarray:
-        """Item ``n``'s image as ``(H, W, 3)`` uint8 by :mod:`.pixels`' one rule: a PIL image of
-        any mode, an ``(H, W[, C])`` array or a ``([C, ]H, W)`` tensor (torchvision's layout) of
-        uint8, uint16, bool or float in [0, 1]; anything else is refused naming the item."""
-        item = self.dataset[int(self.positions[n]) if self.positions is not None else n]
-        if not (isinstance(item, (tuple, list)) and len(item) >= 2):
-            raise DataSetError(f"images: item {n} of the data set is a {type(item).__name__}, "
-                               "not an (image, label) pair; pass a data set whose items are "
-                               "(image, label), as torchvision's are")
-        image, label = item[0], item[1]
-        if self._store_labels is not None and int(label) != self._store_labels[n]:
-            raise other_class_error(self._location, n)
-        what = f"image {n} of the mapped data set ({type(self.dataset).__name__})"
-        if isinstance(image, torch.Tensor):
-            image = _tensor_as_hwc(image)
-        if hasattr(image, "convert"):  # PIL
-            return rgb_of_image(image, what)
-        return rgb_of_array(image, what)
-
-    def check(self, store: LabelStore):
-        """File names where the data set lists them (torchvision's ``DatasetFolder``,
-        ``ImageFolder``); count and listed labels are checked by the caller, and labels the
-        data set does not list are checked as :meth:`image` reads them."""
-        if self.files is not None:
-            check_source_files(store, self.root, self.files)
-        if self.labels is None:
-            self._store_labels, self._location = store.read_labels(), store.location
-
-
-def _tensor_as_hwc(image: torch.Tensor) -> np.ndarray:
-    """A ``(C, H, W)`` tensor (torchvision's layout; C 1 to 4) as an ``(H, W, C)`` array; an
-    ``(H, W, C)`` or ``(H, W)`` one as it is. bfloat16 and half become float32."""
-    image = image.detach().cpu()
-    if image.is_floating_point():
-        image = image.float()
-    if image.ndim == 3 and image.shape[0] in (1, 2, 3, 4):
-        image = image.permute(1, 2, 0)
-    return image.numpy()
-
-
-def other_class_error(location, n: int) -> StoreMismatchError:
-    """Image ``n`` of the pixel source has another class than the store records."""
-    return StoreMismatchError(f"{location}: image {n} has another class in the pixel source "
-                              "than in the store; pass the images in the store's order (the "
-                              "data set it was made from)")
-
-
-def _lists_files(dataset) -> bool:
-    """Whether ``dataset`` lists its files as torchvision's ``DatasetFolder`` does."""
-    return hasattr(dataset, "samples") and hasattr(dataset, "root")
-
-
-def _store_order_of(dataset) -> tuple:
-    """A torchvision ``DatasetFolder``'s files in the store's order (the tree's scan, permuted
-    as ``refine`` writes it), and the position in the data set of each."""
-    from .dataset import scan_image_folder, store_order
-    _, files, _ = scan_image_folder(dataset.root)
-    files = [files[i] for i in store_order(len(files))]
-    where = {os.path.normpath(path): i for i, (path, _) in enumerate(dataset.samples)}
-    try:
-        return files, np.array([where[os.path.normpath(f)] for f in files], dtype=np.int64)
-    except KeyError as missing:
-        raise DataSetError(f"{dataset.root}: the data set does not list {missing}, which the "
-                           "tree holds; pass the tree whole (no filtering)") from None
-
-
-def pixel_source(images):
-    """A pixel source for ``images``: a ``.beton`` path, an ImageFolder tree path, a source
-    object, or any map-style data set of ``(image, label)``."""
-    if isinstance(images, (BetonImages, FolderImages, MappedImages)):
-        return images
-    if isinstance(images, (str, os.PathLike)):
-        path = Path(images)
-        if path.suffix == ".beton" or path.is_file():
-            return BetonImages(path)
-        if not path.is_dir():
-            raise DataSetError(f"{path}: no such .beton or ImageFolder tree; pass the data set "
-                               "the store was made from")
-        return FolderImages(path)
-    return MappedImages(images)
-
-
-# ----------------------------------------------------------------------------- the data set
-
 class CropSample(NamedTuple):
     """One item of :class:`StoreCropDataset` (see :class:`CropCollate` for batches)."""
 
     image: Any             # the crop after the user's transform
-    label: int             # ground-truth class
-    index: int             # image index n (the store's row)
+    label: int             # ground-truth class (the store's)
+    index: int             # the store's row n of the image
     slot: int              # the stored slot this crop replays
     topk_indices: np.ndarray  # (k,) int64 stored top-k classes of this crop
     topk_probs: np.ndarray    # (k,) float16 their probabilities
@@ -255,19 +51,106 @@ class CropSample(NamedTuple):
     # (NO_PARTNER without a mixing recipe) and the crop's own share of the pixels (1: unmixed).
     partner_label: int = NO_PARTNER
     mix_weight: float = 1.0
+    # Whether the crop was cut from the very bytes the refinery decoded (its labels describe
+    # exactly these pixels); False: approximate (another encoding or size of the image).
+    exact: bool = False
 
 
-class StoreCropDataset(Dataset):
-    """Image ``n``'s stored crop for the current epoch, with its stored label.
+class StoredCrops:
+    """What every plain reader of a store's crops shares: the store's records, labels, frames
+    and recipe, the epoch (shared memory, so persistent workers see :meth:`set_epoch`), the
+    cut of a stored box from an image of any frame, and the sample handed on."""
+
+    def _open(self, store, transform, slot_policy, seed, epoch, size, crop_format):
+        optional_callable("transform", transform)
+        one_of("slot_policy", slot_policy, SLOT_POLICIES)
+        one_of("crop_format", crop_format, CROP_FORMATS)
+        seed, epoch = whole_number("seed", seed), whole_number("epoch", epoch)
+        size = optional_whole_number("size", size, 1, "pass a crop side in pixels, or None "
+                                     "for the size the refinery labelled")
+        self.store = open_for_reading(store)
+        self.labels = self.store.read_labels()
+        self.records = self.store.read_crops()
+        self.stored_sizes = self.store.read_image_sizes()
+        self.transform, self.crop_format = transform, crop_format
+        self.slot_policy, self.seed = slot_policy, seed
+        self.size = size or self.store.refinery.input_size
+        self.recipe = plan_augment(self.store.plan, len(self.labels), self.size)
+        self._epoch = torch.tensor([epoch], dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int):
+        """Replay ``epoch``'s slots from now on (shared memory: persistent workers see it);
+        epochs count from 0."""
+        self._epoch[0] = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
+
+    def _epoch_slot(self, n: int) -> int:
+        return slot_of(self.epoch, n, self.store.layout.crops_per_image, self.slot_policy,
+                       self.seed)
+
+    def _cut(self, image: np.ndarray, n: int, slot: int, where) -> np.ndarray:
+        """Stored crop ``(n, slot)`` cut from ``image`` (box and flip only), the box rescaled
+        to the image's frame where it differs from the stored one (``pixels.box_in_frame``);
+        a frame that is no rescaling of it is refused (``where()`` names the image)."""
+        box = self.records.boxes[n, slot]
+        if self.stored_sizes is not None:
+            stored, actual = self.stored_sizes[n], image.shape[:2]
+            if tuple(stored) != actual:
+                if reframed(stored, actual):
+                    raise DataSetError(reframed_message(where(), stored, actual))
+                box = box_in_frame(box, stored, actual)
+        return cut_crop(image, box, bool(self.records.flips[n, slot]), self.size)
+
+    def _through_recipe(self, crop, n: int, slot: int, partner_crop=None) -> tuple:
+        """The crop after the store's recipe (as labelled), and its :class:`MixedLabels` (one
+        row) where the recipe mixes; ``partner_crop()`` cuts the partner crop (m, j)."""
+        if self.recipe is None:
+            return crop, None
+        params = self.recipe.pair_params([n], [slot])
+        partner, mix = None, None
+        if self.recipe.recipe.mixes:
+            m, j = int(params[0].partner[0]), int(params[0].partner_slot[0])
+            partner = torch.from_numpy(partner_crop(m, j))[None]
+            mix = MixedLabels.of_crops(params[0], self.labels)
+        crop = self.recipe.crops(torch.from_numpy(crop)[None], partner, params)[0].numpy()
+        return crop, mix
+
+    def _sample(self, n: int, slot: int, crop, mix, exact: bool) -> CropSample:
+        crop = _as_format(crop, self.crop_format)
+        if self.transform is not None:
+            crop = self.transform(crop)
+        partner = (NO_PARTNER, 1.0) if mix is None else \
+            (int(mix.partner_labels[0]), float(mix.weights[0]))
+        return CropSample(crop, int(self.labels[n]), n, slot,
+                          self.records.topk_indices[n, slot].astype(np.int64),
+                          self.records.topk_probs[n, slot], *partner, bool(exact))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["store"] = _StoreSummary.of(self.store)  # zarr handles stay in the parent
+        return state
+
+
+class StoreCropDataset(StoredCrops, Dataset):
+    """Each store image's stored crop for the current epoch, with its stored label.
 
     Parameters
     ----------
     store : LabelStore or str or os.PathLike
         The label store, or its location (directory, ``.zip`` or fsspec URL).
-    images : str, os.PathLike or Dataset
-        The pixels: the ``.beton`` the store was made from (byte-exact), the ImageFolder tree
-        it was converted from (approximate), or any map-style data set of ``(image, label)``
-        in the store's order (see the module docstring).
+    images : str, os.PathLike, list or object
+        The pixels. For a store that names its images (format 5): any copy of its data set
+        that :func:`~refinery_pipeline.sources.open_source` opens, joined by key: an
+        ImageFolder tree (any file order), a flat folder, a list of paths (``.txt``/``.csv`` or
+        a Python list), a ``.beton``, WebDataset shards (paths, brace patterns, URLs), a
+        Hugging Face ``Dataset`` (or its ``save_to_disk`` folder, Arrow/Parquet files), a
+        torchvision ``ImageFolder``, any map-style data set with ``key_fn``, or an opened
+        ``ImageSource``. For older stores: the data set the store was made from, in its
+        order: its ``.beton`` (byte-exact), its ImageFolder tree (approximate), or a map-style
+        data set of ``(image, label)``.
     transform : callable, optional
         Applied to each crop after it is cut and resized (torchvision v2 transforms, timm's
         post-crop transforms, ...). It receives a ``(3, S, S)`` uint8 tensor, a PIL image or an
@@ -283,6 +166,22 @@ class StoreCropDataset(Dataset):
         at another resolution, not the labelled pixels).
     crop_format : {"tensor", "pil", "numpy"}
         What ``transform`` receives.
+    allow_missing : bool
+        Skip the store images the copy cannot give (missing, reframed, or, under a mixing
+        recipe, without any slot whose partner the copy holds) instead of refusing the copy;
+        ``join`` counts them.
+    key_fn : callable, optional
+        ``key_fn(i) -> str``: the key (file name) of item i of a map-style data set without
+        file names of its own.
+
+    Attributes
+    ----------
+    rows : numpy.ndarray
+        The store row of each item, in increasing order (all rows, unless some are skipped).
+    join : CopyJoin
+        How the copy lines up with the store: ``counts()`` (matched, missing, extra,
+        ambiguous, duplicates, reframed, unreplayable, used, skipped) and ``findings()`` (one
+        line each).
 
     Raises
     ------
@@ -290,7 +189,14 @@ class StoreCropDataset(Dataset):
         The store fails the checks ``refine verify`` and ``refine train`` run (edited
         attributes, plan or ``labels``; damaged chunks).
     StoreMismatchError
-        The pixels are not those the store was made from (count, labels, or file names).
+        The pixels are not the store's data set: no key matches, classes differ (by name),
+        or, for older stores, count, labels or file names differ.
+    MissingImagesError
+        The copy lacks store images (count and names in the message) and ``allow_missing`` is
+        False.
+    DataSetError
+        The copy cannot be read, or (as it is read) holds an image whose frame is no
+        rescaling of the stored one (rotated, cropped or padded).
     ArgumentError
         An argument of the wrong kind or range.
 
@@ -299,58 +205,33 @@ class StoreCropDataset(Dataset):
     Works with any ``DataLoader`` settings and with ``DistributedSampler``: call
     ``dataset.set_epoch(e)`` (and the sampler's) before each epoch. The store's boxes, flips
     and labels are read into memory once (about 2.4 GB for ImageNet at K = 40, top-10), shared
-    by forked workers.
+    by forked workers. Each sample says whether its crop is ``exact`` (cut from the bytes the
+    refinery decoded) or approximate; a batch (:class:`CropCollate`) carries them as
+    ``CropBatch.exact``.
     """
 
     def __init__(self, store, images, transform: Optional[Callable] = None, *,
                  slot_policy: str = DEFAULT_SLOT_POLICY, seed: int = 0, epoch: int = 0,
-                 size: Optional[int] = None, crop_format: str = "tensor"):
-        optional_callable("transform", transform)
-        one_of("slot_policy", slot_policy, SLOT_POLICIES)
-        one_of("crop_format", crop_format, CROP_FORMATS)
-        seed, epoch = whole_number("seed", seed), whole_number("epoch", epoch)
-        size = optional_whole_number("size", size, 1, "pass a crop side in pixels, or None "
-                                     "for the size the refinery labelled")
-        self.store = open_for_reading(store)
-        self.images = pixel_source(images)
-        self.labels = self.store.read_labels()
-        self._check_images()
-        self.records = self.store.read_crops()
-        self.stored_sizes = self.store.read_image_sizes()
-        self.transform, self.crop_format = transform, crop_format
-        self.slot_policy, self.seed = slot_policy, seed
-        self.size = size or self.store.refinery.input_size
-        self.recipe = plan_augment(self.store.plan, len(self.labels), self.size)
-        self._epoch = torch.tensor([epoch], dtype=torch.int64).share_memory_()
-
-    def _check_images(self):
-        store, n = self.store, len(self.images)
-        if n != store.layout.num_images:
-            raise StoreMismatchError(f"{store.location}: labels {store.layout.num_images} images "
-                                     f"but the pixel source holds {n}; pass the data set the "
-                                     "store was made from")
-        self.images.check(store)
-        labels = getattr(self.images, "labels", None)
-        if labels is not None and not np.array_equal(np.asarray(labels), self.labels):
-            raise other_class_error(store.location,
-                                    int(np.flatnonzero(np.asarray(labels) != self.labels)[0]))
+                 size: Optional[int] = None, crop_format: str = "tensor",
+                 allow_missing: bool = False, key_fn: Optional[Callable] = None):
+        flag("allow_missing", allow_missing)
+        optional_callable("key_fn", key_fn)
+        self._open(store, transform, slot_policy, seed, epoch, size, crop_format)
+        self.pixels, self.join = open_pixels(self.store, images, self.labels,
+                                             recipe=self.recipe, allow_missing=allow_missing,
+                                             key_fn=key_fn)
+        self.rows = self.join.rows
 
     def __len__(self):
-        return self.store.layout.num_images
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch[0])
-
-    def set_epoch(self, epoch: int):
-        """Replay ``epoch``'s slots from now on (shared memory: persistent workers see it);
-        epochs count from 0."""
-        self._epoch[0] = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
+        return len(self.rows)
 
     def slot(self, n: int) -> int:
-        """The slot image ``n`` replays this epoch."""
-        return slot_of(self.epoch, n, self.store.layout.crops_per_image, self.slot_policy,
-                       self.seed)
+        """The slot store row ``n`` replays this epoch: ``slot_of(epoch, n, ...)``, or, under
+        a mixing recipe whose partner the copy lacks, the next slot whose partner it holds."""
+        slot = self._epoch_slot(n)
+        if self.join.usable_slots is None:
+            return slot
+        return int(self.join.slots(np.array([n]), np.array([slot]))[0])
 
     def crop(self, n: int, slot: int) -> np.ndarray:
         """The ``(S, S, 3)`` uint8 crop of ``(n, slot)`` as the refinery labelled it: cut, then
@@ -361,43 +242,33 @@ class StoreCropDataset(Dataset):
     def crop_and_mix(self, n: int, slot: int) -> tuple:
         """:meth:`crop`, and its :class:`~refinery_pipeline.crop_batch.MixedLabels` (one row:
         the partner's class and the crop's share) where the store's recipe mixes, else None."""
-        crop = self.cut(n, slot)
-        if self.recipe is None:
-            return crop, None
-        params = self.recipe.pair_params([n], [slot])
-        partner, mix = None, None
-        if self.recipe.recipe.mixes:
-            m, j = int(params[0].partner[0]), int(params[0].partner_slot[0])
-            partner = torch.from_numpy(self.cut(m, j))[None]
-            mix = MixedLabels.of_crops(params[0], self.labels)
-        crop = self.recipe.crops(torch.from_numpy(crop)[None], partner, params)[0].numpy()
-        return crop, mix
+        return self._replay(n, slot)[:2]
 
     def cut(self, n: int, slot: int) -> np.ndarray:
         """The ``(S, S, 3)`` uint8 crop of ``(n, slot)``: its stored box and flip only."""
-        image = self.images.image(n)
-        box = self.records.boxes[n, slot]
-        if self.stored_sizes is not None:
-            box = box_in_frame(box, self.stored_sizes[n], image.shape[:2])
-        return cut_crop(image, box, bool(self.records.flips[n, slot]), self.size)
+        return self._cut_row(n, slot)[0]
 
-    def __getitem__(self, n: int) -> CropSample:
-        n = int(n)
+    def _cut_row(self, n: int, slot: int) -> tuple:
+        image, exact = self.pixels.read(n)
+        return self._cut(image, n, slot, lambda: self.pixels.describe(n)), exact
+
+    def _replay(self, n: int, slot: int) -> tuple:
+        """``(crop, mix, exact)`` of ``(n, slot)``: exact when the row's own bytes were the
+        refinery's (a mixed crop also needs its partner's, so it is exact only if both are)."""
+        crop, exact = self._cut_row(n, slot)
+        partner_exact = [True]
+
+        def partner_crop(m, j):
+            cut, partner_exact[0] = self._cut_row(m, j)
+            return cut
+
+        crop, mix = self._through_recipe(crop, n, slot, partner_crop)
+        return crop, mix, exact and partner_exact[0]
+
+    def __getitem__(self, i: int) -> CropSample:
+        n = int(self.rows[int(i)])
         slot = self.slot(n)
-        crop, mix = self.crop_and_mix(n, slot)
-        crop = _as_format(crop, self.crop_format)
-        if self.transform is not None:
-            crop = self.transform(crop)
-        partner = (NO_PARTNER, 1.0) if mix is None else \
-            (int(mix.partner_labels[0]), float(mix.weights[0]))
-        return CropSample(crop, int(self.labels[n]), n, slot,
-                          self.records.topk_indices[n, slot].astype(np.int64),
-                          self.records.topk_probs[n, slot], *partner)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["store"] = _StoreSummary.of(self.store)  # zarr handles stay in the parent
-        return state
+        return self._sample(n, slot, *self._replay(n, slot))
 
 
 class _StoreSummary:
@@ -437,7 +308,8 @@ class CropCollate:
         ``renormalize``, as ``refine train``).
 
     Batches of a store whose recipe mixes carry ``mix`` (each crop's partner class and share),
-    exactly as the FFCV backend's do; see :class:`~refinery_pipeline.CropBatch`.
+    exactly as the FFCV backend's do, and every batch ``exact`` (which crops were cut from the
+    bytes the refinery decoded); see :class:`~refinery_pipeline.CropBatch`.
     """
 
     def __init__(self, num_classes: Optional[int] = None, rest: str = DEFAULT_REST):
@@ -454,7 +326,8 @@ class CropCollate:
         targets = sparse if self.num_classes is None else \
             dense_targets(sparse, self.num_classes, self.rest)
         return CropBatch(images, column("label", torch.int64), column("index", torch.int64),
-                         column("slot", torch.int64), targets, _collated_mix(samples))
+                         column("slot", torch.int64), targets, _collated_mix(samples),
+                         column("exact", torch.bool))
 
 
 def _collated_mix(samples) -> Optional[MixedLabels]:

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import ArgumentError, DataSetError, storage_error_message
 from ..keys import normalize_keys
-from ..pixels import decode_jpeg
+from ..pixels import decode_jpeg, rgb_of_image
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -112,7 +112,9 @@ class ImageSource:
 def decode_image(data: bytes, where: str = "image") -> np.ndarray:
     """Encoded image bytes as ``(H, W, 3)`` uint8 RGB, decoded as ``pixels`` decodes files:
     JPEG through :func:`refinery_pipeline.pixels.decode_jpeg` (FFCV's exact decoder), anything
-    else (and JPEGs it cannot read, e.g. CMYK) through PIL, converted to RGB."""
+    else (and JPEGs it cannot read, e.g. CMYK) through PIL by the pixel mode rule
+    (:func:`refinery_pipeline.pixels.rgb_of_image`: 16-bit samples keep their high byte), the
+    rule ``refine`` converts files by."""
     if data[:2] == JPEG_MAGIC:
         try:
             return decode_jpeg(data)
@@ -121,7 +123,10 @@ def decode_image(data: bytes, where: str = "image") -> np.ndarray:
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+            image.seek(0)
+            return rgb_of_image(image, where)
+    except DataSetError:
+        raise
     except Exception as exc:  # PIL raises many types for foreign bytes
         raise DataSetError(f"{where}: cannot be read as an image ({exc}); delete or replace "
                            "it") from None

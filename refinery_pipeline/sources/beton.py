@@ -44,7 +44,8 @@ class BetonSource(ImageSource):
             raise DataSetError(f"{self.path}: its sidecar lists {len(keys)} keys for "
                                f"{len(self.pointers)} images; the sidecar belongs to another "
                                "file: convert the original images again")
-        super().__init__(self.path, keys, dataset.classes)
+        named = dataset.meta.get("classes") is not None  # else ImageDataset numbers them
+        super().__init__(self.path, keys, dataset.classes if named else None)
 
     def __getstate__(self):
         return dict(self.__dict__, _blob=None)  # each process maps the file itself
@@ -72,6 +73,13 @@ class BetonSource(ImageSource):
             return decode_image(self.encoded(i), self.describe(i))
         h, w = self.sizes[i]
         return np.asarray(self._stored(i)[:h * w * 3]).reshape(h, w, 3)
+
+    def digests(self) -> np.ndarray:
+        """``(N, 32)`` uint8: SHA-256 of each image's stored bytes, in sample order (what a
+        label store made from this ``.beton`` records as ``image_digests``)."""
+        import hashlib
+        return np.stack([np.frombuffer(hashlib.sha256(self._stored(i)).digest(), np.uint8)
+                         for i in range(len(self))]) if len(self) else np.zeros((0, 32), np.uint8)
 
     def describe(self, i: int) -> str:
         return f"{self.path} image {i}"

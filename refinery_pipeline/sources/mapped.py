@@ -2,6 +2,7 @@
 import numpy as np
 
 from ..errors import ArgumentError, DataSetError
+from ..pixels import rgb_of_any
 from .base import ImageSource, as_labels, decode_image
 
 
@@ -34,22 +35,14 @@ class MappedSource(ImageSource):
         return self._labels
 
     def image(self, i: int) -> np.ndarray:
+        """Item ``i``'s image by the pixel mode rule (:func:`refinery_pipeline.pixels.rgb_of_any`:
+        PIL images of any mode, ``(H, W[, C])`` arrays, ``([C, ]H, W)`` tensors); encoded bytes
+        are decoded as files are."""
         item = self.dataset[int(i)]
         image = item[0] if isinstance(item, (tuple, list)) else item
         if isinstance(image, (bytes, bytearray, memoryview)):
             return decode_image(bytes(image), self.describe(i))
-        if hasattr(image, "convert"):  # PIL
-            return np.asarray(image.convert("RGB"))
-        array = np.asarray(image.numpy() if hasattr(image, "numpy") else image)
-        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-            array = array.transpose(1, 2, 0)  # a CHW tensor
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3):
-            raise DataSetError(f"{self.describe(i)}: an image of shape {array.shape} and type "
-                               f"{array.dtype}; give PIL images, uint8 HWC arrays or CHW "
-                               "tensors")
-        return np.ascontiguousarray(np.broadcast_to(array, array.shape[:2] + (3,)))
+        return rgb_of_any(image, self.describe(i))
 
     def describe(self, i: int) -> str:
         return f"{self.location} item {i}"
