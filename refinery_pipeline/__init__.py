@@ -11,13 +11,15 @@ __version__ = "0.3.0"
 
 from .crop_batch import NOT_STORED, CropBatch, SparseLabels
 from .crop_plan import SLOT_POLICIES, CropPlan, slot_of
+from .copies import CopyJoin
 from .errors import (ArgumentError, CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
                      RefineryWarning, StoreCorruptError, StoreError, StoreMismatchError,
-                     StoreNotFoundError)
+                     StoreNotFoundError, MissingImagesError)
 from .label_store import (FORMAT_VERSION, Batching, CropRecords, DatasetInfo, LabelStore,
                           RefineryInfo, StoreLayout)
 from .losses import (LOSSES, REST_POLICIES, get_loss, kl_divergence, l2_on_probabilities,
                      reverse_kl, soft_cross_entropy)
+from .sources import ImageSource, open_source
 from .targets import visual_category_table
 from .torch_data import (BetonImages, CropCollate, CropSample, FolderImages, MappedImages,
                          StoreCropDataset, dense_targets)
@@ -124,8 +126,8 @@ __all__ = [
     "l2_on_probabilities",
     "CropBatch", "SparseLabels", "NOT_STORED",
     "StoreCropDataset", "CropCollate", "CropSample", "BetonImages", "FolderImages",
-    "MappedImages", "replay_loader", "beton_path",
+    "MappedImages", "replay_loader", "beton_path", "open_source", "ImageSource", "CopyJoin",
     "RefineryError", "RefineryWarning", "StoreError", "StoreNotFoundError",
     "StoreMismatchError", "IncompleteStoreError", "StoreCorruptError", "DataSetError",
-    "CheckpointError", "ArgumentError",
+    "CheckpointError", "ArgumentError", "MissingImagesError",
 ]

@@ -101,8 +101,13 @@ def open_pixels(store: LabelStore, images, labels, *, recipe=None, allow_missing
 def _keyed_source(store, images, key_fn):
     """``images`` as an :class:`~.sources.ImageSource`, or None for a ``.beton`` without keys
     (read by position, as the store's own)."""
-    from .sources import BetonSource, open_source, source_kind
+    from .sources import BetonSource, ImageSource, open_source, source_kind
     spec = _spec_of(images)
+    if isinstance(spec, ImageSource):
+        if key_fn is not None:
+            raise refuse("key_fn", key_fn, "an opened source has its keys already",
+                         "leave key_fn out, or pass it when opening the source")
+        return spec
     options = {} if key_fn is None else {"key_fn": key_fn}
     if key_fn is None and not isinstance(spec, (str, os.PathLike)) and \
             source_kind(spec) == "mapped":
