@@ -20,6 +20,7 @@ from .label_store import (FORMAT_VERSION, Batching, CropRecords, DatasetInfo, La
 from .losses import (LOSSES, REST_POLICIES, get_loss, kl_divergence, l2_on_probabilities,
                      reverse_kl, soft_cross_entropy)
 from .sources import ImageSource, open_source
+from .stream import StoreCrops
 from .targets import visual_category_table
 from .torch_data import (BetonImages, CropCollate, CropSample, FolderImages, MappedImages,
                          StoreCropDataset, dense_targets)
@@ -127,6 +128,7 @@ __all__ = [
     "CropBatch", "SparseLabels", "NOT_STORED",
     "StoreCropDataset", "CropCollate", "CropSample", "BetonImages", "FolderImages",
     "MappedImages", "replay_loader", "beton_path", "open_source", "ImageSource", "CopyJoin",
+    "StoreCrops",
     "RefineryError", "RefineryWarning", "StoreError", "StoreNotFoundError",
     "StoreMismatchError", "IncompleteStoreError", "StoreCorruptError", "DataSetError",
     "CheckpointError", "ArgumentError", "MissingImagesError",

@@ -93,16 +93,22 @@ class StoredCrops:
 
     def _cut(self, image: np.ndarray, n: int, slot: int, where) -> np.ndarray:
         """Stored crop ``(n, slot)`` cut from ``image`` (box and flip only), the box rescaled
-        to the image's frame where it differs from the stored one (``pixels.box_in_frame``);
-        a frame that is no rescaling of it is refused (``where()`` names the image)."""
-        box = self.records.boxes[n, slot]
-        if self.stored_sizes is not None:
-            stored, actual = self.stored_sizes[n], image.shape[:2]
-            if tuple(stored) != actual:
-                if reframed(stored, actual):
-                    raise DataSetError(reframed_message(where(), stored, actual))
-                box = box_in_frame(box, stored, actual)
+        to the image's frame where it differs from the stored one; a frame that is no
+        rescaling of it is refused (``where()`` names the image)."""
+        box = self._box(n, slot, image.shape[:2])
+        if box is None:
+            raise DataSetError(reframed_message(where(), self.stored_sizes[n], image.shape[:2]))
         return cut_crop(image, box, bool(self.records.flips[n, slot]), self.size)
+
+    def _box(self, n: int, slot: int, frame) -> Optional[np.ndarray]:
+        """Box ``(n, slot)`` in an image of ``frame`` ``(H', W')`` (``pixels.box_in_frame``),
+        or None where that frame is no rescaling of the stored one (``pixels.reframed``)."""
+        box = self.records.boxes[n, slot]
+        if self.stored_sizes is None or tuple(self.stored_sizes[n]) == tuple(frame):
+            return box
+        if reframed(self.stored_sizes[n], frame):
+            return None
+        return box_in_frame(box, self.stored_sizes[n], frame)
 
     def _through_recipe(self, crop, n: int, slot: int, partner_crop=None) -> tuple:
         """The crop after the store's recipe (as labelled), and its :class:`MixedLabels` (one

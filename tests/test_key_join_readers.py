@@ -304,3 +304,48 @@ def test_looking_up_keys_one_by_one_agrees_with_the_join(data):
             assert row == AMBIGUOUS_ROW
         else:
             assert row == NO_ROW
+
+
+# ----------------------------------------------------------------------------- streams
+
+def test_webdataset_streams_map_samples_to_their_crops(origin, expected, tmp_path):
+    keys = shuffled(origin.keys, seed=9)[:40]
+    pattern = write_shards(origin, tmp_path / "shards", keys)
+    stage = refinery.StoreCrops(origin.keyed, epoch=1, crop_format="numpy")
+    samples = [s for s in wds.WebDataset(pattern, shardshuffle=False).map(stage)]
+    store_keys = refinery.open_store(origin.keyed).read_keys()
+    assert sorted(store_keys[s.index] for s in samples) == sorted(keys)
+    for sample in samples:
+        crop, slot, top = expected[sample.index]
+        assert sample.slot == slot and np.array_equal(sample.image, crop) and sample.exact
+        assert sample.topk_indices.tolist() == top
+    assert stage.counts["used"] == stage.counts["exact"] == 40
+
+
+def test_a_stream_skips_and_counts_extras_and_follows_the_epoch(origin, tmp_path):
+    from .copy_fixtures import stored_bytes
+    data = stored_bytes(origin)
+    with wds.TarWriter(str(tmp_path / "s.tar")) as writer:
+        for key in origin.keys[:5]:
+            writer.write({"__key__": key, "jpg": data[key]})
+        writer.write({"__key__": "elsewhere/unknown", "jpg": data[origin.keys[0]]})
+    stage = refinery.StoreCrops(origin.keyed)
+    loader = torch.utils.data.DataLoader(wds.WebDataset(str(tmp_path / "s.tar"),
+                                                        shardshuffle=False).map(stage),
+                                         batch_size=5, num_workers=1, persistent_workers=True,
+                                         collate_fn=refinery.CropCollate())
+    for epoch in (0, 2):
+        stage.set_epoch(epoch)
+        batch = next(iter(loader))
+        assert np.array_equal(batch.slots.numpy(), refinery.slot_of(epoch, batch.indices.numpy(),
+                                                                    K))
+        assert bool(batch.exact.all())
+    assert stage(dict(__key__="elsewhere/unknown", jpg=b"")) is None
+    assert stage.counts["extra"] == 1
+
+
+def test_a_stream_refuses_a_mixing_store_and_an_unkeyed_one(origin, mixing_origin):
+    with pytest.raises(ArgumentError, match="partner"):
+        refinery.StoreCrops(mixing_origin.keyed)
+    with pytest.raises(ArgumentError, match="names no images"):
+        refinery.StoreCrops(origin.plain)
