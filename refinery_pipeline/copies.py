@@ -21,7 +21,7 @@ backends and ``refine train``:
 
 No torch, no FFCV.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -42,9 +42,10 @@ class CopyJoin:
     copy_index : numpy.ndarray
         ``(N,)`` int64, per store row: the copy's item replayed for it, -1 where none is
         (missing, reframed or unreplayable).
-    present : numpy.ndarray
-        ``(N,)`` bool: the copy holds the row's image usably (its pixels may serve as a mixing
-        partner even where the row itself is unreplayable).
+    item : numpy.ndarray
+        ``(N,)`` int64, per store row: the copy's item holding its image usably, -1 where
+        none does; unlike ``copy_index`` it keeps unreplayable rows, whose pixels still serve
+        as other crops' mixing partners.
     keys : keys.Join or None
         The key join; None for a copy joined by position (the store's own data set).
     reframed, unreplayable : int
@@ -60,7 +61,7 @@ class CopyJoin:
     """
 
     copy_index: np.ndarray
-    present: np.ndarray
+    item: np.ndarray
     keys: Optional[Join] = None
     reframed: int = 0
     unreplayable: int = 0
@@ -72,7 +73,7 @@ class CopyJoin:
     def by_position(cls, num_rows: int, exact: bool) -> "CopyJoin":
         """The store's own data set, row n at item n (an unkeyed store's pixel source)."""
         rows = np.arange(num_rows, dtype=np.int64)
-        return cls(rows, np.ones(num_rows, bool), exact=np.full(num_rows, bool(exact)))
+        return cls(rows, rows, exact=np.full(num_rows, bool(exact)))
 
     @property
     def num_rows(self) -> int:
@@ -195,13 +196,42 @@ def join_copy(store, copy_keys, *, location: str, labels=None, classes=None, fra
     exact = None
     if digests is not None:
         exact = _exact_rows(store, joined.rows, present, np.asarray(digests, np.uint8))
-    result = CopyJoin(copy_index, present, joined, int(framed_out.sum()), int(lone.sum()),
-                      usable, exact,
+    result = CopyJoin(copy_index, np.where(present, joined.rows, -1), joined,
+                      int(framed_out.sum()), int(lone.sum()), usable, exact,
                       {"reframed": _names(store_keys, framed_out),
                        "unreplayable": _names(store_keys, lone)})
     if result.skipped and not allow_missing:
         raise MissingImagesError(missing_message(result, location, store.location))
     return result
+
+
+def join_beton(store, dataset, *, recipe=None, allow_missing: bool = False) -> CopyJoin:
+    """How a ``.beton`` (an ``ImageDataset``) lines up with ``store`` for the FFCV backend: by
+    key where both name their images (frames from its metadata, exact from its bytes' digests);
+    else by position, the store's own ``.beton``, checked by fingerprint (an unkeyed store, or
+    a ``.beton`` written without names)."""
+    if not (store.keyed and beton_names_images(dataset)):
+        store.check_matches(dataset.fingerprint())
+        return CopyJoin.by_position(store.layout.num_images, exact=True)
+    from .sources import BetonSource
+    source = BetonSource(dataset.path)
+    own = dataset.fingerprint()["image_bytes_sha256"] == store.dataset.image_bytes_sha256
+    joined = join_copy(store, source.keys(), location=str(dataset.path), labels=source.labels(),
+                       classes=source.classes, frames=source.sizes,
+                       digests=None if own else source.digests(), recipe=recipe,
+                       allow_missing=allow_missing)
+    if not own:
+        return joined
+    # the very bytes of the store's .beton, image for image: exact where row n is item n
+    same = joined.copy_index == np.arange(joined.num_rows)
+    return replace(joined, exact=same)
+
+
+def beton_names_images(dataset) -> bool:
+    """Whether a ``.beton``'s sidecar names its images (keys, or the files it was written
+    from), as :class:`.sources.BetonSource` reads them."""
+    from .sources.beton import KEYS_FIELD
+    return dataset.meta.get(KEYS_FIELD) is not None or bool(dataset.meta.get("files"))
 
 
 def missing_message(joined: CopyJoin, location: str, store_location: str) -> str:

@@ -49,7 +49,7 @@ class KeyedPixels:
 
     def read(self, n: int) -> tuple:
         """``(image (H, W, 3) uint8, exact)`` of store row ``n``."""
-        c = int(self.join.copy_index[n])
+        c = int(self.join.item[n])  # also rows only a mixing partner needs
         if not self.source.has_bytes:
             return self.source.image(c), False
         from .sources import decode_image
@@ -59,7 +59,7 @@ class KeyedPixels:
         return decode_image(data, self.source.describe(c)), exact
 
     def describe(self, n: int) -> str:
-        return self.source.describe(int(self.join.copy_index[n]))
+        return self.source.describe(int(self.join.item[n]))
 
 
 class PositionalPixels:
@@ -115,12 +115,11 @@ def _keyed_source(store, images, key_fn):
                      "joins its images by key", "pass key_fn=lambda i: <image i's file name "
                      "or key>")
     if isinstance(spec, (str, os.PathLike)) and source_kind(spec) == "beton":
-        try:
-            return BetonSource(spec)
-        except DataSetError as exc:
-            if "has no image keys" not in str(exc):
-                raise
+        from .copies import beton_names_images
+        from .dataset import ImageDataset
+        if not beton_names_images(ImageDataset(spec)):
             return None  # a .beton naming no files: only the store's own one is usable
+        return BetonSource(spec)
     return open_source(spec, **options)
 
 

@@ -29,6 +29,7 @@ from typing import Callable
 
 import numba
 import numpy as np
+import torch
 from numba import types
 from numba.extending import intrinsic
 
@@ -266,35 +267,49 @@ class _RecipeCrops:
         return None
 
     @staticmethod
-    def _fill_partners(table, boxes, flips, images, slots):
-        """Column 1: the partner crop of each row, cut from image ``images`` (its box and flip
-        as given); ``slots`` is what the batch reports for it."""
-        table[:, 1, :4], table[:, 1, 4] = boxes, flips
-        table[:, 1, 5], table[:, 1, SOURCE] = slots, np.asarray(images) + 1
+    def _fill_partners(table, boxes, flips, images, slots, items=slice(None)):
+        """Column 1 of table rows ``items`` (default all): the partner crop of each, cut from
+        table image ``images`` (its box and flip as given); ``slots`` is what the batch
+        reports for it."""
+        table[items, 1, :4], table[items, 1, 4] = boxes, flips
+        table[items, 1, 5], table[items, 1, SOURCE] = slots, np.asarray(images) + 1
 
 
 class ReplayedCrops(_RecipeCrops):
     """Each epoch, every image replays one of its stored slots (chosen by ``slot_policy``); with
     the store's recipe (``recipe``, a :class:`.augment.PlanAugment`), each crop goes through it
-    as it was labelled, its partner (m, j) the stored crop j of image m."""
+    as it was labelled, its partner (m, j) the stored crop j of image m.
+
+    ``boxes``, ``flips`` and ``labels`` are the store's, per store row (boxes in the frames of
+    the ``.beton`` read). ``copy`` (a :class:`.copies.CopyJoin`) says which ``.beton`` item
+    holds each store row; without it, row n is item n (the store's own ``.beton``). Slots and
+    recipe draws are always of store rows, so a copy in any order replays the same crops; a
+    mixing partner the copy lacks moves the slot (:func:`.copies.replayable_slot`)."""
 
     def __init__(self, boxes, flips, seed: int, slot_policy: str = DEFAULT_SLOT_POLICY,
-                 recipe=None, labels=None):
+                 recipe=None, labels=None, copy=None):
         self.boxes, self.flips = boxes, flips
         self.seed, self.slot_policy = seed, slot_policy
-        self.recipe, self.labels = recipe, labels
+        self.recipe, self.labels, self.copy = recipe, labels, copy
         self.slots = np.zeros(len(boxes), dtype=np.int64)  # the last filled epoch's (for tests)
         self._round = (None, None)  # (cycle, its slot order): one draw serves K epochs
 
     def fill(self, table: np.ndarray, epoch: int):
         self.slots[:] = self.epoch_slots(epoch)
-        rows = np.arange(len(self.boxes))
-        table[:, 0, :4] = self.boxes[rows, self.slots]
-        table[:, 0, 4] = self.flips[rows, self.slots]
-        table[:, 0, 5] = self.slots
+        if self.copy is None:
+            rows = items = np.arange(len(self.boxes))
+        else:
+            rows = self.copy.rows
+            items = self.copy.copy_index[rows]
+            self.slots[rows] = self.copy.slots(rows, self.slots[rows])
+        slots = self.slots[rows]
+        table[items, 0, :4] = self.boxes[rows, slots]
+        table[items, 0, 4] = self.flips[rows, slots]
+        table[items, 0, 5] = slots
         if self.table_slots == 2:
-            m, j = self.recipe.partners(rows, self.slots)
-            self._fill_partners(table, self.boxes[m, j], self.flips[m, j], m, j)
+            m, j = self.recipe.partners(rows, slots)
+            where = m if self.copy is None else self.copy.item[m]
+            self._fill_partners(table, self.boxes[m, j], self.flips[m, j], where, j, items)
 
     def batch_recipe(self, epoch: int):
         if self.recipe is None:
@@ -369,15 +384,53 @@ class FixedCrops(_RecipeCrops):
         table[:, 0, 5] = NOT_STORED
 
 
+class StoreRows:
+    """What the batches of a loader over a ``.beton`` replaying a store carry about each item:
+    its store row as ``indices`` (a copy holds them in another order), the store's class as
+    ``labels`` (a copy may number classes otherwise; the store's are the truth) and whether
+    the item's bytes are the refinery's (``exact``). Run on each batch before the recipe, which
+    draws from store rows."""
+
+    def __init__(self, row_of_item: np.ndarray, labels: np.ndarray, exact: np.ndarray):
+        self.row_of_item, self.labels, self.exact = row_of_item, labels, exact
+
+    @classmethod
+    def of(cls, copy, num_items: int, labels) -> "StoreRows":
+        """From a :class:`.copies.CopyJoin` of a ``.beton`` of ``num_items`` items."""
+        rows = copy.rows
+        row_of_item = np.full(num_items, -1, np.int64)
+        row_of_item[copy.copy_index[rows]] = rows
+        exact = copy.exact if copy.exact is not None else np.zeros(copy.num_rows, bool)
+        return cls(row_of_item, np.asarray(labels, np.int64), exact)
+
+    def __call__(self, batch: CropBatch) -> CropBatch:
+        rows = self.row_of_item[batch.indices.numpy()]
+        return batch._replace(indices=torch.from_numpy(rows),
+                              labels=torch.from_numpy(self.labels[rows]),
+                              exact=torch.from_numpy(self.exact[rows]))
+
+
+class ClassMap:
+    """Batches whose ``labels`` number the classes otherwise than the model does (a copy's
+    validation split): each label through ``table`` (copy class -> the model's class)."""
+
+    def __init__(self, table):
+        self.table = np.asarray(table, np.int64)
+
+    def __call__(self, batch: CropBatch) -> CropBatch:
+        return batch._replace(labels=torch.from_numpy(self.table[batch.labels.numpy()]))
+
+
 class CropBatches:
     """One epoch of an FFCV loader as :class:`.crop_batch.CropBatch` es (the loader contract),
-    with each crop's stored label attached when ``records`` (the store's) are given.
+    each first through ``relabel`` (:class:`StoreRows` or :class:`ClassMap`) where given, with
+    each crop's stored label attached when ``records`` (the store's) are given.
 
     ``close()`` stops FFCV's decoding thread when an epoch is abandoned early (precise BN).
     """
 
-    def __init__(self, epoch, records=None, recipe=None):
-        self.epoch, self.records, self.recipe = epoch, records, recipe
+    def __init__(self, epoch, records=None, recipe=None, relabel=None):
+        self.epoch, self.records, self.recipe, self.relabel = epoch, records, recipe, relabel
 
     def __iter__(self):
         return self
@@ -385,6 +438,8 @@ class CropBatches:
     def __next__(self) -> CropBatch:
         images, rows = next(self.epoch)
         batch = batch_from_rows(images, rows)
+        if self.relabel is not None:
+            batch = self.relabel(batch)
         if self.recipe is not None:  # .augment.BatchRecipe: the crops as labelled
             batch = self.recipe(batch)
         if self.records is None:
@@ -409,6 +464,7 @@ class TableLoader(Loader):
     """
 
     records = None  # the store's records, to attach each crop's stored label
+    relabel = None  # StoreRows or ClassMap: run on each batch first
     _running = None  # FFCV's EpochIterator (a thread) of the latest epoch
 
     def __iter__(self):
@@ -416,7 +472,7 @@ class TableLoader(Loader):
         self._prepare_epoch()
         recipe = self._batch_recipe()  # before FFCV's __iter__ moves next_epoch on
         self._running = super().__iter__()
-        return CropBatches(self._running, self.records, recipe)
+        return CropBatches(self._running, self.records, recipe, self.relabel)
 
     def _stop_running_epoch(self):
         """Stop the latest epoch's decoding thread and wait for it. FFCV's ``close()`` only
@@ -500,7 +556,8 @@ def multi_crop_loader(dataset, table: np.ndarray, output_size, images_per_batch:
 
 def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: int = 0,
                   slot_policy: str = DEFAULT_SLOT_POLICY, size: int = None,
-                  distributed: bool = False, drop_last: bool = True, cache_dir=None) -> CropLoader:
+                  distributed: bool = False, drop_last: bool = True, cache_dir=None,
+                  allow_missing: bool = False) -> CropLoader:
     """The FFCV backend for any training loop: a store's crops replayed with their labels.
 
     Parameters
@@ -508,8 +565,10 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     store : LabelStore or str
         The label store (or its location).
     data : str or os.PathLike
-        Its data set: the ``.beton``, or the ImageFolder tree (converted once, cached, as the
-        store records it was: see :func:`~refinery_pipeline.beton_path`).
+        Its data set: a ``.beton``, or an ImageFolder tree (converted once, cached, as the
+        store records it was: see :func:`~refinery_pipeline.beton_path`). For a store that
+        names its images (format 5), any copy that is converted to a keyed ``.beton``: another
+        order, a subset (with ``allow_missing``), a flat copy, a resized one; joined by key.
     batch_size, num_workers : int
         As FFCV's ``Loader`` (``num_workers`` decoding threads).
     seed : int
@@ -524,22 +583,30 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
         Drop the last incomplete batch, as training does.
     cache_dir : str, optional
         Where a converted tree's ``.beton`` is cached.
+    allow_missing : bool
+        Skip the store images the copy cannot give (missing, reframed, or, under a mixing
+        recipe, without a slot whose partner it holds) instead of refusing it; ``loader.join``
+        counts them.
 
     Returns
     -------
     CropLoader
         Iterating it yields :class:`~refinery_pipeline.CropBatch` es of uint8 ``(B, S, S, 3)``
         crops (after the store's recipe, if it has one, as they were labelled) with
-        :class:`~refinery_pipeline.SparseLabels` targets, and ``mix`` where the recipe mixes;
-        epochs count from 0 (``loader.set_epoch(e)`` picks one). Slot ``(epoch, n)`` is
-        :func:`~refinery_pipeline.slot_of`'s, the same as in :class:`StoreCropDataset`.
+        :class:`~refinery_pipeline.SparseLabels` targets, ``mix`` where the recipe mixes, and
+        ``exact``; ``indices`` are store rows and ``labels`` the store's classes, whatever the
+        copy's order or numbering. Epochs count from 0 (``loader.set_epoch(e)`` picks one).
+        Slot ``(epoch, n)`` is :func:`~refinery_pipeline.slot_of`'s, the same as in
+        :class:`StoreCropDataset`. ``loader.join`` is the :class:`~refinery_pipeline.CopyJoin`.
 
     Raises
     ------
     StoreCorruptError
         The store fails the checks ``refine verify`` and ``refine train`` run.
     StoreMismatchError
-        ``data`` is not the data set the store was made from.
+        ``data`` is not the store's data set (nor, for a keyed store, a copy of it).
+    MissingImagesError
+        The copy lacks store images and ``allow_missing`` is False.
     ArgumentError
         An argument of the wrong kind or range.
 
@@ -560,18 +627,41 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
                                  "size the refinery labelled")
     flag("distributed", distributed)
     flag("drop_last", drop_last)
+    flag("allow_missing", allow_missing)
     path_like("data", data, ".beton or ImageFolder tree")
     if cache_dir is not None:
         path_like("cache_dir", cache_dir, "cache directory")
     store = open_for_reading(store)
     dataset = open_dataset(data, "train", cache_dir, conversion_options(store.dataset.source))
-    store.check_matches(dataset.fingerprint())
-    records = store.read_crops()
     size = size or store.refinery.input_size
-    from .augment import plan_augment
-    crops = ReplayedCrops(records.boxes, records.flips, seed, slot_policy,
-                          plan_augment(store.plan, dataset.num_images, size), dataset.labels)
+    crops, copy = replayed_crops(store, dataset, seed, slot_policy, size, allow_missing)
     loader = make_loader(dataset, crops, (size, size), batch_size, num_workers, train=True,
-                         seed=seed, distributed=distributed, drop_last=drop_last)
-    loader.records = records
+                         seed=seed, distributed=distributed, drop_last=drop_last,
+                         indices=copy.copy_index[copy.rows] if copy.keys is not None else None)
+    loader.records = crops.records
+    loader.relabel = StoreRows.of(copy, dataset.num_images, crops.labels)
+    loader.join = copy
     return loader
+
+
+def replayed_crops(store, dataset, seed: int, slot_policy: str, size: int,
+                   allow_missing: bool = False, records=None) -> tuple:
+    """``(ReplayedCrops, CopyJoin)``: the store's crops over ``dataset`` (an ``ImageDataset``:
+    the store's own ``.beton`` or a keyed copy, joined by :func:`.copies.join_beton`), boxes
+    carried into the copy's frames. ``records`` default to the store's (read and verified)."""
+    from .augment import plan_augment
+    from .copies import join_beton
+    from .pixels import boxes_in_frames
+    recipe = plan_augment(store.plan, store.layout.num_images, size)
+    copy = join_beton(store, dataset, recipe=recipe, allow_missing=allow_missing)
+    records = records if records is not None else store.read_crops()
+    boxes, labels = records.boxes, store.read_labels()
+    if copy.keys is not None:
+        stored = store.read_image_sizes()
+        frames = np.where((copy.item >= 0)[:, None],  # rows the copy lacks keep their frame
+                          np.stack([dataset.heights, dataset.widths], -1)[copy.item], stored)
+        boxes = boxes_in_frames(boxes, stored, frames)
+    crops = ReplayedCrops(boxes, records.flips, seed, slot_policy, recipe, labels,
+                          copy if copy.keys is not None else None)
+    crops.records = records
+    return crops, copy
