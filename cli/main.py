@@ -443,6 +443,13 @@ def _recorded_source(location):
               help="torch.compile the student and an online --teacher")
 @click.option("--resume", is_flag=True, help="continue from OUT/last.pt")
 @click.option("--allow-partial", is_flag=True, help="train on the finished chunks of a store")
+@click.option("--allow-missing", is_flag=True,
+              help="DATA is a copy lacking some of the --labels store's images (a keyed store): "
+                   "train on those it holds instead of refusing it")
+@click.option("--val", "val", default=None, type=click.Path(), show_default="DATA/val, or the "
+              "'*val.beton' beside a '*train.beton'",
+              help="the validation data (its classes named as the store's), for a DATA without "
+                   "a validation split of its own")
 @click.option("--skip-store-check", is_flag=True,
               help="do not check the store's chunks against their checksums while reading it; "
                    "accepted only after a passing `refine verify` of the same bytes")
@@ -454,9 +461,14 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
           wordnet_temperature, init, teacher, teacher_arch, teacher_bn, teacher_crops, loss,
           adversarial_eta, adversarial_bn, precise_bn, rest, slot_policy, res, augment,
           max_resolution, workers,
-          seed, eval_every, device, compile_, resume, allow_partial, skip_store_check,
-          trust_checkpoint, cache_dir):
+          seed, eval_every, device, compile_, resume, allow_partial, allow_missing, val,
+          skip_store_check, trust_checkpoint, cache_dir):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
+
+    With a --labels store that names its images, DATA may be any copy of its data set (another
+    order, a subset with --allow-missing, a flat folder, a resized copy), joined by key; each
+    epoch's log says how many crops were exact (the bytes the refinery decoded) and how many
+    approximate.
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
     from refinery_pipeline.augment import Recipe
@@ -480,7 +492,8 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       slot_policy=slot_policy, res=res, augment=recipe.names(),
                       workers=workers, seed=seed,
                       eval_every=eval_every, device=device, compile=compile_, resume=resume,
-                      allow_partial=allow_partial, skip_store_check=skip_store_check,
+                      allow_partial=allow_partial, allow_missing=allow_missing, val=val,
+                      skip_store_check=skip_store_check,
                       trust_checkpoint=trust_checkpoint, cache_dir=cache_dir,
                       max_resolution=max_resolution)
     m = fit(cfg)

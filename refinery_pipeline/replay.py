@@ -645,15 +645,17 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
 
 
 def replayed_crops(store, dataset, seed: int, slot_policy: str, size: int,
-                   allow_missing: bool = False, records=None) -> tuple:
+                   allow_missing: bool = False, records=None, copy=None) -> tuple:
     """``(ReplayedCrops, CopyJoin)``: the store's crops over ``dataset`` (an ``ImageDataset``:
-    the store's own ``.beton`` or a keyed copy, joined by :func:`.copies.join_beton`), boxes
-    carried into the copy's frames. ``records`` default to the store's (read and verified)."""
+    the store's own ``.beton`` or a keyed copy, joined by :func:`.copies.join_beton` unless
+    ``copy`` is that join already), boxes carried into the copy's frames. ``records`` default
+    to the store's (read and verified)."""
     from .augment import plan_augment
     from .copies import join_beton
     from .pixels import boxes_in_frames
     recipe = plan_augment(store.plan, store.layout.num_images, size)
-    copy = join_beton(store, dataset, recipe=recipe, allow_missing=allow_missing)
+    if copy is None:
+        copy = join_beton(store, dataset, recipe=recipe, allow_missing=allow_missing)
     records = records if records is not None else store.read_crops()
     boxes, labels = records.boxes, store.read_labels()
     if copy.keys is not None:

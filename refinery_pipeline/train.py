@@ -35,7 +35,7 @@ from .option_relevance import CATEGORY_VISUAL, CATEGORY_WORDNET, check_options_u
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .progress import progress_bar
 from .refinery import autocast_for
-from .replay import FixedCrops, FreshCrops, ReplayedCrops, make_loader
+from .replay import ClassMap, FixedCrops, FreshCrops, StoreRows, make_loader, replayed_crops
 from .schedule import few_steps_problem, lr_factor, milestone_problem, warmup_problem
 from .steps import AdversarialStep, NaturalStep
 from .targets import (CategoryTargets, GroundTruthTargets, HardTargets, OnlineTargets,
@@ -87,6 +87,8 @@ class TrainConfig:
     compile: bool = False
     resume: bool = False
     allow_partial: bool = False
+    allow_missing: bool = False  # a keyed store's images a copy (DATA) lacks: skipped
+    val: str = None             # the validation data; None: DATA's val/ or its '*val.beton'
     skip_store_check: bool = False  # only after a passing `refine verify` of the same bytes
     trust_checkpoint: bool = False  # load weights files that run code to load (trusted ones only)
     cache_dir: str = None
@@ -100,34 +102,73 @@ def load_data(cfg: TrainConfig, device):
     """Data sets, loaders and the target source for ``cfg``.
 
     The validation split is located and opened first: converting a large ``train/`` tree takes
-    minutes, and a missing or unreadable ``val/`` must not be reported only after that."""
+    minutes, and a missing or unreadable ``val/`` must not be reported only after that. A store
+    is joined with the training data (by key for a keyed store and a copy of its data set, else
+    by position) before any refinery is loaded, so a copy lacking images is refused first."""
     options = _conversion(cfg)
-    val_ds = open_dataset(_val_location(cfg.data), "val", cfg.cache_dir, options, cfg.workers)
+    val_ds = open_dataset(_val_data(cfg), "val", cfg.cache_dir, options, cfg.workers)
     train_ds = open_dataset(cfg.data, "train", cfg.cache_dir, options, cfg.workers)
-    if val_ds.classes != train_ds.classes:
-        raise RefineryError(f"{val_ds.path}: validation classes differ from the training classes; "
-                            "give both splits the same class folders")
     store = _open_store(cfg, train_ds)
-    indices = _trained_images(cfg, store)
+    copy = _join(cfg, store, train_ds)
+    classes = model_classes(store, train_ds)
+    val_classes = _val_class_map(val_ds, classes, copy)
+    indices = _trained_images(cfg, store, copy)
     world = world_size()
     images = train_ds.num_images if indices is None else len(indices)
     _check_an_epoch_trains(cfg, images, world)
     _warn_if_few_steps(cfg, images, world)
-    teacher = _online_refinery(cfg, train_ds.classes, store, device)
+    teacher = _online_refinery(cfg, classes, store, device)
     res = cfg.res or _default_res(store, teacher)
     _warn_if_resampled(cfg, store, res)
     _warn_if_crops_overused(cfg, store)
-    _warn_if_labels_truncated(cfg, store, len(train_ds.classes))
-    crops, records = _crop_source(cfg, train_ds, store, res)
-    _warn_if_rest_flattens(cfg, records, len(train_ds.classes))
-    targets = _target_source(cfg, train_ds.classes, device, records, teacher, train_ds.labels)
+    _warn_if_labels_truncated(cfg, store, len(classes))
+    crops, records = _crop_source(cfg, train_ds, store, res, copy)
+    _warn_if_rest_flattens(cfg, records, len(classes))
+    labels = store.read_labels() if store is not None else train_ds.labels
+    targets = _target_source(cfg, classes, device, records, teacher, labels)
     train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
                                train=True, seed=cfg.seed, indices=indices,
                                distributed=torch.distributed.is_initialized())
     train_loader.records = _labels_per_crop(cfg, records)
+    if copy is not None:  # batches carry store rows, the store's classes and exact
+        train_loader.relabel = StoreRows.of(copy, train_ds.num_images, labels)
+        train_loader.join = copy
     val_loader = make_loader(val_ds, FixedCrops(val_ds.heights, val_ds.widths), (res, res),
                              cfg.batch_size, cfg.workers, train=False)
+    val_loader.relabel = val_classes
     return train_ds, train_loader, val_loader, targets, res
+
+
+def model_classes(store, train_ds) -> list:
+    """The classes the student learns: the store's (a copy of its data set may name or number
+    them otherwise), else the training data's."""
+    return store.classes if store is not None else train_ds.classes
+
+
+def _join(cfg: TrainConfig, store, train_ds):
+    """The store's rows in the training ``.beton`` (:func:`.copies.join_beton`): a keyed store
+    joins any keyed copy by key (refusing missing images unless ``--allow-missing``), an
+    unkeyed one takes its own ``.beton`` by position, checked by fingerprint. None without a
+    store."""
+    if store is None:
+        return None
+    from .copies import join_beton
+    recipe = plan_augment(store.plan, store.layout.num_images, store.refinery.input_size)
+    return join_beton(store, train_ds, recipe=recipe, allow_missing=cfg.allow_missing)
+
+
+def _val_class_map(val_ds, classes: list, copy):
+    """How the validation labels become the model's classes: as they are where the names and
+    order agree; through a :class:`.replay.ClassMap` where a copy of a keyed store's data set
+    orders the same names otherwise; else refused."""
+    if val_ds.classes == classes:
+        return None
+    keyed = copy is not None and copy.keys is not None
+    if keyed and sorted(val_ds.classes) == sorted(classes):
+        return ClassMap([classes.index(name) for name in val_ds.classes])
+    theirs = "the store's" if keyed else "the training"
+    raise RefineryError(f"{val_ds.path}: validation classes differ from {theirs} classes; give "
+                        "both splits the same class folders")
 
 
 def _conversion(cfg: TrainConfig):
@@ -138,11 +179,16 @@ def _conversion(cfg: TrainConfig):
     return conversion_options(source, cfg.max_resolution)
 
 
-def _trained_images(cfg: TrainConfig, store):
-    """``--allow-partial``: the images whose chunk is done; None (all images) otherwise."""
-    if store is None or not cfg.allow_partial:
+def _trained_images(cfg: TrainConfig, store, copy):
+    """The training ``.beton``'s items to train on: those holding the store rows the copy
+    gives (all, for the store's own ``.beton``) and, with ``--allow-partial``, whose chunk is
+    done; None: every item."""
+    if store is None or (copy.keys is None and not cfg.allow_partial):
         return None
-    return np.flatnonzero(store.done_images())
+    rows = copy.rows
+    if cfg.allow_partial:
+        rows = rows[store.done_images()[rows]]
+    return copy.copy_index[rows]
 
 
 def _check_an_epoch_trains(cfg: TrainConfig, images: int, world: int = 1):
@@ -184,8 +230,7 @@ def _open_store(cfg: TrainConfig, train_ds):
         return None
     store = LabelStore.open(cfg.labels)
     store.require_intact()  # layout, attribute digest, labels: before trusting what they say
-    store.check_matches(train_ds.fingerprint())  # cached fingerprint: well under a second
-    store.require_complete(cfg.allow_partial)
+    store.require_complete(cfg.allow_partial)  # the data is checked by the join (_join)
     if cfg.skip_store_check:
         from .store_tools import require_verified
         require_verified(cfg.labels, cfg.cache_dir)
@@ -292,17 +337,17 @@ def _warn_if_bn_statistics_lag(cfg: TrainConfig, model, steps: int):
                   "them stale (pass --precise-bn 100)", RefineryWarning, stacklevel=2)
 
 
-def _crop_source(cfg: TrainConfig, train_ds, store, res: int):
-    """Replay the store's crops through the store's recipe, or draw fresh seeded crops every
-    epoch through ``--augment``'s."""
+def _crop_source(cfg: TrainConfig, train_ds, store, res: int, copy=None):
+    """Replay the store's crops (of its rows in ``copy``, the training ``.beton``) through the
+    store's recipe, or draw fresh seeded crops every epoch through ``--augment``'s."""
     fresh = store is None or (cfg.teacher is not None and cfg.teacher_crops == "fresh")
     if fresh:
         return _fresh_crops(cfg, train_ds, Recipe.parse(cfg.augment), res), None
     _check_store_recipe(cfg, store)
     records = _read_records(cfg, store)
-    return ReplayedCrops(records.boxes, records.flips, cfg.seed, cfg.slot_policy,
-                         plan_augment(store.plan, train_ds.num_images, res),
-                         train_ds.labels), records
+    crops, _ = replayed_crops(store, train_ds, cfg.seed, cfg.slot_policy, res,
+                              records=records, copy=copy)
+    return crops, records
 
 
 def _check_store_recipe(cfg: TrainConfig, store):
@@ -385,19 +430,28 @@ def _labels_per_crop(cfg: TrainConfig, records):
     return records if stored else None
 
 
-def _val_location(data):
-    """The validation split: ``DATA/val`` for a tree, ``X_val.beton`` beside ``X_train.beton``."""
+def _val_data(cfg: TrainConfig):
+    """``--val``, else the validation split beside ``DATA`` (:func:`_val_location`)."""
+    return cfg.val if cfg.val is not None else _val_location(cfg.data, "--val")
+
+
+def _val_location(data, option: str = None):
+    """The validation split: ``DATA/val`` for a tree, ``X_val.beton`` beside ``X_train.beton``.
+    ``option`` names the command's option that passes it otherwise, for the error."""
     p = Path(data)
+    other = f"pass {option} VAL_DATA, or " if option else ""
     if p.suffix == ".beton":
         head, found, tail = p.name.rpartition("train")  # the last one: 'mytrainset_train.beton'
         guess = p.with_name(head + "val" + tail) if found else p
         if guess == p or not guess.is_file():
-            raise RefineryError(f"{p}: cannot find its validation .beton; name the pair "
+            raise RefineryError(f"{p}: cannot find its validation .beton; {other}name the pair "
                                 "'<name>train.beton' and '<name>val.beton', or pass an ImageFolder "
                                 "tree with train/ and val/")
         return guess
     if not (p / "val").is_dir():
-        raise RefineryError(f"{p}: no val/ folder; training evaluates on DATA/val (ImageFolder)")
+        also = f", or on {option} VAL_DATA" if option else ""
+        raise RefineryError(f"{p}: no val/ folder; training evaluates on DATA/val "
+                            f"(ImageFolder){also}")
     return p
 
 
@@ -411,7 +465,9 @@ def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, devic
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros(num_classes, device=device)
     seen = torch.zeros(num_classes, device=device)
+    verdicts = ExactCount()
     for batch in progress_bar(loader, enabled=progress, desc=desc, leave=False):
+        verdicts.add(batch)  # on the host, before the batch moves
         batch = batch.to(device)
         labels = batch.labels
         pixels = to_pixels(batch.images, device)  # one copy, shared with an online refinery
@@ -428,7 +484,25 @@ def train_one_epoch(model, loader, targets, loss_fn, optimizer, scheduler, devic
     per_class = (100 * correct / seen.clamp_min(1)).tolist()  # the only CPU-GPU sync per epoch
     return {"train_loss": total_loss.item() / max(1, len(loader)),
             "train_top1": 100 * correct.sum().item() / max(1, seen.sum().item()),
-            "train_per_class": per_class, **step.summary()}
+            "train_per_class": per_class, **verdicts.summary(), **step.summary()}
+
+
+class ExactCount:
+    """How many crops of an epoch were exact (cut from the bytes the refinery decoded) and how
+    many approximate, from each batch's ``exact`` (crops replaying a store carry it)."""
+
+    def __init__(self):
+        self.exact = self.total = 0
+
+    def add(self, batch):
+        if batch.exact is not None:
+            self.exact += int(batch.exact.sum())
+            self.total += len(batch.exact)
+
+    def summary(self) -> dict:
+        if not self.total:
+            return {}
+        return {"crops_exact": self.exact, "crops_approximate": self.total - self.exact}
 
 
 @torch.no_grad()
@@ -473,14 +547,16 @@ def fit(cfg: TrainConfig) -> dict:
     init_from_env(device)
     torch.manual_seed(cfg.seed)
     train_ds, train_loader, val_loader, targets, res = load_data(cfg, device)
-    classes = train_ds.classes
+    copy = getattr(train_loader, "join", None)
+    classes = model_classes(LabelStore.open(cfg.labels) if cfg.labels else None, train_ds)
     check_input_size(cfg.arch, res)  # a fixed-size arch (vit_b_16) at another --res: one line
     model = create_model(cfg.arch, len(classes))
     run_config = {**asdict(cfg), "res": res, "classes": classes,
                   "train_images": len(train_loader.indices),
                   "init_sha256": _initialise(model, cfg, classes) if cfg.init else None,
-                  "data_ids": data_ids(train_ds, open_dataset(_val_location(cfg.data), "val",
-                                                              cfg.cache_dir))}
+                  "data_ids": data_ids(train_ds, open_dataset(_val_data(cfg), "val",
+                                                              cfg.cache_dir)),
+                  **_copy_record(copy)}
     _check_same_run(out, saved, run_config)  # again, with what only the data tells
     model = model.to(device)
     if cfg.channels_last:
@@ -510,7 +586,7 @@ def fit(cfg: TrainConfig) -> dict:
                                  cfg.progress and is_main(), f"epoch {epoch + 1}/{cfg.epochs}",
                                  step)
         record.update(epoch=epoch + 1, epoch_seconds=time.perf_counter() - t0,
-                      lr=scheduler.get_last_lr()[0])
+                      lr=scheduler.get_last_lr()[0], **_copy_epoch(copy))
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             if bn_loader is not None:
                 record["precise_bn_batches"] = _recompute_bn(model, bn_loader, epoch, cfg, device)
@@ -523,6 +599,20 @@ def fit(cfg: TrainConfig) -> dict:
     if is_main():
         save_checkpoint(out / "model.pt", model, cfg.arch, classes, res, metrics=record)
     return record
+
+
+def _copy_record(copy) -> dict:
+    """What a run's config records of a copy joined by key: every count of the join."""
+    return {} if copy is None or copy.keys is None else {"copy": copy.counts()}
+
+
+def _copy_epoch(copy) -> dict:
+    """What each epoch's log line says of a copy joined by key: the store images it lacked
+    and those skipped in all (missing, reframed, unreplayable); the crops' exact and
+    approximate counts come from the batches (:func:`train_one_epoch`)."""
+    if copy is None or copy.keys is None:
+        return {}
+    return {"images_missing": copy.missing, "images_skipped": copy.skipped}
 
 
 def _initialise(model, cfg: TrainConfig, classes: list) -> str:

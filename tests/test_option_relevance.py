@@ -24,7 +24,8 @@ EVERY_MODE = {"data", "out_dir", "arch", "epochs", "batch_size", "lr", "momentum
               "loss", "precise_bn", "res", "workers", "seed", "eval_every", "device",
               "channels_last", "compile", "resume", "cache_dir", "progress",
               "trust_checkpoint",  # how any checkpoint a run loads (init, resume) is read
-              "max_resolution"}  # how a DATA tree converts (refused for a .beton by itself)
+              "max_resolution",  # how a DATA tree converts (refused for a .beton by itself)
+              "val"}  # the validation data, where DATA has no split of its own
 
 
 def row_id(row) -> str:
