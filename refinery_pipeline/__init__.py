@@ -19,7 +19,6 @@ from .label_store import (FORMAT_VERSION, Batching, CropRecords, DatasetInfo, La
                           RefineryInfo, StoreLayout)
 from .losses import (LOSSES, REST_POLICIES, get_loss, kl_divergence, l2_on_probabilities,
                      reverse_kl, soft_cross_entropy)
-from .sources import ImageSource, open_source
 from .stream import StoreCrops
 from .targets import visual_category_table
 from .torch_data import (BetonImages, CropCollate, CropSample, FolderImages, MappedImages,
@@ -127,7 +126,7 @@ __all__ = [
     "l2_on_probabilities",
     "CropBatch", "SparseLabels", "NOT_STORED",
     "StoreCropDataset", "CropCollate", "CropSample", "BetonImages", "FolderImages",
-    "MappedImages", "replay_loader", "beton_path", "open_source", "ImageSource", "CopyJoin",
+    "MappedImages", "replay_loader", "beton_path", "CopyJoin",
     "StoreCrops",
     "RefineryError", "RefineryWarning", "StoreError", "StoreNotFoundError",
     "StoreMismatchError", "IncompleteStoreError", "StoreCorruptError", "DataSetError",

@@ -106,7 +106,14 @@ def bad_calls(store, dataset, data, location):
             ("crop_format", lambda: refinery.StoreCropDataset(store, data, crop_format="jpg")),
             ("transform", lambda: refinery.StoreCropDataset(store, data, "not callable")),
             ("store", lambda: refinery.StoreCropDataset(42, data)),
-            ("images", lambda: refinery.StoreCropDataset(store, 42))],
+            ("images", lambda: refinery.StoreCropDataset(store, 42)),
+            ("allow_missing", lambda: refinery.StoreCropDataset(store, data,
+                                                                allow_missing="yes")),
+            ("key_fn", lambda: refinery.StoreCropDataset(store, data, key_fn="name")),
+            ("key_fn", lambda: refinery.StoreCropDataset(store, data, key_fn=str))],
+        "StoreCrops": [("store", lambda: refinery.StoreCrops(store)),  # names no images
+                       ("epoch", lambda: refinery.StoreCrops(store, epoch=-1)),
+                       ("allow_missing", lambda: refinery.StoreCrops(store, allow_missing=1))],
         "CropCollate": [("num_classes", lambda: refinery.CropCollate(0)),
                         ("rest", lambda: refinery.CropCollate(10, "spread"))],
         "BetonImages": [("path", lambda: refinery.BetonImages(3))],
@@ -119,6 +126,8 @@ def bad_calls(store, dataset, data, location):
             ("slot_policy", lambda: refinery.replay_loader(store, data, 8, slot_policy="y")),
             ("size", lambda: refinery.replay_loader(store, data, 8, size=-4)),
             ("drop_last", lambda: refinery.replay_loader(store, data, 8, drop_last="no")),
+            ("allow_missing", lambda: refinery.replay_loader(store, data, 8,
+                                                             allow_missing="no")),
             ("data", lambda: refinery.replay_loader(store, 7, 8)),
             ("store", lambda: refinery.replay_loader(None, data, 8))],
     }
@@ -129,7 +138,8 @@ def bad_calls(store, dataset, data, location):
 # backends build, constants and errors.
 NOT_CALLS = {"StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo", "Batching", "CropRecords",
              "FORMAT_VERSION", "SLOT_POLICIES", "REST_POLICIES", "LOSSES", "CropBatch",
-             "SparseLabels", "NOT_STORED", "CropSample"}
+             "SparseLabels", "NOT_STORED", "CropSample",
+             "CopyJoin"}  # what a reader's join found (dataset.join, loader.join)
 
 
 def test_every_public_call_is_covered(store, dataset, tiny_data, mixup_store):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import refinery_pipeline as refinery
+from refinery_pipeline.sources import open_source
 from refinery_pipeline.errors import MissingImagesError
 from refinery_pipeline.pixels import box_in_frame, cut_crop, decode_jpeg
 
@@ -73,7 +74,7 @@ def test_a_resized_beton_copy_is_approximate_with_boxes_in_its_frame(origin, tmp
                                     drop_last=False)
     store = refinery.open_store(origin.keyed)
     records, sizes = store.read_crops(), store.read_image_sizes()
-    copy = refinery.open_source(beton)
+    copy = open_source(beton)
     item = {key: i for i, key in enumerate(copy.keys())}
     keys = store.read_keys()
     replayed = ffcv_epoch(loader, 1)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import refinery_pipeline as refinery
+from refinery_pipeline.sources import open_source
 from refinery_pipeline.augment import plan_augment
 from refinery_pipeline.copies import replayable_slot
 from refinery_pipeline.errors import (ArgumentError, DataSetError, MissingImagesError,
@@ -152,7 +153,7 @@ def test_a_copy_with_other_classes_is_refused_by_name(origin, copies, tmp_path):
             writer.writerow([copies["flat"] / f"{key.rsplit('/', 1)[-1]}.jpg", name])
     refinery.StoreCropDataset(origin.keyed, origin.stored())  # the classes as stored: fine
     with pytest.raises(StoreMismatchError, match="other classes") as refused:
-        refinery.StoreCropDataset(origin.keyed, refinery.open_source(
+        refinery.StoreCropDataset(origin.keyed, open_source(
             tmp_path / "list.csv", label_column="label"))
     assert repr(victim) in str(refused.value) and repr(wrong) in str(refused.value)
 
