@@ -555,7 +555,7 @@ def fit(cfg: TrainConfig) -> dict:
                   "train_images": len(train_loader.indices),
                   "init_sha256": _initialise(model, cfg, classes) if cfg.init else None,
                   "data_ids": data_ids(train_ds, open_dataset(_val_data(cfg), "val",
-                                                              cfg.cache_dir)),
+                                                              cfg.cache_dir, _conversion(cfg))),
                   **_copy_record(copy)}
     _check_same_run(out, saved, run_config)  # again, with what only the data tells
     model = model.to(device)
