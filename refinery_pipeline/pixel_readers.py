@@ -91,7 +91,7 @@ def open_pixels(store: LabelStore, images, labels, *, recipe=None, allow_missing
     elif key_fn is not None:
         raise refuse("key_fn", key_fn, f"{store.location} names no images (store format "
                      f"{store.format_version}), so its pixels are read by position",
-                     "leave key_fn out and pass the data set in the store's order")
+                     "pass the data set in the store's order, without key_fn")
     positional = pixel_source(images, store)
     check_positional(store, positional, labels)
     pixels = PositionalPixels(positional)
@@ -106,7 +106,7 @@ def _keyed_source(store, images, key_fn):
     if isinstance(spec, ImageSource):
         if key_fn is not None:
             raise refuse("key_fn", key_fn, "an opened source has its keys already",
-                         "leave key_fn out, or pass it when opening the source")
+                         "pass key_fn to open_source instead")
         return spec
     options = {} if key_fn is None else {"key_fn": key_fn}
     if key_fn is None and not isinstance(spec, (str, os.PathLike)) and \

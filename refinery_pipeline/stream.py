@@ -76,12 +76,13 @@ class StoreCrops(StoredCrops):
         if not self.store.keyed:
             raise refuse("store", store, f"names no images (store format "
                          f"{self.store.format_version}), so samples cannot find their rows",
-                         "read its own data set with StoreCropDataset, or precompute a store "
-                         "with this refinery")
+                         "pass its own data set to StoreCropDataset, or a store precomputed "
+                         "by this version")
         if self.recipe is not None and self.recipe.recipe.mixes:
             raise refuse("store", store, "its recipe mixes each crop with a partner crop of "
                          "another image, which a stream of samples cannot reach",
-                         "read the shards by index: StoreCropDataset(store, shards)")
+                         "pass the shards to StoreCropDataset(store, shards) instead (read by "
+                         "index)")
         self.image_exts = _image_exts(image_ext)
         self.index = KeyIndex(self.store.read_keys())
         self.digests = self.store.read_image_digests()
