@@ -218,17 +218,23 @@ def _rescaled(y, x, h, w, fy, fx, ah, aw) -> tuple:
 
 def reframed(stored_sizes, actual_sizes):
     """Whether a copy's frame ``(H', W')`` is no rescaling of the stored ``(H, W)`` (rotated,
-    cropped or padded): scaled by its longer side's factor, the shorter stored side misses the
-    copy's by more than one pixel. Boxes cannot be carried into such a frame; the image is
-    unusable (counted, treated as missing). Sizes ``(2,)`` or ``(N, 2)``; a bool or ``(N,)``."""
+    cropped or padded). The larger frame's shorter side, scaled into the smaller frame by the
+    longer sides' ratio, misses the smaller frame's shorter side by more than one pixel.
+    (Compared in the smaller frame, where the rounding of a rescale happened: a store capped at
+    256 px of a 3000 x 2000 file holds 256 x 170, which scaled up misses 2000 by 8.) Boxes
+    cannot be carried into such a frame; the image is unusable (counted, treated as missing).
+    Sizes ``(2,)`` or ``(N, 2)``; a bool or ``(N,)``."""
     stored = np.asarray(stored_sizes, np.float64)
     actual = np.asarray(actual_sizes, np.float64)
-    tall = stored[..., 0] >= stored[..., 1]  # the longer side gives the most precise factor
-    long_stored, short_stored = (np.where(tall, stored[..., 0], stored[..., 1]),
-                                 np.where(tall, stored[..., 1], stored[..., 0]))
-    long_actual, short_actual = (np.where(tall, actual[..., 0], actual[..., 1]),
-                                 np.where(tall, actual[..., 1], actual[..., 0]))
-    return np.abs(np.rint(short_stored * long_actual / long_stored) - short_actual) > 1
+    tall = stored[..., 0] >= stored[..., 1]  # sides named by the stored frame's orientation
+    long_stored = np.where(tall, stored[..., 0], stored[..., 1])
+    short_stored = np.where(tall, stored[..., 1], stored[..., 0])
+    long_actual = np.where(tall, actual[..., 0], actual[..., 1])
+    short_actual = np.where(tall, actual[..., 1], actual[..., 0])
+    shrunk = long_actual <= long_stored  # the copy is the smaller frame
+    predicted = np.where(shrunk, np.rint(short_stored * long_actual / long_stored),
+                         np.rint(short_actual * long_stored / long_actual))
+    return np.abs(predicted - np.where(shrunk, short_actual, short_stored)) > 1
 
 
 def rgb_of_any(image, what="image") -> np.ndarray:

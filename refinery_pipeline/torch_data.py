@@ -184,6 +184,8 @@ class StoreCropDataset(StoredCrops, Dataset):
     ----------
     rows : numpy.ndarray
         The store row of each item, in increasing order (all rows, unless some are skipped).
+    images : ImageSource, BetonImages, FolderImages or MappedImages
+        Where the pixels come from.
     join : CopyJoin
         How the copy lines up with the store: ``counts()`` (matched, missing, extra,
         ambiguous, duplicates, reframed, unreplayable, used, skipped) and ``findings()`` (one
@@ -230,6 +232,13 @@ class StoreCropDataset(StoredCrops, Dataset):
 
     def __len__(self):
         return len(self.rows)
+
+    @property
+    def images(self):
+        """The pixel source: the copy's ``ImageSource`` (a keyed store), or the positional
+        reader of the store's own data set (``BetonImages``, ``FolderImages``,
+        ``MappedImages``)."""
+        return self.pixels.source if hasattr(self.pixels, "source") else self.pixels.images
 
     def slot(self, n: int) -> int:
         """The slot store row ``n`` replays this epoch: ``slot_of(epoch, n, ...)``, or, under

@@ -68,6 +68,29 @@ def test_both_backends_replay_the_same_rows_slots_and_crops_from_a_copy(origin,
             assert np.array_equal(crop, reference[n].image)
 
 
+def test_a_tree_copy_is_converted_once_and_joined_by_key(origin, tmp_path):
+    """The FFCV backend converts a tree copy to a keyed .beton (as the store's was converted)
+    and joins it; exact where the conversion kept the refinery's bytes (passthrough)."""
+    kept = subset(origin.keys, 0.9, seed=6)
+    export_files(origin, tmp_path / "copy" / "train", kept)
+    ffcv = refinery.replay_loader(origin.keyed, tmp_path / "copy", batch_size=8, num_workers=1,
+                                  drop_last=False, allow_missing=True)
+    beton = refinery.beton_path(tmp_path / "copy", store=origin.keyed)  # the cached conversion
+    plain = refinery.StoreCropDataset(origin.keyed, beton, allow_missing=True,
+                                      crop_format="numpy")
+    store = refinery.open_store(origin.keyed)
+    digests, keys = store.read_image_digests(), store.read_keys()
+    copy = open_source(beton)
+    kept_bytes = dict(zip(copy.keys(), copy.digests().tolist()))
+    a, b = ffcv_epoch(ffcv, 2), plain_epoch(plain, 2)
+    assert sorted(a) == sorted(b) == sorted(keys.index(k) for k in kept)
+    for n, (crop, slot, top, exact, _) in a.items():
+        assert slot == b[n][1] and np.array_equal(crop, b[n][0]) and exact == b[n][3]
+        assert exact == (kept_bytes[keys[n]] == digests[n].tolist())
+    files = refinery.StoreCropDataset(origin.keyed, tmp_path / "copy", allow_missing=True)
+    assert all(files[i].exact for i in range(0, len(files), 5))  # the refinery's own bytes
+
+
 def test_a_resized_beton_copy_is_approximate_with_boxes_in_its_frame(origin, tmp_path):
     beton = beton_copy(origin, tmp_path / "small_train.beton", shuffled(origin.keys), scale=0.5)
     loader = refinery.replay_loader(origin.keyed, beton, batch_size=8, num_workers=1,

@@ -270,9 +270,21 @@ def test_the_replayable_slot_is_the_first_usable_one_from_the_epochs(k, data):
 
 # ----------------------------------------------------------------------------- frames and keys
 
+@pytest.mark.parametrize("stored, actual, expected", [
+    ((170, 256), (2000, 3000), False),   # a store capped at 256 px, the original file
+    ((500, 7), (1000, 15), False),       # a narrow image halved (floor)
+    ((1000, 15), (15, 1000), True),      # rotated
+    ((100, 100), (100, 120), True),      # padded
+    ((100, 150), (80, 150), True)])      # cropped
+def test_the_reframed_rule_on_known_cases(stored, actual, expected):
+    assert bool(reframed(stored, actual)) == expected == bool(reframed(actual, stored))
+
+
 @given(st.integers(8, 400), st.integers(8, 400), st.floats(0.2, 3.0), st.data())
 @settings(max_examples=150, deadline=None)
 def test_box_rescaling_is_one_rule_for_a_box_and_for_tables(h, w, scale, data):
+    """Any box, any rescale: the same box from the scalar and the table form, inside the new
+    frame, and neither way round a reframed frame (a rotated one is)."""
     actual = (max(1, round(h * scale)), max(1, round(w * scale)))
     y, x = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
     box = (y, x, data.draw(st.integers(1, h - y)), data.draw(st.integers(1, w - x)))
@@ -284,6 +296,7 @@ def test_box_rescaling_is_one_rule_for_a_box_and_for_tables(h, w, scale, data):
     assert y0 + h0 <= max(actual[0], y0 + 1) and x0 + w0 <= max(actual[1], x0 + 1)
     assert y0 == round(y * actual[0] / h)  # Python's round: half to even
     assert not reframed((h, w), actual)  # a rescaled frame is never reframed
+    assert not reframed(actual, (h, w))  # nor the original of a capped store's frame
     if abs(h - w) > 2 and min(h, w) * scale > 2:
         assert reframed((h, w), actual[::-1])  # rotated
 
