@@ -296,8 +296,8 @@ class ReplayedCrops(_RecipeCrops):
 
     def fill(self, table: np.ndarray, epoch: int):
         self.slots[:] = self.epoch_slots(epoch)
-        if self.copy is None:
-            rows = items = np.arange(len(self.boxes))
+        if self.copy is None:  # row n is table row n: a slice writes in place, no gather
+            rows, items = np.arange(len(self.boxes)), slice(None)
         else:
             rows = self.copy.rows
             items = self.copy.copy_index[rows]
