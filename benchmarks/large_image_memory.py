@@ -62,15 +62,18 @@ def make_tree(root: Path, height: int, width: int, large: int, small: int):
                     root / split / name / f"{i}.jpg", quality=90)
 
 
-def measure(args: list, code: Path) -> dict:
-    """Run ``refine ARGS`` from ``code``; peak RSS of its process tree, exit status, seconds."""
+def measure(args: list, code: Path, limit: float = 900) -> dict:
+    """Run ``refine ARGS`` from ``code``; peak memory of its process tree, exit status,
+    seconds. A command still running after ``limit`` seconds (FFCV's writer waits forever for
+    a writer process that died) is stopped and recorded as hung."""
     import psutil
     env = dict(os.environ, PYTHONPATH=str(code), PYTHONWARNINGS="ignore")
     start = time.perf_counter()
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", *map(str, args)], cwd=code,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     peak_rss = peak_pss = 0
-    root = psutil.Process(proc.pid)
+    root, hung = psutil.Process(proc.pid), False
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
@@ -78,11 +81,25 @@ def measure(args: list, code: Path) -> dict:
             continue
         rss, pss = zip(*(_memory(p) for p in tree))
         peak_rss, peak_pss = max(peak_rss, sum(rss)), max(peak_pss, sum(pss))
+        if time.perf_counter() - start > limit:
+            hung = _stop(tree)
         time.sleep(0.01)
-    output = proc.stdout.read().decode(errors="replace").strip().splitlines()
+    log.seek(0)
+    output = log.read().decode(errors="replace").strip().splitlines()
+    last = f"hung: stopped after {limit:.0f} s" if hung else (output[-1] if output else "")
     return {"exit": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
             "peak_tree_rss_mb": round(peak_rss / 2**20),
-            "peak_tree_pss_mb": round(peak_pss / 2**20), "last_line": output[-1] if output else ""}
+            "peak_tree_pss_mb": round(peak_pss / 2**20), "last_line": last}
+
+
+def _stop(processes) -> bool:
+    import psutil
+    for process in reversed(processes):
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return True
 
 
 def _memory(process) -> tuple:
@@ -142,7 +159,7 @@ def bound_mb(command: str, height: int, width: int, workers: int, batch: int):
 
 
 def run_size(height, width, large, small, batch, workers, codes: dict, scratch: Path,
-             refinery: Path) -> list:
+             refinery: Path, limit: float) -> list:
     rows = []
     for label, code in codes.items():
         work = scratch / f"{label}_{width}x{height}"
@@ -150,9 +167,12 @@ def run_size(height, width, large, small, batch, workers, codes: dict, scratch: 
         tree = work / "tree"
         make_tree(tree, height, width, large, small)
         for name, args in commands(tree, work, refinery, batch, workers):
-            result = measure(args, code)
+            result = measure(args, code, limit)
+            betons = sum(f.stat().st_size for f in (work / "betons").glob("*.beton"))
             rows.append({"size": f"{width}x{height}", "code": label, "command": name,
-                         "bound_mb": bound_mb(name, height, width, workers, batch), **result})
+                         "bound_mb": bound_mb(name, height, width, workers, batch),
+                         "beton_mb": round(betons / 1e6) if name == "convert" else None,
+                         **result})
             print(rows[-1], flush=True)
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -169,25 +189,29 @@ def main():
     parser.add_argument("--code", default=str(REPO), help="checkout measured as 'after'")
     parser.add_argument("--before-code", default=None,
                         help="checkout measured as 'before' (e.g. the base commit's)")
+    parser.add_argument("--code-label", default="after", help="its name in the table")
+    parser.add_argument("--before-label", default="before", help="its name in the table")
+    parser.add_argument("--limit", type=float, default=900,
+                        help="seconds after which a command counts as hung and is stopped")
     parser.add_argument("--scratch", default=None, help="work folder (default: a temp folder)")
     parser.add_argument("--tag", default="large_image_memory_cpu")
     args = parser.parse_args()
-    codes = {"after": Path(args.code)}
+    codes = {args.code_label: Path(args.code)}
     if args.before_code:
-        codes = {"before": Path(args.before_code), **codes}
+        codes = {args.before_label: Path(args.before_code), **codes}
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="large_images_"))
     refinery = make_refinery(scratch, Path(args.code))
     rows = []
     for size in args.sizes.split(","):
         width, height = (int(v) for v in size.split("x"))
         rows += run_size(height, width, args.large, args.small, args.batch_size, args.workers,
-                         codes, scratch, refinery)
+                         codes, scratch, refinery, args.limit)
     table = markdown_table(
         ["large image", "code", "command", "exit", "peak PSS (MB)", "peak RSS (MB)",
-         "loader pixels bound (MB)", "s", "last line"],
+         "loader pixels bound (MB)", ".beton pair (MB)", "s", "last line"],
         [[r["size"], r["code"], r["command"], r["exit"], f"{r['peak_tree_pss_mb']:,}",
           f"{r['peak_tree_rss_mb']:,}", "-" if r["bound_mb"] is None else f"{r['bound_mb']:,}",
-          r["seconds"],
+          "-" if r["beton_mb"] is None else f"{r['beton_mb']:,}", r["seconds"],
           r["last_line"][:110].replace("|", "/")] for r in rows])
     markdown = "\n".join([
         "# Peak host memory with very large images (CPU)", "",

@@ -231,9 +231,9 @@ class ArraySource:
     def __len__(self):
         return len(self.labels)
 
-    def largest_image_pixels(self) -> int:
-        shapes = [np.shape(image) for image in self.images]
-        return max(h * w for h, w, *_ in shapes)
+    def largest_image(self) -> int:
+        """Index of the image with the most pixels."""
+        return int(np.argmax([np.shape(image)[0] * np.shape(image)[1] for image in self.images]))
 
     def __getitem__(self, i):
         return np.ascontiguousarray(self.images[i]), int(self.labels[i])
@@ -255,12 +255,11 @@ class FileSource:
     def __len__(self):
         return len(self.files)
 
-    def largest_image_pixels(self) -> int:
-        """Pixels of the largest file, from the headers (files PIL cannot read are left out:
-        the conversion names them)."""
+    def largest_image(self) -> int:
+        """Index of the file with the most pixels, from the headers alone (files PIL cannot
+        read count as empty: the conversion names them)."""
         from .pixels import image_file_size
-        sizes = [image_file_size(f) for f in self.files]
-        return max([w * h for w, h in filter(None, sizes)], default=1)
+        return int(np.argmax([np.prod(image_file_size(f) or (0, 0)) for f in self.files]))
 
     def __getitem__(self, i):
         from .pixels import open_image_file
@@ -312,18 +311,42 @@ class _Reordered:
 FFCV_PAGE_SIZE = 8 << 20  # DatasetWriter's default page
 
 
-def page_size_for(largest_pixels: int, max_resolution: int = 0) -> int:
-    """A ``.beton`` page that holds the largest image.
+def page_size_for(largest_sample: int, exact: bool = False) -> int:
+    """A ``.beton`` page for the sample of the image with the most pixels, ``largest_sample``
+    bytes (``exact``: raw pixels, so no other sample is larger).
 
-    FFCV writes every sample within one page (8 MiB by default); a larger one made its writer
+    FFCV writes every sample within one page (8 MiB by default): a larger one made its writer
     process raise and FFCV's main process wait forever (a 12,000 x 9,000 photo re-encodes to
-    ~20 MB). Pages here hold the largest stored image's raw bytes, 3 per pixel (a JPEG
-    re-encode is smaller: under 2 bytes per pixel even for noise at quality 100), plus 1 MiB,
-    rounded up to a power of two as FFCV requires; never below FFCV's default."""
-    if max_resolution:
-        largest_pixels = min(largest_pixels, max_resolution * max_resolution)
-    need = 3 * largest_pixels + (1 << 20)
+    ~20 MB). Every page is written whole, so pages are not made larger than needed: the sample
+    (twice it for JPEG, whose size also follows the content: one that still does not fit fails
+    the write in one line) plus 1 MiB, a power of two as FFCV requires, never below FFCV's
+    default.
+    """
+    need = (1 if exact else 2) * largest_sample + (1 << 20)
     return max(FFCV_PAGE_SIZE, 1 << (need - 1).bit_length())
+
+
+def encoded_bytes(image_field, image) -> int:
+    """Bytes the writer stores for ``image`` (resized, re-encoded as ``image_field`` does)."""
+    sizes = []
+
+    def measure(nbytes):  # FFCV's allocator interface: (file offset, buffer to fill)
+        sizes.append(nbytes)
+        return 0, np.empty(nbytes, np.uint8)
+
+    image_field.encode(np.zeros(1, image_field.metadata_type)[0], image, measure)
+    return sum(sizes)
+
+
+def largest_sample_bytes(source, image_field) -> int:
+    """The stored bytes of ``source``'s image with the most pixels (0 if it cannot be read:
+    the write names it)."""
+    if not hasattr(source, "largest_image"):
+        return 0
+    try:
+        return encoded_bytes(image_field, source[source.largest_image()][0])
+    except Exception:  # noqa: BLE001 - an unreadable image is reported by the write
+        return 0
 
 
 SIZE_SAMPLE = 16  # images encoded to estimate a .beton's size before writing it
@@ -337,15 +360,9 @@ def estimated_beton_bytes(source, image_field, num_workers: int, page_size: int)
     write names them)."""
     picks = np.unique(np.linspace(0, len(source) - 1, min(SIZE_SAMPLE, len(source))).astype(int))
     sizes = []
-
-    def measure(nbytes):  # FFCV's allocator interface: (file offset, buffer to fill)
-        sizes.append(nbytes)
-        return 0, np.empty(nbytes, np.uint8)
-
-    destination = np.zeros(1, image_field.metadata_type)[0]
     for i in picks:
         try:
-            image_field.encode(destination, source[int(i)][0], measure)
+            sizes.append(encoded_bytes(image_field, source[int(i)][0]))
         except Exception:  # noqa: BLE001 - an unreadable image is reported by the write
             continue
     per_image = np.mean(sizes) if sizes else 0
@@ -434,10 +451,10 @@ def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=No
     tmp = path.with_name(path.name + f".{os.getpid()}.partial")
     image_field = RGBImageField(write_mode=options.write_mode, jpeg_quality=options.jpeg_quality,
                                 max_resolution=options.max_resolution or None)
-    largest = source.largest_image_pixels() if hasattr(source, "largest_image_pixels") else 0
     writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()},
                            num_workers=max(1, num_workers),
-                           page_size=page_size_for(largest, options.max_resolution))
+                           page_size=page_size_for(largest_sample_bytes(source, image_field),
+                                                   exact=options.write_mode == "raw"))
     _check_free_space(path.parent, estimated_beton_bytes(source, image_field, writer.num_workers,
                                                          writer.page_size))
     error_log = tmp.with_name(tmp.name + ".errors")

@@ -261,8 +261,8 @@ def test_a_sample_larger_than_its_page_fails_fast_in_one_line(tmp_path, monkeypa
     import signal
 
     from refinery_pipeline import dataset
-    monkeypatch.setattr(dataset, "page_size_for", lambda *args: dataset.FFCV_PAGE_SIZE)
-    signal.signal(signal.SIGALRM, lambda *args: pytest.fail("the conversion hangs"))
+    monkeypatch.setattr(dataset, "page_size_for", lambda *args, **kw: dataset.FFCV_PAGE_SIZE)
+    previous = signal.signal(signal.SIGALRM, lambda *args: pytest.fail("the conversion hangs"))
     signal.alarm(120)
     try:
         with pytest.raises(DataSetError) as raised:
@@ -271,6 +271,7 @@ def test_a_sample_larger_than_its_page_fails_fast_in_one_line(tmp_path, monkeypa
                                 num_workers=1)
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     message = str(raised.value)
     assert "\n" not in message and "9,720,000 bytes" in message and "--max-resolution" in message
     assert not list(tmp_path.iterdir())  # no partial .beton, no logs
