@@ -552,13 +552,14 @@ def plot(runs, out, names, gap):
               help="the model's architecture, for a checkpoint that records none (a bare "
                    "state_dict): a torchvision name, or timm's (timm/NAME)")
 @click.option("--batch-size", default=256, type=AT_LEAST_ONE, help="images per batch")
+@max_resolution_option("the run's own (its config.json), else 0: keep each image's size")
 @workers_option
 @device_option
 @trust_checkpoint_option
 @cache_dir_option
 @friendly_errors(about="run")
-def evaluate(run, data, split, res, arch, batch_size, workers, device, trust_checkpoint,
-             cache_dir):
+def evaluate(run, data, split, res, arch, batch_size, max_resolution, workers, device,
+             trust_checkpoint, cache_dir):
     """Top-1 of a trained model (a `refine train` RUN directory, or any checkpoint with DATA)
     on the centred square of every image of a split, as validation is evaluated; `--split
     train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json for the
@@ -569,7 +570,8 @@ def evaluate(run, data, split, res, arch, batch_size, workers, device, trust_che
     metrics = evaluate_checkpoint(checkpoint_of(run), data_of(run, data), split, res,
                                   batch_size, workers, device, cache_dir, arch=arch,
                                   trust_checkpoint=trust_checkpoint,
-                                  option_names=OptionNames("--arch", "--res"))
+                                  option_names=OptionNames("--arch", "--res"),
+                                  conversion=_evaluated_conversion(run, max_resolution))
     saved = save_evaluation(run, metrics)
     record = metrics["data"]
     click.echo(f"{split} top-1 {metrics[split + '_top1']:.2f}  top-5 "
@@ -578,6 +580,15 @@ def evaluate(run, data, split, res, arch, batch_size, workers, device, trust_che
     if saved and not measured_own_data(run, record):
         click.echo(f"note: not the data {run} trained on, so kept apart from its own "
                    f"eval_{split}.json (which `refine plot --gap` reads)")
+
+
+def _evaluated_conversion(run, max_resolution) -> dict:
+    """The run's own conversion (its frames), with ``--max-resolution`` given on top."""
+    from refinery_pipeline.evaluation import conversion_of
+    conversion = conversion_of(run)
+    if max_resolution is not None:
+        conversion = {**conversion, "max_resolution": max_resolution}
+    return conversion
 
 
 @cli.command()

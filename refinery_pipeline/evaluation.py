@@ -48,6 +48,22 @@ def data_of(run, data=None) -> str:
                        "DATA") from None
 
 
+def conversion_of(run) -> dict:
+    """How a ``refine train`` run directory converted its data (``config.json``'s
+    ``conversion``, as a store records one; {}: the defaults, also for a checkpoint file or a
+    run from before the record): evaluating it on other frames would measure other pixels
+    than it was trained and validated on."""
+    try:
+        config = json.loads((Path(run) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    conversion = config.get("conversion") if isinstance(config, dict) else None
+    if isinstance(conversion, dict):
+        return conversion
+    cap = config.get("max_resolution") if isinstance(config, dict) else None
+    return {"max_resolution": int(cap)} if cap else {}
+
+
 def data_id(fingerprint: dict) -> str:
     """A short name for a data set's fingerprint (the first 12 hex digits of the SHA-256 of its
     canonical JSON): what names another data set's results in a run directory."""
@@ -147,7 +163,7 @@ def read_evaluation(run, split: str) -> dict:
 def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
                         batch_size: int = 256, num_workers: int = 2, device: str = "auto",
                         cache_dir=None, arch: str = None, trust_checkpoint: bool = False,
-                        option_names=None) -> dict:
+                        option_names=None, conversion: dict = None) -> dict:
     """Top-1, top-5 and per-class top-1 (percent) of ``weights`` on the centred square of every
     image of ``split``, as ``refine train`` evaluates validation.
 
@@ -169,6 +185,11 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
     option_names : OptionNames, optional
         What the messages ask for (``refine evaluate`` passes its ``--arch`` and ``--res``);
         the Python keywords by default.
+    conversion : dict, optional
+        How to convert a tree (``BetonOptions`` fields that differ from the defaults, e.g.
+        ``{"max_resolution": 256}``), as the run being evaluated converted its data:
+        ``refine evaluate`` passes a run directory's own (:func:`conversion_of`), so the
+        images are seen in the frames the run trained and validated on. Default: the defaults.
 
     Returns
     -------
@@ -177,7 +198,7 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         ``split``, ``images``, ``res``, ``checkpoint``, and ``data``: what was measured (see
         :func:`data_record`).
     """
-    from .dataset import open_dataset
+    from .dataset import conversion_options, open_dataset
     from .models import PYTHON_NAMES, checkpoint_input_size, load_trained_model
     from .replay import FixedCrops, make_loader
     from .train import _val_location, evaluate, resolve_device
@@ -185,7 +206,8 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     device = resolve_device(device)  # before any data is converted
     location = data if split == "train" else _val_location(data)
-    dataset = open_dataset(location, split, cache_dir, num_workers=num_workers)
+    dataset = open_dataset(location, split, cache_dir,
+                           conversion_options({"conversion": conversion or {}}), num_workers)
     names = option_names or PYTHON_NAMES
     model, ckpt = load_trained_model(weights, arch, dataset.classes,
                                      trust_checkpoint=trust_checkpoint, option_names=names)

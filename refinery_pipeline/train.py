@@ -554,6 +554,7 @@ def fit(cfg: TrainConfig) -> dict:
     run_config = {**asdict(cfg), "res": res, "classes": classes,
                   "train_images": len(train_loader.indices),
                   "init_sha256": _initialise(model, cfg, classes) if cfg.init else None,
+                  "conversion": _conversion(cfg).recorded(),  # its frames, for refine evaluate
                   "data_ids": data_ids(train_ds, open_dataset(_val_data(cfg), "val",
                                                               cfg.cache_dir, _conversion(cfg))),
                   **_copy_record(copy)}

@@ -174,6 +174,9 @@ def test_store_commands_convert_the_tree_as_the_store_records(capped_store, larg
     run("train", large_tree, "--labels", work / "s.zarr", "--arch", "demo_cnn", "--epochs", 1,
         "--batch-size", 4, "--workers", 1, "--out", work / "run", *cache)
     assert len(list((work / "cache").glob("*.beton"))) == 2  # train and val, capped: no others
+    evaluated = run("evaluate", work / "run", "--workers", 1, *cache).output
+    assert "not the data" not in evaluated and (work / "run" / "eval_val.json").is_file()
+    assert len(list((work / "cache").glob("*.beton"))) == 2  # evaluated on the run's own frames
 
 
 def test_a_cap_other_than_the_stores_is_refused_in_one_line(capped_store, large_tree, tmp_path):
