@@ -669,14 +669,8 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
           trust_checkpoint, cache_dir):
     """Re-run the refinery on sampled stored crops of STORE (made from DATA) and compare."""
     from refinery_pipeline.audit import audit_store
-    from refinery_pipeline.label_store import LabelStore
-    from refinery_pipeline.refinery import load_as_recorded
-    from refinery_pipeline.train import resolve_device
 
-    opened = LabelStore.open(store)
-    recorded = opened.attrs["refinery"]  # the store's classes: an ImageNet refinery selects them
-    refinery = load_as_recorded(weights, recorded, opened.classes,
-                                device=resolve_device(device), trust_checkpoint=trust_checkpoint)
+    refinery = _recorded_refinery(store, weights, device, trust_checkpoint)
     dataset = _open_store_data(data, store, cache_dir, workers)
     r = audit_store(dataset, store, refinery, sample_crops, seed, workers)
     batches = f"{r.loader_batches} loader batch{'' if r.loader_batches == 1 else 'es'}"
@@ -688,6 +682,58 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
         click.echo(f"error: {store}: top-1 agreement below {100 * min_agreement:.1f}%; the store "
                    "does not match this refinery and data", err=True)
         sys.exit(1)
+
+
+def _recorded_refinery(store, weights, device, trust_checkpoint):
+    """The refinery ``weights`` make under STORE's record of its refinery (its classes,
+    input size, BN mode: an ImageNet refinery selects the store's classes)."""
+    from refinery_pipeline.label_store import LabelStore
+    from refinery_pipeline.refinery import load_as_recorded
+    from refinery_pipeline.train import resolve_device
+    opened = LabelStore.open(store)
+    return load_as_recorded(weights, opened.attrs["refinery"], opened.classes,
+                            device=resolve_device(device), trust_checkpoint=trust_checkpoint)
+
+
+@cli.command("check-copy")
+@click.argument("store")
+@click.argument("data")
+@click.option("--weights", multiple=True, type=click.Path(), show_default="none: labels are "
+              "not compared",
+              help="the store's refinery (as for audit): label a sample of crops cut from "
+                   "DATA's pixels again and compare with the stored labels")
+@click.option("--sample", default=None, type=AT_LEAST_ONE, show_default="1000 with --weights",
+              help="crops labelled again (train-mode BN: whole loader batches of the store's "
+                   "run, at least this many crops)")
+@click.option("--seed", default=0, type=SEED, help="which crops are sampled")
+@click.option("--allow-missing", is_flag=True,
+              help="DATA will be trained with --allow-missing: images it lacks do not make "
+                   "this exit 1")
+@workers_option
+@device_option
+@trust_checkpoint_option
+@friendly_errors(about="store")
+def check_copy(store, data, weights, sample, seed, allow_missing, workers, device,
+               trust_checkpoint):
+    """Can DATA, a copy of STORE's data set, be trained on, and how exactly?
+
+    Joins DATA with STORE as `refine train` would (by key for a store that names its images)
+    and reads each matched image once: exact (the very bytes the refinery decoded), resized,
+    re-encoded, reframed (rotated, cropped or padded: skipped), missing, extra. With --weights,
+    also the top-1 agreement and probability error between the stored labels and the
+    refinery's on DATA's pixels. One line per finding; exit 0: usable, 1: usable only with
+    --allow-missing, 2: unusable."""
+    from refinery_pipeline.check_copy import DEFAULT_SAMPLE, check_copy as check
+
+    if sample is not None and not weights:
+        raise click.UsageError("--sample: crops are labelled again only with --weights; pass "
+                               "the store's refinery with --weights, or drop --sample")
+    refinery = _recorded_refinery(store, weights, device, trust_checkpoint) if weights else None
+    report = check(store, data, refinery, sample=sample or DEFAULT_SAMPLE, seed=seed,
+                   allow_missing=allow_missing, num_workers=workers)
+    for line in report.lines:
+        click.echo(line)
+    sys.exit(report.status)
 
 
 @cli.command()

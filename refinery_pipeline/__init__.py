@@ -11,6 +11,7 @@ __version__ = "0.3.0"
 
 from .crop_batch import NOT_STORED, CropBatch, SparseLabels
 from .crop_plan import SLOT_POLICIES, CropPlan, slot_of
+from .check_copy import CopyReport, check_copy
 from .copies import CopyJoin
 from .errors import (ArgumentError, CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
                      RefineryWarning, StoreCorruptError, StoreError, StoreMismatchError,
@@ -134,7 +135,7 @@ __all__ = [
     "l2_on_probabilities",
     "CropBatch", "SparseLabels", "NOT_STORED",
     "StoreCropDataset", "CropCollate", "CropSample", "BetonImages", "FolderImages",
-    "MappedImages", "replay_loader", "beton_path", "CopyJoin",
+    "MappedImages", "replay_loader", "beton_path", "CopyJoin", "check_copy", "CopyReport",
     "StoreCrops",
     "RefineryError", "RefineryWarning", "StoreError", "StoreNotFoundError",
     "StoreMismatchError", "IncompleteStoreError", "StoreCorruptError", "DataSetError",

@@ -204,6 +204,32 @@ def cycle_order(seed: int, cycle: int, images: np.ndarray, crops_per_image: int)
     return order.astype(np.uint8 if K <= 256 else np.int64)
 
 
+class SlotSchedule:
+    """Every image's slot epoch after epoch: :func:`epoch_slots` of all ``num_images``, the
+    ``cycle`` policy's order drawn once per round of K epochs and kept (at ImageNet size,
+    K = 40: a draw costs 5 s, the round's order 51 MB), not redrawn each epoch. What both
+    loader backends fill their epoch's slots from."""
+
+    def __init__(self, seed: int, num_images: int, crops_per_image: int,
+                 policy: str = DEFAULT_SLOT_POLICY):
+        self.seed, self.num_images, self.crops_per_image = seed, num_images, crops_per_image
+        self.policy = policy
+        self._round = (None, None)  # (cycle, its slot order)
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        """``(num_images,)`` slots of ``epoch`` (a view of the kept round under ``cycle``)."""
+        n, k = self.num_images, self.crops_per_image
+        if self.policy != "cycle":
+            return epoch_slots(self.seed, epoch, n, k, self.policy)
+        cycle, position = divmod(epoch, k)
+        if self._round[0] != cycle:
+            self._round = (cycle, cycle_order(self.seed, cycle, np.arange(n), k))
+        return self._round[1][:, position]
+
+    def __getstate__(self):
+        return dict(self.__dict__, _round=(None, None))  # redrawn where needed, not shipped
+
+
 def slot_of(epoch: int, images, crops_per_image: int, policy: str = DEFAULT_SLOT_POLICY,
             seed: int = 0):
     """The stored slot that image(s) ``images`` replay in ``epoch``, as ``refine train`` does.

@@ -85,7 +85,7 @@ def open_pixels(store: LabelStore, images, labels, *, recipe=None, allow_missing
     key; an unkeyed one (or a ``.beton`` without keys, checked as the store's own) takes its
     data set by position, checked by count, labels and file names as before."""
     if store.keyed:
-        source = _keyed_source(store, images, key_fn)
+        source = keyed_source(store, images, key_fn)
         if source is not None:
             return _joined(store, source, recipe, allow_missing)
     elif key_fn is not None:
@@ -98,7 +98,7 @@ def open_pixels(store: LabelStore, images, labels, *, recipe=None, allow_missing
     return pixels, CopyJoin.by_position(len(labels), pixels.exact)
 
 
-def _keyed_source(store, images, key_fn):
+def keyed_source(store, images, key_fn):
     """``images`` as an :class:`~.sources.ImageSource`, or None for a ``.beton`` without keys
     (read by position, as the store's own)."""
     from .sources import BetonSource, ImageSource, open_source, source_kind

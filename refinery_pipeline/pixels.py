@@ -177,9 +177,10 @@ def cut_crop(image: np.ndarray, box, flip: bool, size: int) -> np.ndarray:
     ``INTER_AREA``, mirrored left-right if ``flip``: FFCV's replay, step for step."""
     import cv2
     y, x, h, w = (int(v) for v in box)
-    crop = cv2.resize(np.ascontiguousarray(image[y:y + h, x:x + w]), (size, size),
-                      interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(crop[:, ::-1]) if flip else crop
+    # OpenCV reads the box as a view (rows at the image's stride) and mirrors in one pass: the
+    # contiguous copies numpy needs cost ~85 us of a 96 px crop's ~105 us
+    crop = cv2.resize(image[y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.flip(crop, 1) if flip else crop
 
 
 def box_in_frame(box, stored_size, actual_size) -> np.ndarray:

@@ -43,8 +43,8 @@ from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToTensor
 
 from .crop_batch import NOT_STORED, CropBatch, batch_from_rows, sparse_labels
-from .crop_plan import (DEFAULT_SLOT_POLICY, SLOT_POLICIES, CropPlan, centre_square, cycle_order,
-                        epoch_slots, sample_boxes, sample_flips)
+from .crop_plan import (DEFAULT_SLOT_POLICY, SLOT_POLICIES, CropPlan, SlotSchedule, centre_square,
+                        sample_boxes, sample_flips)
 from .errors import RefineryWarning
 
 TABLE_FIELDS = 7  # y, x, h, w, flip, slot, source (0: the row's image; m + 1: image m)
@@ -292,7 +292,7 @@ class ReplayedCrops(_RecipeCrops):
         self.seed, self.slot_policy = seed, slot_policy
         self.recipe, self.labels, self.copy = recipe, labels, copy
         self.slots = np.zeros(len(boxes), dtype=np.int64)  # the last filled epoch's (for tests)
-        self._round = (None, None)  # (cycle, its slot order): one draw serves K epochs
+        self.schedule = SlotSchedule(seed, *boxes.shape[:2], slot_policy)
 
     def fill(self, table: np.ndarray, epoch: int):
         self.slots[:] = self.epoch_slots(epoch)
@@ -319,14 +319,9 @@ class ReplayedCrops(_RecipeCrops):
 
     def epoch_slots(self, epoch: int) -> np.ndarray:
         """:func:`.crop_plan.epoch_slots` of every image, the ``cycle`` order kept for its round
-        (the per-epoch table rewrite at ImageNet size: 3.1 s drawing each epoch, ~0.1 s so)."""
-        n, k = self.boxes.shape[:2]
-        if self.slot_policy != "cycle":
-            return epoch_slots(self.seed, epoch, n, k, self.slot_policy)
-        cycle, position = divmod(epoch, k)
-        if self._round[0] != cycle:
-            self._round = (cycle, cycle_order(self.seed, cycle, np.arange(n), k))
-        return self._round[1][:, position]
+        (:class:`.crop_plan.SlotSchedule`: the per-epoch table rewrite at ImageNet size takes
+        ~0.1 s instead of 3.1 s)."""
+        return self.schedule(epoch)
 
 
 class FreshCrops(_RecipeCrops):

@@ -87,6 +87,7 @@ class StoreCrops(StoredCrops):
         self.index = KeyIndex(self.store.read_keys())
         self.digests = self.store.read_image_digests()
         self.counts = {"used": 0, "exact": 0, "extra": 0, "ambiguous": 0, "reframed": 0}
+        self._fill_slots(self.epoch)
 
     def __call__(self, sample: dict) -> Optional[CropSample]:
         n = self.index.row(_key_of(sample))

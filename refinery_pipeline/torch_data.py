@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, default_collate
 from .augment import plan_augment
 from .copies import reframed_message
 from .crop_batch import CropBatch, MixedLabels, SparseLabels
-from .crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, slot_of
+from .crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, SlotSchedule
 from .errors import DataSetError
 from .label_store import open_for_reading
 from .losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse
@@ -77,6 +77,13 @@ class StoredCrops:
         self.size = size or self.store.refinery.input_size
         self.recipe = plan_augment(self.store.plan, len(self.labels), self.size)
         self._epoch = torch.tensor([epoch], dtype=torch.int64).share_memory_()
+        # Every row's slot of the current epoch, drawn at once in the process that sets the
+        # epoch and read by index in the workers (shared memory): drawing one row's slot per
+        # item cost ~80 us of a ~300 us item (benchmarks/results/plain_loader_sources_cpu.md).
+        self._schedule = SlotSchedule(seed, len(self.labels),
+                                      self.store.layout.crops_per_image, slot_policy)
+        self._slots = torch.zeros(len(self.labels), dtype=torch.int32).share_memory_()
+        self._slot_view = None  # a numpy view of _slots in this process (indexing: ~0.2 us)
 
     @property
     def epoch(self) -> int:
@@ -85,11 +92,23 @@ class StoredCrops:
     def set_epoch(self, epoch: int):
         """Replay ``epoch``'s slots from now on (shared memory: persistent workers see it);
         epochs count from 0."""
-        self._epoch[0] = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
+        epoch = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
+        self._fill_slots(epoch)
+        self._epoch[0] = epoch
+
+    def _fill_slots(self, epoch: int):
+        """Draw every row's slot of ``epoch`` into the shared table (readers call it once
+        their rows are known, and :meth:`set_epoch` each epoch)."""
+        self._slots.copy_(torch.from_numpy(self._slots_of(epoch).astype(np.int32)))
+
+    def _slots_of(self, epoch: int) -> np.ndarray:
+        """Every store row's slot of ``epoch``: ``slot_of(epoch, n, ...)`` for all n."""
+        return self._schedule(epoch)
 
     def _epoch_slot(self, n: int) -> int:
-        return slot_of(self.epoch, n, self.store.layout.crops_per_image, self.slot_policy,
-                       self.seed)
+        if self._slot_view is None:
+            self._slot_view = self._slots.numpy()
+        return int(self._slot_view[n])
 
     def _cut(self, image: np.ndarray, n: int, slot: int, where) -> np.ndarray:
         """Stored crop ``(n, slot)`` cut from ``image`` (box and flip only), the box rescaled
@@ -137,6 +156,7 @@ class StoredCrops:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["store"] = _StoreSummary.of(self.store)  # zarr handles stay in the parent
+        state["_slot_view"] = None  # a view of this process's mapping of the shared table
         return state
 
 
@@ -229,6 +249,7 @@ class StoreCropDataset(StoredCrops, Dataset):
                                              recipe=self.recipe, allow_missing=allow_missing,
                                              key_fn=key_fn)
         self.rows = self.join.rows
+        self._fill_slots(self.epoch)
 
     def __len__(self):
         return len(self.rows)
@@ -243,10 +264,19 @@ class StoreCropDataset(StoredCrops, Dataset):
     def slot(self, n: int) -> int:
         """The slot store row ``n`` replays this epoch: ``slot_of(epoch, n, ...)``, or, under
         a mixing recipe whose partner the copy lacks, the next slot whose partner it holds."""
-        slot = self._epoch_slot(n)
-        if self.join.usable_slots is None:
-            return slot
-        return int(self.join.slots(np.array([n]), np.array([slot]))[0])
+        return self._epoch_slot(n)
+
+    def _slots_of(self, epoch: int) -> np.ndarray:
+        """Under a mixing recipe whose partner the copy lacks, a row's slot moves to the next
+        one whose partner it holds (:meth:`.copies.CopyJoin.slots`)."""
+        slots = super()._slots_of(epoch)
+        usable = self.join.usable_slots
+        if usable is None:
+            return slots
+        rows = np.flatnonzero(~usable[np.arange(len(slots)), slots])
+        slots = np.array(slots, np.int64)
+        slots[rows] = self.join.slots(rows, slots[rows])
+        return slots
 
     def crop(self, n: int, slot: int) -> np.ndarray:
         """The ``(S, S, 3)`` uint8 crop of ``(n, slot)`` as the refinery labelled it: cut, then
@@ -303,7 +333,16 @@ def _as_format(crop: np.ndarray, crop_format: str):
     if crop_format == "pil":
         from PIL import Image
         return Image.fromarray(crop)
-    return torch.from_numpy(crop).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(channels_first(crop))
+
+
+def channels_first(crop: np.ndarray) -> np.ndarray:
+    """``(S, S, 3)`` uint8 as a contiguous ``(3, S, S)`` array, by OpenCV's channel split into
+    its planes (~4 us at 96 px, where torch's ``permute().contiguous()`` takes ~22 us)."""
+    import cv2
+    planes = np.empty((crop.shape[2],) + crop.shape[:2], crop.dtype)
+    cv2.split(crop, list(planes))
+    return planes
 
 
 # ----------------------------------------------------------------------------- batches

@@ -134,6 +134,12 @@ def bad_calls(store, dataset, data, location):
                        ("split", lambda: refinery.beton_path(data, split="test")),
                        ("max_resolution", lambda: refinery.beton_path(data, max_resolution=-1)),
                        ("num_workers", lambda: refinery.beton_path(data, num_workers=0))],
+        "check_copy": [("sample", lambda: refinery.check_copy(store, data, sample=0)),
+                       ("seed", lambda: refinery.check_copy(store, data, seed=-1)),
+                       ("allow_missing", lambda: refinery.check_copy(store, data,
+                                                                     allow_missing=1)),
+                       ("key_fn", lambda: refinery.check_copy(store, data, key_fn="name")),
+                       ("num_workers", lambda: refinery.check_copy(store, data, num_workers=0))],
     }
 
 
@@ -143,7 +149,8 @@ def bad_calls(store, dataset, data, location):
 NOT_CALLS = {"StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo", "Batching", "CropRecords",
              "FORMAT_VERSION", "SLOT_POLICIES", "REST_POLICIES", "LOSSES", "CropBatch",
              "SparseLabels", "NOT_STORED", "CropSample",
-             "CopyJoin"}  # what a reader's join found (dataset.join, loader.join)
+             "CopyJoin",  # what a reader's join found (dataset.join, loader.join)
+             "CopyReport"}  # what check_copy found
 
 
 def test_every_public_call_is_covered(store, dataset, tiny_data, mixup_store):

@@ -135,7 +135,8 @@ def decode_image(data: bytes, where: str = "image") -> np.ndarray:
 def read_file_bytes(path) -> bytes:
     """A local file's bytes; a failing read is a one-line :class:`DataSetError`."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as file:  # no Path object per read: ~15 us of a ~300 us item
+            return file.read()
     except OSError as exc:
         raise DataSetError(storage_error_message(exc, path)) from None
 
