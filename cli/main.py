@@ -724,7 +724,9 @@ def check_copy(store, data, weights, sample, seed, allow_missing, workers, devic
     refinery's on DATA's pixels. One line per finding; exit 0: usable, 1: usable only with
     --allow-missing, 2: unusable."""
     from refinery_pipeline.check_copy import DEFAULT_SAMPLE, check_copy as check
+    from refinery_pipeline.train import resolve_device
 
+    resolve_device(device)  # a device this machine lacks: refused before any data is read
     if sample is not None and not weights:
         raise click.UsageError("--sample: crops are labelled again only with --weights; pass "
                                "the store's refinery with --weights, or drop --sample")
