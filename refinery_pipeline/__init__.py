@@ -107,7 +107,15 @@ def beton_path(data, cache_dir=None, *, split: str = "train", store=None,
         Not a tree or ``.beton``, an unreadable image, or a ``max_resolution`` other than the
         store's.
     """
-    from .dataset import conversion_options, open_dataset
+    from .dataset import SPLITS, conversion_options, open_dataset
+    from .validators import one_of, optional_whole_number, path_like, whole_number
+    path_like("data", data, ".beton or ImageFolder tree")
+    if cache_dir is not None:
+        path_like("cache_dir", cache_dir, "cache directory")
+    one_of("split", split, SPLITS)
+    optional_whole_number("max_resolution", max_resolution, 0, "pass a longer-side cap in "
+                          "pixels, 0 to keep the sizes, or None")
+    whole_number("num_workers", num_workers, 1, "pass 1 or more converting processes")
     source = None
     if store is not None:
         source = (store if isinstance(store, LabelStore) else LabelStore.open(store)).dataset.source

@@ -121,6 +121,10 @@ def bad_calls(store, dataset, data, location):
             ("drop_last", lambda: refinery.replay_loader(store, data, 8, drop_last="no")),
             ("data", lambda: refinery.replay_loader(store, 7, 8)),
             ("store", lambda: refinery.replay_loader(None, data, 8))],
+        "beton_path": [("data", lambda: refinery.beton_path(5)),
+                       ("split", lambda: refinery.beton_path(data, split="test")),
+                       ("max_resolution", lambda: refinery.beton_path(data, max_resolution=-1)),
+                       ("num_workers", lambda: refinery.beton_path(data, num_workers=0))],
     }
 
 
