@@ -132,10 +132,11 @@ class BetonSamples:
         what = describe_item(self.source, n)
         sample = stored_image(read_item(self.source, n), self.options, what)
         if len(sample.data) > self.page_size:
+            fix = ("--jpeg reencode (its metadata is then left out)" if sample.unchanged
+                   else "a smaller --max-resolution")
             raise DataSetError(f"{what}: an image of {sample.height}x{sample.width} stores as "
                                f"{len(sample.data):,} bytes, more than the .beton's "
-                               f"{self.page_size:,}-byte page; convert with a smaller "
-                               "--max-resolution")
+                               f"{self.page_size:,}-byte page; convert with {fix}")
         return sample
 
     def __getitem__(self, i):

@@ -230,7 +230,8 @@ class ImageDataset:
         if files:
             root = self.meta.get("root") or _common_root(files, self.classes)
             record = {**source_fingerprint(root, files), **(record or {})}
-        return {**record, "conversion": self.options.recorded()}
+        conversion = self.options.recorded()
+        return {**record, "conversion": conversion} if conversion else record
 
     def image_byte_spans(self) -> tuple:
         """``(offsets, lengths)``, int64 ``(N,)``: where each image's encoded bytes lie in the
