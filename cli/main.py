@@ -197,6 +197,8 @@ SOURCE_OPTIONS = {
                      "labels (a CSV's holds class names)", "a ClassLabel column, else label"),
     "path_column": ("--path-column", "CSV list: the column of image paths",
                     "path, file, file_name, filename, image or image_path"),
+    "classes": ("--classes", "WebDataset shards: the class names their cls numbers index, "
+                "comma-separated or a text file with one per line", "the numbers themselves"),
 }
 
 
@@ -208,10 +210,10 @@ def source_options(command):
     return command
 
 
-def given_source_options(data, cache_dir=None, **given) -> dict:
+def given_source_options(data, **given) -> dict:
     """The source options given on the command line, each checked against DATA's kind (an
-    option the kind does not take is refused, naming it), with ``--cache-dir`` for the kinds
-    that keep an index or a table cache there; ``split`` is left to :func:`open_dataset`."""
+    option the kind does not take is refused, naming it); ``split`` (and ``--cache-dir``) are
+    left to :func:`open_dataset`."""
     import inspect
 
     from refinery_pipeline.dataset import is_beton
@@ -224,8 +226,8 @@ def given_source_options(data, cache_dir=None, **given) -> dict:
             raise RefineryError(f"{SOURCE_OPTIONS[name][0]} {value}: {data} is a {kind} source, "
                                 "which has no such setting; drop the option")
     given.pop("split", None)
-    if cache_dir is not None and "cache_dir" in accepted:
-        given["cache_dir"] = cache_dir
+    if "classes" in given:
+        given["classes"] = _class_names(given["classes"])
     return given
 
 
@@ -308,6 +310,17 @@ def cli():
     _one_line_warnings()
 
 
+def _class_names(value: str) -> list:
+    """``--classes``: names separated by commas, or a text file holding one per line."""
+    path = Path(value)
+    names = (path.read_text().splitlines() if path.is_file() else value.split(","))
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise RefineryError(f"--classes {value}: names no class; give names separated by commas "
+                            "or a file with one per line")
+    return names
+
+
 @cli.command()
 @click.argument("data")
 @click.argument("store", type=click.Path())
@@ -353,7 +366,7 @@ def cli():
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
                temperature, batch_size, chunk_size, compile_, soft_static, prob_bits, augment,
                max_resolution, workers, device, trust_checkpoint, cache_dir, split, key_column,
-               image_column, label_column, path_column):
+               image_column, label_column, path_column, classes):
     """Label K planned crops of every image in DATA and write the label store STORE.
 
     DATA is any form of the data set with labels: an ImageFolder tree, a list of paths with a
@@ -363,19 +376,20 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     from refinery_pipeline.augment import Recipe
     from refinery_pipeline.crop_plan import CropPlan
     from refinery_pipeline.dataset import check_cap_applies, conversion_options, open_dataset
-    from refinery_pipeline.precompute import precompute as run
+    from refinery_pipeline.precompute import check_labelled, precompute as run
     from refinery_pipeline.models import OptionNames
     from refinery_pipeline.refinery import load_refinery, member_archs
     from refinery_pipeline.train import resolve_device
 
     recipe, archs = Recipe.parse(augment), member_archs(weights, arch)  # before any work
     check_cap_applies(data, max_resolution)
-    read_as = given_source_options(data, cache_dir, split=split, key_column=key_column,
+    read_as = given_source_options(data, split=split, key_column=key_column,
                                    image_column=image_column, label_column=label_column,
-                                   path_column=path_column)
+                                   path_column=path_column, classes=classes)
     options = conversion_options(_recorded_source(store), max_resolution)  # a resume's frame
     dataset = open_dataset(data, split or "train", cache_dir, options, num_workers=workers,
                            **read_as)
+    check_labelled(dataset)  # a .beton converted without labels: before loading weights
     refinery = load_refinery(weights, archs, dataset.classes, input_size, bn_mode=bn_mode,
                              temperature=temperature, device=resolve_device(device),
                              compile=compile_, trust_checkpoint=trust_checkpoint,
@@ -754,7 +768,7 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
 @source_options
 @friendly_errors(about="out_dir")
 def convert(data, out_dir, max_resolution, jpeg, jpeg_quality, write_mode, workers, split,
-            key_column, image_column, label_column, path_column):
+            key_column, image_column, label_column, path_column, classes):
     """Write DATA to .beton files in OUT_DIR: an ImageFolder tree (train/ and val/) to
     <name>_{train,val}.beton, any other form (shards, a Hugging Face dataset, a list or folder
     of images) to <name>.beton, keyed by its images' names.
@@ -767,14 +781,15 @@ def convert(data, out_dir, max_resolution, jpeg, jpeg_quality, write_mode, worke
     check_options_used("convert", options)  # a JPEG quality for raw pixels: refused
     read_as = given_source_options(data, split=split, key_column=key_column,
                                    image_column=image_column, label_column=label_column,
-                                   path_column=path_column)
+                                   path_column=path_column, classes=classes)
     written = convert_data(data, out_dir, options, workers, split, **read_as)
     for path in written:
         ds = ImageDataset(path)
         classes = f"{len(ds.classes)} classes" if ds.has_labels else "no labels"
         click.echo(f"{path}: {ds.num_images:,} images, {classes}, "
                    f"{path.stat().st_size / 1e6:,.1f} MB" + _passed_through(ds))
-    click.echo(f"next: refine precompute {written[0]} labels.zarr --weights REFINERY.pt")
+    if ImageDataset(written[0]).has_labels:
+        click.echo(f"next: refine precompute {written[0]} labels.zarr --weights REFINERY.pt")
 
 
 @cli.command()

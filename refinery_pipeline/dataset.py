@@ -578,17 +578,21 @@ def is_beton(data) -> bool:
 
 
 SPLIT_KINDS = ("image_folder", "hf_dataset")  # the sources whose data holds splits
+CACHING_KINDS = ("webdataset", "hf_dataset")  # keep a shard index or a table cache
 
 
-def open_data_source(data, split: str = "train", **options):
-    """``data`` as an :class:`.sources.ImageSource` (:func:`.sources.open_source`), its split
-    ``split`` where the kind has splits (a tree's ``train/``, a ``DatasetDict``'s split)."""
+def open_data_source(data, split: str = "train", cache_dir=None, **options):
+    """``data`` as an :class:`.sources.ImageSource` (:func:`.sources.open_source`): its split
+    ``split`` where the kind has splits (a tree's ``train/``, a ``DatasetDict``'s split), its
+    shard index or table cache under ``cache_dir`` where the kind keeps one."""
     from .sources import ImageSource, open_source, source_kind
     if isinstance(data, ImageSource):
         return open_source(data, **options)
     kind = options.pop("kind", None) or source_kind(data)
     if kind in SPLIT_KINDS:
         options = {"split": split, **options}
+    if kind in CACHING_KINDS and cache_dir is not None:
+        options = {"cache_dir": cache_dir, **options}
     return open_source(data, kind, **options)
 
 
@@ -643,7 +647,7 @@ def open_dataset(data, split: str = "train", cache_dir=None,
             raise ArgumentError(f"{', '.join(source_options)}: {data} is a .beton, which takes "
                                 "no source options; leave them out")
         return ImageDataset(data)
-    source = open_data_source(data, split, **source_options)
+    source = open_data_source(data, split, cache_dir, **source_options)
     if labels_required:
         require_labels(source)
     return ImageDataset(converted(source, cache_dir, options, num_workers))
