@@ -181,10 +181,6 @@ cache_dir_option = click.option("--cache-dir", default=None,
                                 help="where DATA (a tree, shards, a table...) is converted to "
                                      ".beton, once")
 
-DATA_HELP = ("DATA: an ImageFolder tree, a folder of images, a list of paths (.txt/.csv), "
-             "WebDataset shards (paths, a brace pattern such as shards-{000..009}.tar, s3:// or "
-             "http(s):// URLs), a Hugging Face dataset (save_to_disk folder, .parquet/.arrow "
-             "files) or a .beton")
 # Options of DATA's kind of source (refinery_pipeline.sources.open_source), by setting name.
 SOURCE_OPTIONS = {
     "split": ("--split", "the split of a tree (DATA/<split>/) or of a Hugging Face DatasetDict",
@@ -229,6 +225,17 @@ def given_source_options(data, **given) -> dict:
     if "classes" in given:
         given["classes"] = _class_names(given["classes"])
     return given
+
+
+def _class_names(value: str) -> list:
+    """``--classes``: names separated by commas, or a text file holding one per line."""
+    path = Path(value)
+    names = (path.read_text().splitlines() if path.is_file() else value.split(","))
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise RefineryError(f"--classes {value}: names no class; give names separated by commas "
+                            "or a file with one per line")
+    return names
 
 
 def _usage_error_line(exc: click.UsageError) -> str:
@@ -308,17 +315,6 @@ def _fail(message: str):
 def cli():
     """Offline Label Refinery: label every crop once, replay crops and labels while training."""
     _one_line_warnings()
-
-
-def _class_names(value: str) -> list:
-    """``--classes``: names separated by commas, or a text file holding one per line."""
-    path = Path(value)
-    names = (path.read_text().splitlines() if path.is_file() else value.split(","))
-    names = [name.strip() for name in names if name.strip()]
-    if not names:
-        raise RefineryError(f"--classes {value}: names no class; give names separated by commas "
-                            "or a file with one per line")
-    return names
 
 
 @cli.command()
