@@ -629,13 +629,15 @@ def evaluate(run, data, split, res, arch, batch_size, workers, device, trust_che
     on the centred square of every image of a split, as validation is evaluated; `--split
     train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json for the
     data it trained on, and RUN/eval_SPLIT-<fingerprint>.json for any other DATA."""
-    from refinery_pipeline.evaluation import (checkpoint_of, data_of, evaluate_checkpoint,
-                                              measured_own_data, save_evaluation)
+    from refinery_pipeline.evaluation import (checkpoint_of, conversion_of, data_of,
+                                              evaluate_checkpoint, measured_own_data,
+                                              save_evaluation)
     from refinery_pipeline.models import OptionNames
     metrics = evaluate_checkpoint(checkpoint_of(run), data_of(run, data), split, res,
                                   batch_size, workers, device, cache_dir, arch=arch,
                                   trust_checkpoint=trust_checkpoint,
-                                  option_names=OptionNames("--arch", "--res"))
+                                  option_names=OptionNames("--arch", "--res"),
+                                  options=conversion_of(run, data))
     saved = save_evaluation(run, metrics)
     record = metrics["data"]
     click.echo(f"{split} top-1 {metrics[split + '_top1']:.2f}  top-5 "

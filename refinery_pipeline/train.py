@@ -480,7 +480,8 @@ def fit(cfg: TrainConfig) -> dict:
                   "train_images": len(train_loader.indices),
                   "init_sha256": _initialise(model, cfg, classes) if cfg.init else None,
                   "data_ids": data_ids(train_ds, open_dataset(_val_location(cfg.data), "val",
-                                                              cfg.cache_dir, _conversion(cfg)))}
+                                                              cfg.cache_dir, _conversion(cfg))),
+                  "conversion": _conversion(cfg).recorded()}  # `refine evaluate` converts so
     _check_same_run(out, saved, run_config)  # again, with what only the data tells
     model = model.to(device)
     if cfg.channels_last:

@@ -4,6 +4,7 @@ exactly the labelled pixels; everything else is decoded and re-encoded as before
 ``reencode`` writes the ``.beton`` of old stores byte for byte."""
 import hashlib
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -191,6 +192,18 @@ def test_a_store_from_before_passthrough_still_trains_from_its_tree(tree, tiny_r
         5, "--workers", 1, "--out", tmp_path / "run", "--cache-dir", cache,
         "--warmup-epochs", 0)
     assert list(cache.glob("data-train-*.beton")) == [old.path]  # no passthrough copy made
+    # `refine evaluate RUN` converts the run's own data as the run did, so files it as its own
+    # (with the run's record, and for runs from before it was kept, as their store says)
+    config_path = tmp_path / "run" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["conversion"] == {"jpeg": "reencode"}
+    for recorded in (True, False):
+        if not recorded:  # a run from before the record: converted as its store says
+            config_path.write_text(json.dumps({k: v for k, v in config.items()
+                                               if k != "conversion"}))
+        result = run("evaluate", tmp_path / "run", "--workers", 1, "--cache-dir", cache)
+        assert "eval_val.json" in result.output and "note:" not in result.output
+    assert not list(cache.glob("data-val-*.beton"))[1:]  # val converted once, as trained
 
 
 # --------------------------------------------------------------------------- pages and sizes

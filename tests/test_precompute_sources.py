@@ -235,3 +235,32 @@ def test_the_library_refuses_to_label_images_without_classes(forms, tmp_path, ti
         label(unlabelled, tmp_path / "s.zarr", Refinery.from_checkpoint(tiny_refinery_ckpt),
               CropPlan(seed=0, crops_per_image=2), progress=False)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_mapped_data_set_converts_with_its_keys_every_time(forms, tmp_path):
+    """Decoded images (no bytes to pass through), keyed by the user's function; such a data set
+    cannot tell whether it changed, so each open converts it again (to the same file)."""
+    from refinery_pipeline.sources import open_source
+
+    class Pairs:  # a map-style data set of (PIL image, label), as torchvision's are
+        def __init__(self, root):
+            self.files = sorted(root.rglob("*.*"))
+            self.classes = CLASSES
+            self.targets = [CLASSES.index(f.parent.name) for f in self.files]
+
+        def __len__(self):
+            return len(self.files)
+
+        def __getitem__(self, i):
+            return Image.open(self.files[i]).convert("RGB"), self.targets[i]
+
+    pairs = Pairs(forms["tree"] / "train")
+    names = [f"{f.parent.name}/{f.stem}" for f in pairs.files]
+    source = open_source(pairs, key_fn=names.__getitem__)
+    first = open_dataset(source, cache_dir=tmp_path, num_workers=1)
+    stamp, fingerprint = first.path.stat().st_mtime_ns, first.fingerprint()
+    assert sorted(first.keys()) == sorted(forms["truth"]) and first.meta["passed_through"] == 0
+    assert [first.classes[c] for c in first.labels] == [forms["truth"][k][1] for k in first.keys()]
+    again = open_dataset(source, cache_dir=tmp_path, num_workers=1)
+    assert again.path == first.path and again.path.stat().st_mtime_ns != stamp
+    assert again.fingerprint() == fingerprint  # the same bytes, in the same order
