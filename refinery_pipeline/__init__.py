@@ -9,25 +9,46 @@ change without notice. See ``docs/api.md``.
 """
 __version__ = "0.3.0"
 
-from .crop_batch import NOT_STORED, CropBatch, SparseLabels
-from .crop_plan import SLOT_POLICIES, CropPlan, slot_of
-from .check_copy import CopyReport, check_copy
-from .copies import CopyJoin
-from .errors import (ArgumentError, CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
-                     RefineryWarning, StoreCorruptError, StoreError, StoreMismatchError,
-                     StoreNotFoundError, MissingImagesError)
-from .label_store import (FORMAT_VERSION, Batching, CropRecords, DatasetInfo, LabelStore,
-                          RefineryInfo, StoreLayout)
-from .losses import (LOSSES, REST_POLICIES, get_loss, kl_divergence, l2_on_probabilities,
-                     reverse_kl, soft_cross_entropy)
-from .stream import StoreCrops
-from .targets import visual_category_table
-from .torch_data import (BetonImages, CropCollate, CropSample, FolderImages, MappedImages,
-                         StoreCropDataset, dense_targets)
-from .wordnet import wordnet_category_table
+import importlib
+
+# Where each public name lives. Names load on first use (PEP 562), so importing a torch-free
+# part (the crop plan, the store, the errors) does not load torch, FFCV or numba.
+_HOMES = {
+    "crop_batch": ("NOT_STORED", "CropBatch", "SparseLabels"),
+    "crop_plan": ("SLOT_POLICIES", "CropPlan", "slot_of"),
+    "check_copy": ("CopyReport", "check_copy"),
+    "copies": ("CopyJoin",),
+    "errors": ("ArgumentError", "CheckpointError", "DataSetError", "IncompleteStoreError",
+               "RefineryError", "RefineryWarning", "StoreCorruptError", "StoreError",
+               "StoreMismatchError", "StoreNotFoundError", "MissingImagesError"),
+    "label_store": ("FORMAT_VERSION", "Batching", "CropRecords", "DatasetInfo", "LabelStore",
+                    "RefineryInfo", "StoreLayout", "REST_POLICIES"),
+    "losses": ("LOSSES", "get_loss", "kl_divergence", "l2_on_probabilities", "reverse_kl",
+               "soft_cross_entropy"),
+    "stream": ("StoreCrops",),
+    "targets": ("visual_category_table",),
+    "torch_data": ("BetonImages", "CropCollate", "CropSample", "FolderImages", "MappedImages",
+                   "StoreCropDataset", "dense_targets"),
+    "wordnet": ("wordnet_category_table",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 
-def open_store(location) -> LabelStore:
+def __getattr__(name: str):
+    """A public name, imported from its module the first time it is asked for."""
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOME_OF))
+
+
+def open_store(location) -> "LabelStore":
     """Open a label store for reading.
 
     Parameters
@@ -57,6 +78,7 @@ def open_store(location) -> LabelStore:
     ArgumentError
         ``location`` is no path or URL.
     """
+    from .label_store import LabelStore
     return LabelStore.open(location)
 
 
@@ -119,6 +141,7 @@ def beton_path(data, cache_dir=None, *, split: str = "train", store=None,
     optional_whole_number("max_resolution", max_resolution, 0, "pass a longer-side cap in "
                           "pixels, 0 to keep the sizes, or None")
     whole_number("num_workers", num_workers, 1, "pass 1 or more converting processes")
+    from .label_store import LabelStore
     source = None
     if store is not None:
         source = (store if isinstance(store, LabelStore) else LabelStore.open(store)).dataset.source

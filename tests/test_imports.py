@@ -1,0 +1,47 @@
+"""Imports cost what they use (issue 28): the torch-free parts of the package (the crop plan,
+the store, keys, errors) load without torch, FFCV or numba, and the public API is exactly
+``__all__``, every name of it reachable from the package."""
+import subprocess
+import sys
+
+import pytest
+
+import refinery_pipeline as refinery
+
+HEAVY = ("torch", "ffcv", "numba", "torchvision")
+TORCH_FREE = ("crop_plan", "label_store", "keys", "errors", "validators")
+
+PUBLIC_API = {
+    "open_store", "LabelStore", "StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo",
+    "Batching", "CropRecords", "FORMAT_VERSION", "slot_of", "SLOT_POLICIES", "dense_targets",
+    "REST_POLICIES", "visual_category_table", "wordnet_category_table", "get_loss", "LOSSES",
+    "kl_divergence", "soft_cross_entropy", "reverse_kl", "l2_on_probabilities", "CropBatch",
+    "SparseLabels", "NOT_STORED", "StoreCropDataset", "CropCollate", "CropSample",
+    "BetonImages", "FolderImages", "MappedImages", "replay_loader", "beton_path", "CopyJoin",
+    "check_copy", "CopyReport", "StoreCrops", "RefineryError", "RefineryWarning", "StoreError",
+    "StoreNotFoundError", "StoreMismatchError", "IncompleteStoreError", "StoreCorruptError",
+    "DataSetError", "CheckpointError", "ArgumentError", "MissingImagesError",
+}
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_a_torch_free_part_loads_no_heavy_package(module):
+    probe = (f"import sys, refinery_pipeline.{module}; "
+             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "", f"importing refinery_pipeline.{module} loaded {loaded}"
+
+
+def test_the_public_api_is_exactly_all_and_every_name_resolves():
+    assert set(refinery.__all__) == PUBLIC_API  # a change here is a change for users
+    for name in refinery.__all__:
+        assert getattr(refinery, name) is not None
+    assert set(refinery.__all__) <= set(dir(refinery))
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no_such_name"):
+        refinery.no_such_name  # noqa: B018
+    with pytest.raises(ImportError):
+        from refinery_pipeline import no_such_name  # noqa: F401
