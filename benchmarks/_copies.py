@@ -117,7 +117,7 @@ def reencoded(split: Path, out: Path, quality: int, short_side: int = None) -> P
     import cv2
     from PIL import Image
 
-    from refinery_pipeline.pixels import read_image_file
+    from refinery_pipeline.sources.pixels import read_image_file
     for f, name in split_files(split):
         pixels = read_image_file(f)
         h, w = pixels.shape[:2]

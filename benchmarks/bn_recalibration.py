@@ -5,7 +5,7 @@ step) or models with slow BN momentum (torchvision's MobileNetV3 uses 0.01) in s
 can differ at evaluation only because their running statistics lag the weights. For each run
 directory this evaluates ``model.pt`` as saved, then again after recomputing every BN layer's
 running statistics as a plain average over ``--batches`` training batches ("precise BN",
-:func:`refinery_pipeline.precise_bn.recompute_from_loader`, what ``refine train --precise-bn``
+:func:`refinery_pipeline.training.precise_bn.recompute_from_loader`, what ``refine train --precise-bn``
 does before each evaluation), and prints both: the check for runs trained without it.
 
   python benchmarks/bn_recalibration.py DATA RUN [RUN ...] --res 32 --tag bn_recalibration_cpu32
@@ -18,9 +18,9 @@ import torch
 from _results import markdown_table, write_results
 from _runs import device_name
 
-from refinery_pipeline.models import load_trained_model
-from refinery_pipeline.precise_bn import recompute_from_loader
-from refinery_pipeline.train import TrainConfig, evaluate, load_data, resolve_device
+from refinery_pipeline.models.registry import load_trained_model
+from refinery_pipeline.training.precise_bn import recompute_from_loader
+from refinery_pipeline.training.train import TrainConfig, evaluate, load_data, resolve_device
 
 
 def main():
@@ -58,7 +58,7 @@ def to_markdown(result: dict) -> str:
     lines = [f"# Val top-1 with BatchNorm statistics recomputed: `{a['tag']}`", "",
              f"Device {result['device']}; {a['res']} px; running statistics recomputed as the "
              f"plain average over {a['batches']} training batches of {a['batch_size']} fresh "
-             "crops, weights frozen, dropout off (`refinery_pipeline.precise_bn`).", ""]
+             "crops, weights frozen, dropout off (`refinery_pipeline.training.precise_bn`).", ""]
     lines += markdown_table(
         ["run", "arch", "val top-1 as saved", "recomputed BN statistics", "change"],
         [[r["run"], r["arch"], f"{r['val_top1_saved']:.2f}", f"{r['val_top1_recalibrated']:.2f}",

@@ -26,12 +26,12 @@ import torch
 from _results import markdown_table, write_results
 from _runs import device_name
 
-from refinery_pipeline.augment import Recipe
-from refinery_pipeline.losses import get_loss
-from refinery_pipeline.models import create_model
-from refinery_pipeline.precompute import software_versions
-from refinery_pipeline.schedule import lr_factor
-from refinery_pipeline.train import TrainConfig, load_data, resolve_device, train_one_epoch
+from refinery_pipeline.plan.augment import Recipe
+from refinery_pipeline.training.losses import get_loss
+from refinery_pipeline.models.registry import create_model
+from refinery_pipeline.labelling.precompute import software_versions
+from refinery_pipeline.training.schedule import lr_factor
+from refinery_pipeline.training.train import TrainConfig, load_data, resolve_device, train_one_epoch
 
 LOADER_REMOVED = "loader removed"
 CACHED, ONLINE = "cached soft (store)", "online teacher (fresh crops)"

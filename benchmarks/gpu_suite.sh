@@ -88,7 +88,7 @@ stage() {
 }
 
 stage convert 10 python3 -c "
-from refinery_pipeline.dataset import open_dataset
+from refinery_pipeline.sources.dataset import open_dataset
 for split in ('train', 'val'):
     print(open_dataset('$DATA', split, num_workers=$CORES).path)" || exit 1
 

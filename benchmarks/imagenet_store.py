@@ -103,7 +103,7 @@ def synthetic_labels(labels: np.ndarray, K: int, top_k: int, classes: int, seed:
 
 def chunk_records(layout, plan, sizes, labels, c: int, classes: int) -> dict:
     """What chunk ``c`` holds: the plan's boxes and flips, synthetic labels seeded by ``c``."""
-    from refinery_pipeline.crop_plan import sample_boxes, sample_flips
+    from refinery_pipeline.plan.crop_plan import sample_boxes, sample_flips
     rows = layout.chunk_range(c)
     ids = np.arange(rows.start, rows.stop)
     indices, probs = synthetic_labels(labels[ids], layout.crops_per_image, layout.top_k, classes,
@@ -120,8 +120,8 @@ def as_stored(layout, arrays: dict) -> dict:
 
 
 def store_attributes(plan, images: int, classes: int) -> dict:
-    from refinery_pipeline.label_store import Batching
-    from refinery_pipeline.precompute import software_versions
+    from refinery_pipeline.store.label_store import Batching
+    from refinery_pipeline.labelling.precompute import software_versions
     return {"plan": plan.to_dict(),
             "refinery": {"arch": "resnet50", "weights_sha256": "0" * 64, "bn_mode": "train",
                          "temperature": 1.0, "input_size": 224,
@@ -142,8 +142,8 @@ def memory() -> dict:
 
 
 def setting(cfg):
-    from refinery_pipeline.crop_plan import CropPlan
-    from refinery_pipeline.label_store import StoreLayout, default_chunk_size
+    from refinery_pipeline.plan.crop_plan import CropPlan
+    from refinery_pipeline.store.label_store import StoreLayout, default_chunk_size
     layout = StoreLayout(cfg["images"], cfg["K"], cfg["top_k"],
                          default_chunk_size(cfg["K"], cfg["top_k"]))
     return layout, CropPlan(seed=0, crops_per_image=cfg["K"])
@@ -151,7 +151,7 @@ def setting(cfg):
 
 def phase_write(cfg) -> dict:
     import zarr.codecs  # noqa: F401  (imported before the clock starts)
-    from refinery_pipeline.label_store import LabelStore
+    from refinery_pipeline.store.label_store import LabelStore
     layout, plan = setting(cfg)
     sizes, labels = image_sizes(layout.num_images), ground_truth(layout.num_images, cfg["classes"])
     attrs, synth, write = store_attributes(plan, layout.num_images, cfg["classes"]), 0.0, 0.0
@@ -182,9 +182,9 @@ def phase_write(cfg) -> dict:
 def phase_read(cfg) -> dict:
     """What ``refine train`` does with a store before its first step, timed."""
     import torch
-    from refinery_pipeline.label_store import LabelStore
-    from refinery_pipeline.replay import TABLE_FIELDS, ReplayedCrops
-    from refinery_pipeline.targets import StoredTargets
+    from refinery_pipeline.store.label_store import LabelStore
+    from refinery_pipeline.loaders.replay import TABLE_FIELDS, ReplayedCrops
+    from refinery_pipeline.training.targets import StoredTargets
     layout, plan = setting(cfg)
     start = time.perf_counter()
     store = LabelStore.open(cfg["store"])
@@ -221,9 +221,9 @@ def phase_read(cfg) -> dict:
 
 def phase_shared_read(cfg) -> dict:
     """One torchrun rank's read now: the host's first rank fills maps, every rank maps them."""
-    from refinery_pipeline.distributed import node_shared_arrays
-    from refinery_pipeline.label_store import CROP_ARRAYS, LabelStore
-    from refinery_pipeline.train import _fill_records
+    from refinery_pipeline.core.distributed import node_shared_arrays
+    from refinery_pipeline.store.label_store import CROP_ARRAYS, LabelStore
+    from refinery_pipeline.training.train import _fill_records
     store = LabelStore.open(cfg["store"])
     start = time.perf_counter()
     arrays = node_shared_arrays(lambda create: _fill_records(store, False, True, create),
@@ -254,7 +254,7 @@ def phase_verify(cfg) -> dict:
 
 def store_bytes(cfg) -> dict:
     """The store's bytes: all files (or objects), and per array with its largest object."""
-    from refinery_pipeline.label_store import LabelStore
+    from refinery_pipeline.store.label_store import LabelStore
     store = LabelStore.open(cfg["store"])
     total = store.nbytes_on_disk()
     per_array, largest = {}, {}
@@ -343,7 +343,7 @@ def measure(args) -> dict:
 # ------------------------------------------------------------------------------ report
 
 def report(args, result: dict) -> str:
-    from refinery_pipeline.label_store import default_chunk_size
+    from refinery_pipeline.store.label_store import default_chunk_size
     cfg, local = result["config"], result["local"]
     crops = cfg["images"] * cfg["K"]
     gb = lambda b: f"{b / 1e9:.2f}"

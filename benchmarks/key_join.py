@@ -16,7 +16,7 @@ import time
 import numpy as np
 from _results import markdown_table, write_results
 
-from refinery_pipeline.keys import join, normalize_keys
+from refinery_pipeline.sources.keys import join, normalize_keys
 
 
 def synthetic_keys(images: int, classes: int = 1000, seed: int = 0) -> list:

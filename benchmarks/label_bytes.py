@@ -47,9 +47,9 @@ import numpy as np
 from _results import markdown_table, write_results
 from _stores import rewrite_store
 
-from refinery_pipeline.label_store import (CHECKSUMS, DONE_FLAGS, IMAGE_SIZES, LABELS, CropRecords,
+from refinery_pipeline.store.label_store import (CHECKSUMS, DONE_FLAGS, IMAGE_SIZES, LABELS, CropRecords,
                                            LabelStore, StoreLayout, round_probabilities)
-from refinery_pipeline.precompute import software_versions
+from refinery_pipeline.labelling.precompute import software_versions
 
 GROUPS = {"topk_indices": "indices", "topk_probs": "probabilities", "boxes": "boxes",
           "flips": "flips", CHECKSUMS: "checksums + flags", DONE_FLAGS: "checksums + flags",
@@ -242,7 +242,7 @@ def measure(path: str, top_k: int, work: Path, codecs: bool) -> dict:
 def compare(reference: str, reduced: str) -> dict:
     """The reduced store's labels against the float16 reference store's (same crops)."""
     import torch
-    from refinery_pipeline.torch_data import dense_targets
+    from refinery_pipeline.loaders.torch_data import dense_targets
     a, b = load(reference), load(reduced)
     same = a["indices"] == b["indices"]
     out = {"reference": reference, "reduced": reduced,

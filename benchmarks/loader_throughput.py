@@ -16,10 +16,10 @@ import time
 import numpy as np
 from _results import markdown_table, write_results
 
-from refinery_pipeline.crop_plan import CropPlan, sample_boxes, sample_flips
-from refinery_pipeline.dataset import open_dataset
-from refinery_pipeline.precompute import software_versions
-from refinery_pipeline.replay import FreshCrops, ReplayedCrops, make_loader
+from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
+from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.labelling.precompute import software_versions
+from refinery_pipeline.loaders.replay import FreshCrops, ReplayedCrops, make_loader
 
 def stock_loader(dataset, res, batch_size, workers, seed):
     from ffcv.fields.basics import IntDecoder

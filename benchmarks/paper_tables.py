@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refinery_pipeline.label_store import DEFAULT_TOP_K, LabelStore
-from refinery_pipeline.wordnet import DEFAULT_TEMPERATURE
+from refinery_pipeline.store.label_store import DEFAULT_TOP_K, LabelStore
+from refinery_pipeline.training.wordnet import DEFAULT_TEMPERATURE
 
 from _results import markdown_table, write_results
 from _runs import (GROUND_TRUTH, StudentRuns, add_student_arguments, describe_students,
@@ -152,7 +152,7 @@ def refinery_profile(args, work: Path, name: str, model: Path, bn_mode: str) -> 
 
 
 def _training_labels(data) -> np.ndarray:
-    from refinery_pipeline.dataset import open_dataset
+    from refinery_pipeline.sources.dataset import open_dataset
     return np.asarray(open_dataset(data, "train", None, num_workers=1).labels)
 
 

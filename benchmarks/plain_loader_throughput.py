@@ -43,9 +43,9 @@ from loader_throughput import epoch_rate, stock_loader
 import _copies
 
 import refinery_pipeline as refinery
-from refinery_pipeline.dataset import open_dataset
-from refinery_pipeline.models import create_model, save_checkpoint
-from refinery_pipeline.precompute import software_versions
+from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.models.registry import create_model, save_checkpoint
+from refinery_pipeline.labelling.precompute import software_versions
 
 TORCHVISION = "torchvision ImageFolder + RandomResizedCrop + flip + PILToTensor"
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from _results import markdown_table, write_results
 
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import open_dataset
-from refinery_pipeline.label_store import LabelStore
-from refinery_pipeline.models import create_model
-from refinery_pipeline.precompute import precompute, software_versions
-from refinery_pipeline.refinery import Refinery, autocast_for
-from refinery_pipeline.train import resolve_device
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.models.registry import create_model
+from refinery_pipeline.labelling.precompute import precompute, software_versions
+from refinery_pipeline.labelling.refinery import Refinery, autocast_for
+from refinery_pipeline.training.train import resolve_device
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

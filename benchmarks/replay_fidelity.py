@@ -22,15 +22,15 @@ import torch
 from _results import markdown_table, write_results
 from _runs import device_name
 
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import open_dataset
-from refinery_pipeline.label_store import LabelStore
-from refinery_pipeline.precompute import precompute, software_versions
-from refinery_pipeline.models import to_pixels
-from refinery_pipeline.refinery import Refinery
-from refinery_pipeline.replay import ReplayedCrops, make_loader
-from refinery_pipeline.targets import OnlineTargets, StoredTargets
-from refinery_pipeline.train import resolve_device
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.labelling.precompute import precompute, software_versions
+from refinery_pipeline.models.registry import to_pixels
+from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+from refinery_pipeline.training.targets import OnlineTargets, StoredTargets
+from refinery_pipeline.training.train import resolve_device
 
 
 def compare_epochs(dataset, store_path: Path, refinery: Refinery, epochs: int, batch_size: int,

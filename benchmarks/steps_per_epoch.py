@@ -17,7 +17,7 @@ from pathlib import Path
 from _results import markdown_table, write_results
 from _runs import device_name, final_metrics, run_logged
 
-from refinery_pipeline.schedule import MIN_STEPS_PER_EPOCH
+from refinery_pipeline.training.schedule import MIN_STEPS_PER_EPOCH
 
 
 def get_args():

@@ -10,7 +10,7 @@ Steps, each a ``refine`` command or public call; finished steps are skipped on a
 1. a refinery trained on DATA's ground truth (or ``--refinery``), ``refine precompute`` of
    DATA's tree (K crops per image, top-k, the default train-mode BN);
 2. the copies, made from the tree's files (``benchmarks/_copies.py``);
-3. per copy: :func:`refinery_pipeline.check_copy` with the refinery on ``--sample`` crops
+3. per copy: :func:`refinery_pipeline.labelling.check_copy` with the refinery on ``--sample`` crops
    (train-mode BN: whole loader batches of the store's run), and every store row's crop at
    epochs 0 and 1 from the copy, through the plain reader (``StoreCropDataset``) and the FFCV
    backend (``replay_loader``, which converts the copy to a keyed ``.beton``), compared byte
@@ -110,7 +110,7 @@ def check(store, data, refinery_model, args, allow_missing: bool) -> dict:
 
 def load_refinery(store, weights: str):
     from refinery_pipeline import open_store
-    from refinery_pipeline.refinery import load_as_recorded
+    from refinery_pipeline.labelling.refinery import load_as_recorded
     opened = open_store(store)
     return load_as_recorded([weights], opened.attrs["refinery"], opened.classes, device="cpu")
 

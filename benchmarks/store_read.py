@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from _results import markdown_table, write_results
 
-from refinery_pipeline.label_store import CROP_ARRAYS, LabelStore, StoreLayout
-from refinery_pipeline.precompute import software_versions
+from refinery_pipeline.store.label_store import CROP_ARRAYS, LabelStore, StoreLayout
+from refinery_pipeline.labelling.precompute import software_versions
 
 
 def make_store(path: Path, images: int, K: int, chunk: int):

@@ -89,7 +89,7 @@ def truncated_store(source: Path, top_k: int, out: Path) -> Path:
     classes cut to its ``top_k`` most probable (they come first, sorted). It saves one refinery
     pass per top-k; `--check-derive` compares one against a real precompute."""
     from dataclasses import replace
-    from refinery_pipeline.label_store import LabelStore
+    from refinery_pipeline.store.label_store import LabelStore
     if out.exists():
         return out
     full = LabelStore.open(source)

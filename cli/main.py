@@ -10,14 +10,14 @@ from types import SimpleNamespace
 
 import click
 
-from refinery_pipeline.crop_plan import DEFAULT_CROPS_PER_IMAGE, DEFAULT_SLOT_POLICY, SLOT_POLICIES
-from refinery_pipeline.errors import (RefineryError, RefineryWarning, storage_error_message,
+from refinery_pipeline.plan.crop_plan import DEFAULT_CROPS_PER_IMAGE, DEFAULT_SLOT_POLICY, SLOT_POLICIES
+from refinery_pipeline.core.errors import (RefineryError, RefineryWarning, storage_error_message,
                                       storage_io_errors)
-from refinery_pipeline.label_store import (DEFAULT_PROB_BITS, DEFAULT_REST, DEFAULT_TOP_K,
+from refinery_pipeline.store.label_store import (DEFAULT_PROB_BITS, DEFAULT_REST, DEFAULT_TOP_K,
                                            MAX_PROB_BITS, REST_POLICIES)
-from refinery_pipeline.option_relevance import check_options_used
-from refinery_pipeline.schedule import LR_SCHEDULERS
-from refinery_pipeline.wordnet import DEFAULT_TEMPERATURE
+from refinery_pipeline.core.option_relevance import check_options_used
+from refinery_pipeline.training.schedule import LR_SCHEDULERS
+from refinery_pipeline.training.wordnet import DEFAULT_TEMPERATURE
 
 WORKERS_HELP = ("decoding threads (FFCV's num_workers); on a GPU machine about its core count, "
                 "e.g. 16")
@@ -136,7 +136,7 @@ workers_option = click.option("--workers", default=2, type=AT_LEAST_ONE, help=WO
 def _checked_device(ctx, param, value):
     """``--device``: a name torch does not know, or a device this machine lacks, fails before
     the command runs, so nothing is converted or created for it."""
-    from refinery_pipeline.devices import device_problem
+    from refinery_pipeline.core.devices import device_problem
     problem = device_problem(value)
     if problem is not None:
         raise OptionValueError(value, *problem, param, ctx)
@@ -212,7 +212,7 @@ def given_source_options(data, **given) -> dict:
     left to :func:`open_dataset`."""
     import inspect
 
-    from refinery_pipeline.dataset import is_beton
+    from refinery_pipeline.sources.dataset import is_beton
     from refinery_pipeline.sources import BUILDERS, source_kind
     given = {name: value for name, value in given.items() if value is not None}
     kind = "beton" if is_beton(data) else source_kind(data)
@@ -369,13 +369,13 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     label column, WebDataset shards with cls members, a Hugging Face dataset, or a .beton. It
     is converted once to a .beton (JPEGs kept byte for byte), and the store records each
     image's key and the SHA-256 of its bytes, so any copy of the data finds its labels."""
-    from refinery_pipeline.augment import Recipe
-    from refinery_pipeline.crop_plan import CropPlan
-    from refinery_pipeline.dataset import check_cap_applies, conversion_options, open_dataset
-    from refinery_pipeline.precompute import check_labelled, precompute as run
-    from refinery_pipeline.models import OptionNames
-    from refinery_pipeline.refinery import load_refinery, member_archs
-    from refinery_pipeline.train import resolve_device
+    from refinery_pipeline.plan.augment import Recipe
+    from refinery_pipeline.plan.crop_plan import CropPlan
+    from refinery_pipeline.sources.dataset import check_cap_applies, conversion_options, open_dataset
+    from refinery_pipeline.labelling.precompute import check_labelled, precompute as run
+    from refinery_pipeline.models.registry import OptionNames
+    from refinery_pipeline.labelling.refinery import load_refinery, member_archs
+    from refinery_pipeline.training.train import resolve_device
 
     recipe, archs = Recipe.parse(augment), member_archs(weights, arch)  # before any work
     check_cap_applies(data, max_resolution)
@@ -394,7 +394,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     # a storage failure keeps finished chunks: friendly_errors
     s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
             soft_static=soft_static, prob_bits=prob_bits)
-    from refinery_pipeline.distributed import is_main
+    from refinery_pipeline.core.distributed import is_main
     if is_main():
         busy = (f", {s.chunks_claimed_elsewhere} being written by another process"
                 if s.chunks_claimed_elsewhere else "")
@@ -418,7 +418,7 @@ def _passed_through(dataset) -> str:
 def _open_store_data(data, store, cache_dir, workers: int = 2):
     """DATA of an existing STORE, a tree converted as the store's labels were made (so to the
     same .beton)."""
-    from refinery_pipeline.dataset import conversion_options, open_dataset
+    from refinery_pipeline.sources.dataset import conversion_options, open_dataset
     options = conversion_options(_recorded_source(store))
     return open_dataset(data, "train", cache_dir, options, num_workers=workers)
 
@@ -426,8 +426,8 @@ def _open_store_data(data, store, cache_dir, workers: int = 2):
 def _recorded_source(location):
     """The ``dataset.source`` an existing store records; None for a new store, or one that
     cannot be read (the command's own check of it names the problem)."""
-    from refinery_pipeline.errors import StoreError
-    from refinery_pipeline.label_store import LabelStore
+    from refinery_pipeline.core.errors import StoreError
+    from refinery_pipeline.store.label_store import LabelStore
     try:
         return LabelStore.open(location).dataset.source
     except (StoreError, TypeError, KeyError):
@@ -550,10 +550,10 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
     approximate.
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
-    from refinery_pipeline.augment import Recipe
-    from refinery_pipeline.distributed import is_main
-    from refinery_pipeline.plots import plot_runs, read_run
-    from refinery_pipeline.train import TrainConfig, fit
+    from refinery_pipeline.plan.augment import Recipe
+    from refinery_pipeline.core.distributed import is_main
+    from refinery_pipeline.paper.plots import plot_runs, read_run
+    from refinery_pipeline.training.train import TrainConfig, fit
 
     recipe = Recipe.parse(augment)  # before the run directory exists
     # one teacher stays a plain path, as in the config.json of runs from before ensembles
@@ -596,7 +596,7 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
 def plot(runs, out, names, gap):
     """Plot accuracy per epoch and per class of one or several `refine train` RUNS (their --out
     directories): validation vs training crops, side by side in one figure."""
-    from refinery_pipeline.plots import figure_path, plot_gap, plot_runs, read_run
+    from refinery_pipeline.paper.plots import figure_path, plot_gap, plot_runs, read_run
     if out is not None:
         figure_path(out)  # before reading any run
     if names and len(names) != len(runs):
@@ -643,10 +643,10 @@ def evaluate(run, data, split, res, arch, batch_size, max_resolution, workers, d
     on the centred square of every image of a split, as validation is evaluated; `--split
     train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json for the
     data it trained on, and RUN/eval_SPLIT-<fingerprint>.json for any other DATA."""
-    from refinery_pipeline.evaluation import (checkpoint_of, data_of,
+    from refinery_pipeline.training.evaluation import (checkpoint_of, data_of,
                                               evaluate_checkpoint, measured_own_data,
                                               save_evaluation)
-    from refinery_pipeline.models import OptionNames
+    from refinery_pipeline.models.registry import OptionNames
     metrics = evaluate_checkpoint(checkpoint_of(run), data_of(run, data), split, res,
                                   batch_size, workers, device, cache_dir, arch=arch,
                                   trust_checkpoint=trust_checkpoint,
@@ -667,7 +667,7 @@ def _evaluated_conversion(run, data, max_resolution):
     on top."""
     from dataclasses import replace
 
-    from refinery_pipeline.evaluation import conversion_of
+    from refinery_pipeline.training.evaluation import conversion_of
     options = conversion_of(run, data)
     return options if max_resolution is None else replace(options,
                                                           max_resolution=max_resolution)
@@ -681,10 +681,10 @@ def _evaluated_conversion(run, data, max_resolution):
 def inspect(store, as_json, cache_dir):
     """Show what a label store holds: plan, refinery, data set, size, completeness, labels, and
     its exact pixel source (beton: the converted .beton in the cache, when it is there)."""
-    from refinery_pipeline.inspect_store import describe_store, format_summary
+    from refinery_pipeline.store.inspect_store import describe_store, format_summary
     summary = describe_store(store, cache_dir)
     if summary["beton"] is None and not as_json:
-        from refinery_pipeline.dataset import default_cache_dir
+        from refinery_pipeline.sources.dataset import default_cache_dir
         summary["beton"] = (f"not in {cache_dir or default_cache_dir()} (any command given the "
                             "DATA tree converts it there and precompute prints it)")
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
@@ -709,8 +709,8 @@ def inspect(store, as_json, cache_dir):
 def show(store, data, images, crops, seed, out, others, names, workers, cache_dir):
     """Draw stored crops of STORE (made from DATA) with their stored labels, as students see them;
     with --compare, each crop with every store's top-3 (the paper's Figs. 7-8)."""
-    from refinery_pipeline.inspect_store import compared_labels, sample_stored_crops
-    from refinery_pipeline.plots import figure_path, plot_compared_crops, plot_stored_crops
+    from refinery_pipeline.store.inspect_store import compared_labels, sample_stored_crops
+    from refinery_pipeline.paper.plots import figure_path, plot_compared_crops, plot_stored_crops
     figure_path(out)  # before any image is decoded for it
     check_options_used("show", SimpleNamespace(names=names, others=others), {"names": ()})
     stores = (store, *others)
@@ -750,7 +750,7 @@ def show(store, data, images, crops, seed, out, others, names, workers, cache_di
 def audit(store, data, weights, sample_crops, min_agreement, seed, workers, device,
           trust_checkpoint, cache_dir):
     """Re-run the refinery on sampled stored crops of STORE (made from DATA) and compare."""
-    from refinery_pipeline.audit import audit_store
+    from refinery_pipeline.labelling.audit import audit_store
 
     refinery = _recorded_refinery(store, weights, device, trust_checkpoint)
     dataset = _open_store_data(data, store, cache_dir, workers)
@@ -769,9 +769,9 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
 def _recorded_refinery(store, weights, device, trust_checkpoint):
     """The refinery ``weights`` make under STORE's record of its refinery (its classes,
     input size, BN mode: an ImageNet refinery selects the store's classes)."""
-    from refinery_pipeline.label_store import LabelStore
-    from refinery_pipeline.refinery import load_as_recorded
-    from refinery_pipeline.train import resolve_device
+    from refinery_pipeline.store.label_store import LabelStore
+    from refinery_pipeline.labelling.refinery import load_as_recorded
+    from refinery_pipeline.training.train import resolve_device
     opened = LabelStore.open(store)
     return load_as_recorded(weights, opened.attrs["refinery"], opened.classes,
                             device=resolve_device(device), trust_checkpoint=trust_checkpoint)
@@ -805,8 +805,8 @@ def check_copy(store, data, weights, sample, seed, allow_missing, workers, devic
     also the top-1 agreement and probability error between the stored labels and the
     refinery's on DATA's pixels. One line per finding; exit 0: usable, 1: usable only with
     --allow-missing, 2: unusable."""
-    from refinery_pipeline.check_copy import DEFAULT_SAMPLE, check_copy as check
-    from refinery_pipeline.train import resolve_device
+    from refinery_pipeline.labelling.check_copy import DEFAULT_SAMPLE, check_copy as check
+    from refinery_pipeline.training.train import resolve_device
 
     resolve_device(device)  # a device this machine lacks: refused before any data is read
     if sample is not None and not weights:
@@ -847,7 +847,7 @@ def convert(data, out_dir, max_resolution, jpeg, jpeg_quality, write_mode, worke
     Every command also takes DATA as it is and converts it once into a cache with default
     options; convert is for choosing them (size, quality) and for a file to share.
     """
-    from refinery_pipeline.dataset import BetonOptions, ImageDataset, convert_data
+    from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset, convert_data
     options = BetonOptions(max_resolution, jpeg_quality, write_mode, jpeg)
     check_options_used("convert", options)  # a JPEG quality for raw pixels: refused
     read_as = given_source_options(data, split=split, key_column=key_column,
@@ -869,7 +869,7 @@ def convert(data, out_dir, max_resolution, jpeg, jpeg_quality, write_mode, worke
 @friendly_errors(about="out_zip")
 def pack(store, out_zip):
     """Pack a complete STORE directory into one reproducible zip (readable in place)."""
-    from refinery_pipeline.store_tools import pack_store
+    from refinery_pipeline.store.store_tools import pack_store
     size = pack_store(store, out_zip)
     click.echo(f"{out_zip}: {size / 1e6:.2f} MB")
 
@@ -886,7 +886,7 @@ def verify(store, data, cache_dir):
 
     A pass is recorded in the cache (outside the store), so that `refine train
     --skip-store-check` may skip re-checking these very bytes."""
-    from refinery_pipeline.store_tools import record_verified, store_identity, verify_store
+    from refinery_pipeline.store.store_tools import record_verified, store_identity, verify_store
     dataset = _open_store_data(data, store, cache_dir) if data else None
     identity = store_identity(store)  # before reading: a change during the check voids it
     report = verify_store(store, dataset)
@@ -913,7 +913,7 @@ def verify(store, data, cache_dir):
 @friendly_errors(about="out_dir")
 def demo(out_dir, train_images, epochs, workers, seed):
     """Run the whole path on procedural shapes (no data, no GPU, a few minutes)."""
-    from refinery_pipeline.demo import DemoConfig, run_demo
+    from refinery_pipeline.paper.demo import DemoConfig, run_demo
     run_demo(DemoConfig(out_dir=out_dir, train_images=train_images, epochs=epochs,
                         refinery_epochs=2 * epochs, workers=workers, seed=seed), echo=click.echo)
 

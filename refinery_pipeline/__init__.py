@@ -10,26 +10,30 @@ change without notice. See ``docs/api.md``.
 __version__ = "0.3.0"
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotations only: names load on first use (below)
+    from .store.label_store import LabelStore
 
 # Where each public name lives. Names load on first use (PEP 562), so importing a torch-free
 # part (the crop plan, the store, the errors) does not load torch, FFCV or numba.
 _HOMES = {
-    "crop_batch": ("NOT_STORED", "CropBatch", "SparseLabels"),
-    "crop_plan": ("SLOT_POLICIES", "CropPlan", "slot_of"),
-    "check_copy": ("CopyReport", "check_copy"),
-    "copies": ("CopyJoin",),
-    "errors": ("ArgumentError", "CheckpointError", "DataSetError", "IncompleteStoreError",
-               "RefineryError", "RefineryWarning", "StoreCorruptError", "StoreError",
+    "loaders.crop_batch": ("NOT_STORED", "CropBatch", "SparseLabels"),
+    "plan.crop_plan": ("SLOT_POLICIES", "CropPlan", "slot_of"),
+    "labelling.check_copy": ("CopyReport", "check_copy"),
+    "loaders.copies": ("CopyJoin",),
+    "core.errors": ("ArgumentError", "CheckpointError", "DataSetError", "IncompleteStoreError",
+                    "RefineryError", "RefineryWarning", "StoreCorruptError", "StoreError",
                "StoreMismatchError", "StoreNotFoundError", "MissingImagesError"),
-    "label_store": ("FORMAT_VERSION", "Batching", "CropRecords", "DatasetInfo", "LabelStore",
-                    "RefineryInfo", "StoreLayout", "REST_POLICIES"),
-    "losses": ("LOSSES", "get_loss", "kl_divergence", "l2_on_probabilities", "reverse_kl",
-               "soft_cross_entropy"),
-    "stream": ("StoreCrops",),
-    "targets": ("visual_category_table",),
-    "torch_data": ("BetonImages", "CropCollate", "CropSample", "FolderImages", "MappedImages",
-                   "StoreCropDataset", "dense_targets"),
-    "wordnet": ("wordnet_category_table",),
+    "store.label_store": ("FORMAT_VERSION", "Batching", "CropRecords", "DatasetInfo",
+                          "LabelStore", "RefineryInfo", "StoreLayout", "REST_POLICIES"),
+    "training.losses": ("LOSSES", "get_loss", "kl_divergence", "l2_on_probabilities",
+                        "reverse_kl", "soft_cross_entropy"),
+    "loaders.stream": ("StoreCrops",),
+    "training.targets": ("visual_category_table",),
+    "loaders.torch_data": ("BetonImages", "CropCollate", "CropSample", "FolderImages",
+                           "MappedImages", "StoreCropDataset", "dense_targets"),
+    "training.wordnet": ("wordnet_category_table",),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -78,21 +82,21 @@ def open_store(location) -> "LabelStore":
     ArgumentError
         ``location`` is no path or URL.
     """
-    from .label_store import LabelStore
+    from .store.label_store import LabelStore
     return LabelStore.open(location)
 
 
 def replay_loader(store, data, batch_size: int, num_workers: int = 2, **kwargs):
     """The FFCV backend: a loader of the store's crops with their labels (needs ``ffcv``).
 
-    See :func:`refinery_pipeline.replay.replay_loader` for the parameters; it yields the same
+    See :func:`refinery_pipeline.loaders.replay.replay_loader` for the parameters; it yields the same
     :class:`CropBatch` es, with the same slot (and ``mix``) per ``(epoch, n)``, as
     :class:`StoreCropDataset` under a ``DataLoader`` with :class:`CropCollate`.
 
     FFCV reuses its batch buffers: a tensor of a batch is overwritten a few batches later, so
     keep a copy (``batch.images[i].clone()``) of anything kept beyond the step.
     """
-    from .replay import replay_loader as _replay_loader
+    from .loaders.replay import replay_loader as _replay_loader
     return _replay_loader(store, data, batch_size, num_workers, **kwargs)
 
 
@@ -132,8 +136,8 @@ def beton_path(data, cache_dir=None, *, split: str = "train", store=None,
         Not a tree or ``.beton``, an unreadable image, or a ``max_resolution`` other than the
         store's.
     """
-    from .dataset import SPLITS, conversion_options, open_dataset
-    from .validators import one_of, optional_whole_number, path_like, whole_number
+    from .sources.dataset import SPLITS, conversion_options, open_dataset
+    from .core.validators import one_of, optional_whole_number, path_like, whole_number
     path_like("data", data, ".beton or ImageFolder tree")
     if cache_dir is not None:
         path_like("cache_dir", cache_dir, "cache directory")
@@ -141,7 +145,7 @@ def beton_path(data, cache_dir=None, *, split: str = "train", store=None,
     optional_whole_number("max_resolution", max_resolution, 0, "pass a longer-side cap in "
                           "pixels, 0 to keep the sizes, or None")
     whole_number("num_workers", num_workers, 1, "pass 1 or more converting processes")
-    from .label_store import LabelStore
+    from .store.label_store import LabelStore
     source = None
     if store is not None:
         source = (store if isinstance(store, LabelStore) else LabelStore.open(store)).dataset.source

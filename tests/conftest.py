@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from refinery_pipeline.dataset import ArraySource, ImageDataset, write_beton
-from refinery_pipeline.synthetic import SHAPES, make_shapes
+from refinery_pipeline.sources.dataset import ArraySource, ImageDataset, write_beton
+from refinery_pipeline.paper.synthetic import SHAPES, make_shapes
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "imagenette-96"
 
@@ -41,7 +41,7 @@ def tiny_refinery_ckpt(tiny_data, tmp_path_factory) -> Path:
     and label-level fidelity tests could not fail when the wrong crop is labelled. This one's
     labels of two crops of one image differ by ~0.05 (median) and by > 0.007 for every image.
     """
-    from refinery_pipeline.train import TrainConfig, fit
+    from refinery_pipeline.training.train import TrainConfig, fit
     out = tmp_path_factory.mktemp("refinery")
     fit(TrainConfig(data=str(tiny_data), out_dir=str(out), arch="demo_cnn", epochs=6,
                     batch_size=16, lr=0.1, res=24, workers=1, warmup_epochs=0.5,
@@ -54,10 +54,10 @@ def mixup_store(tiny_data, tiny_refinery_ckpt, tmp_path_factory) -> Path:
     """A complete store of the tiny shapes whose recipe mixes (``mixup:0.4``), K = 2, top-4:
     the store the public API's entry checks and both backends' ``CropBatch.mix`` are tested on
     (tests copy it before changing a byte)."""
-    from refinery_pipeline.crop_plan import CropPlan
-    from refinery_pipeline.dataset import open_dataset
-    from refinery_pipeline.precompute import precompute
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.plan.crop_plan import CropPlan
+    from refinery_pipeline.sources.dataset import open_dataset
+    from refinery_pipeline.labelling.precompute import precompute
+    from refinery_pipeline.labelling.refinery import Refinery
     path = tmp_path_factory.mktemp("mixup") / "labels.zarr"
     precompute(open_dataset(tiny_data), path,
                Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import open_dataset, write_beton
-from refinery_pipeline.label_store import ATTRIBUTES_DIGEST, SEALED_ARRAYS, LabelStore
-from refinery_pipeline.pixels import decode_jpeg
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.sources.dataset import open_dataset, write_beton
+from refinery_pipeline.store.label_store import ATTRIBUTES_DIGEST, SEALED_ARRAYS, LabelStore
+from refinery_pipeline.sources.pixels import decode_jpeg
 from refinery_pipeline.sources import BetonSource
 from refinery_pipeline.sources.mapped import MappedSource
-from refinery_pipeline.synthetic import SHAPES, make_shapes
+from refinery_pipeline.paper.synthetic import SHAPES, make_shapes
 
 N, K, TOP_K, SIZE = 48, 3, 4, 24
 FRAMES = ((48, 48), (48, 36), (36, 48))  # height, width of image n: FRAMES[n % 3]
@@ -74,8 +74,8 @@ def write_keyed_beton(path: Path, images, labels, keys) -> Path:
 
 
 def precompute_store(beton: Path, path: Path, checkpoint, augment=()) -> Path:
-    from refinery_pipeline.precompute import precompute
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.labelling.precompute import precompute
+    from refinery_pipeline.labelling.refinery import Refinery
     precompute(open_dataset(beton), path, Refinery.from_checkpoint(checkpoint, bn_mode="eval"),
                CropPlan(seed=5, crops_per_image=K, augment=tuple(augment)), top_k=TOP_K,
                crop_batch=16, chunk_size=16, progress=False, num_workers=1)

@@ -12,12 +12,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 import refinery_pipeline as refinery
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import open_dataset
-from refinery_pipeline.precompute import precompute
-from refinery_pipeline.refinery import Refinery
-from refinery_pipeline.synthetic import SHAPES, make_shapes
-from refinery_pipeline.targets import StoredTargets
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.labelling.precompute import precompute
+from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.paper.synthetic import SHAPES, make_shapes
+from refinery_pipeline.training.targets import StoredTargets
 
 K, TOP_K, SIZE = 3, 4, 24
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import refinery_pipeline as refinery
-from refinery_pipeline.crop_plan import epoch_slots
-from refinery_pipeline.label_store import LabelStore
+from refinery_pipeline.plan.crop_plan import epoch_slots
+from refinery_pipeline.store.label_store import LabelStore
 
 from .test_store_integrity import store_bytes
 

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import refinery_pipeline as refinery
-from refinery_pipeline.crop_batch import MixedLabels
-from refinery_pipeline.targets import CategoryTargets, GroundTruthTargets
+from refinery_pipeline.loaders.crop_batch import MixedLabels
+from refinery_pipeline.training.targets import CategoryTargets, GroundTruthTargets
 
 EPOCHS = (0, 1, 3)
 

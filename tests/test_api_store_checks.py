@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import refinery_pipeline as refinery
-from refinery_pipeline.label_store import LabelStore
-from refinery_pipeline.store_tools import verify_store
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.store_tools import verify_store
 
 from .test_cli import assert_one_line_error, run
 from .test_store_integrity import copy_store, edit_attributes, store_bytes

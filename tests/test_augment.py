@@ -7,13 +7,13 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader
 
 import refinery_pipeline as refinery
-from refinery_pipeline.augment import (CUTMIX, MIXUP, NO_MIX, POOL_MIN_SIZE, PlanAugment, Recipe,
+from refinery_pipeline.plan.augment import (CUTMIX, MIXUP, NO_MIX, POOL_MIN_SIZE, PlanAugment, Recipe,
                                        RecipeError, magnitude_table, op_names)
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import open_dataset
-from refinery_pipeline.precompute import precompute
-from refinery_pipeline.refinery import Refinery
-from refinery_pipeline.replay import FreshCrops, make_loader
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.labelling.precompute import precompute
+from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.loaders.replay import FreshCrops, make_loader
 
 K, TOP_K, SIZE = 3, 4, 24
 FULL = ("trivialaugment", "erasing:0.5", "mixup:0.4", "cutmix:1")
@@ -196,8 +196,8 @@ def test_fresh_crops_with_a_mixing_recipe_carry_mixed_ground_truth(tiny_dataset)
 
 
 def test_ground_truth_targets_mix_one_hot_labels():
-    from refinery_pipeline.crop_batch import CropBatch, MixedLabels
-    from refinery_pipeline.targets import GroundTruthTargets
+    from refinery_pipeline.loaders.crop_batch import CropBatch, MixedLabels
+    from refinery_pipeline.training.targets import GroundTruthTargets
     batch = CropBatch(None, torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([-1, -1]),
                       mix=MixedLabels(torch.tensor([1, 2]), torch.tensor([0.25, 0.5])))
     target = GroundTruthTargets(3)(batch, None)
@@ -206,7 +206,7 @@ def test_ground_truth_targets_mix_one_hot_labels():
 
 def test_show_draws_the_crops_as_labelled(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
     """`refine show` of a recipe store shows the recipe's pixels, the ones the labels describe."""
-    from refinery_pipeline.inspect_store import sample_stored_crops
+    from refinery_pipeline.store.inspect_store import sample_stored_crops
     path, _ = store_for(FULL, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
     shown = sample_stored_crops(open_dataset(tiny_data), path, num_images=4, seed=2,
                                 num_workers=1)

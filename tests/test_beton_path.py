@@ -4,7 +4,7 @@ import json
 import pytest
 
 import refinery_pipeline as refinery
-from refinery_pipeline.dataset import ImageDataset
+from refinery_pipeline.sources.dataset import ImageDataset
 
 from .test_cli import assert_one_line_error, make_tree, run
 

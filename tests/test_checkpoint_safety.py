@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from cli.main import cli
-from refinery_pipeline.checkpoint_safety import SAFE_NAMES, load_weights_file
-from refinery_pipeline.errors import CheckpointError, UntrustedCheckpointError
-from refinery_pipeline.evaluation import evaluate_checkpoint
-from refinery_pipeline.models import (create_model, load_checkpoint, load_trained_model,
+from refinery_pipeline.models.checkpoint_safety import SAFE_NAMES, load_weights_file
+from refinery_pipeline.core.errors import CheckpointError, UntrustedCheckpointError
+from refinery_pipeline.training.evaluation import evaluate_checkpoint
+from refinery_pipeline.models.registry import (create_model, load_checkpoint, load_trained_model,
                                       save_checkpoint)
-from refinery_pipeline.refinery import Refinery, load_refinery
-from refinery_pipeline.synthetic import SHAPES
+from refinery_pipeline.labelling.refinery import Refinery, load_refinery
+from refinery_pipeline.paper.synthetic import SHAPES
 
 from .test_cli import assert_one_line_error, run
 from .test_ecosystem_models import timm_args, timm_checkpoint, torchvision_reference_checkpoint

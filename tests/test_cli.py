@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli.main import _one_line_warnings, cli
-from refinery_pipeline.errors import RefineryWarning
-from refinery_pipeline.label_store import LabelStore
+from refinery_pipeline.core.errors import RefineryWarning
+from refinery_pipeline.store.label_store import LabelStore
 
 from .conftest import shared_data_or_skip
 
@@ -287,7 +287,7 @@ def test_negative_precise_bn_is_refused(tiny_data, tmp_path):
 
 def test_refinery_with_wrong_class_count_is_refused(tiny_data, tmp_path):
     import torch
-    from refinery_pipeline.models import create_model, save_checkpoint
+    from refinery_pipeline.models.registry import create_model, save_checkpoint
     ckpt = tmp_path / "five.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 5), "demo_cnn", list("abcde"), 24)
     result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", ckpt, ok=False)
@@ -301,8 +301,8 @@ def test_refinery_with_wrong_class_count_is_refused(tiny_data, tmp_path):
 
 def test_refinery_for_other_classes_is_refused(tiny_data, tmp_path):
     """Same count, other classes (or the same in another order): labels would be silently wrong."""
-    from refinery_pipeline.models import create_model, save_checkpoint
-    from refinery_pipeline.synthetic import SHAPES
+    from refinery_pipeline.models.registry import create_model, save_checkpoint
+    from refinery_pipeline.paper.synthetic import SHAPES
     ckpt = tmp_path / "reordered.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 10), "demo_cnn", SHAPES[::-1], 24)
     message = f"output 0 is class {SHAPES[-1]!r} but the data set's class 0 is {SHAPES[0]!r}"
@@ -313,8 +313,8 @@ def test_refinery_for_other_classes_is_refused(tiny_data, tmp_path):
                  "--batch-size", 16, ok=False)
     assert_one_line_error(result, str(ckpt), message)
     # a .beton written without class names numbers them: only the count can be checked
-    from refinery_pipeline.dataset import ArraySource, ImageDataset, write_beton
-    from refinery_pipeline.synthetic import make_shapes
+    from refinery_pipeline.sources.dataset import ArraySource, ImageDataset, write_beton
+    from refinery_pipeline.paper.synthetic import make_shapes
     shapes = make_shapes(40, 40, seed=3)
     unnamed = tmp_path / "unnamed_train.beton"
     write_beton(ArraySource(shapes.images, shapes.labels), unnamed, num_workers=1)
@@ -338,7 +338,7 @@ def make_tree(root, classes=("cat", "dog"), per_class=6, size=(30, 40)):
 
 def test_convert_writes_the_beton_pair_train_takes(tmp_path):
     """'train' in the folder's name too: the val file is found by the last 'train' only."""
-    from refinery_pipeline.dataset import ImageDataset
+    from refinery_pipeline.sources.dataset import ImageDataset
     tree = make_tree(tmp_path / "mytrainset", size=(30, 40))
     result = run("convert", tree, tmp_path / "betons", "--max-resolution", 20, "--workers", 1)
     train, val = (tmp_path / "betons" / f"mytrainset_{split}.beton" for split in ("train", "val"))
@@ -356,7 +356,7 @@ def test_convert_writes_the_beton_pair_train_takes(tmp_path):
 
 
 def test_image_folder_tree_end_to_end(tmp_path, tiny_refinery_ckpt):
-    from refinery_pipeline.models import create_model, save_checkpoint
+    from refinery_pipeline.models.registry import create_model, save_checkpoint
     tree = make_tree(tmp_path / "tree")
     ckpt = tmp_path / "two.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 2), "demo_cnn", ["cat", "dog"], 16)
@@ -379,10 +379,10 @@ def test_demo_runs_on_tiny_settings(tmp_path):
 
 def test_shared_imagenette_subset_replays_exactly(tmp_path):
     """Real JPEGs from the shared data set (skipped where it is absent)."""
-    from refinery_pipeline.crop_plan import CropPlan
-    from refinery_pipeline.dataset import open_dataset
+    from refinery_pipeline.plan.crop_plan import CropPlan
+    from refinery_pipeline.sources.dataset import open_dataset
     from .test_replay import plan_arrays, precompute_pixels
-    from refinery_pipeline.replay import ReplayedCrops, make_loader
+    from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
     source = shared_data_or_skip()
     tree = tmp_path / "nette"
     for c in sorted((source / "train").iterdir())[:3]:
@@ -407,8 +407,8 @@ def test_audit_reproduces_a_train_mode_store_exactly(store, tiny_data, tiny_refi
 
 def test_show_draws_the_crops_students_are_shown_with_their_labels(store, tiny_data,
                                                                     tiny_dataset, tmp_path):
-    from refinery_pipeline.inspect_store import sample_stored_crops
-    from refinery_pipeline.replay import ReplayedCrops, make_loader
+    from refinery_pipeline.store.inspect_store import sample_stored_crops
+    from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
     result = run("show", store, tiny_data, "--images", 3, "--crops", 4, "--out",
                  tmp_path / "crops.png")
     assert "3 images x 4 crops" in result.output
@@ -438,8 +438,8 @@ def test_show_draws_the_crops_students_are_shown_with_their_labels(store, tiny_d
 
 def test_audit_flags_labels_from_another_refinery(store, tiny_data, tmp_path):
     import torch
-    from refinery_pipeline.models import create_model, save_checkpoint
-    from refinery_pipeline.synthetic import SHAPES
+    from refinery_pipeline.models.registry import create_model, save_checkpoint
+    from refinery_pipeline.paper.synthetic import SHAPES
     torch.manual_seed(1)
     other = tmp_path / "other.pt"
     save_checkpoint(other, create_model("demo_cnn", 10), "demo_cnn", SHAPES, 24)
@@ -451,8 +451,8 @@ def test_audit_flags_labels_from_another_refinery(store, tiny_data, tmp_path):
 
 def test_soft_static_labels_are_the_refinery_on_the_centred_image(tiny_data, tiny_dataset,
                                                                    tiny_refinery_ckpt, tmp_path):
-    from refinery_pipeline.refinery import Refinery
-    from refinery_pipeline.replay import FixedCrops, make_loader
+    from refinery_pipeline.labelling.refinery import Refinery
+    from refinery_pipeline.loaders.replay import FixedCrops, make_loader
     path = tmp_path / "static.zarr"
     run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3,
         "--bn-mode", "eval", "--soft-static", "--chunk-size", 32)

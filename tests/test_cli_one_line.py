@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from cli.main import cli
-from refinery_pipeline import wordnet
-from refinery_pipeline.devices import resolve_device
-from refinery_pipeline.errors import ArgumentError
-from refinery_pipeline.evaluation import evaluate_checkpoint
-from refinery_pipeline.plots import figure_formats, figure_path
+from refinery_pipeline.training import wordnet
+from refinery_pipeline.core.devices import resolve_device
+from refinery_pipeline.core.errors import ArgumentError
+from refinery_pipeline.training.evaluation import evaluate_checkpoint
+from refinery_pipeline.paper.plots import figure_formats, figure_path
 
 from .test_cli import assert_one_line_error, run
 from .test_plots import write_run

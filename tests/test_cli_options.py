@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli.main import FACTOR, POSITIVE, SMOOTHING, Count, Number, cli
-from refinery_pipeline.errors import storage_error_message
-from refinery_pipeline.label_store import LabelStore
+from refinery_pipeline.core.errors import storage_error_message
+from refinery_pipeline.store.label_store import LabelStore
 
 from .test_cli import assert_one_line_error, make_tree, run
 

@@ -9,8 +9,8 @@ import pytest
 
 import refinery_pipeline as refinery
 from refinery_pipeline.sources import open_source
-from refinery_pipeline.errors import MissingImagesError
-from refinery_pipeline.pixels import box_in_frame, cut_crop, decode_jpeg
+from refinery_pipeline.core.errors import MissingImagesError
+from refinery_pipeline.sources.pixels import box_in_frame, cut_crop, decode_jpeg
 
 from .copy_fixtures import (K, N, SIZE, beton_copy, export_files, mixing_origin,  # noqa: F401
                             origin, shuffled, subset)

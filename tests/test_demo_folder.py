@@ -1,8 +1,8 @@
 """`refine demo` owns its --out folder: a rerun starts over, any other folder is left alone."""
 import pytest
 
-from refinery_pipeline.demo import _start_over
-from refinery_pipeline.errors import RunError
+from refinery_pipeline.paper.demo import _start_over
+from refinery_pipeline.core.errors import RunError
 
 
 def test_a_previous_demo_is_replaced(tmp_path):

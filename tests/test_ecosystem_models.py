@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from refinery_pipeline.errors import CheckpointError
-from refinery_pipeline.label_store import LabelStore
-from refinery_pipeline.models import (IMAGENET_NORMALIZATION, available_models, check_input_size,
+from refinery_pipeline.core.errors import CheckpointError
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.models.registry import (IMAGENET_NORMALIZATION, available_models, check_input_size,
                                       create_model, load_checkpoint, load_trained_model,
                                       resolve_arch, save_checkpoint, strip_wrapper_prefixes)
-from refinery_pipeline.refinery import Refinery
-from refinery_pipeline.synthetic import SHAPES
+from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.paper.synthetic import SHAPES
 
 from .test_cli import assert_one_line_error, run
 
@@ -246,7 +246,7 @@ def test_unknown_names_mention_both_libraries(monkeypatch):
     with pytest.raises(CheckpointError, match="unknown architecture 'resnet9000'; .*torchvision"
                                               ".*timm"):
         resolve_arch("resnet9000")
-    from refinery_pipeline import models
+    from refinery_pipeline.models import registry as models
     monkeypatch.setattr(models, "_timm", lambda: None)
     with pytest.raises(CheckpointError, match=r"torchvision .*pip install refinery\[timm\]"):
         resolve_arch("resnet18d")

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from refinery_pipeline.label_store import LabelStore
-from refinery_pipeline.models import file_sha256, load_trained_model, save_checkpoint
-from refinery_pipeline.refinery import (ENSEMBLE, EnsembleRefinery, Refinery, ensemble_sha256,
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.models.registry import file_sha256, load_trained_model, save_checkpoint
+from refinery_pipeline.labelling.refinery import (ENSEMBLE, EnsembleRefinery, Refinery, ensemble_sha256,
                                         load_refinery)
-from refinery_pipeline.synthetic import SHAPES
+from refinery_pipeline.paper.synthetic import SHAPES
 
 from .test_cli import assert_one_line_error, run
 
@@ -79,7 +79,7 @@ def test_train_mode_members_see_the_same_forward_batch(tiny_refinery_ckpt, secon
 
 def test_the_store_holds_the_mean_labels_of_the_stored_crops(ensemble_store, tiny_dataset,
                                                              tiny_refinery_ckpt, second):
-    from refinery_pipeline.inspect_store import sample_stored_crops
+    from refinery_pipeline.store.inspect_store import sample_stored_crops
     sample = sample_stored_crops(tiny_dataset, ensemble_store, num_images=12, seed=0,
                                  num_workers=1)
     crops = torch.from_numpy(sample.pixels.reshape((-1,) + sample.pixels.shape[2:]))

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from refinery_pipeline.dataset import ImageDataset
-from refinery_pipeline.errors import RefineryWarning, RunError
-from refinery_pipeline.evaluation import data_id, read_evaluation
-from refinery_pipeline.plots import read_gap
+from refinery_pipeline.sources.dataset import ImageDataset
+from refinery_pipeline.core.errors import RefineryWarning, RunError
+from refinery_pipeline.training.evaluation import data_id, read_evaluation
+from refinery_pipeline.paper.plots import read_gap
 
 from .conftest import _write_split
 from .test_cli import assert_one_line_error, run

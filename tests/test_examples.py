@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import open_dataset
-from refinery_pipeline.precompute import precompute
-from refinery_pipeline.refinery import Refinery
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.labelling.precompute import precompute
+from refinery_pipeline.labelling.refinery import Refinery
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ("plain_pytorch.py", "ffcv_loop.py", "timm_style.py", "lightning_loop.py")

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from refinery_pipeline import train as train_module
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.distributed import node_shared_arrays
-from refinery_pipeline.errors import StoreCorruptError
-from refinery_pipeline.label_store import CROP_ARRAYS, LabelStore
-from refinery_pipeline.losses import dense_from_sparse
-from refinery_pipeline.precompute import precompute
-from refinery_pipeline.refinery import Refinery
-from refinery_pipeline.train import TrainConfig, load_data
+from refinery_pipeline.training import train as train_module
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.core.distributed import node_shared_arrays
+from refinery_pipeline.core.errors import StoreCorruptError
+from refinery_pipeline.store.label_store import CROP_ARRAYS, LabelStore
+from refinery_pipeline.training.losses import dense_from_sparse
+from refinery_pipeline.labelling.precompute import precompute
+from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.training.train import TrainConfig, load_data
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "imagenet_store.py"
 
@@ -133,7 +133,7 @@ def test_node_shared_arrays_fill_once_and_map_read_only(tmp_path):
 def test_default_chunks_stay_near_200k_crops_and_bounded_in_bytes():
     """ImageNet at K = 40, top-10 keeps 4,096-image chunks (313 at 1.28M, 3,467 at 14.2M);
     wide labels get smaller chunks so one chunk's decoded values stay within the cap."""
-    from refinery_pipeline.label_store import CHUNK_VALUE_BYTES, default_chunk_size
+    from refinery_pipeline.store.label_store import CHUNK_VALUE_BYTES, default_chunk_size
     assert default_chunk_size(40) == default_chunk_size(40, 10) == 4096
     for K, top_k in [(40, 1000), (1, 10_000), (400, 200), (40, 100)]:
         size = default_chunk_size(K, top_k)

@@ -18,15 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from refinery_pipeline.audit import audit_store
-from refinery_pipeline.dataset import ArraySource, open_dataset, write_beton
-from refinery_pipeline.errors import CheckpointError, StoreMismatchError
-from refinery_pipeline.imagenet_classes import (NUM_IMAGENET1K_CLASSES, imagenet1k_outputs,
+from refinery_pipeline.labelling.audit import audit_store
+from refinery_pipeline.sources.dataset import ArraySource, open_dataset, write_beton
+from refinery_pipeline.core.errors import CheckpointError, StoreMismatchError
+from refinery_pipeline.models.imagenet_classes import (NUM_IMAGENET1K_CLASSES, imagenet1k_outputs,
                                                 imagenet1k_wnids)
-from refinery_pipeline.label_store import LabelStore
-from refinery_pipeline.models import ClassSubset, create_model, save_checkpoint
-from refinery_pipeline.refinery import Refinery
-from refinery_pipeline.replay import ReplayedCrops, make_loader
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.models.registry import ClassSubset, create_model, save_checkpoint
+from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
 
 from .test_cli import assert_one_line_error, run
 
@@ -303,7 +303,7 @@ def test_folders_that_are_not_imagenet1k_ids_are_refused_in_one_line(classes, na
 
 
 def test_imagenet_ids_read_as_their_first_lemma_in_plots():
-    from refinery_pipeline.imagenet_classes import _imagenet1k_table, readable_name
+    from refinery_pipeline.models.imagenet_classes import _imagenet1k_table, readable_name
     assert all(lemmas for _, lemmas in _imagenet1k_table())  # every id has a name
     assert readable_name("n02123394") == "Persian cat"
     assert readable_name("n01440764") == "tench"

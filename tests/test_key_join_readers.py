@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 import refinery_pipeline as refinery
 from refinery_pipeline.sources import open_source
-from refinery_pipeline.augment import plan_augment
-from refinery_pipeline.copies import replayable_slot
-from refinery_pipeline.errors import (ArgumentError, DataSetError, MissingImagesError,
+from refinery_pipeline.plan.augment import plan_augment
+from refinery_pipeline.loaders.copies import replayable_slot
+from refinery_pipeline.core.errors import (ArgumentError, DataSetError, MissingImagesError,
                                       StoreMismatchError)
-from refinery_pipeline.keys import AMBIGUOUS_ROW, NO_ROW, KeyIndex, join
-from refinery_pipeline.pixels import box_in_frame, boxes_in_frames, cut_crop, reframed
-from refinery_pipeline.synthetic import SHAPES
+from refinery_pipeline.sources.keys import AMBIGUOUS_ROW, NO_ROW, KeyIndex, join
+from refinery_pipeline.sources.pixels import box_in_frame, boxes_in_frames, cut_crop, reframed
+from refinery_pipeline.paper.synthetic import SHAPES
 
 from .copy_fixtures import (K, N, SIZE, export_files, hf_table, mixing_origin,  # noqa: F401
                             origin, png_pixels, shuffled, subset, write_shards)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refinery_pipeline.errors import ArgumentError
-from refinery_pipeline.keys import (AMBIGUOUS, DUPLICATE, EXTRA, MATCHED, join, normalize_key,
+from refinery_pipeline.core.errors import ArgumentError
+from refinery_pipeline.sources.keys import (AMBIGUOUS, DUPLICATE, EXTRA, MATCHED, join, normalize_key,
                                     normalize_keys)
 
 

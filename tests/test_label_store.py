@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from refinery_pipeline.errors import IncompleteStoreError, StoreError, StoreMismatchError
-from refinery_pipeline.label_store import (FORMAT_VERSION, LabelStore, StoreLayout,
+from refinery_pipeline.core.errors import IncompleteStoreError, StoreError, StoreMismatchError
+from refinery_pipeline.store.label_store import (FORMAT_VERSION, LabelStore, StoreLayout,
                                            default_chunk_size)
 
 FINGERPRINT = {"num_images": 10, "classes": ["a", "b"], "image_bytes_sha256": "x" * 64,

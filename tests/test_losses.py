@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refinery_pipeline.losses import (dense_from_sparse, get_loss, hard_from_soft, kl_divergence,
+from refinery_pipeline.training.losses import (dense_from_sparse, get_loss, hard_from_soft, kl_divergence,
                                       l2_on_probabilities, one_hot, reverse_kl, soft_cross_entropy)
 
 

@@ -11,11 +11,11 @@ import pytest
 from torchvision.datasets import DatasetFolder, ImageFolder
 
 import refinery_pipeline as refinery
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import open_dataset
-from refinery_pipeline.pixels import read_image_file
-from refinery_pipeline.precompute import precompute
-from refinery_pipeline.refinery import Refinery
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.sources.pixels import read_image_file
+from refinery_pipeline.labelling.precompute import precompute
+from refinery_pipeline.labelling.refinery import Refinery
 
 from .copy_fixtures import without_keys
 from .test_api import write_tree

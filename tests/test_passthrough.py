@@ -14,15 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from refinery_pipeline import dataset as dataset_module
-from refinery_pipeline.crop_plan import CropPlan, sample_boxes, sample_flips
-from refinery_pipeline.dataset import (FFCV_PAGE_SIZE, BetonOptions, ImageDataset,
+from refinery_pipeline.sources import dataset as dataset_module
+from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
+from refinery_pipeline.sources.dataset import (FFCV_PAGE_SIZE, BetonOptions, ImageDataset,
                                        conversion_options, open_dataset, page_size_for,
                                        write_beton)
-from refinery_pipeline.errors import DataSetError
-from refinery_pipeline.label_store import LabelStore
-from refinery_pipeline.pixels import cut_crop, read_image_file
-from refinery_pipeline.replay import crop_table, multi_crop_loader
+from refinery_pipeline.core.errors import DataSetError
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.sources.pixels import cut_crop, read_image_file
+from refinery_pipeline.loaders.replay import crop_table, multi_crop_loader
 from refinery_pipeline.sources import BetonSource, open_source
 
 from .test_cli import assert_one_line_error, run
@@ -172,8 +172,8 @@ def test_a_store_from_before_passthrough_still_trains_from_its_tree(tree, tiny_r
                                                                     tmp_path, monkeypatch):
     """Stores written before the option record no ``jpeg``: their tree converts with
     ``reencode`` again, to the very .beton (fingerprint) they were labelled from."""
-    from refinery_pipeline.precompute import precompute
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.labelling.precompute import precompute
+    from refinery_pipeline.labelling.refinery import Refinery
     cache, store = tmp_path / "cache", tmp_path / "old.zarr"
     with monkeypatch.context() as patched:  # what stores recorded before the option existed
         patched.setattr(BetonOptions, "recorded", lambda self: {

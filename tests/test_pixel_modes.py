@@ -1,4 +1,4 @@
-"""Every pixel mode decoded by one rule (``refinery_pipeline/pixels.py``), on every path.
+"""Every pixel mode decoded by one rule (``refinery_pipeline/sources/pixels.py``), on every path.
 
 Each file below is written from known raw values, and its expected ``(H, W, 3)`` uint8 pixels
 are computed here with numpy from those raw values (not by PIL's conversions), then compared
@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from refinery_pipeline.dataset import BetonOptions, open_dataset
-from refinery_pipeline.errors import DataSetError
-from refinery_pipeline.pixels import read_image_file
-from refinery_pipeline.torch_data import BetonImages, MappedImages
+from refinery_pipeline.sources.dataset import BetonOptions, open_dataset
+from refinery_pipeline.core.errors import DataSetError
+from refinery_pipeline.sources.pixels import read_image_file
+from refinery_pipeline.loaders.torch_data import BetonImages, MappedImages
 
 H, W = 24, 32
 PALETTE = np.array([[10, 20, 30], [200, 40, 60], [70, 180, 90], [250, 250, 5]], np.uint8)
@@ -221,7 +221,7 @@ def test_beton_conversion_decodes_every_mode(mode_tree, beton_images, name):
 def jpeg_round_trip(pixels) -> np.ndarray:
     import cv2
 
-    from refinery_pipeline.pixels import decode_jpeg
+    from refinery_pipeline.sources.pixels import decode_jpeg
     ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(pixels[..., ::-1]),
                                [int(cv2.IMWRITE_JPEG_QUALITY), 90])
     return decode_jpeg(encoded.tobytes())

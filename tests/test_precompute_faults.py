@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.errors import DataSetError, RefineryError, StoreError
-from refinery_pipeline.label_store import LabelStore
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.core.errors import DataSetError, RefineryError, StoreError
+from refinery_pipeline.store.label_store import LabelStore
 
 from .test_cli import assert_one_line_error, run
 from .test_precompute_trust import REPO, precompute_cmd, store_files
@@ -57,7 +57,7 @@ def test_any_chunk_size_gives_a_store_that_verifies_audits_and_resumes(chunk, ti
     assert store_files(resumed) == store_files(reference)
 
 
-SLOW_LABELS = ("import sys, time, refinery_pipeline.precompute as p; real = p.label_loader_batch; "
+SLOW_LABELS = ("import sys, time, refinery_pipeline.labelling.precompute as p; real = p.label_loader_batch; "
                "p.label_loader_batch = lambda *a, **k: (time.sleep(0.25), real(*a, **k))[1]; "
                "from cli.main import cli; sys.argv[0] = 'refine'; cli()")
 
@@ -88,8 +88,8 @@ def test_two_processes_split_the_chunks_and_write_the_same_bytes(tiny_data, tiny
                                             ("chunk_size", {"chunk_size": 0})])
 def test_bad_counts_are_refused_before_anything_is_created(option, values, tiny_dataset,
                                                            tiny_refinery_ckpt, tmp_path):
-    from refinery_pipeline.precompute import precompute
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.labelling.precompute import precompute
+    from refinery_pipeline.labelling.refinery import Refinery
     names = {"crops_per_image": "-K", "top_k": "--top-k", "crop_batch": "--batch-size",
              "chunk_size": "--chunk-size"}
     plan = CropPlan(seed=0, crops_per_image=values.pop("crops_per_image", 2))
@@ -103,7 +103,7 @@ def test_bad_counts_are_refused_before_anything_is_created(option, values, tiny_
 
 
 def test_a_failed_creation_leaves_no_building_directory(tiny_dataset, tmp_path, monkeypatch):
-    from refinery_pipeline.label_store import StoreLayout
+    from refinery_pipeline.store.label_store import StoreLayout
 
     def broken(location, *args):
         (location / "half").mkdir(parents=True)
@@ -121,8 +121,8 @@ def test_a_failed_creation_leaves_no_building_directory(tiny_dataset, tmp_path, 
 def test_two_processes_creating_one_s3_store_share_it(s3_server, tiny_dataset,
                                                       tiny_refinery_ckpt, tmp_path):
     """Object stores have no rename: the loser of a creation race joins the winner's store."""
-    from refinery_pipeline.precompute import precompute
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.labelling.precompute import precompute
+    from refinery_pipeline.labelling.refinery import Refinery
     url = f"{s3_server}/race/labels.zarr"
     plan, results, errors = CropPlan(seed=0, crops_per_image=3), [], []
     barrier = threading.Barrier(2)
@@ -173,8 +173,8 @@ def test_disk_filling_up_during_conversion_fails_fast_without_a_partial_beton(tm
                                                                              monkeypatch):
     """FFCV's writer waits forever for a writer process that died; ours must not."""
     import ffcv.memory_allocator
-    from refinery_pipeline.dataset import ArraySource, write_beton
-    from refinery_pipeline.synthetic import make_shapes
+    from refinery_pipeline.sources.dataset import ArraySource, write_beton
+    from refinery_pipeline.paper.synthetic import make_shapes
     real = ffcv.memory_allocator.MemoryAllocator.flush_page
 
     def full(self):

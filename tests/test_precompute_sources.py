@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refinery_pipeline.dataset import ImageDataset, open_dataset
-from refinery_pipeline.errors import DataSetError
-from refinery_pipeline.label_store import LabelStore
+from refinery_pipeline.sources.dataset import ImageDataset, open_dataset
+from refinery_pipeline.core.errors import DataSetError
+from refinery_pipeline.store.label_store import LabelStore
 
 from .test_cli import assert_one_line_error, run
 from .test_train_faults import snapshot
@@ -225,9 +225,9 @@ def test_precompute_reads_shards_from_an_object_store(forms, stores, s3_server):
 
 
 def test_the_library_refuses_to_label_images_without_classes(forms, tmp_path, tiny_refinery_ckpt):
-    from refinery_pipeline.crop_plan import CropPlan
-    from refinery_pipeline.precompute import precompute as label
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.plan.crop_plan import CropPlan
+    from refinery_pipeline.labelling.precompute import precompute as label
+    from refinery_pipeline.labelling.refinery import Refinery
     flat = tmp_path / "flat"
     shutil.copytree(forms["tree"] / "train" / "disk", flat)
     unlabelled = open_dataset(flat, cache_dir=tmp_path, labels_required=False, num_workers=1)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from refinery_pipeline.label_store import LabelStore
-from refinery_pipeline.models import create_model, save_checkpoint
-from refinery_pipeline.synthetic import SHAPES
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.models.registry import create_model, save_checkpoint
+from refinery_pipeline.paper.synthetic import SHAPES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,9 +120,9 @@ def test_torchrun_ddp_training_shards_images_across_ranks(labels, tiny_data, tin
 def test_staging_a_loader_batch_on_the_host_changes_no_byte(tiny_dataset, tiny_refinery_ckpt,
                                                             tmp_path, monkeypatch):
     """Loader batches over the device staging budget are shuffled on the host: same store."""
-    from refinery_pipeline import precompute as precompute_module
-    from refinery_pipeline.crop_plan import CropPlan
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.labelling import precompute as precompute_module
+    from refinery_pipeline.plan.crop_plan import CropPlan
+    from refinery_pipeline.labelling.refinery import Refinery
 
     def make(name):
         refinery = Refinery.from_checkpoint(tiny_refinery_ckpt)  # BN train: batches matter

@@ -3,7 +3,7 @@ import io
 import sys
 import time
 
-from refinery_pipeline.progress import progress_bar
+from refinery_pipeline.core.progress import progress_bar
 
 
 class FakeTerminal(io.StringIO):

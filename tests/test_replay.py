@@ -3,9 +3,9 @@ import cv2
 import numpy as np
 import pytest
 
-from refinery_pipeline.crop_plan import CropPlan, sample_boxes, sample_flips
-from refinery_pipeline.dataset import ArraySource, BetonOptions, ImageDataset, write_beton
-from refinery_pipeline.replay import (FixedCrops, ReplayedCrops, crop_table, make_loader,
+from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
+from refinery_pipeline.sources.dataset import ArraySource, BetonOptions, ImageDataset, write_beton
+from refinery_pipeline.loaders.replay import (FixedCrops, ReplayedCrops, crop_table, make_loader,
                                       multi_crop_loader)
 
 
@@ -79,9 +79,9 @@ def test_evaluation_crop_is_the_centred_square(tiny_dataset):
 
 def test_stored_labels_describe_the_replayed_pixels(tiny_dataset, tiny_refinery_ckpt, tmp_path):
     """End to end at the label level: precompute, then relabel replayed crops and compare."""
-    from refinery_pipeline.label_store import LabelStore
-    from refinery_pipeline.precompute import precompute
-    from refinery_pipeline.refinery import Refinery
+    from refinery_pipeline.store.label_store import LabelStore
+    from refinery_pipeline.labelling.precompute import precompute
+    from refinery_pipeline.labelling.refinery import Refinery
 
     refinery = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval")
     plan = CropPlan(seed=5, crops_per_image=4)
@@ -119,7 +119,7 @@ def test_more_workers_than_cores_is_capped_with_a_warning(tiny_dataset):
     """numba refuses more threads than the machine has; the loader caps and says so."""
     import numba
 
-    from refinery_pipeline.errors import RefineryWarning
+    from refinery_pipeline.core.errors import RefineryWarning
     too_many = numba.config.NUMBA_NUM_THREADS + 3
     crops = FixedCrops(tiny_dataset.heights, tiny_dataset.widths)
     with pytest.warns(RefineryWarning, match=f"--workers {too_many}"):

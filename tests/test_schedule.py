@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from refinery_pipeline.schedule import lr_factor
+from refinery_pipeline.training.schedule import lr_factor
 
 STEPS, EPOCHS = 10, 6
 
@@ -56,7 +56,7 @@ def test_multistep_follows_torchs_multisteplr_stepped_per_epoch():
 
 
 def test_milestones_must_fit_the_scheduler_and_the_run():
-    from refinery_pipeline.schedule import milestone_problem
+    from refinery_pipeline.training.schedule import milestone_problem
     assert milestone_problem("multistep", (140, 170), 180) is None
     assert milestone_problem("linear", (140, 170), 180) is None  # option_relevance's concern
     assert "--lr-milestones 140,170" in milestone_problem("multistep", (), 180)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refinery_pipeline.label_store import LabelStore
+from refinery_pipeline.store.label_store import LabelStore
 
 from .test_cli import assert_one_line_error, run
 from .test_precompute_trust import REPO, precompute_cmd, store_files
@@ -216,7 +216,7 @@ def test_network_failure_mid_write_to_s3_keeps_chunks_and_resumes(s3_server, sto
 
 
 def test_a_data_set_with_other_classes_is_named(tmp_path):
-    from refinery_pipeline.models import create_model, save_checkpoint
+    from refinery_pipeline.models.registry import create_model, save_checkpoint
     from .test_cli import make_tree
     ours = make_tree(tmp_path / "ours", classes=("cat", "dog"))
     theirs = make_tree(tmp_path / "theirs", classes=("cat", "fox"))

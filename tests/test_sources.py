@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refinery_pipeline.dataset import BetonOptions, scan_image_folder, write_beton
-from refinery_pipeline.errors import ArgumentError, DataSetError
-from refinery_pipeline.keys import join
-from refinery_pipeline.pixels import read_image_file
+from refinery_pipeline.sources.dataset import BetonOptions, scan_image_folder, write_beton
+from refinery_pipeline.core.errors import ArgumentError, DataSetError
+from refinery_pipeline.sources.keys import join
+from refinery_pipeline.sources.pixels import read_image_file
 from refinery_pipeline.sources import (BetonSource, ImageSource, WebDatasetSource, open_source,
                                        source_kind)
 from refinery_pipeline.sources import shards as shards_module

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import refinery_pipeline as refinery
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import open_dataset
-from refinery_pipeline.precompute import precompute
-from refinery_pipeline.refinery import Refinery
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.labelling.precompute import precompute
+from refinery_pipeline.labelling.refinery import Refinery
 
 # Written from docs/label-store.md only. Run in a subprocess where refinery_pipeline is hidden.
 SPEC_READER = r'''
@@ -399,7 +399,7 @@ def test_a_reader_from_the_spec_joins_a_shuffled_subset_and_cuts_exact_crops(key
     """A flat copy of three quarters of the files, in another order: joined by the files'
     names, every JPEG exact (its bytes were passed through), and its crops byte for byte the
     ones the refinery labelled (FFCV's replay of the store's .beton)."""
-    from refinery_pipeline.replay import crop_table, multi_crop_loader
+    from refinery_pipeline.loaders.replay import crop_table, multi_crop_loader
     root, store_path, dataset = keyed_store
     files = sorted(root.rglob("*.*"))
     random.Random(0).shuffle(files)
@@ -426,7 +426,7 @@ def test_a_reader_from_the_spec_carries_boxes_into_a_resized_copy(keyed_store, t
     the turned one reframed, every other crop cut from the box as refinery carries it over."""
     from PIL import Image
 
-    from refinery_pipeline.pixels import box_in_frame, cut_crop, read_image_file
+    from refinery_pipeline.sources.pixels import box_in_frame, cut_crop, read_image_file
     root, store_path, _ = keyed_store
     copies = []
     for f in sorted(root.rglob("*.*")):

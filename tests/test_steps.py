@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from refinery_pipeline.losses import kl_divergence
-from refinery_pipeline.models import denormalize, normalize, to_model_input
-from refinery_pipeline.steps import AdversarialStep, NaturalStep
+from refinery_pipeline.training.losses import kl_divergence
+from refinery_pipeline.models.registry import denormalize, normalize, to_model_input
+from refinery_pipeline.training.steps import AdversarialStep, NaturalStep
 
 
 def tiny_net(seed=0):

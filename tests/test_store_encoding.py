@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refinery_pipeline.errors import StoreError
-from refinery_pipeline.label_store import (DEFAULT_PROB_BITS, FORMAT_VERSION, MAX_PROB_BITS,
+from refinery_pipeline.core.errors import StoreError
+from refinery_pipeline.store.label_store import (DEFAULT_PROB_BITS, FORMAT_VERSION, MAX_PROB_BITS,
                                            PROB_ARRAYS, CropRecords, LabelStore, StoreLayout,
                                            round_probabilities)
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from refinery_pipeline.errors import StoreCorruptError
-from refinery_pipeline.label_store import CROP_ARRAYS, LabelStore
+from refinery_pipeline.core.errors import StoreCorruptError
+from refinery_pipeline.store.label_store import CROP_ARRAYS, LabelStore
 
 from .test_cli import assert_one_line_error, run
 
@@ -290,8 +290,8 @@ def test_a_failed_verify_records_nothing(store, tiny_data, tmp_path):
 
 def test_the_identity_of_a_store_on_s3_is_its_objects_etags(s3_server, pristine):
     import boto3
-    from refinery_pipeline.errors import StoreError
-    from refinery_pipeline.store_tools import require_verified, store_identity
+    from refinery_pipeline.core.errors import StoreError
+    from refinery_pipeline.store.store_tools import require_verified, store_identity
     s3 = boto3.client("s3")
     for path in pristine.rglob("*"):
         if path.is_file():

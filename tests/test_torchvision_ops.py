@@ -6,7 +6,7 @@ torchvision-based reader of the spec would then no longer reproduce the stored c
 import pytest
 import torch
 
-from refinery_pipeline.augment import NUM_MAGNITUDE_BINS, _auto_class, apply_op, op_names
+from refinery_pipeline.plan.augment import NUM_MAGNITUDE_BINS, _auto_class, apply_op, op_names
 
 LINEAR = lambda low, high: lambda size: torch.linspace(low, high, NUM_MAGNITUDE_BINS)  # noqa: E731
 POSTERIZE = lambda steps: lambda size: (8 - (torch.arange(NUM_MAGNITUDE_BINS) / (  # noqa: E731

@@ -7,13 +7,13 @@ import warnings
 
 import pytest
 
-from refinery_pipeline import train as train_module
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.errors import DataSetError, RefineryError, RefineryWarning
-from refinery_pipeline.plots import read_run
-from refinery_pipeline.precompute import precompute
-from refinery_pipeline.refinery import Refinery
-from refinery_pipeline.train import TrainConfig, fit
+from refinery_pipeline.training import train as train_module
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.core.errors import DataSetError, RefineryError, RefineryWarning
+from refinery_pipeline.paper.plots import read_run
+from refinery_pipeline.labelling.precompute import precompute
+from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.training.train import TrainConfig, fit
 
 from .test_cli import assert_one_line_error, make_tree, run
 from .test_plots import write_run

@@ -5,17 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from refinery_pipeline import train as train_module
-from refinery_pipeline.crop_batch import CropBatch
-from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.errors import RefineryError
-from refinery_pipeline.label_store import LabelStore
-from refinery_pipeline.models import to_pixels
-from refinery_pipeline.precompute import precompute
-from refinery_pipeline.refinery import Refinery
-from refinery_pipeline.replay import ReplayedCrops, make_loader
-from refinery_pipeline.targets import OnlineTargets, StoredTargets
-from refinery_pipeline.train import TrainConfig, fit
+from refinery_pipeline.training import train as train_module
+from refinery_pipeline.loaders.crop_batch import CropBatch
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.core.errors import RefineryError
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.models.registry import to_pixels
+from refinery_pipeline.labelling.precompute import precompute
+from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+from refinery_pipeline.training.targets import OnlineTargets, StoredTargets
+from refinery_pipeline.training.train import TrainConfig, fit
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_stored_class_indices_are_compact_and_exact(num_classes, dtype):
 
 def test_static_mode_needs_a_soft_static_store(tiny_data, tmp_path, tiny_dataset,
                                                tiny_refinery_ckpt):
-    from refinery_pipeline.errors import RefineryError
+    from refinery_pipeline.core.errors import RefineryError
     path = tmp_path / "dyn.zarr"
     precompute(tiny_dataset, path, Refinery.from_checkpoint(tiny_refinery_ckpt),
                CropPlan(crops_per_image=2), top_k=3, crop_batch=32, progress=False)
@@ -152,7 +152,7 @@ def test_resume_after_an_interruption_is_bit_for_bit(extra, tiny_data, full_stor
 
 def test_partial_store_trains_only_with_allow_partial(tiny_data, tiny_dataset, tiny_refinery_ckpt,
                                                       tmp_path):
-    from refinery_pipeline.errors import IncompleteStoreError
+    from refinery_pipeline.core.errors import IncompleteStoreError
     path = tmp_path / "partial.zarr"
     precompute(tiny_dataset, path, Refinery.from_checkpoint(tiny_refinery_ckpt),
                CropPlan(crops_per_image=2), top_k=3, crop_batch=32, chunk_size=32,
@@ -184,8 +184,8 @@ def test_visual_category_labels_are_each_class_mean_stored_label(tiny_data, tiny
                                                                  full_store, tmp_path):
     """Table 5's visual level: every crop of class c trains on the mean of the dense targets of
     all stored crops of class-c images, recorded in the run."""
-    from refinery_pipeline.losses import dense_from_sparse
-    from refinery_pipeline.targets import visual_category_table
+    from refinery_pipeline.training.losses import dense_from_sparse
+    from refinery_pipeline.training.targets import visual_category_table
     records = LabelStore.open(full_store).read_crops()
     labels = tiny_dataset.labels
     table = visual_category_table(records.topk_indices, records.topk_probs, labels, 10,

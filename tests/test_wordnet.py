@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from refinery_pipeline import wordnet
-from refinery_pipeline.crop_batch import CropBatch, MixedLabels
-from refinery_pipeline.dataset import ArraySource, write_beton
-from refinery_pipeline.errors import DataSetError, RefineryError
-from refinery_pipeline.synthetic import make_shapes
-from refinery_pipeline.targets import CategoryTargets
-from refinery_pipeline.train import TrainConfig, fit
+from refinery_pipeline.training import wordnet
+from refinery_pipeline.loaders.crop_batch import CropBatch, MixedLabels
+from refinery_pipeline.sources.dataset import ArraySource, write_beton
+from refinery_pipeline.core.errors import DataSetError, RefineryError
+from refinery_pipeline.paper.synthetic import make_shapes
+from refinery_pipeline.training.targets import CategoryTargets
+from refinery_pipeline.training.train import TrainConfig, fit
 
 from .test_cli import assert_one_line_error, run
 

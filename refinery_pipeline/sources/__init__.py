@@ -6,15 +6,15 @@ tree, a flat folder, a list of paths (text, CSV or Python list), a ``.beton`` wr
 table (``Dataset`` object, ``save_to_disk`` folder, Arrow/Parquet files) or any map-style data
 set with a key function. Each gives keys without reading an image, labels and class names where
 it has them, and each item's encoded bytes exactly as stored (or decoded pixels), so a reader
-joins a label store with any copy of its data by key (:mod:`refinery_pipeline.keys`).
+joins a label store with any copy of its data by key (:mod:`refinery_pipeline.sources.keys`).
 """
 import inspect
 import os
 from pathlib import Path
 
-from ..dataset import IMAGE_EXTENSIONS
-from ..errors import ArgumentError, DataSetError
-from ..remote_storage import is_remote
+from .dataset import IMAGE_EXTENSIONS
+from ..core.errors import ArgumentError, DataSetError
+from ..store.remote_storage import is_remote
 from .base import ImageSource, decode_image
 from .beton import BetonSource
 from .files import ImageFolderSource, PathsSource

@@ -3,15 +3,15 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..errors import ArgumentError, DataSetError, storage_error_message
-from ..keys import normalize_keys
-from ..pixels import decode_image  # the one rule for encoded bytes; re-exported here
+from ..core.errors import ArgumentError, DataSetError, storage_error_message
+from .keys import normalize_keys
+from .pixels import decode_image  # the one rule for encoded bytes; re-exported here
 
 
 class ImageSource:
     """Images of a data set, each with a key, in the source's own order.
 
-    Readers join a label store's keys with :meth:`keys` (:func:`refinery_pipeline.keys.join`)
+    Readers join a label store's keys with :meth:`keys` (:func:`refinery_pipeline.sources.keys.join`)
     and read the matched items by index, so the order, layout and completeness of a copy do
     not matter. Sources pickle cheaply (files and connections open lazily in each process), so
     they can go into ``DataLoader`` workers.

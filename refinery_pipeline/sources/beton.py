@@ -3,8 +3,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dataset import KEYS_FIELD  # noqa: F401 - where a keyed .beton's sidecar lists its keys
-from ..errors import DataSetError
+from .dataset import KEYS_FIELD  # noqa: F401 - where a keyed .beton's sidecar lists its keys
+from ..core.errors import DataSetError
 from .base import ImageSource, decode_image
 
 FFCV_JPEG_MODE = 0  # FFCV's IMAGE_MODES["jpg"]: the sample's bytes are a JPEG file
@@ -23,7 +23,7 @@ class BetonSource(ImageSource):
     key_rule = "the .beton sidecar's keys, or its source files relative to their split folder"
 
     def __init__(self, path):
-        from ..dataset import ImageDataset
+        from .dataset import ImageDataset
         dataset = ImageDataset(path)  # one-line errors for foreign or missing files
         self.path = Path(path).resolve()
         self.pointers, self.nbytes = dataset.image_byte_spans()
@@ -73,7 +73,7 @@ class BetonSource(ImageSource):
         """``(N, 32)`` uint8: SHA-256 of each image's stored bytes, in sample order (what a
         label store made from this ``.beton`` records as ``image_digests``): the ones its write
         kept beside it, computed and kept once for a ``.beton`` without them."""
-        from ..dataset import ImageDataset
+        from .dataset import ImageDataset
         return ImageDataset(self.path).image_digests()
 
     def describe(self, i: int) -> str:

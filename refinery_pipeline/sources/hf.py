@@ -3,8 +3,8 @@ Parquet files. Images are read as stored bytes (``Image(decode=False)``), keys f
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..dataset import default_cache_dir
-from ..errors import DataSetError
+from .dataset import default_cache_dir
+from ..core.errors import DataSetError
 from .base import ImageSource, as_labels, read_file_bytes
 
 KEY_COLUMNS = ("file_name", "path", "__key__")  # tried in this order when none is named

@@ -1,8 +1,8 @@
 """Any map-style data set, keyed by a user's function of the index."""
 import numpy as np
 
-from ..errors import ArgumentError, DataSetError
-from ..pixels import rgb_of_any
+from ..core.errors import ArgumentError, DataSetError
+from .pixels import rgb_of_any
 from .base import ImageSource, as_labels, decode_image
 
 
@@ -35,7 +35,7 @@ class MappedSource(ImageSource):
         return self._labels
 
     def image(self, i: int) -> np.ndarray:
-        """Item ``i``'s image by the pixel mode rule (:func:`refinery_pipeline.pixels.rgb_of_any`:
+        """Item ``i``'s image by the pixel mode rule (:func:`refinery_pipeline.sources.pixels.rgb_of_any`:
         PIL images of any mode, ``(H, W[, C])`` arrays, ``([C, ]H, W)`` tensors); encoded bytes
         are decoded as files are."""
         item = self.dataset[int(i)]

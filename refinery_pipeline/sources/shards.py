@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dataset import IMAGE_EXTENSIONS, default_cache_dir
-from ..errors import ArgumentError, DataSetError, storage_error_message, storage_io_errors
-from ..remote_storage import is_remote, remote_filesystem, unreachable_message
+from .dataset import IMAGE_EXTENSIONS, default_cache_dir
+from ..core.errors import ArgumentError, DataSetError, storage_error_message, storage_io_errors
+from ..store.remote_storage import is_remote, remote_filesystem, unreachable_message
 from .base import ImageSource, as_labels
 
 # WebDataset's own rules (tariterators.base_plus_ext, tar_file_iterator's skip_meta); a test
@@ -37,7 +37,7 @@ OPEN_SHARDS = 64  # local shards kept open per process
 class WebDatasetSource(ImageSource):
     """WebDataset shards: local paths, brace patterns (``shards-{000..009}.tar``), a folder of
     ``.tar`` files, or ``s3://`` / ``http(s)://`` URLs (through fsspec, with the bounded
-    timeouts of :mod:`refinery_pipeline.remote_storage`).
+    timeouts of :mod:`refinery_pipeline.store.remote_storage`).
 
     The key of a sample is its ``__key__``; its image is the first of the members ``jpg``,
     ``jpeg``, ``png``, ``webp``, ... it has (or ``image_ext``); its label the integer in its

@@ -1,0 +1,1 @@
+"""What every stage shares: errors, argument checks, devices, ranks, progress."""

@@ -1,0 +1,1 @@
+"""Labelling: the refinery, precompute (local, torchrun, Ray), audits, copy checks."""

@@ -1,0 +1,1 @@
+"""Networks: the architecture registry, checkpoints read safely, ImageNet classes."""

@@ -1,0 +1,1 @@
+"""The label store: its schema, creation, reads, integrity, remote access, tools."""

@@ -1,0 +1,1212 @@
+"""The label store: a Zarr v3 group holding, per (image, slot), the crop box, the flip and the
+refinery's sparse top-k label. Format spec: ``docs/label-store.md``.
+
+This module owns the store's schema: the array names, shapes and dtypes, the typed views of its
+attributes (:class:`StoreLayout`, :class:`.crop_plan.CropPlan`, :class:`RefineryInfo`,
+:class:`DatasetInfo`, :class:`Batching`) and the compatibility checks. Every other module reads
+and writes a store through :class:`LabelStore` and :class:`CropRecords`, never by array name.
+
+Choices, each from measurements in ``shared/notes/zarr-store.md``:
+
+* chunked along images only, ~1 MB objects; every chunk is written whole by exactly one process;
+* progress lives in a ``chunk_done`` uint8 array (one uncompressed chunk per flag), set only after
+  a chunk's data is written: attribute updates rewrite all of ``zarr.json`` and lose races;
+* Blosc/zstd with the shuffle that suits each array using only codecs from the v3 spec, so any
+  Zarr v3 reader can open a store; probabilities rounded to multiples of 2^-11 (still float16),
+  which leaves nothing further from the refinery's value than float16 does at p >= 0.5 and
+  takes ~18 B per crop at top-10 of 200 classes instead of ~26 (label_bytes_cpu.md);
+* the group's ``zarr.json`` has no timestamps, so two runs that compute the same labels write
+  byte-identical stores.
+"""
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..plan.crop_plan import CropPlan
+from .remote_storage import (CREATION_WAIT_SECONDS, claim_creation, is_remote, network_failure,
+                             release_creation, remote_filesystem, remote_store,
+                             unreachable_message)
+from ..core.errors import (IncompleteStoreError, RefineryError, StoreCorruptError, StoreError,
+                     StoreMismatchError, StoreNotFoundError, storage_error_message,
+                     storage_io_errors)
+from ..core.validators import flag, index_array, one_of, path_like, refuse
+
+FORMAT_NAME = "refinery-label-store"
+# 2: an ``image_sizes`` array (each image's stored height and width) and ``dataset.source`` (the
+# ImageFolder tree a store's images came from, checkable without the .beton). 1 still reads.
+# 3: probabilities rounded to multiples of 2^-layout.prob_bits (still plain float16: a reader
+# does nothing new) and codecs chosen for many classes (benchmarks/results/label_bytes_cpu.md).
+# 1 and 2 still read: their probabilities are unrounded float16 (prob_bits 0).
+# Also new in 3: the optional ``refinery.selected_outputs`` (an ImageNet-1k refinery's outputs
+# that label a subset of its classes).
+# 4: ``plan.augment``, a training recipe (RandAugment, erasing, mixup, ...) applied before the
+# refinery labelled each crop, every parameter drawn from the plan (refinery_pipeline.plan.augment),
+# and ensemble refineries (``refinery.members``). 1 to 3 still read: they have neither.
+# 5: each image's key (``image_keys``) and the SHA-256 of its encoded bytes (``image_digests``),
+# so a copy of the data set in any order, form or subset is joined by name and told exact or
+# approximate (refinery_pipeline.sources.keys, .sources). 1 to 4 still read: they join by position.
+FORMAT_VERSION = 5
+CROP_ARRAYS = ("boxes", "flips", "topk_indices", "topk_probs")
+STATIC_ARRAYS = ("static_indices", "static_probs")
+PROB_ARRAYS = ("topk_probs", "static_probs")  # float16, rounded to the layout's prob_bits
+LABELS, IMAGE_SIZES = "labels", "image_sizes"  # whole per-image arrays written at creation
+IMAGE_KEYS, IMAGE_DIGESTS = "image_keys", "image_digests"  # format 5, also written at creation
+CHECKSUMS, DONE_FLAGS = "chunk_sha256", "chunk_done"  # per chunk: digests, then the done flag
+# Written once at creation: the SHA-256 of ``image_sizes``, then a digest of every attribute
+# written at creation (which covers the first); ``complete`` comes later, so it is left out.
+IMAGE_SIZES_DIGEST, ATTRIBUTES_DIGEST = "image_sizes_sha256", "attributes_sha256"
+# Every per-image array written whole at creation (but ``labels``, which ``dataset.labels_sha256``
+# covers) -> the attribute holding the SHA-256 of its values. Keys and digests are optional (a
+# ``.beton`` not written by refine names no files); an array is expected iff its digest is there.
+SEALED_ARRAYS = {IMAGE_SIZES: IMAGE_SIZES_DIGEST, IMAGE_KEYS: "image_keys_sha256",
+                 IMAGE_DIGESTS: "image_digests_sha256"}
+# Every store of this format or later was sealed at creation (the digest came within format 2),
+# so one without ``attributes_sha256`` had it deleted, most likely to hide an edit.
+SEALED_FROM_FORMAT = 3
+# Modes a store opens in: reading, or reading and writing chunks (precompute's resume). zarr's
+# "w" and "a" would create a new group over the store and lose it.
+OPEN_MODES = ("r", "r+")
+UNSEALED_ATTRIBUTES = ("complete", ATTRIBUTES_DIGEST)
+RESTORE = "restore the store from where it came from, or recompute it with `refine precompute`"
+# Classes stored per crop. On imagenette-96 (10 classes, GPU parity sweep) students on top-5
+# labels trailed the online refinery by 1.15 points at K = 40; storing all 10 closed the gap to
+# 0.06 (benchmarks/results/parity_gpu_top10.md; docs/design.md, choosing K and top-k).
+DEFAULT_TOP_K = 10
+# Where training puts the probability mass outside a crop's stored top-k (``losses.
+# dense_from_sparse``): renormalize the top k, or spread it uniformly over the other classes.
+# Defined here, torch-free, beside the top-k it completes, so the CLI can offer it.
+REST_POLICIES = ("renormalize", "uniform")
+DEFAULT_REST = "renormalize"
+# Probabilities are stored as multiples of 2^-prob_bits. 11 is the finest step float16 holds for
+# every p < 1, and its own rounding step at p >= 0.5: no stored value is further from the
+# refinery's than float16 already allows there, while small probabilities stop carrying relative
+# precision nobody trains on, which the codec then compresses away. 0: unrounded float16.
+MAX_PROB_BITS = 11
+DEFAULT_PROB_BITS = 11
+
+
+# At most this many bytes of decoded values per chunk, all arrays together: precompute holds a
+# chunk in memory and every rank writes whole chunks. ~8 MB at K = 40, top-10 (the 200k-crop
+# rule alone); the cap binds only for wide labels (top-k of ~120 or more at K = 40).
+CHUNK_VALUE_BYTES = 64 << 20
+
+
+def default_chunk_size(crops_per_image: int, top_k: int = DEFAULT_TOP_K) -> int:
+    """Images per chunk: the power of two nearest 200,000 crops (~1 MB compressed objects per
+    array at top-10; 4,096 images, 313 chunks at ImageNet-1k, K = 40), lowered to a power of two
+    whose decoded values fit :data:`CHUNK_VALUE_BYTES` when the labels are wide; 16 to 2^20."""
+    crop_bytes = 4 * 2 + 1 + top_k * (2 + 2)  # boxes, flip, indices and probabilities per crop
+    by_crops = np.round(np.log2(200_000 / max(1, crops_per_image)))
+    by_bytes = np.floor(np.log2(CHUNK_VALUE_BYTES / (max(1, crops_per_image) * crop_bytes)))
+    return int(2 ** np.clip(min(by_crops, by_bytes), 4, 20))
+
+
+def _codecs(name: str) -> dict:
+    from zarr.codecs import BloscCodec, TransposeCodec
+    blosc = lambda shuffle: BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+    if name == "boxes":  # (N, K, 4): put each coordinate's values side by side before shuffling
+        return {"filters": [TransposeCodec(order=(2, 0, 1))], "compressors": [blosc("shuffle")]}
+    if name == "flips":  # one bit of information per byte
+        return {"compressors": [blosc("bitshuffle")]}
+    if name == IMAGE_DIGESTS:  # SHA-256 values: incompressible by design
+        return {"compressors": None}
+    # Class indices too (format 3; bitshuffle before): byte shuffle keeps each index's low byte
+    # whole, so the classes an image's crops share repeat as bytes for zstd to match: at top-10
+    # of 200 classes 7.4 bytes per crop instead of 10.0; transposing slots or ranks side by side,
+    # and higher levels (write speed /3 and more), were measured and gave less
+    # (benchmarks/results/label_bytes_cpu.md).
+    return {"compressors": [blosc("shuffle")]}
+
+
+@dataclass
+class StoreLayout:
+    num_images: int
+    crops_per_image: int
+    top_k: int
+    chunk_size: int
+    soft_static: bool = False  # also store the refinery's label of the whole (centred) image
+    prob_bits: int = DEFAULT_PROB_BITS  # probabilities: multiples of 2^-prob_bits (0: unrounded)
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_images // self.chunk_size)
+
+    def chunk_range(self, c: int) -> range:
+        return range(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_images))
+
+    def shapes(self) -> dict:
+        """Per-image arrays written chunk by chunk: name -> (shape, dtype)."""
+        N, K, k = self.num_images, self.crops_per_image, self.top_k
+        shapes = {"boxes": ((N, K, 4), "uint16"), "flips": ((N, K), "uint8"),
+                  "topk_indices": ((N, K, k), "uint16"), "topk_probs": ((N, K, k), "float16")}
+        if self.soft_static:
+            shapes.update(static_indices=((N, k), "uint16"), static_probs=((N, k), "float16"))
+        return shapes
+
+    @property
+    def array_names(self) -> tuple:
+        return tuple(self.shapes())
+
+    def rounded(self, arrays: dict) -> dict:
+        """``arrays`` with the probability arrays rounded to ``prob_bits`` (what is stored)."""
+        return {name: round_probabilities(values, self.prob_bits) if name in PROB_ARRAYS
+                else values for name, values in arrays.items()}
+
+    def empty_chunk(self, c: int) -> "CropRecords":
+        """Zeroed records for chunk ``c``, filled by precompute loader batch by loader batch."""
+        n = len(self.chunk_range(c))
+        return CropRecords(**{name: np.zeros((n,) + shape[1:], dtype)
+                              for name, (shape, dtype) in self.shapes().items()})
+
+
+@dataclass
+class CropRecords:
+    """Stored records of some images, one row per image, in the store's dtypes.
+
+    Attributes
+    ----------
+    boxes : numpy.ndarray
+        ``(n, K, 4)`` uint16 crop boxes ``(y, x, h, w)`` in the image's stored pixel frame.
+    flips : numpy.ndarray
+        ``(n, K)`` uint8, 1 where the crop is mirrored left-right after resizing.
+    topk_indices : numpy.ndarray
+        ``(n, K, k)`` uint16 class indices, most probable first.
+    topk_probs : numpy.ndarray
+        ``(n, K, k)`` float16 probabilities of those classes.
+    static_indices, static_probs : numpy.ndarray or None
+        ``(n, k)`` soft-static label of each whole image (stores made with ``--soft-static``).
+    """
+
+    boxes: np.ndarray
+    flips: np.ndarray
+    topk_indices: np.ndarray
+    topk_probs: np.ndarray
+    static_indices: Optional[np.ndarray] = None
+    static_probs: Optional[np.ndarray] = None
+
+    def arrays(self) -> dict:
+        """Array name -> values, for the arrays these records hold."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    def slot(self, slots) -> "CropRecords":
+        """The records of one slot per image: ``slots`` is an int or an ``(n,)`` array; the
+        per-crop arrays lose their slot axis (``boxes`` becomes ``(n, 4)``, ...)."""
+        rows = np.arange(len(self.flips))
+        pick = lambda a: a[rows, slots]
+        return CropRecords(pick(self.boxes), pick(self.flips), pick(self.topk_indices),
+                           pick(self.topk_probs), self.static_indices, self.static_probs)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """What fixes the composition of every refinery batch (recorded in the store: train-mode BN
+    labels depend on it, so a resume or an audit must batch exactly the same way).
+
+    Attributes
+    ----------
+    crop_batch : int
+        Crops per refinery forward pass.
+    images_per_batch : int
+        Images per loader batch. Loader batches never straddle chunks: each chunk is cut into
+        batches of this many images from its first image, the last one possibly shorter
+        (:meth:`units`).
+    """
+
+    crop_batch: int
+    images_per_batch: int
+
+    @classmethod
+    def for_layout(cls, layout: StoreLayout, crop_batch: int) -> "Batching":
+        """About ``crop_batch`` images (at most 16,384 crops) per loader batch, evened out over
+        each chunk: a chunk of ``n`` images is cut into ``ceil(n / target)`` near-equal batches,
+        so 50 images at a target of 32 give two batches of 25, not 32 + 18 (train-mode BN never
+        sees a stray small batch). A power-of-two chunk size keeps the rule stores were made
+        with before other sizes worked (batches of the largest power of two not above the
+        target), so those stores resume and audit identically."""
+        size = layout.chunk_size
+        target = max(1, min(crop_batch, 16384 // layout.crops_per_image, size))
+        if size & (size - 1) == 0:
+            return cls(crop_batch, 1 << (target.bit_length() - 1))
+        return cls(crop_batch, -(-size // -(-size // target)))
+
+    def units(self, layout: StoreLayout, c: int) -> list:
+        """Chunk ``c``'s loader batches as ``range``s of image ids: the unit a batch's crops are
+        shuffled and labelled in, so a resume or an audit can rebuild any of them alone."""
+        rows = layout.chunk_range(c)
+        return [range(start, min(start + self.images_per_batch, rows.stop))
+                for start in range(rows.start, rows.stop, self.images_per_batch)]
+
+
+@dataclass(frozen=True)
+class RefineryInfo:
+    """The network that labelled a store.
+
+    Attributes
+    ----------
+    arch : str
+        Architecture name (torchvision's, or ``timm/<name>``).
+    weights_sha256 : str
+        SHA-256 of the weights file (for torchvision's pretrained weights, of the ``.pth``).
+    bn_mode : str
+        ``"train"`` (batch statistics, as in the paper) or ``"eval"`` (running statistics).
+    temperature : float
+        Softmax temperature: probabilities are ``softmax(logits / temperature)``.
+    input_size : int
+        Side of the square crops the refinery labelled (and students are shown).
+    normalization : dict
+        ``{"mean": [...], "std": [...]}`` per RGB channel in uint8 units.
+    selected_outputs : list of int or None
+        Where the network predicts more classes than the store's (an ImageNet-1k refinery on
+        an ImageNet-subset data set): the output that labelled each store class, class ``j``
+        from output ``selected_outputs[j]``, probabilities ``softmax(logits[selected] /
+        temperature)``. None (absent from the attribute) when output ``j`` is class ``j``.
+    members : list of dict or None
+        An ensemble's members (format 4), each a record like this one without ``members``, in
+        the order given: labels are the mean of their probabilities. The ensemble's ``arch`` is
+        then ``"ensemble"``, its ``weights_sha256`` the SHA-256 of the members' digests joined
+        by commas, its ``normalization`` theirs where all share one (else None). None (absent
+        from the attribute) for one refinery.
+    """
+
+    arch: str
+    weights_sha256: str
+    bn_mode: str
+    temperature: float
+    input_size: int
+    normalization: dict
+    selected_outputs: Optional[list] = None
+    members: Optional[list] = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The images a store labels, as fingerprinted when it was written.
+
+    Attributes
+    ----------
+    num_images : int
+        Number of images N; image ``n`` is row ``n`` of every array.
+    classes : list of str
+        Class names in index order.
+    image_bytes_sha256 : str
+        SHA-256 over each image's encoded bytes in the ``.beton``, in sample order.
+    labels_sha256 : str
+        SHA-256 of the int64 ground-truth labels in sample order.
+    source : dict or None
+        The ImageFolder tree the ``.beton`` was converted from (format 2): ``files_sha256`` over
+        the files' relative paths in store order, ``num_files`` and the ``order`` rule; None when
+        the store was made from a ``.beton`` given directly, or by format 1.
+    """
+
+    num_images: int
+    classes: list
+    image_bytes_sha256: str
+    labels_sha256: str
+    source: Optional[dict] = None
+
+
+class LabelStore:
+    """Create, fill, check and read a label store at a local path (or any zarr store-like)."""
+
+    def __init__(self, group, location):
+        self.group, self.location = group, str(location)
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT_NAME:
+            raise StoreError(f"{location}: not a refinery label store (no '{FORMAT_NAME}' format "
+                             "attribute); pass a directory written by `refine precompute`")
+        version = attrs.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(f"{location}: label store format version {version} is newer than this "
+                             f"refinery reads ({FORMAT_VERSION}); upgrade refinery")
+        self.attrs = attrs
+        self.layout = _parse_layout(location, attrs.get("layout"))
+        self._intact = False  # require_intact passed on this object (its attributes are a copy)
+
+    # ------------------------------------------------------------------ typed attributes
+    @property
+    def format_version(self) -> int:
+        return int(self.attrs["format_version"])
+
+    @property
+    def plan(self) -> CropPlan:
+        """How the boxes and flips were drawn."""
+        return CropPlan.from_dict(self.attrs["plan"])
+
+    @property
+    def refinery(self) -> RefineryInfo:
+        return RefineryInfo(**self.attrs["refinery"])
+
+    @property
+    def dataset(self) -> DatasetInfo:
+        return DatasetInfo(**self.attrs["dataset"])
+
+    @property
+    def batching(self) -> Batching:
+        return Batching(**self.attrs["batching"])
+
+    @property
+    def classes(self) -> list:
+        return list(self.attrs["dataset"]["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        """C: the length of every dense target built from this store."""
+        return len(self.attrs["dataset"]["classes"])
+
+    # ------------------------------------------------------------------ creating and opening
+    @classmethod
+    def create(cls, location, layout: StoreLayout, attrs: dict, labels=None,
+               image_sizes=None, keys=None, digests=None) -> "LabelStore":
+        """Create an empty store; ``attrs`` carries plan, refinery, data set and versions.
+
+        ``labels`` (the data set's ground truth) is written whole at creation, so a store alone
+        can report how often the refinery agrees with the image labels; so are ``image_sizes``
+        ``(N, 2)`` (height, width as stored), the frame the boxes are drawn in, so a reader of
+        the original files can tell when their sizes differ; and, format 5, each image's
+        ``keys`` (normalized names, :mod:`.keys`) and ``digests`` ``(N, 32)`` (SHA-256 of the
+        encoded bytes its pixels were decoded from), so a copy of the data set in another order
+        or form is joined by name and each image told exact or approximate. A local store is built
+        under a temporary name and renamed into place, so a kill mid-creation leaves no
+        half-made store behind, and any error removes the temporary directory.
+
+        Several processes may create one store at once: the loser of the race gets the
+        winner's store (locally, once renamed into place; on an object store, which has no
+        rename, once the winner has finished creating it). The caller checks that store was made
+        for its run, as it checks one it resumes.
+        """
+        _check_layout(location, layout)
+        keys = None if keys is None else encode_keys(location, keys, layout.num_images)
+        digests = None if digests is None else _checked_digests(location, digests,
+                                                                layout.num_images)
+        if is_remote(location):  # object stores have no rename: objects appear whole or not
+            import zarr
+            if not claim_creation(location):
+                return cls._await_creation(location)
+            try:
+                cls._create_at(location, layout, attrs, labels, image_sizes, keys, digests)
+            except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError,
+                    zarr.errors.ContainsArrayAndGroupError):
+                return cls._await_creation(location)  # a store without our marker
+            release_creation(location)
+            return cls.open(location, mode="r+")
+        location = Path(location)
+        building = location.with_name(f".{location.name}.creating-{os.getpid()}")
+        shutil.rmtree(building, ignore_errors=True)
+        try:
+            cls._create_at(building, layout, attrs, labels, image_sizes, keys, digests)
+            os.rename(building, location)
+        except BaseException as exc:
+            shutil.rmtree(building, ignore_errors=True)
+            if not (isinstance(exc, OSError) and location.exists()):
+                raise  # else another process created it first: use theirs
+        return cls.open(location, mode="r+")
+
+    @classmethod
+    def _await_creation(cls, location, timeout: float = None) -> "LabelStore":
+        """The store another process is creating at ``location``, once it has written its last
+        creation step (the attribute digest): reading it earlier would see arrays or attributes
+        still missing, and rewriting attributes from such a view would drop the winner's."""
+        import time
+        timeout = CREATION_WAIT_SECONDS if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                store = cls.open(location, mode="r+")
+                if ATTRIBUTES_DIGEST in store.attrs:
+                    return store
+            except StoreError:
+                pass  # not yet a whole store
+            if time.monotonic() > deadline:
+                raise StoreError(f"{location}: another process began creating a store here and "
+                                 f"has not finished after {timeout:.0f} s; if it died, delete "
+                                 "the store's objects and rerun")
+            time.sleep(0.2)
+
+    @classmethod
+    def _create_at(cls, location, layout: StoreLayout, attrs: dict, labels=None,
+                   image_sizes=None, keys=None, digests=None):
+        import zarr
+        target = remote_store(location) if is_remote(location) else str(location)
+        group = zarr.open_group(target, mode="w-", zarr_format=3)
+        group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                            "layout": layout.__dict__, **attrs})
+        chunk = layout.chunk_size
+        for name, (shape, dtype) in layout.shapes().items():
+            group.create_array(name, shape=shape, dtype=dtype, fill_value=0,
+                               chunks=(chunk,) + shape[1:], **_codecs(name))
+        gt = group.create_array(LABELS, shape=(layout.num_images,), dtype="uint16",
+                                chunks=(chunk,), fill_value=0, **_codecs(LABELS))
+        if labels is not None:
+            gt[:] = np.asarray(labels, dtype=np.uint16)
+        sizes = group.create_array(IMAGE_SIZES, shape=(layout.num_images, 2), dtype="uint16",
+                                   chunks=(chunk, 2), fill_value=0, **_codecs(IMAGE_SIZES))
+        if image_sizes is not None:
+            sizes[:] = np.asarray(image_sizes, dtype=np.uint16)
+        for name, values in ((IMAGE_KEYS, keys), (IMAGE_DIGESTS, digests)):
+            if values is not None:
+                width = values.shape[1]
+                group.create_array(name, shape=values.shape, dtype="uint8", fill_value=0,
+                                   chunks=(chunk, width), **_codecs(name))[:] = values
+        group.create_array(CHECKSUMS, shape=(layout.num_chunks, len(layout.array_names), 32),
+                           dtype="uint8", chunks=(1, len(layout.array_names), 32), fill_value=0,
+                           compressors=None)
+        group.create_array(DONE_FLAGS, shape=(layout.num_chunks,), dtype="uint8", chunks=(1,),
+                           fill_value=0, compressors=None)
+        group.attrs.update(seal_attributes(group))  # last: the digests cover all of the above
+
+    @classmethod
+    def open(cls, location, mode: str = "r", *, check: bool = True) -> "LabelStore":
+        """Open a store directory, a zip made by ``refine pack`` (read-only, in place), or an
+        fsspec URL.
+
+        Parameters
+        ----------
+        location : str or os.PathLike
+            Where the store is.
+        mode : {"r", "r+"}
+            ``"r"`` reads; ``"r+"`` also writes chunks (how precompute resumes a store).
+        check : bool
+            Reading (``mode="r"``): refuse a store whose layout, attributes, ``labels`` or
+            ``image_sizes`` no longer match what was written (:meth:`require_intact`, the checks
+            ``refine verify`` and ``refine train`` run; about 0.1 s at ImageNet size), so no way
+            into the API reads an edited store; chunks are checked as they are read. False only
+            for a tool that reports the damage itself (``refine verify``).
+
+        Raises
+        ------
+        StoreNotFoundError
+            Nothing is stored there.
+        StoreError
+            Not a label store, or one of a newer format than this version reads.
+        StoreCorruptError
+            ``check``: the store was damaged or edited since it was written.
+        """
+        import zarr
+        path_like("location", location, "label store")
+        one_of("mode", mode, OPEN_MODES)
+        missing = StoreNotFoundError(f"{location}: no label store there; create one with "
+                                     "`refine precompute`")
+        if not is_remote(location) and not Path(location).exists():
+            raise missing
+        target = str(location)
+        try:
+            if target.endswith(".zip") and mode != "r":
+                raise StoreError(f"{location}: a packed store is read-only; unpack it to "
+                                 "extend it")
+            if is_remote(target):  # a directory, or a packed zip read in place
+                target = remote_store(target, read_only=mode == "r")
+            elif target.endswith(".zip"):
+                target = zarr.storage.ZipStore(target, mode="r")
+            group = zarr.open_group(target, mode=mode, zarr_format=3)
+        except RefineryError:
+            raise
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            silent = network_failure(exc) if is_remote(location) else None
+            if silent is not None:  # fsspec's HTTP says "not found" for a server that is silent
+                raise StoreError(unreachable_message(location, silent)) from None
+            raise missing from None  # a URL with nothing behind it
+        except storage_io_errors() as exc:  # an endpoint that is down, a disk that is gone
+            if is_remote(location):
+                raise StoreError(unreachable_message(location, exc)) from None
+            raise StoreError(storage_error_message(exc, location)) from None
+        except Exception as exc:
+            raise StoreError(f"{location}: cannot open as a Zarr v3 label store ({exc})") from None
+        store = cls(group, location)
+        if mode == "r" and flag("check", check):
+            store.require_intact()
+        return store
+
+    # ------------------------------------------------------------------ writing
+    def write_chunk(self, c: int, records: "CropRecords"):
+        """Write chunk ``c``'s records and their checksums, *then* mark it done (the order is the
+        guarantee: a flagged chunk is whole). Probabilities are rounded to the layout's
+        ``prob_bits`` here, before hashing, so every writer stores (and checks) the same values."""
+        arrays = records.arrays() if isinstance(records, CropRecords) else records
+        arrays = self.layout.rounded(arrays)
+        rows = self.layout.chunk_range(c)
+        for name in self.layout.array_names:
+            self.group[name][rows.start:rows.stop] = arrays[name]
+        self.group[CHECKSUMS][c] = chunk_checksums(self.layout, arrays)
+        self.group[DONE_FLAGS][c] = 1
+
+    def finalize(self):
+        """When every chunk is done: drop stale temporary files, record completeness.
+
+        zarr's LocalStore writes ``<key>.<uuid>.partial`` and renames it; a killed writer leaves
+        these behind. They are never valid data. Only a complete store is cleaned, because until
+        then another process may be writing (and renaming) its own partial files.
+        """
+        if not self.done_chunks().all():
+            return
+        root = Path(self.location)
+        if root.is_dir():
+            for leftover in root.rglob("*.partial"):
+                leftover.unlink(missing_ok=True)
+        if not self.attrs.get("complete"):
+            self.group.attrs["complete"] = True
+            self.attrs["complete"] = True
+
+    # ------------------------------------------------------------------ reading and checking
+    @property
+    def packed(self) -> bool:
+        """A zip made by ``refine pack``: read in place, repaired only by replacing it."""
+        return self.location.endswith(".zip")
+
+    def recorded_checksums(self) -> np.ndarray:
+        """``(num_chunks, arrays, 32)`` uint8 SHA-256 digests written with each chunk."""
+        return self._read(CHECKSUMS)
+
+    def chunk_key(self, name: str, c: int) -> str:
+        """The key (file path in a directory store) of chunk ``c`` of array ``name``."""
+        return f"{name}/c/{c}" + "/0" * (len(self.group[name].shape) - 1)
+
+    def read_chunk(self, name: str, c: int) -> np.ndarray:
+        """Array ``name``'s rows of chunk ``c``, decoded (raises whatever the codec raises)."""
+        rows = self.layout.chunk_range(c)
+        return self.group[name][rows.start:rows.stop]
+
+    def done_chunks(self) -> np.ndarray:
+        return self._read(DONE_FLAGS).astype(bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done_chunks().all())
+
+    def done_images(self) -> np.ndarray:
+        """Boolean mask over images whose chunk has been written."""
+        return np.repeat(self.done_chunks(), self.layout.chunk_size)[:self.layout.num_images]
+
+    def read(self, names=CROP_ARRAYS, verify: bool = False) -> dict:
+        """Load whole arrays into memory (one pass; remote latency never reaches training).
+
+        ``verify`` checks every written chunk of the checksummed arrays among ``names`` against
+        ``chunk_sha256`` and raises :class:`StoreCorruptError` naming the first that differs.
+        """
+        arrays = {name: self._read(name) for name in names}
+        if verify:
+            self._require_chunks_intact((c, {name: values[self._rows(c)]
+                                             for name, values in arrays.items()})
+                                        for c in range(self.layout.num_chunks))
+        return arrays
+
+    def read_images(self, images: np.ndarray, names=CROP_ARRAYS, verify: bool = False) -> dict:
+        """The rows of ``images`` only: reads just the chunks that hold them (``verify``: each of
+        those chunks whole, checked as in :meth:`read`)."""
+        images = np.asarray(images, dtype=np.int64)
+        if not len(images):
+            return {name: np.zeros((0,) + self.group[name].shape[1:], self.group[name].dtype)
+                    for name in names}
+        if not verify:
+            return {name: self._read(name, images) for name in names}
+        chunks = np.unique(images // self.layout.chunk_size)
+        parts = [{name: self._read(name, self._rows(c)) for name in names} for c in chunks]
+        self._require_chunks_intact(zip(chunks, parts))
+        starts = np.cumsum([0] + [len(self._rows_range(c)) for c in chunks])
+        where = starts[np.searchsorted(chunks, images // self.layout.chunk_size)]
+        where = where + images % self.layout.chunk_size
+        return {name: np.concatenate([p[name] for p in parts])[where] for name in names}
+
+    def read_crops(self, images=None, static: bool = False, verify: bool = True) -> CropRecords:
+        """The crop records of every image, or of some.
+
+        Parameters
+        ----------
+        images : array_like of int, optional
+            Image indices (rows of the store, ``0 ... N - 1``, any order, repeats allowed): reads
+            just the chunks that hold them. None (default): every image, whole arrays in one
+            pass.
+        static : bool
+            Add the soft-static labels, which the store must have.
+        verify : bool
+            Default True: the store passes :meth:`require_intact` (once per opened store) and
+            what is read matches its chunks' checksums, so a damaged or edited store raises
+            :class:`StoreCorruptError` instead of reaching training as zeros or noise.
+
+        Returns
+        -------
+        CropRecords
+        """
+        rows = None if images is None else self._image_rows(images)
+        names = CROP_ARRAYS + (STATIC_ARRAYS if flag("static", static) else ())
+        if static and not self.layout.soft_static:
+            raise StoreError(f"{self.location}: store has no soft-static labels; recompute it "
+                             "with `refine precompute --soft-static`")
+        if flag("verify", verify):
+            self.require_intact()
+        arrays = (self.read(names, verify) if rows is None
+                  else self.read_images(rows, names, verify))
+        return CropRecords(**arrays)
+
+    def read_labels(self, images=None) -> np.ndarray:
+        """Ground-truth class of every image (or of the image indices ``images``), int64, from a
+        store that passes :meth:`require_intact` (which checks them against their digest)."""
+        rows = None if images is None else self._image_rows(images)
+        self.require_intact()
+        values = self.read((LABELS,)) if rows is None else self.read_images(rows, (LABELS,))
+        return values[LABELS].astype(np.int64)
+
+    def _image_rows(self, images) -> np.ndarray:
+        """``images`` as int64 row indices, refused unless a 1-d array of rows that exist."""
+        rows = index_array("images", images, self.layout.num_images)
+        if rows.ndim != 1:
+            raise refuse("images", images, f"must be one row of image indices (got {rows.ndim} "
+                         "dimensions)", "pass a 1-d array, e.g. np.array([0, 5])")
+        return rows
+
+    def read_image_sizes(self) -> Optional[np.ndarray]:
+        """``(N, 2)`` int64 height and width of each image as stored, the frame of its boxes;
+        None for a format-1 store (which did not record them)."""
+        if IMAGE_SIZES not in self.group:
+            return None
+        return self._read(IMAGE_SIZES).astype(np.int64)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the store names its images (format 5, made from files with names): a copy
+        of its data set is then joined by key, in any order or form."""
+        return IMAGE_KEYS in self.group
+
+    def read_keys(self, images=None) -> Optional[list]:
+        """Each image's key (or those of rows ``images``), as :func:`.keys.normalize_key` made
+        it; None when the store names no images (format < 5, or a ``.beton`` without names)."""
+        if not self.keyed:
+            return None
+        rows = None if images is None else self._image_rows(images)
+        values = self._read(IMAGE_KEYS) if rows is None else self._read(IMAGE_KEYS, rows)
+        return decode_keys(values)
+
+    def read_image_digests(self, images=None) -> Optional[np.ndarray]:
+        """``(N, 32)`` uint8: SHA-256 of the encoded bytes each image's labelled pixels were
+        decoded from (a copy with these bytes gives exactly those pixels); None before format
+        5."""
+        if IMAGE_DIGESTS not in self.group:
+            return None
+        rows = None if images is None else self._image_rows(images)
+        return self._read(IMAGE_DIGESTS) if rows is None else self._read(IMAGE_DIGESTS, rows)
+
+    def chunk_problems(self, c: int, arrays: dict = None, recorded: np.ndarray = None) -> list:
+        """What is wrong with written chunk ``c``: the one check behind ``refine verify`` and
+        verified reads.
+
+        Parameters
+        ----------
+        c : int
+            Chunk index.
+        arrays : dict, optional
+            Checksummed array name -> the chunk's rows, already read; by default every
+            checksummed array's chunk is read (and decoded) here.
+        recorded : numpy.ndarray, optional
+            ``(arrays, 32)`` digests recorded for the chunk; read here by default.
+
+        Returns
+        -------
+        list of str
+            One line per array that cannot be decoded or whose decoded values differ from its
+            recorded SHA-256, naming the chunk, the array, its key and the fix.
+        """
+        recorded = self.recorded_checksums()[c] if recorded is None else recorded
+        if not recorded.any():
+            return [f"chunk {c}: its checksums (key {self.chunk_key(CHECKSUMS, c)}) are missing; "
+                    f"{self._fix(CHECKSUMS, c)}"]
+        shapes, problems = self.layout.shapes(), []
+        for name in self.layout.array_names if arrays is None else arrays:
+            key = self.chunk_key(name, c)
+            try:
+                values = self.read_chunk(name, c) if arrays is None else arrays[name]
+            except storage_io_errors():
+                raise
+            except Exception as exc:  # any codec's or zip's complaint about the bytes
+                problems.append(self._decode_problem(name, c, exc))
+                continue
+            digest = array_checksum(name, shapes[name][1], values)
+            if not np.array_equal(digest, recorded[self.layout.array_names.index(name)]):
+                what = ("is missing (read as zeros, which do not match its checksum)"
+                        if self._key_missing(key) else "does not match its checksum")
+                problems.append(f"chunk {c}: {name} (key {key}) {what}; {self._fix(name, c)}")
+        return problems
+
+    def layout_problems(self) -> list:
+        """The layout attribute against the arrays' shapes, dtypes and chunks and against the
+        other attributes (cheap: metadata only). Any problem here makes every chunk read
+        meaningless, so callers stop at these."""
+        problems = []
+        for name, (shape, dtype, chunks) in self._expected_arrays().items():
+            try:
+                array = self._array(name)
+            except StoreCorruptError as exc:
+                problems.append(exc.problem)
+                continue
+            found = (tuple(array.shape), str(array.dtype), tuple(array.chunks))
+            if found != (shape, dtype, chunks):
+                problems.append(f"array {name} is {found[1]} of shape {found[0]} in chunks of "
+                                f"{found[2]}, but the layout attribute "
+                                f"({_layout_text(self.layout)}) implies {dtype} of shape {shape} "
+                                f"in chunks of {chunks}; the attributes or the array were "
+                                f"edited; {RESTORE}")
+        return problems + self._attribute_consistency_problems()
+
+    def content_problems(self) -> list:
+        """Everything beyond the chunks' checksums: the attribute digest, ``labels`` and
+        ``image_sizes`` against their recorded SHA-256, a zip's entry names, and (stores without
+        a digest) a sample of boxes redrawn from the plan. Reads no chunk of the crop arrays
+        but that sample."""
+        problems = []
+        for check in (self._digest_problems, self._labels_problems, self._image_sizes_problems,
+                      self._zip_entry_problems, self._plan_problems):
+            try:
+                problems += check()
+            except StoreCorruptError as exc:
+                problems.append(exc.problem)
+        return problems
+
+    def require_intact(self):
+        """Raise :class:`StoreCorruptError` for the first layout or content problem (what every
+        reader checks on opening a store; the chunks are checked as they are read). Once passed,
+        it is not repeated for this object, whose attributes were read once at opening."""
+        if self._intact:
+            return
+        problems = self.layout_problems()
+        for problem in problems or self.content_problems():
+            raise self._corrupt(problem)
+        self._intact = True
+
+    # ------------------------------------------------------------------ checking, internals
+    def _rows_range(self, c: int) -> range:
+        return self.layout.chunk_range(int(c))
+
+    def _rows(self, c: int) -> slice:
+        rows = self._rows_range(c)
+        return slice(rows.start, rows.stop)
+
+    def _read(self, name: str, selection=slice(None)) -> np.ndarray:
+        """Array ``name`` at ``selection`` (a slice, or row indices). Bytes a codec or the zip
+        reader rejects raise :class:`StoreCorruptError` naming the chunk and its key."""
+        array = self._array(name)
+        try:
+            return array[selection] if isinstance(selection, slice) else array.oindex[selection]
+        except storage_io_errors():
+            raise
+        except Exception as exc:  # find the chunk behind it: reading failed somewhere inside
+            for problem in self._undecodable(name):
+                raise self._corrupt(problem) from None
+            raise self._corrupt(f"array {name} cannot be read ({_reason(exc)}); "
+                                f"{RESTORE}") from None
+
+    def _array(self, name: str):
+        """The zarr array ``name``; a missing or unreadable ``zarr.json`` is named."""
+        try:
+            return self.group[name]
+        except KeyError:
+            raise self._corrupt(f"array {name} is missing; {RESTORE}") from None
+        except storage_io_errors():
+            raise
+        except Exception as exc:
+            raise self._corrupt(f"the metadata of array {name} (key {name}/zarr.json) cannot be "
+                                f"read ({_reason(exc)}); {RESTORE}") from None
+
+    def _undecodable(self, name: str) -> list:
+        """A problem for each chunk of array ``name`` that cannot be decoded, or, for a
+        checksummed array's written chunk, decodes to values other than its digest: a codec fed
+        damaged bytes (a truncated Blosc frame) may fail on one read and return garbage on the
+        next, and the chunk must be named either way."""
+        array, problems = self.group[name], []
+        step = array.chunks[0]
+        checked = self.done_chunks() if name in self.layout.array_names else None
+        for i in range(-(-array.shape[0] // step)):
+            try:
+                values = array[i * step:(i + 1) * step]
+            except storage_io_errors():
+                raise
+            except Exception as exc:
+                problems.append(self._decode_problem(name, i, exc))
+                continue
+            if checked is not None and checked[i]:
+                problems += self.chunk_problems(i, {name: values})
+        return problems
+
+    def _decode_problem(self, name: str, c: int, exc: Exception) -> str:
+        return (f"chunk {c}: {name} (key {self.chunk_key(name, c)}) cannot be decoded "
+                f"({_reason(exc)}); {self._fix(name, c)}")
+
+    def _require_chunks_intact(self, pieces):
+        """``pieces``: (chunk, {name: its rows}); raise for the first written chunk whose
+        checksummed arrays differ from their digests. Chunks are hashed on several threads
+        (hashlib releases the GIL): at ImageNet size hashing is most of the check's cost."""
+        from concurrent.futures import ThreadPoolExecutor
+        recorded, done = self.recorded_checksums(), self.done_chunks()
+        work = [(int(c), {n: v for n, v in arrays.items() if n in self.layout.array_names})
+                for c, arrays in pieces if done[c]]
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            found = pool.map(lambda item: self.chunk_problems(*item, recorded[item[0]]),
+                             [(c, checked) for c, checked in work if checked])
+            for problem in (p for problems in found for p in problems):  # lowest chunk first
+                raise self._corrupt(problem)
+
+    def _fix(self, name: str, c: int) -> str:
+        """How to repair chunk ``c`` of array ``name``."""
+        if self.packed:
+            return "restore the zip, or pack it again from a store directory `refine verify` passes"
+        if name in self.layout.array_names + (CHECKSUMS, DONE_FLAGS):
+            return (f"restore the file, or delete {self.chunk_key(DONE_FLAGS, c)} and rerun the "
+                    f"same `refine precompute` command to recompute chunk {c}")
+        return RESTORE
+
+    def _corrupt(self, problem: str) -> StoreCorruptError:
+        """The one-line error for ``problem`` (kept bare on ``.problem`` for verify's list)."""
+        error = StoreCorruptError(f"{self.location}: {problem} (`refine verify {self.location}` "
+                                  "lists all damage)")
+        error.problem = problem
+        return error
+
+    def _key_missing(self, key: str) -> bool:
+        """True when chunk ``key`` has no file in a directory or zip (zarr reads it as zeros)."""
+        if is_remote(self.location):
+            return False
+        if self.packed:
+            return key not in self._zip_names()
+        return not (Path(self.location) / key).is_file()
+
+    def _zip_names(self) -> list:
+        import zipfile
+        with zipfile.ZipFile(self.location) as z:
+            return z.namelist()
+
+    def _expected_arrays(self) -> dict:
+        """Every array the layout implies: name -> (shape, dtype, chunks)."""
+        lay = self.layout
+        N, C, A = lay.num_images, lay.chunk_size, len(lay.array_names)
+        expected = {name: (shape, dtype, (C,) + shape[1:])
+                    for name, (shape, dtype) in lay.shapes().items()}
+        expected[LABELS] = ((N,), "uint16", (C,))
+        if self.format_version >= 2:
+            expected[IMAGE_SIZES] = ((N, 2), "uint16", (C, 2))
+        for name in (IMAGE_KEYS, IMAGE_DIGESTS):
+            if SEALED_ARRAYS[name] in self.attrs:  # the width is the array's own (keys: longest)
+                width = 32 if name == IMAGE_DIGESTS else self._array(name).shape[-1]
+                expected[name] = ((N, width), "uint8", (C, width))
+        expected[CHECKSUMS] = ((lay.num_chunks, A, 32), "uint8", (1, A, 32))
+        expected[DONE_FLAGS] = ((lay.num_chunks,), "uint8", (1,))
+        return expected
+
+    def _attribute_consistency_problems(self) -> list:
+        """The typed attribute views parse, and their counts agree with the layout's."""
+        problems = []
+        for key in ("plan", "refinery", "dataset", "batching"):
+            try:
+                getattr(self, key)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                problems.append(f"the {key} attribute is malformed ({_short(self.attrs.get(key))})"
+                                f"; {RESTORE}")
+        if problems:
+            return problems
+        lay = self.layout
+        claims = [("plan.crops_per_image", self.plan.crops_per_image, "crops_per_image",
+                   lay.crops_per_image),
+                  ("dataset.num_images", self.dataset.num_images, "num_images", lay.num_images)]
+        for where, value, key, ours in claims:
+            if value != ours:
+                problems.append(f"the layout attribute says {key} {ours}, but {where} is {value};"
+                                f" the attributes were edited; {RESTORE}")
+        if lay.top_k > len(self.classes):
+            problems.append(f"the layout attribute says top_k {lay.top_k}, more than the "
+                            f"{len(self.classes)} classes of dataset.classes; {RESTORE}")
+        return problems
+
+    def _digest_problems(self) -> list:
+        recorded = self.attrs.get(ATTRIBUTES_DIGEST)
+        if recorded is None and self.format_version >= SEALED_FROM_FORMAT:
+            return [f"the attribute {ATTRIBUTES_DIGEST}, which every format-"
+                    f"{SEALED_FROM_FORMAT}+ store records, is missing: the attributes in "
+                    f"zarr.json were edited after creation; {RESTORE}"]
+        if recorded is None or recorded == attributes_digest(self.attrs):
+            return []
+        return [f"the attributes in zarr.json were edited after creation (their SHA-256 differs "
+                f"from {ATTRIBUTES_DIGEST}); {RESTORE}"]
+
+    def _labels_problems(self) -> list:
+        """``labels`` against ``dataset.labels_sha256`` (SHA-256 of the int64 labels). Format-1
+        stores are left out: their fingerprints may predate the stored array."""
+        recorded = self.attrs["dataset"].get("labels_sha256")
+        if self.format_version < 2 or recorded is None:
+            return []
+        if values_sha256(self._read(LABELS).astype(np.int64)) == recorded:
+            return []
+        return [f"array {LABELS} does not match dataset.labels_sha256 (its values were changed or "
+                f"its files deleted); {RESTORE}"]
+
+    def _image_sizes_problems(self) -> list:
+        """Each per-image array written at creation (sizes; keys and digests, format 5) against
+        the SHA-256 of its values recorded in the attributes."""
+        problems = []
+        for name, attribute in SEALED_ARRAYS.items():
+            recorded = self.attrs.get(attribute)
+            if recorded is None or values_sha256(self._read(name)) == recorded:
+                continue
+            problems.append(f"array {name} does not match {attribute} (its values were changed "
+                            f"or its files deleted); {RESTORE}")
+        return problems
+
+    def _zip_entry_problems(self) -> list:
+        """A packed store holds exactly its keys: no extra entries, none twice, none whose name
+        could escape a folder it is unpacked into."""
+        if not self.packed or is_remote(self.location):
+            return []
+        keys = self._all_keys()
+        folders = {k.rsplit("/", i)[0] + "/" for k in keys for i in range(1, k.count("/") + 1)}
+        fix = "pack it again from a store directory `refine verify` passes"
+        problems, seen = [], set()
+        for name in self._zip_names():
+            parts = name.replace("\\", "/").split("/")
+            if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                problems.append(f"zip entry {name!r} has an unsafe name (absolute or with '..'); "
+                                f"{fix}")
+            elif name in seen:
+                problems.append(f"zip entry {name!r} appears twice; {fix}")
+            elif name not in keys and name not in folders:
+                problems.append(f"zip entry {name!r} is not part of the label store; {fix}")
+            seen.add(name)
+        return problems
+
+    def _all_keys(self) -> set:
+        """Every key a complete store of this layout can hold: metadata and chunk files."""
+        import itertools
+        keys = {"zarr.json"}
+        for name in self._expected_arrays():
+            array = self.group[name]
+            keys.add(f"{name}/zarr.json")
+            grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
+            keys.update(f"{name}/c/" + "/".join(map(str, i)) for i in itertools.product(*grid))
+        return keys
+
+    def _plan_problems(self, samples: int = 16) -> list:
+        """Stores without an attribute digest (format 2 from before it) can still show an
+        edited plan: the boxes and flips of a few written images, redrawn from ``plan`` and
+        ``image_sizes``, must equal the stored ones. Format 1 has no sizes: skipped."""
+        if ATTRIBUTES_DIGEST in self.attrs or IMAGE_SIZES not in self.group:
+            return []
+        from ..plan.crop_plan import sample_boxes, sample_flips
+        written = np.flatnonzero(self.done_images())
+        if not len(written):
+            return []
+        ids = np.unique(written[np.linspace(0, len(written) - 1, samples).astype(np.int64)])
+        sizes = self._read(IMAGE_SIZES, ids).astype(np.int64)
+        stored = self.read_images(ids, ("boxes", "flips"))
+        if (np.array_equal(sample_boxes(self.plan, ids, sizes[:, 0], sizes[:, 1]), stored["boxes"])
+                and np.array_equal(sample_flips(self.plan, ids), stored["flips"])):
+            return []
+        return [f"the stored boxes and flips are not the ones the plan attribute draws "
+                f"({_short(self.attrs['plan'])}): the plan was edited; {RESTORE}"]
+
+    def require_complete(self, allow_partial: bool = False):
+        done = self.done_chunks()
+        if not done.all() and not allow_partial:
+            raise IncompleteStoreError(
+                f"{self.location}: {int((~done).sum())} of {len(done)} chunks were never written; "
+                "rerun the same `refine precompute` command to finish it, or pass --allow-partial")
+
+    def check_matches(self, fingerprint: dict = None, **expected):
+        """Raise :class:`StoreMismatchError` naming the first attribute that differs."""
+        if fingerprint is not None:
+            ours = self.attrs.get("dataset", {})
+            for key in ("classes", "num_images", "image_bytes_sha256", "labels_sha256"):
+                if ours.get(key) != fingerprint.get(key):
+                    raise StoreMismatchError(
+                        f"{self.location}: data set mismatch in '{key}' (store: "
+                        f"{_short(ours.get(key))}, data: {_short(fingerprint.get(key))}); this "
+                        "store was made for other images; use the matching data or a new store")
+        for key, value in expected.items():
+            if self.attrs.get(key) != value:
+                raise StoreMismatchError(
+                    f"{self.location}: {key} mismatch (store: {_short(self.attrs.get(key))}, this "
+                    f"run: {_short(value)}); use the store's settings or write a new store")
+
+    def nbytes_on_disk(self) -> int:
+        """Bytes of the store's files (directory, zip or objects under a URL; 0 if unknown)."""
+        if is_remote(self.location):
+            try:
+                fs, path = remote_filesystem(self.location)
+                return int(fs.du(path))
+            except Exception:  # e.g. HTTP cannot list
+                return 0
+        root = Path(self.location)
+        if root.is_file():
+            return root.stat().st_size
+        if not root.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def open_for_reading(store) -> LabelStore:
+    """``store`` (a :class:`LabelStore` or its location) ready to replay: it passes
+    :meth:`LabelStore.require_intact` (a store opened with ``check=False`` or for writing is
+    checked here) and every chunk is written. The one entry check of both loader backends."""
+    if not isinstance(store, LabelStore):
+        store = LabelStore.open(path_like("store", store, "label store"))
+    store.require_intact()
+    store.require_complete()
+    return store
+
+
+def _check_layout(location, layout: StoreLayout):
+    """Refuse a layout that cannot describe arrays before anything is written."""
+    for name in ("num_images", "crops_per_image", "top_k", "chunk_size"):
+        value = getattr(layout, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise StoreError(f"{location}: layout {name} must be a whole number >= 1 (got "
+                             f"{value!r}); pass a positive {name}")
+    bits = layout.prob_bits
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) \
+            or not 0 <= bits <= MAX_PROB_BITS:
+        raise StoreError(f"{location}: layout prob_bits must be a whole number in 0 ... "
+                         f"{MAX_PROB_BITS} (got {bits!r}); pass e.g. {DEFAULT_PROB_BITS}")
+
+
+def chunk_checksums(layout: StoreLayout, arrays) -> np.ndarray:
+    """SHA-256 of each array's *decoded* values in a chunk, ``(arrays, 32)`` uint8.
+
+    Hashing values rather than compressed bytes keeps checksums valid across codec versions.
+    """
+    if isinstance(arrays, CropRecords):
+        arrays = arrays.arrays()
+    return np.stack([array_checksum(name, dtype, arrays[name])
+                     for name, (_, dtype) in layout.shapes().items()])
+
+
+def array_checksum(name: str, dtype, values) -> np.ndarray:
+    """SHA-256 of one array's decoded values in one chunk, ``(32,)`` uint8: the text
+    ``"{name}|{dtype.str}|{shape}|"``, then the values' C-order bytes (``docs/label-store.md``)."""
+    values = np.ascontiguousarray(values, dtype=dtype)
+    h = hashlib.sha256(f"{name}|{values.dtype.str}|{values.shape}|".encode())
+    h.update(memoryview(values.reshape(-1)).cast("B"))  # hashed in place, no copy
+    return np.frombuffer(h.digest(), np.uint8)
+
+
+def values_sha256(values: np.ndarray) -> str:
+    """Hex SHA-256 of an array's C-order bytes (as ``dataset.labels_sha256`` is computed)."""
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
+def attributes_digest(attrs: dict) -> str:
+    """Hex SHA-256 of the creation-time attributes: the UTF-8 of their JSON with sorted keys,
+    ``(",", ":")`` separators and ASCII escapes, leaving out :data:`UNSEALED_ATTRIBUTES`.
+
+    The chunks' checksums do not cover the attributes; this does, so an edited temperature,
+    seed or layout is told from the store's own bytes.
+    """
+    sealed = {key: value for key, value in attrs.items() if key not in UNSEALED_ATTRIBUTES}
+    text = json.dumps(sealed, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seal_attributes(group) -> dict:
+    """The digests a new store records once every array exists: ``image_sizes_sha256`` over
+    the stored sizes, then ``attributes_sha256`` over all attributes, that one included. Both
+    are computed from the store as written (its ``zarr.json`` read back), not from what was
+    meant to be written."""
+    import zarr
+    stored = zarr.open_group(group.store, path=group.path, mode="r", zarr_format=3)
+    sealed = {attribute: values_sha256(stored[name][:])
+              for name, attribute in SEALED_ARRAYS.items() if name in stored}
+    return {**sealed, ATTRIBUTES_DIGEST: attributes_digest({**stored.attrs, **sealed})}
+
+
+def encode_keys(location, keys, num_images: int) -> np.ndarray:
+    """``keys`` as the ``image_keys`` array: ``(N, L)`` uint8, each key's UTF-8 zero-padded to
+    the longest (``L``). Keys are normalized (:func:`.keys.normalize_key`) and must be unique:
+    a store joins copies by them."""
+    from ..sources.keys import normalize_keys
+    keys = normalize_keys(list(keys))
+    if len(keys) != num_images:
+        raise StoreError(f"{location}: {len(keys)} image keys for {num_images} images; give one "
+                         "key per image")
+    seen, repeated = set(), []
+    for key in keys:
+        if key in seen:
+            repeated.append(key)
+        seen.add(key)
+    if repeated:
+        raise StoreError(f"{location}: {len(repeated)} image keys appear twice (e.g. "
+                         f"{repeated[0]!r}); give every image its own name")
+    encoded = [key.encode("utf-8") for key in keys]
+    table = np.zeros((num_images, max(1, max(map(len, encoded), default=1))), np.uint8)
+    for row, key in zip(table, encoded):
+        row[:len(key)] = np.frombuffer(key, np.uint8)
+    return table
+
+
+def decode_keys(table: np.ndarray) -> list:
+    """The keys of an ``image_keys`` array: each row's bytes up to its first NUL, as UTF-8."""
+    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in np.asarray(table, np.uint8)]
+
+
+def _checked_digests(location, digests, num_images: int) -> np.ndarray:
+    values = np.ascontiguousarray(digests, dtype=np.uint8)
+    if values.shape != (num_images, 32):
+        raise StoreError(f"{location}: image digests of shape {values.shape}, not "
+                         f"({num_images}, 32); give one SHA-256 per image")
+    return values
+
+
+def round_probabilities(values, bits: int) -> np.ndarray:
+    """``values`` as float16 multiples of ``2**-bits``, rounded to nearest (``bits`` 0: float16,
+    unrounded).
+
+    Parameters
+    ----------
+    values : array_like
+        Probabilities in [0, 1] (float16 as the refinery returns them, or wider).
+    bits : int
+        0, or 1 ... :data:`MAX_PROB_BITS`: every multiple of ``2**-11`` in [0, 1] is exactly a
+        float16, so the result needs no decoding; it keeps the order of ``values`` (rounding is
+        monotonic), though neighbours may become equal.
+
+    Returns
+    -------
+    numpy.ndarray
+        float16, the shape of ``values``; the largest change is ``2**-(bits + 1)`` (plus
+        float16's own rounding for ``bits`` 0).
+    """
+    values = np.asarray(values)
+    if not bits:
+        return values.astype(np.float16, copy=False)
+    scale = float(2 ** bits)
+    return (np.rint(values.astype(np.float32) * scale) / scale).astype(np.float16)
+
+
+def _layout_text(layout: StoreLayout) -> str:
+    return ", ".join(f"{key} {value}" for key, value in layout.__dict__.items())
+
+
+def _reason(exc: Exception) -> str:
+    """``Type: first line of the message``, for a one-line error."""
+    text = str(exc).strip().splitlines()
+    return type(exc).__name__ + (f": {text[0]}" if text else "")
+
+
+def _parse_layout(location, layout) -> StoreLayout:
+    """The ``layout`` attribute as a :class:`StoreLayout`. Every array access is computed from
+    it, so an edited one that cannot describe arrays is refused here, by name."""
+    names = {f.name for f in fields(StoreLayout)}
+    counts = names - {"soft_static", "prob_bits"}
+    bits = layout.get("prob_bits", 0) if isinstance(layout, dict) else None  # absent: format < 3
+    usable = (isinstance(layout, dict) and counts <= set(layout) <= names
+              and all(type(layout[n]) is int and layout[n] >= 1 for n in counts)
+              and type(layout.get("soft_static", False)) is bool
+              and type(bits) is int and 0 <= bits <= MAX_PROB_BITS)
+    if not usable:
+        raise StoreCorruptError(f"{location}: the layout attribute is malformed ({_short(layout)}; "
+                                "num_images, crops_per_image, top_k and chunk_size must be "
+                                f"integers >= 1, prob_bits 0 ... {MAX_PROB_BITS}); {RESTORE}")
+    return StoreLayout(**{**layout, "prob_bits": bits})
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,0 +1,1 @@
+"""Training students on stored or online labels: loop, losses, targets, runs."""
