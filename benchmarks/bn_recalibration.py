@@ -18,7 +18,7 @@ import torch
 from _results import markdown_table, write_results
 from _runs import device_name
 
-from refinery_pipeline.models.registry import load_trained_model
+from refinery_pipeline.models.checkpoints import load_trained_model
 from refinery_pipeline.training.precise_bn import recompute_from_loader
 from refinery_pipeline.training.train import TrainConfig, evaluate, load_data, resolve_device
 

@@ -25,7 +25,7 @@ import numpy as np
 from _results import markdown_table, write_results
 
 from refinery_pipeline.store.label_store import (LabelStore, StoreLayout, array_checksum,
-                                           default_chunk_size)
+                                                 default_chunk_size)
 from refinery_pipeline.labelling.precompute import software_versions
 from refinery_pipeline.store.store_tools import verify_store
 

@@ -44,7 +44,8 @@ import _copies
 
 import refinery_pipeline as refinery
 from refinery_pipeline.sources.dataset import open_dataset
-from refinery_pipeline.models.registry import create_model, save_checkpoint
+from refinery_pipeline.models.registry import create_model
+from refinery_pipeline.models.checkpoints import save_checkpoint
 from refinery_pipeline.labelling.precompute import software_versions
 
 TORCHVISION = "torchvision ImageFolder + RandomResizedCrop + flip + PILToTensor"

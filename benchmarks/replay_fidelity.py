@@ -26,7 +26,7 @@ from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.sources.dataset import open_dataset
 from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.labelling.precompute import precompute, software_versions
-from refinery_pipeline.models.registry import to_pixels
+from refinery_pipeline.models.tensors import to_pixels
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
 from refinery_pipeline.training.targets import OnlineTargets, StoredTargets

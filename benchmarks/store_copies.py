@@ -28,7 +28,8 @@ from pathlib import Path
 
 import _copies
 from _results import markdown_table, write_results
-from _runs import StudentRuns, add_student_arguments, describe_students, device_name, precompute_once
+from _runs import (StudentRuns, add_student_arguments, describe_students, device_name,
+                   precompute_once)
 from refined_vs_ground_truth import refinery_checkpoint
 
 ORIGINAL = "original tree"

@@ -10,11 +10,12 @@ from types import SimpleNamespace
 
 import click
 
-from refinery_pipeline.plan.crop_plan import DEFAULT_CROPS_PER_IMAGE, DEFAULT_SLOT_POLICY, SLOT_POLICIES
+from refinery_pipeline.plan.crop_plan import (DEFAULT_CROPS_PER_IMAGE, DEFAULT_SLOT_POLICY,
+                                              SLOT_POLICIES)
 from refinery_pipeline.core.errors import (RefineryError, RefineryWarning, storage_error_message,
-                                      storage_io_errors)
+                                           storage_io_errors)
 from refinery_pipeline.store.label_store import (DEFAULT_PROB_BITS, DEFAULT_REST, DEFAULT_TOP_K,
-                                           MAX_PROB_BITS, REST_POLICIES)
+                                                 MAX_PROB_BITS, REST_POLICIES)
 from refinery_pipeline.core.option_relevance import check_options_used
 from refinery_pipeline.training.schedule import LR_SCHEDULERS
 from refinery_pipeline.training.wordnet import DEFAULT_TEMPERATURE
@@ -643,9 +644,8 @@ def evaluate(run, data, split, res, arch, batch_size, max_resolution, workers, d
     on the centred square of every image of a split, as validation is evaluated; `--split
     train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json for the
     data it trained on, and RUN/eval_SPLIT-<fingerprint>.json for any other DATA."""
-    from refinery_pipeline.training.evaluation import (checkpoint_of, data_of,
-                                              evaluate_checkpoint, measured_own_data,
-                                              save_evaluation)
+    from refinery_pipeline.training.evaluation import (checkpoint_of, data_of, evaluate_checkpoint,
+                                                       measured_own_data, save_evaluation)
     from refinery_pipeline.models.registry import OptionNames
     metrics = evaluate_checkpoint(checkpoint_of(run), data_of(run, data), split, res,
                                   batch_size, workers, device, cache_dir, arch=arch,

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from refinery_pipeline.labelling.check_copy import (ABSENT, EXACT, NEEDS_ALLOW_MISSING, REENCODED, REFRAMED,
-                                          RESIZED, UNREADABLE, UNUSABLE, USABLE, check_copy)
+from refinery_pipeline.labelling.check_copy import (ABSENT, EXACT, NEEDS_ALLOW_MISSING, REENCODED,
+                                                    REFRAMED, RESIZED, UNREADABLE, UNUSABLE,
+                                                    USABLE, check_copy)
 from refinery_pipeline.core.errors import ArgumentError, StoreMismatchError
 from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.sources.pixels import decode_jpeg

@@ -20,8 +20,9 @@ from cli.main import cli
 from refinery_pipeline.models.checkpoint_safety import SAFE_NAMES, load_weights_file
 from refinery_pipeline.core.errors import CheckpointError, UntrustedCheckpointError
 from refinery_pipeline.training.evaluation import evaluate_checkpoint
-from refinery_pipeline.models.registry import (create_model, load_checkpoint, load_trained_model,
-                                      save_checkpoint)
+from refinery_pipeline.models.registry import create_model
+from refinery_pipeline.models.checkpoints import (load_checkpoint, load_trained_model,
+                                                  save_checkpoint)
 from refinery_pipeline.labelling.refinery import Refinery, load_refinery
 from refinery_pipeline.paper.synthetic import SHAPES
 

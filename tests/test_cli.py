@@ -287,7 +287,8 @@ def test_negative_precise_bn_is_refused(tiny_data, tmp_path):
 
 def test_refinery_with_wrong_class_count_is_refused(tiny_data, tmp_path):
     import torch
-    from refinery_pipeline.models.registry import create_model, save_checkpoint
+    from refinery_pipeline.models.registry import create_model
+    from refinery_pipeline.models.checkpoints import save_checkpoint
     ckpt = tmp_path / "five.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 5), "demo_cnn", list("abcde"), 24)
     result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", ckpt, ok=False)
@@ -301,7 +302,8 @@ def test_refinery_with_wrong_class_count_is_refused(tiny_data, tmp_path):
 
 def test_refinery_for_other_classes_is_refused(tiny_data, tmp_path):
     """Same count, other classes (or the same in another order): labels would be silently wrong."""
-    from refinery_pipeline.models.registry import create_model, save_checkpoint
+    from refinery_pipeline.models.registry import create_model
+    from refinery_pipeline.models.checkpoints import save_checkpoint
     from refinery_pipeline.paper.synthetic import SHAPES
     ckpt = tmp_path / "reordered.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 10), "demo_cnn", SHAPES[::-1], 24)
@@ -356,7 +358,8 @@ def test_convert_writes_the_beton_pair_train_takes(tmp_path):
 
 
 def test_image_folder_tree_end_to_end(tmp_path, tiny_refinery_ckpt):
-    from refinery_pipeline.models.registry import create_model, save_checkpoint
+    from refinery_pipeline.models.registry import create_model
+    from refinery_pipeline.models.checkpoints import save_checkpoint
     tree = make_tree(tmp_path / "tree")
     ckpt = tmp_path / "two.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 2), "demo_cnn", ["cat", "dog"], 16)
@@ -438,7 +441,8 @@ def test_show_draws_the_crops_students_are_shown_with_their_labels(store, tiny_d
 
 def test_audit_flags_labels_from_another_refinery(store, tiny_data, tmp_path):
     import torch
-    from refinery_pipeline.models.registry import create_model, save_checkpoint
+    from refinery_pipeline.models.registry import create_model
+    from refinery_pipeline.models.checkpoints import save_checkpoint
     from refinery_pipeline.paper.synthetic import SHAPES
     torch.manual_seed(1)
     other = tmp_path / "other.pt"

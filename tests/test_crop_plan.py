@@ -4,7 +4,7 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 
 from refinery_pipeline.plan.crop_plan import (CropPlan, counter_uniform, epoch_slots, sample_boxes,
-                                         sample_flips)
+                                              sample_flips)
 
 
 def boxes_for(plan, heights, widths, ids=None):

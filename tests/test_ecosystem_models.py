@@ -12,9 +12,11 @@ from torch import nn
 
 from refinery_pipeline.core.errors import CheckpointError
 from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.models.registry import (IMAGENET_NORMALIZATION, available_models, check_input_size,
-                                      create_model, load_checkpoint, load_trained_model,
-                                      resolve_arch, save_checkpoint, strip_wrapper_prefixes)
+from refinery_pipeline.models.registry import (available_models, check_input_size, create_model,
+                                               resolve_arch)
+from refinery_pipeline.models.checkpoints import (load_checkpoint, load_trained_model,
+                                                  save_checkpoint, strip_wrapper_prefixes)
+from refinery_pipeline.models.tensors import IMAGENET_NORMALIZATION
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.paper.synthetic import SHAPES
 

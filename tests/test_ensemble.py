@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.models.registry import file_sha256, load_trained_model, save_checkpoint
-from refinery_pipeline.labelling.refinery import (ENSEMBLE, EnsembleRefinery, Refinery, ensemble_sha256,
-                                        load_refinery)
+from refinery_pipeline.models.checkpoints import file_sha256, load_trained_model, save_checkpoint
+from refinery_pipeline.labelling.refinery import (ENSEMBLE, EnsembleRefinery, Refinery,
+                                                  ensemble_sha256, load_refinery)
 from refinery_pipeline.paper.synthetic import SHAPES
 
 from .test_cli import assert_one_line_error, run

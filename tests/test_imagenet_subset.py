@@ -22,9 +22,11 @@ from refinery_pipeline.labelling.audit import audit_store
 from refinery_pipeline.sources.dataset import ArraySource, open_dataset, write_beton
 from refinery_pipeline.core.errors import CheckpointError, StoreMismatchError
 from refinery_pipeline.models.imagenet_classes import (NUM_IMAGENET1K_CLASSES, imagenet1k_outputs,
-                                                imagenet1k_wnids)
+                                                       imagenet1k_wnids)
 from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.models.registry import ClassSubset, create_model, save_checkpoint
+from refinery_pipeline.models.registry import create_model
+from refinery_pipeline.models.classes import ClassSubset
+from refinery_pipeline.models.checkpoints import save_checkpoint
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
 

@@ -14,7 +14,7 @@ from refinery_pipeline.sources import open_source
 from refinery_pipeline.plan.augment import plan_augment
 from refinery_pipeline.loaders.copies import replayable_slot
 from refinery_pipeline.core.errors import (ArgumentError, DataSetError, MissingImagesError,
-                                      StoreMismatchError)
+                                           StoreMismatchError)
 from refinery_pipeline.sources.keys import AMBIGUOUS_ROW, NO_ROW, KeyIndex, join
 from refinery_pipeline.sources.pixels import box_in_frame, boxes_in_frames, cut_crop, reframed
 from refinery_pipeline.paper.synthetic import SHAPES

@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refinery_pipeline.core.errors import ArgumentError
-from refinery_pipeline.sources.keys import (AMBIGUOUS, DUPLICATE, EXTRA, MATCHED, join, normalize_key,
-                                    normalize_keys)
+from refinery_pipeline.sources.keys import (AMBIGUOUS, DUPLICATE, EXTRA, MATCHED, join,
+                                            normalize_key, normalize_keys)
 
 
 @pytest.mark.parametrize("text, key", [

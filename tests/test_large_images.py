@@ -16,8 +16,8 @@ from refinery_pipeline.sources.dataset import BetonOptions, open_dataset
 from refinery_pipeline.core.errors import DataSetError
 from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.sources.pixels import read_image_file
-from refinery_pipeline.loaders.replay import (BATCHES_AHEAD, ReplayedCrops, crop_table, make_loader,
-                                      multi_crop_loader)
+from refinery_pipeline.loaders.replay import (BATCHES_AHEAD, ReplayedCrops, crop_table,
+                                              make_loader, multi_crop_loader)
 
 from .test_cli import assert_one_line_error, run
 from .test_replay import plan_arrays

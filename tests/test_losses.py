@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refinery_pipeline.training.losses import (dense_from_sparse, get_loss, hard_from_soft, kl_divergence,
-                                      l2_on_probabilities, one_hot, reverse_kl, soft_cross_entropy)
+from refinery_pipeline.training.losses import (dense_from_sparse, get_loss, hard_from_soft,
+                                               kl_divergence, l2_on_probabilities, one_hot,
+                                               reverse_kl, soft_cross_entropy)
 
 
 def sparse_of(dense, k):

@@ -17,8 +17,8 @@ from PIL import Image
 from refinery_pipeline.sources import dataset as dataset_module
 from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
 from refinery_pipeline.sources.dataset import (FFCV_PAGE_SIZE, BetonOptions, ImageDataset,
-                                       conversion_options, open_dataset, page_size_for,
-                                       write_beton)
+                                               conversion_options, open_dataset, page_size_for,
+                                               write_beton)
 from refinery_pipeline.core.errors import DataSetError
 from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.sources.pixels import cut_crop, read_image_file

@@ -10,7 +10,8 @@ from torch import nn
 from refinery_pipeline.training import train as train_module
 from refinery_pipeline.sources.dataset import ImageDataset
 from refinery_pipeline.core.errors import RefineryWarning
-from refinery_pipeline.models.registry import batchnorm_layers, load_trained_model
+from refinery_pipeline.models.registry import batchnorm_layers
+from refinery_pipeline.models.checkpoints import load_trained_model
 from refinery_pipeline.training.precise_bn import recompute_bn_statistics
 
 from .test_train_modes import config

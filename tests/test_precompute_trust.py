@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.models.registry import create_model, save_checkpoint
+from refinery_pipeline.models.registry import create_model
+from refinery_pipeline.models.checkpoints import save_checkpoint
 from refinery_pipeline.paper.synthetic import SHAPES
 
 REPO = Path(__file__).resolve().parents[1]

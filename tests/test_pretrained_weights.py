@@ -13,8 +13,9 @@ import torch
 from refinery_pipeline.sources.dataset import ArraySource, write_beton
 from refinery_pipeline.core.errors import CheckpointError, RefineryWarning
 from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.models.registry import (IMAGENET_NORMALIZATION, create_model, file_sha256,
-                                      load_trained_model)
+from refinery_pipeline.models.registry import create_model
+from refinery_pipeline.models.checkpoints import file_sha256, load_trained_model
+from refinery_pipeline.models.tensors import IMAGENET_NORMALIZATION
 from refinery_pipeline.labelling.refinery import Refinery
 
 from .test_cli import assert_one_line_error, run

@@ -6,7 +6,7 @@ import pytest
 from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
 from refinery_pipeline.sources.dataset import ArraySource, BetonOptions, ImageDataset, write_beton
 from refinery_pipeline.loaders.replay import (FixedCrops, ReplayedCrops, crop_table, make_loader,
-                                      multi_crop_loader)
+                                              multi_crop_loader)
 
 
 def plan_arrays(dataset, plan):

@@ -216,7 +216,8 @@ def test_network_failure_mid_write_to_s3_keeps_chunks_and_resumes(s3_server, sto
 
 
 def test_a_data_set_with_other_classes_is_named(tmp_path):
-    from refinery_pipeline.models.registry import create_model, save_checkpoint
+    from refinery_pipeline.models.registry import create_model
+    from refinery_pipeline.models.checkpoints import save_checkpoint
     from .test_cli import make_tree
     ours = make_tree(tmp_path / "ours", classes=("cat", "dog"))
     theirs = make_tree(tmp_path / "theirs", classes=("cat", "fox"))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from refinery_pipeline.training.losses import kl_divergence
-from refinery_pipeline.models.registry import denormalize, normalize, to_model_input
+from refinery_pipeline.models.tensors import denormalize, normalize, to_model_input
 from refinery_pipeline.training.steps import AdversarialStep, NaturalStep
 
 

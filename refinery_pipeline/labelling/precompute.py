@@ -25,8 +25,8 @@ from ..plan.augment import plan_augment, planned_crops
 from ..plan.crop_plan import CropPlan, boxes_at, centre_square, flips_at, sample_boxes, sample_flips
 from ..core.distributed import barrier, init_from_env, is_main
 from ..core.errors import DataSetError, RefineryError, StoreMismatchError, StoreNotFoundError
-from ..store.label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore, StoreLayout,
-                          default_chunk_size)
+from ..store.label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore,
+                                 StoreLayout, default_chunk_size)
 from ..store.remote_storage import is_remote
 from ..core.progress import progress_bar
 from ..loaders.crop_batch import NOT_STORED, as_numpy_indices

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CheckpointError
-from ..models.registry import (IMAGENET_NORMALIZATION, PYTHON_NAMES, ClassSubset, OptionNames,
-                     batchnorm_layers, checkpoint_input_size, file_sha256, load_trained_model,
-                     normalize, to_pixels)
+from ..models.registry import batchnorm_layers
+from ..models.classes import ClassSubset
+from ..models.checkpoints import checkpoint_input_size, file_sha256, load_trained_model
+from ..models.registry import PYTHON_NAMES, OptionNames
+from ..models.tensors import IMAGENET_NORMALIZATION, normalize, to_pixels
 
 BN_MODES = ("train", "eval")
 

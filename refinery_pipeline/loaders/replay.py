@@ -43,8 +43,8 @@ from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToTensor
 
 from .crop_batch import NOT_STORED, CropBatch, batch_from_rows, sparse_labels
-from ..plan.crop_plan import (DEFAULT_SLOT_POLICY, SLOT_POLICIES, CropPlan, SlotSchedule, centre_square,
-                        sample_boxes, sample_flips)
+from ..plan.crop_plan import (DEFAULT_SLOT_POLICY, SLOT_POLICIES, CropPlan, SlotSchedule,
+                              centre_square, sample_boxes, sample_flips)
 from ..core.errors import RefineryWarning
 
 TABLE_FIELDS = 7  # y, x, h, w, flip, slot, source (0: the row's image; m + 1: image m)

@@ -32,7 +32,7 @@ from .pixel_readers import BetonImages, FolderImages, MappedImages  # noqa: F401
 from .pixel_readers import open_pixels
 from ..sources.pixels import box_in_frame, cut_crop, reframed
 from ..core.validators import (flag, one_of, optional_callable, optional_whole_number, refuse,
-                         whole_number)
+                               whole_number)
 
 CROP_FORMATS = ("tensor", "pil", "numpy")
 NO_PARTNER = -1  # CropSample.partner_label of a crop no mixing recipe made

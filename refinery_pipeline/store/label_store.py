@@ -33,8 +33,8 @@ from .remote_storage import (CREATION_WAIT_SECONDS, claim_creation, is_remote, n
                              release_creation, remote_filesystem, remote_store,
                              unreachable_message)
 from ..core.errors import (IncompleteStoreError, RefineryError, StoreCorruptError, StoreError,
-                     StoreMismatchError, StoreNotFoundError, storage_error_message,
-                     storage_io_errors)
+                           StoreMismatchError, StoreNotFoundError, storage_error_message,
+                           storage_io_errors)
 from ..core.validators import flag, index_array, one_of, path_like, refuse
 
 FORMAT_NAME = "refinery-label-store"

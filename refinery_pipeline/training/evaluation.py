@@ -217,7 +217,8 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         :func:`data_record`).
     """
     from ..sources.dataset import BetonOptions, open_dataset
-    from ..models.registry import PYTHON_NAMES, checkpoint_input_size, load_trained_model
+    from ..models.checkpoints import checkpoint_input_size, load_trained_model
+    from ..models.registry import PYTHON_NAMES
     from ..loaders.replay import FixedCrops, make_loader
     from .train import _val_location, evaluate, resolve_device
     if split not in SPLITS:

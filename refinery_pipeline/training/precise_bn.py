@@ -18,7 +18,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..models.registry import batchnorm_layers, to_model_input
+from ..models.registry import batchnorm_layers
+from ..models.tensors import to_model_input
 from ..labelling.refinery import autocast_for
 
 

@@ -28,7 +28,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from ..models.registry import IMAGENET_NORMALIZATION, batchnorm_layers, denormalize, normalize
+from ..models.registry import batchnorm_layers
+from ..models.tensors import IMAGENET_NORMALIZATION, denormalize, normalize
 from ..labelling.refinery import autocast_for
 
 # How natural crops and their twins meet BatchNorm: each in its own batch (the default), or one

@@ -25,17 +25,20 @@ from ..sources.dataset import check_cap_applies, conversion_options, open_datase
 from ..core.devices import resolve_device
 from ..core.distributed import init_from_env, is_main, node_shared_arrays, world_size
 from ..core.errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
-                     RefineryWarning, RunError)
+                           RefineryWarning, RunError)
 from .evaluation import data_ids
 from ..store.label_store import DEFAULT_TOP_K, CropRecords, LabelStore
 from .losses import DEFAULT_REST, get_loss
-from ..models.registry import (OptionNames, check_input_size, create_model, file_sha256,
-                     load_trained_model, normalize, save_checkpoint, to_model_input, to_pixels)
+from ..models.registry import check_input_size, create_model
+from ..models.checkpoints import file_sha256, load_trained_model, save_checkpoint
+from ..models.registry import OptionNames
+from ..models.tensors import normalize, to_model_input, to_pixels
 from ..core.option_relevance import CATEGORY_VISUAL, CATEGORY_WORDNET, check_options_used
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from ..core.progress import progress_bar
 from ..labelling.refinery import autocast_for
-from ..loaders.replay import ClassMap, FixedCrops, FreshCrops, StoreRows, make_loader, replayed_crops
+from ..loaders.replay import (ClassMap, FixedCrops, FreshCrops, StoreRows, make_loader,
+                              replayed_crops)
 from .schedule import few_steps_problem, lr_factor, milestone_problem, warmup_problem
 from .steps import AdversarialStep, NaturalStep
 from .targets import (CategoryTargets, GroundTruthTargets, HardTargets, OnlineTargets,
