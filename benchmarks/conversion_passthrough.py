@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from _results import markdown_table, write_results
 
-from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset, write_beton
+from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset
+from refinery_pipeline.sources.beton_writer import write_beton
 from refinery_pipeline.sources.pixels import decode_image, read_image_file
 from refinery_pipeline.sources import BetonSource, open_source
 

@@ -17,7 +17,7 @@ import numpy as np
 from _results import markdown_table, write_results
 
 from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
-from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.labelling.precompute import software_versions
 from refinery_pipeline.loaders.replay import FreshCrops, ReplayedCrops, make_loader
 

@@ -152,7 +152,7 @@ def refinery_profile(args, work: Path, name: str, model: Path, bn_mode: str) -> 
 
 
 def _training_labels(data) -> np.ndarray:
-    from refinery_pipeline.sources.dataset import open_dataset
+    from refinery_pipeline.sources.data_cache import open_dataset
     return np.asarray(open_dataset(data, "train", None, num_workers=1).labels)
 
 

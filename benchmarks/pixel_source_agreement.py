@@ -24,7 +24,7 @@ from _results import markdown_table, write_results
 from _runs import device_name, final_metrics, precompute_once, run_logged, threads_per_job
 
 import refinery_pipeline as refinery
-from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.labelling.precompute import software_versions
 from refinery_pipeline.labelling.refinery import Refinery
 

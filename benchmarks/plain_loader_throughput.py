@@ -43,7 +43,7 @@ from loader_throughput import epoch_rate, stock_loader
 import _copies
 
 import refinery_pipeline as refinery
-from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.models.registry import create_model
 from refinery_pipeline.models.checkpoints import save_checkpoint
 from refinery_pipeline.labelling.precompute import software_versions

@@ -23,7 +23,7 @@ from _results import markdown_table, write_results
 from _runs import device_name
 
 from refinery_pipeline.plan.crop_plan import CropPlan
-from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.labelling.precompute import precompute, software_versions
 from refinery_pipeline.models.tensors import to_pixels

@@ -136,7 +136,8 @@ def beton_path(data, cache_dir=None, *, split: str = "train", store=None,
         Not a tree or ``.beton``, an unreadable image, or a ``max_resolution`` other than the
         store's.
     """
-    from .sources.dataset import SPLITS, conversion_options, open_dataset
+    from .sources.dataset import conversion_options
+    from .sources.data_cache import SPLITS, open_dataset
     from .core.validators import one_of, optional_whole_number, path_like, whole_number
     path_like("data", data, ".beton or ImageFolder tree")
     if cache_dir is not None:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from refinery_pipeline.sources.dataset import ArraySource, ImageDataset, write_beton
+from refinery_pipeline.sources.dataset import ImageDataset
+from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
 from refinery_pipeline.paper.synthetic import SHAPES, make_shapes
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "imagenette-96"
@@ -55,7 +56,7 @@ def mixup_store(tiny_data, tiny_refinery_ckpt, tmp_path_factory) -> Path:
     the store the public API's entry checks and both backends' ``CropBatch.mix`` are tested on
     (tests copy it before changing a byte)."""
     from refinery_pipeline.plan.crop_plan import CropPlan
-    from refinery_pipeline.sources.dataset import open_dataset
+    from refinery_pipeline.sources.data_cache import open_dataset
     from refinery_pipeline.labelling.precompute import precompute
     from refinery_pipeline.labelling.refinery import Refinery
     path = tmp_path_factory.mktemp("mixup") / "labels.zarr"

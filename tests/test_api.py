@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import refinery_pipeline as refinery
 from refinery_pipeline.plan.crop_plan import CropPlan
-from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.paper.synthetic import SHAPES, make_shapes

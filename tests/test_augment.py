@@ -10,7 +10,7 @@ import refinery_pipeline as refinery
 from refinery_pipeline.plan.augment import (CUTMIX, MIXUP, NO_MIX, POOL_MIN_SIZE, PlanAugment,
                                             Recipe, RecipeError, magnitude_table, op_names)
 from refinery_pipeline.plan.crop_plan import CropPlan
-from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.loaders.replay import FreshCrops, make_loader

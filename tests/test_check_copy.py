@@ -215,7 +215,7 @@ def test_arguments_are_checked(origin, tree, name, value):
 def train_bn(origin, tiny_refinery_ckpt, tmp_path_factory):
     """The origin's images labelled in train-mode BN (labels depend on their loader batch)."""
     from refinery_pipeline.plan.crop_plan import CropPlan
-    from refinery_pipeline.sources.dataset import open_dataset
+    from refinery_pipeline.sources.data_cache import open_dataset
     from refinery_pipeline.labelling.precompute import precompute
     out = tmp_path_factory.mktemp("train_bn")
     refinery = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="train")

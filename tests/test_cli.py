@@ -315,7 +315,8 @@ def test_refinery_for_other_classes_is_refused(tiny_data, tmp_path):
                  "--batch-size", 16, ok=False)
     assert_one_line_error(result, str(ckpt), message)
     # a .beton written without class names numbers them: only the count can be checked
-    from refinery_pipeline.sources.dataset import ArraySource, ImageDataset, write_beton
+    from refinery_pipeline.sources.dataset import ImageDataset
+    from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
     from refinery_pipeline.paper.synthetic import make_shapes
     shapes = make_shapes(40, 40, seed=3)
     unnamed = tmp_path / "unnamed_train.beton"
@@ -383,7 +384,7 @@ def test_demo_runs_on_tiny_settings(tmp_path):
 def test_shared_imagenette_subset_replays_exactly(tmp_path):
     """Real JPEGs from the shared data set (skipped where it is absent)."""
     from refinery_pipeline.plan.crop_plan import CropPlan
-    from refinery_pipeline.sources.dataset import open_dataset
+    from refinery_pipeline.sources.data_cache import open_dataset
     from .test_replay import plan_arrays, precompute_pixels
     from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
     source = shared_data_or_skip()

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from refinery_pipeline.labelling.audit import audit_store
-from refinery_pipeline.sources.dataset import ArraySource, open_dataset, write_beton
+from refinery_pipeline.sources.data_cache import open_dataset
+from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
 from refinery_pipeline.core.errors import CheckpointError, StoreMismatchError
 from refinery_pipeline.models.imagenet_classes import (NUM_IMAGENET1K_CLASSES, imagenet1k_outputs,
                                                        imagenet1k_wnids)

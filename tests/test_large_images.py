@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from refinery_pipeline.plan.crop_plan import CropPlan
-from refinery_pipeline.sources.dataset import BetonOptions, open_dataset
 from refinery_pipeline.core.errors import DataSetError
-from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.sources.pixels import read_image_file
 from refinery_pipeline.loaders.replay import (BATCHES_AHEAD, ReplayedCrops, crop_table,
                                               make_loader, multi_crop_loader)
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.sources.data_cache import open_dataset
+from refinery_pipeline.sources.dataset import BetonOptions
+from refinery_pipeline.sources.pixels import read_image_file
+from refinery_pipeline.store.label_store import LabelStore
 
 from .test_cli import assert_one_line_error, run
 from .test_replay import plan_arrays
@@ -250,8 +251,9 @@ def big_raw_images():
 def test_an_image_larger_than_ffcvs_default_page_converts(tmp_path):
     """FFCV's writer process raised on a sample over its 8 MiB page and its main process
     waited forever; pages are sized from the largest image now."""
-    from refinery_pipeline.sources.dataset import ArraySource, ImageDataset, write_beton
     from refinery_pipeline.loaders.torch_data import BetonImages
+    from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
+    from refinery_pipeline.sources.dataset import ImageDataset
     images = big_raw_images()
     order = write_beton(ArraySource(images, [0, 1]), tmp_path / "big.beton",
                         BetonOptions(write_mode="raw"), num_workers=1)
@@ -263,7 +265,7 @@ def test_an_image_larger_than_ffcvs_default_page_converts(tmp_path):
 def test_a_sample_larger_than_its_page_fails_fast_in_one_line(tmp_path, monkeypatch):
     import signal
 
-    from refinery_pipeline.sources import dataset
+    from refinery_pipeline.sources import beton_writer as dataset
     monkeypatch.setattr(dataset, "page_size_for", lambda *args, **kw: dataset.FFCV_PAGE_SIZE)
     previous = signal.signal(signal.SIGALRM, lambda *args: pytest.fail("the conversion hangs"))
     signal.alarm(120)

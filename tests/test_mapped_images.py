@@ -12,7 +12,7 @@ from torchvision.datasets import DatasetFolder, ImageFolder
 
 import refinery_pipeline as refinery
 from refinery_pipeline.plan.crop_plan import CropPlan
-from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.sources.pixels import read_image_file
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery

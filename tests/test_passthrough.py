@@ -14,16 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from refinery_pipeline.sources import dataset as dataset_module
-from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
-from refinery_pipeline.sources.dataset import (FFCV_PAGE_SIZE, BetonOptions, ImageDataset,
-                                               conversion_options, open_dataset, page_size_for,
-                                               write_beton)
 from refinery_pipeline.core.errors import DataSetError
-from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.sources.pixels import cut_crop, read_image_file
 from refinery_pipeline.loaders.replay import crop_table, multi_crop_loader
-from refinery_pipeline.sources import BetonSource, open_source
+from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
+from refinery_pipeline.sources import BetonSource
+from refinery_pipeline.sources import beton_writer as writer_module
+from refinery_pipeline.sources import open_source
+from refinery_pipeline.sources.beton_writer import FFCV_PAGE_SIZE, page_size_for, write_beton
+from refinery_pipeline.sources.data_cache import open_dataset
+from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset, conversion_options
+from refinery_pipeline.sources.pixels import cut_crop, read_image_file
+from refinery_pipeline.store.label_store import LabelStore
 
 from .test_cli import assert_one_line_error, run
 
@@ -236,7 +237,7 @@ def test_pages_hold_the_largest_file_passed_through(heavy_tree, tmp_path):
 
 def test_a_sample_larger_than_its_page_is_named_with_its_fix(heavy_tree, tmp_path,
                                                              monkeypatch):
-    monkeypatch.setattr(dataset_module, "page_size_for", lambda *args, **kw: FFCV_PAGE_SIZE)
+    monkeypatch.setattr(writer_module, "page_size_for", lambda *args, **kw: FFCV_PAGE_SIZE)
     with pytest.raises(DataSetError) as raised:
         write_beton(open_source(heavy_tree), tmp_path / "heavy.beton", num_workers=1)
     message = str(raised.value)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from refinery_pipeline.sources.dataset import BetonOptions, open_dataset
+from refinery_pipeline.sources.dataset import BetonOptions
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.core.errors import DataSetError
 from refinery_pipeline.sources.pixels import read_image_file
 from refinery_pipeline.loaders.torch_data import BetonImages, MappedImages

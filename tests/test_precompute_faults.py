@@ -173,7 +173,7 @@ def test_disk_filling_up_during_conversion_fails_fast_without_a_partial_beton(tm
                                                                              monkeypatch):
     """FFCV's writer waits forever for a writer process that died; ours must not."""
     import ffcv.memory_allocator
-    from refinery_pipeline.sources.dataset import ArraySource, write_beton
+    from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
     from refinery_pipeline.paper.synthetic import make_shapes
     real = ffcv.memory_allocator.MemoryAllocator.flush_page
 

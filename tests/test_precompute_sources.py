@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refinery_pipeline.sources.dataset import ImageDataset, open_dataset
+from refinery_pipeline.sources.dataset import ImageDataset
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.core.errors import DataSetError
 from refinery_pipeline.store.label_store import LabelStore
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from refinery_pipeline.sources.dataset import ArraySource, write_beton
+from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
 from refinery_pipeline.core.errors import CheckpointError, RefineryWarning
 from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.models.registry import create_model

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
-from refinery_pipeline.sources.dataset import ArraySource, BetonOptions, ImageDataset, write_beton
+from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset
+from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
 from refinery_pipeline.loaders.replay import (FixedCrops, ReplayedCrops, crop_table, make_loader,
                                               multi_crop_loader)
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refinery_pipeline.sources.dataset import BetonOptions, scan_image_folder, write_beton
+from refinery_pipeline.sources.dataset import BetonOptions
+from refinery_pipeline.sources.data_cache import scan_image_folder
+from refinery_pipeline.sources.beton_writer import write_beton
 from refinery_pipeline.core.errors import ArgumentError, DataSetError
 from refinery_pipeline.sources.keys import join
 from refinery_pipeline.sources.pixels import read_image_file

@@ -9,7 +9,7 @@ import torch
 
 from refinery_pipeline.training import wordnet
 from refinery_pipeline.loaders.crop_batch import CropBatch, MixedLabels
-from refinery_pipeline.sources.dataset import ArraySource, write_beton
+from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
 from refinery_pipeline.core.errors import DataSetError, RefineryError
 from refinery_pipeline.paper.synthetic import make_shapes
 from refinery_pipeline.training.targets import CategoryTargets

@@ -209,7 +209,8 @@ class FolderImages:
     """
 
     def __init__(self, root):
-        from ..sources.dataset import scan_image_folder, split_dir, store_order
+        from ..sources.dataset import store_order
+        from ..sources.data_cache import scan_image_folder, split_dir
         self.root = split_dir(path_like("root", root, "ImageFolder tree"), "train")
         self.classes, files, labels = scan_image_folder(self.root)
         order = store_order(len(files))
@@ -314,7 +315,8 @@ def _lists_files(dataset) -> bool:
 def _store_order_of(dataset) -> tuple:
     """A torchvision ``DatasetFolder``'s files in the store's order (the tree's scan, permuted
     as ``refine`` writes it), and the position in the data set of each."""
-    from ..sources.dataset import scan_image_folder, store_order
+    from ..sources.dataset import store_order
+    from ..sources.data_cache import scan_image_folder
     _, files, _ = scan_image_folder(dataset.root)
     files = [files[i] for i in store_order(len(files))]
     where = {os.path.normpath(path): i for i, (path, _) in enumerate(dataset.samples)}

@@ -611,7 +611,8 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     ``slots``) are overwritten a few batches later. Use them within the step, or keep a copy
     (``batch.images[i].clone()``); a kept view shows other crops' pixels.
     """
-    from ..sources.dataset import conversion_options, open_dataset
+    from ..sources.dataset import conversion_options
+    from ..sources.data_cache import open_dataset
     from ..store.label_store import open_for_reading
     from ..core.validators import flag, one_of, optional_whole_number, path_like, whole_number
     batch_size = whole_number("batch_size", batch_size, 1, "pass a positive batch size")

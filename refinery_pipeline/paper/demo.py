@@ -14,7 +14,8 @@ import numpy as np
 
 from ..plan.crop_plan import CropPlan, crops_for_parity
 from ..core.errors import RunError
-from ..sources.dataset import ArraySource, ImageDataset, write_beton
+from ..sources.dataset import ImageDataset
+from ..sources.beton_writer import ArraySource, write_beton
 from ..store.label_store import DEFAULT_TOP_K, LabelStore
 from .plots import plot_runs, read_run
 from ..labelling.precompute import precompute

@@ -12,11 +12,11 @@ import inspect
 import os
 from pathlib import Path
 
-from .dataset import IMAGE_EXTENSIONS
 from ..core.errors import ArgumentError, DataSetError
 from ..store.remote_storage import is_remote
 from .base import ImageSource, decode_image
 from .beton import BetonSource
+from .dataset import IMAGE_EXTENSIONS
 from .files import ImageFolderSource, PathsSource
 from .hf import HFDatasetSource, is_table_path
 from .mapped import MappedSource

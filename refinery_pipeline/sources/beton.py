@@ -3,9 +3,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import KEYS_FIELD  # noqa: F401 - where a keyed .beton's sidecar lists its keys
 from ..core.errors import DataSetError
 from .base import ImageSource, decode_image
+from .dataset import KEYS_FIELD  # noqa: F401 - where a keyed .beton's sidecar lists its keys
 
 FFCV_JPEG_MODE = 0  # FFCV's IMAGE_MODES["jpg"]: the sample's bytes are a JPEG file
 

@@ -205,7 +205,7 @@ def largest_items(source) -> tuple:
     reading the images) and the largest encoded item's size (0 where not known): from file
     headers and sizes, shard indexes (the largest item stands in for the most pixels), a
     ``.beton``'s tables. The page holding the largest sample is sized from them
-    (``dataset.page_size_of``); a sample that outgrows it anyway is named by
+    (``beton_writer.page_size_of``); a sample that outgrows it anyway is named by
     :meth:`BetonSamples.prepare`."""
     from . import BetonSource, WebDatasetSource
     from .files import FileSource

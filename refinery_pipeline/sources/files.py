@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import IMAGE_EXTENSIONS, scan_image_folder, split_dir
 from ..core.errors import ArgumentError, DataSetError
 from .base import ImageSource, as_labels, read_file_bytes
+from .data_cache import scan_image_folder, split_dir
+from .dataset import IMAGE_EXTENSIONS
 
 LIST_PATH_COLUMNS = ("path", "file", "file_name", "filename", "image", "image_path")
 MISSING_EXAMPLES = 3

@@ -3,9 +3,9 @@ Parquet files. Images are read as stored bytes (``Image(decode=False)``), keys f
 from contextlib import contextmanager
 from pathlib import Path
 
-from .dataset import default_cache_dir
 from ..core.errors import DataSetError
 from .base import ImageSource, as_labels, read_file_bytes
+from .data_cache import default_cache_dir
 
 KEY_COLUMNS = ("file_name", "path", "__key__")  # tried in this order when none is named
 LABEL_COLUMNS = ("label", "cls")  # integer columns taken as labels when no ClassLabel exists

@@ -13,13 +13,13 @@ look-up per key, and suffixes indexed only for the copy keys that did not match 
 """
 import re
 import unicodedata
-from itertools import repeat
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 
-from .dataset import IMAGE_EXTENSIONS
 from ..core.errors import ArgumentError
+from .dataset import IMAGE_EXTENSIONS
 
 EXAMPLES = 5  # names shown for each kind of finding
 

@@ -2,8 +2,8 @@
 import numpy as np
 
 from ..core.errors import ArgumentError, DataSetError
-from .pixels import rgb_of_any
 from .base import ImageSource, as_labels, decode_image
+from .pixels import rgb_of_any
 
 
 class MappedSource(ImageSource):

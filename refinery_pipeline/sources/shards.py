@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import IMAGE_EXTENSIONS, default_cache_dir
 from ..core.errors import ArgumentError, DataSetError, storage_error_message, storage_io_errors
 from ..store.remote_storage import is_remote, remote_filesystem, unreachable_message
 from .base import ImageSource, as_labels
+from .data_cache import default_cache_dir
+from .dataset import IMAGE_EXTENSIONS
 
 # WebDataset's own rules (tariterators.base_plus_ext, tar_file_iterator's skip_meta); a test
 # compares them with the installed webdataset.

@@ -15,7 +15,7 @@ def describe_store(location, cache_dir=None) -> dict:
     """What ``refine inspect`` prints: layout, plan, refinery, data set, size, labels, and
     ``beton``, the cached ``.beton`` holding the store's exact pixels (None when the cache holds
     no converted copy of its data: ``refinery.beton_path(DATA)`` makes and names one)."""
-    from ..sources.dataset import find_cached_beton
+    from ..sources.data_cache import find_cached_beton
     store = LabelStore.open(location)
     lay, attrs = store.layout, store.attrs
     done = store.done_chunks()

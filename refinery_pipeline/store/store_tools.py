@@ -197,6 +197,6 @@ def _resolved(location) -> str:
 
 
 def _stamp_path(location, cache_dir=None) -> Path:
-    from ..sources.dataset import default_cache_dir
+    from ..sources.data_cache import default_cache_dir
     key = hashlib.sha256(_resolved(location).encode()).hexdigest()[:32]
     return Path(cache_dir or default_cache_dir()) / "verified" / f"{key}.json"

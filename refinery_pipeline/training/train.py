@@ -21,7 +21,8 @@ from torch import nn
 from ..plan.augment import Recipe, plan_augment
 from ..models.checkpoint_safety import load_weights_file
 from ..plan.crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
-from ..sources.dataset import check_cap_applies, conversion_options, open_dataset
+from ..sources.dataset import check_cap_applies, conversion_options
+from ..sources.data_cache import open_dataset
 from ..core.devices import resolve_device
 from ..core.distributed import init_from_env, is_main, node_shared_arrays, world_size
 from ..core.errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,

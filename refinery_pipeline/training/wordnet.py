@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sources.dataset import default_cache_dir
+from ..sources.data_cache import default_cache_dir
 from ..core.errors import DataSetError, RefineryError
 from ..core.validators import positive_number, refuse
 
