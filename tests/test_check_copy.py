@@ -10,18 +10,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from refinery_pipeline.labelling.check_copy import (ABSENT, EXACT, NEEDS_ALLOW_MISSING, REENCODED,
-                                                    REFRAMED, RESIZED, UNREADABLE, UNUSABLE,
-                                                    USABLE, check_copy)
 from refinery_pipeline.core.errors import ArgumentError, StoreMismatchError
-from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.sources.pixels import decode_jpeg
+from refinery_pipeline.labelling.check_copy import (NEEDS_ALLOW_MISSING, UNUSABLE, USABLE,
+                                                    check_copy)
 from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.labelling.verdicts import (ABSENT, EXACT, REENCODED, REFRAMED, RESIZED,
+                                                  UNREADABLE)
 from refinery_pipeline.sources import ImageSource
+from refinery_pipeline.sources.pixels import decode_jpeg
+from refinery_pipeline.store.label_store import LabelStore
 
 from .copy_fixtures import (N, export_files, hf_table, make_origin, mixing_origin,  # noqa: F401
-                            origin, precompute_store, stored_bytes, subset,
-                            write_shards)
+                            origin, precompute_store, stored_bytes, subset, write_shards)
 from .test_cli import assert_one_line_error, run
 
 
@@ -214,9 +214,9 @@ def test_arguments_are_checked(origin, tree, name, value):
 @pytest.fixture(scope="module")
 def train_bn(origin, tiny_refinery_ckpt, tmp_path_factory):
     """The origin's images labelled in train-mode BN (labels depend on their loader batch)."""
+    from refinery_pipeline.labelling.precompute import precompute
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.sources.data_cache import open_dataset
-    from refinery_pipeline.labelling.precompute import precompute
     out = tmp_path_factory.mktemp("train_bn")
     refinery = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="train")
     precompute(open_dataset(origin.beton), out / "keyed.zarr", refinery,

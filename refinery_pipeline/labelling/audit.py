@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..plan.augment import plan_augment
 from ..core.errors import StoreMismatchError
-from ..store.label_store import LabelStore, round_probabilities
-from ..store.label_store import Batching
+from ..plan.augment import plan_augment
+from ..store.label_store import Batching, LabelStore, round_probabilities
 from .precompute import UnitLoader, build_crop_table, label_loader_batch
 from .refinery import identity_mismatch
 

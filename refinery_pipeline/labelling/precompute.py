@@ -21,16 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..plan.augment import plan_augment, planned_crops
-from ..plan.crop_plan import CropPlan, boxes_at, centre_square, flips_at, sample_boxes, sample_flips
 from ..core.distributed import barrier, init_from_env, is_main
 from ..core.errors import DataSetError, RefineryError, StoreMismatchError, StoreNotFoundError
-from ..store.label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore,
-                                 StoreLayout, default_chunk_size)
-from ..store.remote_storage import is_remote
 from ..core.progress import progress_bar
 from ..loaders.crop_batch import NOT_STORED, as_numpy_indices
 from ..loaders.replay import TABLE_FIELDS, crop_table, multi_crop_loader, usable_workers
+from ..plan.augment import plan_augment, planned_crops
+from ..plan.crop_plan import (CropPlan, boxes_at, centre_square, flips_at, sample_boxes,
+                              sample_flips)
+from ..store.label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore,
+                                 StoreLayout, default_chunk_size)
+from ..store.remote_storage import is_remote
 
 
 @dataclass
@@ -57,7 +58,10 @@ class PrecomputeSummary:
 
 
 def software_versions() -> dict:
-    import numcodecs, torch, torchvision, zarr
+    import numcodecs
+    import torch
+    import torchvision
+    import zarr
     return {"refinery": __version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "zarr": zarr.__version__,
             "numcodecs": numcodecs.__version__, "numpy": np.__version__}

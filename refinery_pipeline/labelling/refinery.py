@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CheckpointError
-from ..models.registry import batchnorm_layers
-from ..models.classes import ClassSubset
 from ..models.checkpoints import checkpoint_input_size, file_sha256, load_trained_model
-from ..models.registry import PYTHON_NAMES, OptionNames
+from ..models.classes import ClassSubset
+from ..models.registry import PYTHON_NAMES, OptionNames, batchnorm_layers
 from ..models.tensors import IMAGENET_NORMALIZATION, normalize, to_pixels
 
 BN_MODES = ("train", "eval")
