@@ -62,19 +62,29 @@ class SphinxRolesAsLinks(griffe.Extension):
             return
         public = public_names(pkg)
         owners = {}  # canonical path of a public class -> its public name
+        publicly = {}  # canonical path of a public object or class member -> its public path
         for name in public:
             target = _documented(pkg, name)
-            if target is not None and target.is_class:
+            if target is None:
+                continue
+            publicly[target.path] = name
+            if target.is_class:
                 owners[target.path] = name
+                publicly.update((member.path, f"{name}.{member_name}")
+                                for member_name, member in target.members.items()
+                                if not member.is_alias)
         for obj in _walk(pkg):
             if obj.docstring is not None:
                 owner = owners.get(obj.path) or owners.get(getattr(obj.parent, "path", None))
                 obj.docstring.value = ROLE.sub(
-                    lambda m: _rewrite(m.group(1), pkg, public, owner), obj.docstring.value)
+                    lambda m: _rewrite(m.group(1), pkg, public, publicly, owner),
+                    obj.docstring.value)
 
 
-def _rewrite(reference: str, pkg, public: list, owner) -> str:
-    """One role's text: a cross-reference to a documented public object, else inline code."""
+def _rewrite(reference: str, pkg, public: list, publicly: dict, owner) -> str:
+    """One role's text: a cross-reference to a documented public object (named by a public
+    path, by a member of the docstring's own class, or by the module path of a public object,
+    ``.crop_batch.CropBatch``), else inline code."""
     text = reference.strip()
     shown = text.lstrip("~.").split(".")[-1] if text.startswith("~") else text.lstrip(".")
     path = text.lstrip("~.")
@@ -85,7 +95,8 @@ def _rewrite(reference: str, pkg, public: list, owner) -> str:
         candidates.append(path)
     if owner is not None:
         candidates.append(f"{owner}.{path}")
-    for candidate in candidates:
+    candidates.append(publicly.get(f"{PACKAGE}.{path}"))
+    for candidate in filter(None, candidates):
         if _documented(pkg, candidate) is not None:
             return f"[`{shown}`][{PACKAGE}.{candidate}]"
     return f"`{shown}`"
