@@ -87,7 +87,8 @@ def test_repository_files_join_the_site_and_a_missing_one_fails(tmp_path):
     pytest.importorskip("mkdocs")
     project = tiny_project(tmp_path / "ok", "repo_files.py",
                            "# t\n\n[a](../results/a.md), [all](../results/), [run](../run.py)\n")
-    write(project / "results" / "a.md", "# a\n\n![plot](a.png) [all runs](../run.py#L1)\n")
+    write(project / "results" / "a.md",
+          "# a\n\n![plot](a.png) [all runs](../run.py#L1) [home](../docs/index.md)\n")
     (project / "results" / "a.png").write_bytes(b"\x89PNG")
     write(project / "run.py", "print('run')\n")
     result = mkdocs_build(project, tmp_path / "site")
@@ -96,6 +97,9 @@ def test_repository_files_join_the_site_and_a_missing_one_fails(tmp_path):
     assert (tmp_path / "site" / "results" / "a.png").is_file()
     assert (tmp_path / "site" / "results" / "index.html").is_file()  # the folder's listing
     assert 'href="results/a/"' in (tmp_path / "site" / "index.html").read_text()
+    page = (tmp_path / "site" / "results" / "a" / "index.html").read_text()
+    assert '<a href="../../">home</a>' in page  # a brought-in page's link back into docs/
+    assert '<a href="../../run.py#L1">all runs</a>' in page
 
     broken = tiny_project(tmp_path / "broken", "repo_files.py",
                           "# t\n\n[gone](../results/gone.md)\n")

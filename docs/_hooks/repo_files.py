@@ -51,13 +51,6 @@ def _relative_target(url: str):
     return (path, fragment) if path else None
 
 
-def _site_uri(repo_path: str, config) -> str:
-    """Where a repository file appears in the site: docs pages as in ``docs_dir``, others at
-    their repository path."""
-    prefix = _docs_prefix(config) + "/"
-    return repo_path[len(prefix):] if repo_path.startswith(prefix) else repo_path
-
-
 def _linked_repo_paths(text: str, repo_path: str, root: str):
     """Repository paths (existing or not) of the local links in ``text`` of file ``repo_path``."""
     for match in LINK.finditer(text):
@@ -70,14 +63,16 @@ def _linked_repo_paths(text: str, repo_path: str, root: str):
 
 
 def _folder_listing(repo_path: str, root: str) -> str:
-    """A page listing a linked folder's files, each linked (and so brought in too)."""
+    """A page listing a linked folder's entries, each linked (and so brought in too)."""
     folder = os.path.join(root, repo_path)
-    names = sorted(name for name in os.listdir(folder)
-                   if not name.startswith(".") and name not in SKIPPED_NAMES)
-    entries = "\n".join(f"- [`{name}{'/' if os.path.isdir(os.path.join(folder, name)) else ''}`]"
-                        f"({name}{'/index.md' if os.path.isdir(os.path.join(folder, name)) else ''})"
-                        for name in names)
-    return f"# `{repo_path}/`\n\nThe repository folder `{repo_path}/`:\n\n{entries}\n"
+    entries = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(".") or name in SKIPPED_NAMES:
+            continue
+        is_folder = os.path.isdir(os.path.join(folder, name))
+        entries.append(f"- [`{name}{'/' if is_folder else ''}`]"
+                       f"({name}{'/index.md' if is_folder else ''})")
+    return f"# `{repo_path}/`\n\nThe repository folder `{repo_path}/`:\n\n" + "\n".join(entries) + "\n"
 
 
 def _bring_in(repo_path: str, config, files) -> File:
@@ -118,17 +113,23 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
-    """Point the page's links to repository files at the copies ``on_files`` brought in."""
+    """Point the page's links to repository files at the copies ``on_files`` brought in (and a
+    brought-in page's links back into ``docs/`` at the pages they name)."""
     repo_path = _repo_path_of(page.file, config)
+    docs = _docs_prefix(config) + "/"
+    brought_in = any(file is page.file for file in _brought_in.values())
 
     def rewrite(match):
         target = _relative_target(match.group(2))
         if target is None:
             return match.group(0)
         linked = posixpath.normpath(posixpath.join(posixpath.dirname(repo_path), target[0]))
-        if linked not in _brought_in:
+        if linked in _brought_in:
+            site_file = _brought_in[linked].src_uri
+        elif brought_in and linked.startswith(docs):
+            site_file = linked[len(docs):]
+        else:
             return match.group(0)
-        site_file = _brought_in[linked].src_uri
         new = posixpath.relpath(site_file, posixpath.dirname(page.file.src_uri) or ".")
         return match.group(1) + new + (f"#{target[1]}" if target[1] else "") + match.group(3)
 
