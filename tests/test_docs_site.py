@@ -22,7 +22,8 @@ HOOKS = ROOT / "docs" / "_hooks"
 
 
 def mkdocs_build(project: Path, site: Path) -> subprocess.CompletedProcess:
-    """``mkdocs build --strict`` of ``project`` into ``site``, in a process of its own."""
+    """``mkdocs build --strict`` of ``project`` into ``site``, in a process of its own (the
+    packages come with the test extra, as CI installs it: a missing one fails, not skips)."""
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(project), str(ROOT),
                                                         os.environ.get("PYTHONPATH")])))
@@ -33,7 +34,6 @@ def mkdocs_build(project: Path, site: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    pytest.importorskip("mkdocs", reason="the docs extra: pip install -e '.[docs]'")
     site = tmp_path_factory.mktemp("site")
     result = mkdocs_build(ROOT, site)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -50,7 +50,8 @@ def test_api_reference_documents_every_public_name_by_its_public_path(site):
 def test_cli_reference_documents_every_command(site):
     """Of the click group the page names (one place to change when the CLI moves)."""
     source = (ROOT / "docs" / "reference" / "cli.md").read_text()
-    module, command = (re.search(rf":{key}: (\S+)", source).group(1) for key in ("module", "command"))
+    module, command = (re.search(rf":{key}: (\S+)", source).group(1)
+                       for key in ("module", "command"))
     group = getattr(importlib.import_module(module), command)
     page = (site / "reference" / "cli" / "index.html").read_text()
     assert group.commands
@@ -90,7 +91,6 @@ def tiny_project(root: Path, hook: str, index: str) -> Path:
 
 
 def test_repository_files_join_the_site_and_a_missing_one_fails(tmp_path):
-    pytest.importorskip("mkdocs")
     project = tiny_project(tmp_path / "ok", "repo_files.py",
                            "# t\n\n[a](../results/a.md), [all](../results/), [run](../run.py)\n")
     write(project / "results" / "a.md",
@@ -115,7 +115,6 @@ def test_repository_files_join_the_site_and_a_missing_one_fails(tmp_path):
 
 
 def test_public_names_need_a_reference_entry_and_docstrings(tmp_path):
-    pytest.importorskip("griffe")
     project = tiny_project(tmp_path, "public_api.py", "# t\n")
     write(project / "refinery_pipeline" / "__init__.py", '''\
         """A stand-in package."""

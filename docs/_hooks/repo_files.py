@@ -72,7 +72,8 @@ def _folder_listing(repo_path: str, root: str) -> str:
         is_folder = os.path.isdir(os.path.join(folder, name))
         entries.append(f"- [`{name}{'/' if is_folder else ''}`]"
                        f"({name}{'/index.md' if is_folder else ''})")
-    return f"# `{repo_path}/`\n\nThe repository folder `{repo_path}/`:\n\n" + "\n".join(entries) + "\n"
+    listing = "\n".join(entries)
+    return f"# `{repo_path}/`\n\nThe repository folder `{repo_path}/`:\n\n{listing}\n"
 
 
 def _bring_in(repo_path: str, config, files) -> File:
