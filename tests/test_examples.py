@@ -65,24 +65,32 @@ def test_example_is_short_and_says_what_it_shows(name):
     assert ast.get_docstring(ast.parse(source))
 
 
-def readme_snippet() -> str:
-    """The Python block of README's "Use a store in your own training loop" section."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Use a store in your own training loop"):]
+def python_block(path: Path, heading: str) -> str:
+    """The first Python block after ``heading`` in the Markdown file ``path``."""
+    text = path.read_text()
+    section = text[text.index(heading):]
     start = section.index("```python\n") + len("```python\n")
     return section[start:section.index("\n```", start)]
 
 
-def test_readme_snippet_runs_as_printed(mixup_store, tiny_data):
-    """Only the paths and the sizes change (each must appear exactly once, so an edited README
-    fails here rather than drifting): tiny data, one worker-free epoch."""
-    code = readme_snippet()
-    for old, new in (('"labels.zarr"', repr(str(mixup_store))),
-                     ('"DATA/train"', repr(str(tiny_data))),
+def readme_snippet() -> str:
+    """The Python block of README's "Use a store in your own training loop" section."""
+    return python_block(ROOT / "README.md", "## Use a store in your own training loop")
+
+
+def run_snippet_as_printed(code: str, where: str, store, data):
+    """Run a printed training loop with only the paths and the sizes changed (each must appear
+    exactly once, so an edited snippet fails here rather than drifting): tiny data, one
+    worker-free epoch."""
+    for old, new in (('"labels.zarr"', repr(str(store))), ('"DATA/train"', repr(str(data))),
                      ("num_workers=8", "num_workers=0"), ("range(16)", "range(1)")):
-        assert code.count(old) == 1, f"README's snippet no longer holds {old}"
+        assert code.count(old) == 1, f"{where}'s snippet no longer holds {old}"
         code = code.replace(old, new)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, where, "exec"), namespace)
     assert math.isfinite(namespace["loss"].item())
     assert namespace["b"].targets.indices.shape[1] == 4  # it trained on the store's labels
+
+
+def test_readme_snippet_runs_as_printed(mixup_store, tiny_data):
+    run_snippet_as_printed(readme_snippet(), "README.md", mixup_store, tiny_data)

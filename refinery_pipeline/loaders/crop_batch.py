@@ -15,6 +15,8 @@ import torch
 # The slot value of a crop that is not one of the store's slots: a fresh random crop
 # (ground-truth and online modes) or an image's centred square (evaluation, soft-static labels).
 NOT_STORED = -1
+"""The slot of a crop that is none of the store's: a fresh random crop (ground truth, an online
+refinery) or an image's centred square (evaluation, soft-static labels)."""
 
 
 class SparseLabels(NamedTuple):
@@ -34,6 +36,7 @@ class SparseLabels(NamedTuple):
     probs: torch.Tensor
 
     def to(self, device, non_blocking: bool = True) -> "SparseLabels":
+        """Both tensors moved to ``device`` (asynchronously from pinned memory by default)."""
         return SparseLabels(self.indices.to(device, non_blocking=non_blocking),
                             self.probs.to(device, non_blocking=non_blocking))
 

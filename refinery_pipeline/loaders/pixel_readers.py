@@ -188,6 +188,7 @@ class BetonImages:
         return state
 
     def image(self, n: int) -> np.ndarray:
+        """Image ``n`` as ``(H, W, 3)`` uint8, decoded from the bytes the refinery decoded."""
         if self._blob is None:
             self._blob = np.memmap(self.path, dtype=np.uint8, mode="r")
         data = self._blob[self.pointers[n]:self.pointers[n] + self.nbytes[n]]
@@ -197,6 +198,8 @@ class BetonImages:
         return np.asarray(data[:h * w * 3]).reshape(h, w, 3)
 
     def check(self, store: LabelStore):
+        """Raise :class:`StoreMismatchError` unless this is the ``.beton`` the store was made from
+        (its fingerprint)."""
         store.check_matches(self.dataset.fingerprint())
 
 
@@ -221,9 +224,12 @@ class FolderImages:
         return len(self.files)
 
     def image(self, n: int) -> np.ndarray:
+        """Image ``n`` as ``(H, W, 3)`` uint8, read from its file."""
         return read_image_file(self.files[n])
 
     def check(self, store: LabelStore):
+        """Raise :class:`StoreMismatchError` unless these are the files (names and order) the
+        store records as its source."""
         check_source_files(store, self.root, self.files)
 
 

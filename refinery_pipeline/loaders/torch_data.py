@@ -361,6 +361,8 @@ class CropCollate:
         Where the probability mass outside the stored top-k goes (as in training; default
         ``renormalize``, as ``refine train``).
 
+    Notes
+    -----
     Batches of a store whose recipe mixes carry ``mix`` (each crop's partner class and share),
     exactly as the FFCV backend's do, and every batch ``exact`` (which crops were cut from the
     bytes the refinery decoded); see :class:`~refinery_pipeline.CropBatch`.

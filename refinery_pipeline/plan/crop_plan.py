@@ -69,6 +69,7 @@ class CropPlan:
     augment: tuple = ()
 
     def to_dict(self) -> dict:
+        """The plan as the store's ``plan`` attribute records it (JSON: lists, no empty recipe)."""
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
         if self.augment:
@@ -79,6 +80,7 @@ class CropPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CropPlan":
+        """The plan a store's ``plan`` attribute records (the inverse of :meth:`to_dict`)."""
         return cls(seed=int(d["seed"]), crops_per_image=int(d["crops_per_image"]),
                    scale=tuple(d["scale"]), ratio=tuple(d["ratio"]), flip=bool(d["flip"]),
                    augment=tuple(d.get("augment", ())))
@@ -164,6 +166,9 @@ def flips_at(plan: CropPlan, images, slots) -> np.ndarray:
 
 
 SLOT_POLICIES = ("random", "cycle")
+"""Which stored crop an epoch replays (``--slot-policy``, :func:`slot_of`): ``cycle`` shows
+each of an image's K crops once before any repeats (the default), ``random`` draws one per
+epoch."""
 # Each slot once before any repeats: no stored crop waits while another repeats, so E = K epochs
 # show every crop once (random leaves ~1/e unseen); it led random at K = 2 and 4 in the CPU
 # parity sweep (docs/design.md, "Choosing K and the slot policy").

@@ -52,6 +52,7 @@ FORMAT_NAME = "refinery-label-store"
 # so a copy of the data set in any order, form or subset is joined by name and told exact or
 # approximate (refinery_pipeline.sources.keys, .sources). 1 to 4 still read: they join by position.
 FORMAT_VERSION = 5
+"""The label store format this version writes (``docs/label-store.md``); it reads 1 to 5."""
 CROP_ARRAYS = ("boxes", "flips", "topk_indices", "topk_probs")
 STATIC_ARRAYS = ("static_indices", "static_probs")
 PROB_ARRAYS = ("topk_probs", "static_probs")  # float16, rounded to the layout's prob_bits
@@ -82,6 +83,8 @@ DEFAULT_TOP_K = 10
 # dense_from_sparse``): renormalize the top k, or spread it uniformly over the other classes.
 # Defined here, torch-free, beside the top-k it completes, so the CLI can offer it.
 REST_POLICIES = ("renormalize", "uniform")
+"""Where a target puts the mass outside a crop's stored top-k (``--rest``): ``renormalize``
+scales the top k to sum to 1 (the default), ``uniform`` spreads it over the other classes."""
 DEFAULT_REST = "renormalize"
 # Probabilities are stored as multiples of 2^-prob_bits. 11 is the finest step float16 holds for
 # every p < 1, and its own rounding step at p >= 0.5: no stored value is further from the
@@ -126,6 +129,20 @@ def _codecs(name: str) -> dict:
 
 @dataclass
 class StoreLayout:
+    """The shape of a store's per-image arrays and how they are chunked (``LabelStore.layout``).
+
+    Attributes
+    ----------
+    num_images, crops_per_image, top_k : int
+        N images, K crops per image, k classes per crop.
+    chunk_size : int
+        Images per chunk: the unit written, checksummed, claimed and resumed.
+    soft_static : bool
+        Whether the refinery's label of each whole (centred) image is stored too.
+    prob_bits : int
+        Probabilities are stored as multiples of 2^-prob_bits (0: unrounded).
+    """
+
     num_images: int
     crops_per_image: int
     top_k: int
@@ -138,6 +155,7 @@ class StoreLayout:
         return -(-self.num_images // self.chunk_size)
 
     def chunk_range(self, c: int) -> range:
+        """The images of chunk ``c`` (the last chunk may hold fewer)."""
         return range(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_images))
 
     def shapes(self) -> dict:
@@ -573,6 +591,7 @@ class LabelStore:
         return self.group[name][rows.start:rows.stop]
 
     def done_chunks(self) -> np.ndarray:
+        """One bool per chunk: written and recorded as done (what a rerun skips)."""
         return self._read(DONE_FLAGS).astype(bool)
 
     @property
@@ -1005,6 +1024,8 @@ class LabelStore:
                 f"({_short(self.attrs['plan'])}): the plan was edited; {RESTORE}"]
 
     def require_complete(self, allow_partial: bool = False):
+        """Raise :class:`IncompleteStoreError` naming the chunks never written, unless
+        ``allow_partial`` (``--allow-partial``: train on the chunks there are)."""
         done = self.done_chunks()
         if not done.all() and not allow_partial:
             raise IncompleteStoreError(

@@ -16,6 +16,7 @@ from ..store.label_store import DEFAULT_REST, REST_POLICIES  # noqa: F401 (defin
 from ..core.validators import one_of, refuse
 
 LOSSES = ("kl", "soft_ce", "reverse_kl", "l2")
+"""The names :func:`get_loss` takes (``refine train --loss``)."""
 
 
 def dense_from_sparse(indices: torch.Tensor, probs: torch.Tensor, num_classes: int,
