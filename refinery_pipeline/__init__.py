@@ -12,8 +12,23 @@ __version__ = "0.3.0"
 import importlib
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # for the annotations only: names load on first use (below)
-    from .store.label_store import LabelStore
+if TYPE_CHECKING:  # what static tools (IDEs, the docs' API reference) read; _HOMES at run time
+    from .loaders.crop_batch import NOT_STORED, CropBatch, SparseLabels
+    from .plan.crop_plan import SLOT_POLICIES, CropPlan, slot_of
+    from .labelling.check_copy import check_copy, CopyReport
+    from .loaders.copies import CopyJoin
+    from .core.errors import (ArgumentError, CheckpointError, DataSetError, IncompleteStoreError,
+                              MissingImagesError, RefineryError, RefineryWarning,
+                              StoreCorruptError, StoreError, StoreMismatchError, StoreNotFoundError)
+    from .store.label_store import (FORMAT_VERSION, REST_POLICIES, Batching, CropRecords,
+                                    DatasetInfo, LabelStore, RefineryInfo, StoreLayout)
+    from .training.losses import (LOSSES, get_loss, kl_divergence, l2_on_probabilities, reverse_kl,
+                                  soft_cross_entropy)
+    from .loaders.stream import StoreCrops
+    from .training.targets import visual_category_table
+    from .loaders.torch_data import (BetonImages, CropCollate, CropSample, dense_targets,
+                                     FolderImages, MappedImages, StoreCropDataset)
+    from .training.wordnet import wordnet_category_table
 
 # Where each public name lives. Names load on first use (PEP 562), so importing a torch-free
 # part (the crop plan, the store, the errors) does not load torch, FFCV or numba.
@@ -24,7 +39,7 @@ _HOMES = {
     "loaders.copies": ("CopyJoin",),
     "core.errors": ("ArgumentError", "CheckpointError", "DataSetError", "IncompleteStoreError",
                     "RefineryError", "RefineryWarning", "StoreCorruptError", "StoreError",
-               "StoreMismatchError", "StoreNotFoundError", "MissingImagesError"),
+                    "StoreMismatchError", "StoreNotFoundError", "MissingImagesError"),
     "store.label_store": ("FORMAT_VERSION", "Batching", "CropRecords", "DatasetInfo",
                           "LabelStore", "RefineryInfo", "StoreLayout", "REST_POLICIES"),
     "training.losses": ("LOSSES", "get_loss", "kl_divergence", "l2_on_probabilities",

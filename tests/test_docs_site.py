@@ -44,7 +44,7 @@ def test_api_reference_documents_every_public_name_by_its_public_path(site):
     page = (site / "reference" / "api" / "index.html").read_text()
     for name in refinery_pipeline.__all__:
         assert f'id="refinery_pipeline.{name}"' in page, name
-    assert 'id="refinery_pipeline.label_store' not in page  # no private module path
+    assert 'id="refinery_pipeline.store.label_store' not in page  # no private module path
 
 
 def test_cli_reference_documents_every_command(site):

@@ -41,6 +41,18 @@ def test_the_public_api_is_exactly_all_and_every_name_resolves():
     assert set(refinery.__all__) <= set(dir(refinery))
 
 
+def test_static_tools_see_the_names_where_they_load_from():
+    """The ``if TYPE_CHECKING:`` imports (what IDEs and the docs' API reference read) name the
+    same module for each public name as ``_HOMES`` (what runs)."""
+    import ast
+    from pathlib import Path
+    tree = ast.parse(Path(refinery.__file__).read_text())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If)
+                   and getattr(node.test, "id", None) == "TYPE_CHECKING")
+    static = {alias.name: node.module for node in guarded.body for alias in node.names}
+    assert static == refinery._HOME_OF
+
+
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_name"):
         refinery.no_such_name  # noqa: B018
