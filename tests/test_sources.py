@@ -420,13 +420,21 @@ def test_wrong_arguments_are_refused(spec, options, fragment, copies):
 
 
 def test_every_subpackage_ships():
-    """A non-editable install carries only the packages setup.cfg lists: a new subpackage
-    (sources/) missing there works in this checkout and fails everywhere else."""
+    """A non-editable install carries only the packages setup.cfg's find rule selects, and the
+    data files it names: a subpackage or data file missing there works in this checkout and
+    fails everywhere else."""
     import configparser
+
+    from setuptools import find_packages
     repo = Path(__file__).parents[1]
     config = configparser.ConfigParser()
     config.read(repo / "setup.cfg")
-    listed = {p.strip() for p in config["options"]["packages"].split(",")}
+    assert config["options"]["packages"].strip() == "find:"
+    include = [p.strip() for p in config["options.packages.find"]["include"].split(",")]
+    shipped = set(find_packages(str(repo), include=include))
     found = {".".join(init.parent.relative_to(repo).parts)
              for init in (repo / "refinery_pipeline").rglob("__init__.py")}
-    assert found <= listed
+    assert found <= shipped and "cli" in shipped
+    for package, files in config["options.package_data"].items():
+        for name in files.split():
+            assert (repo / package.replace(".", "/") / name).is_file(), (package, name)
