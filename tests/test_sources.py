@@ -420,21 +420,22 @@ def test_wrong_arguments_are_refused(spec, options, fragment, copies):
 
 
 def test_every_subpackage_ships():
-    """A non-editable install carries only the packages setup.cfg's find rule selects, and the
-    data files it names: a subpackage or data file missing there works in this checkout and
-    fails everywhere else."""
+    """A non-editable install carries only the packages setup.cfg lists and the data files it
+    names: a subpackage or data file missing there works in this checkout and fails everywhere
+    else. The CLI ships as ``refinery_cli`` from the ``cli/`` folder."""
     import configparser
-
-    from setuptools import find_packages
     repo = Path(__file__).parents[1]
     config = configparser.ConfigParser()
     config.read(repo / "setup.cfg")
-    assert config["options"]["packages"].strip() == "find:"
-    include = [p.strip() for p in config["options.packages.find"]["include"].split(",")]
-    shipped = set(find_packages(str(repo), include=include))
+    listed = set(config["options"]["packages"].split())
     found = {".".join(init.parent.relative_to(repo).parts)
              for init in (repo / "refinery_pipeline").rglob("__init__.py")}
-    assert found <= shipped and "cli" in shipped
+    assert found | {"refinery_cli"} == listed
+    mapped = dict(line.split(" = ") for line in config["options"]["package_dir"].split("\n")
+                  if " = " in line)
+    assert mapped == {"refinery_cli": "cli"} and (repo / "cli" / "main.py").is_file()
+    assert config["options.entry_points"]["console_scripts"].split() == [
+        "refine", "=", "refinery_cli.main:cli"]
     for package, files in config["options.package_data"].items():
         for name in files.split():
             assert (repo / package.replace(".", "/") / name).is_file(), (package, name)
