@@ -2,7 +2,8 @@
 
 The original data set is a ``.beton`` of procedural shapes in three frames (48 x 48, 48 x 36,
 36 x 48) whose sidecar names a file per image (``<class>/<class>_<i>``), so it has keys. Its
-store is precomputed, then given keys and digests (until precompute records them itself).
+store is precomputed (keyed: precompute records keys and digests), and copied without them
+(a store as made before format 5, read by position).
 Copies are made from the ``.beton``'s own stored bytes, so a copy holding them is *exact*
 whatever the conversion does: files in a tree, a flat folder, a shuffled list, WebDataset
 shards, a Hugging Face table; and ``.beton`` copies written from the same pixels (FFCV encodes
@@ -18,10 +19,11 @@ import numpy as np
 import pytest
 
 from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import ArraySource, open_dataset, write_beton
+from refinery_pipeline.dataset import open_dataset, write_beton
 from refinery_pipeline.label_store import ATTRIBUTES_DIGEST, SEALED_ARRAYS, LabelStore
 from refinery_pipeline.pixels import decode_jpeg
 from refinery_pipeline.sources import BetonSource
+from refinery_pipeline.sources.mapped import MappedSource
 from refinery_pipeline.synthetic import SHAPES, make_shapes
 
 N, K, TOP_K, SIZE = 48, 3, 4, 24
@@ -51,10 +53,23 @@ def original_pixels(count: int = N, seed: int = 11) -> tuple:
     return images, np.asarray(shapes.labels), keys
 
 
-def write_keyed_beton(path: Path, images, labels, keys, root: Path) -> Path:
-    """A ``.beton`` of ``images`` whose sidecar names each as ``root/<key>.jpg`` (its keys)."""
-    write_beton(ArraySource(images, labels), path, classes=SHAPES,
-                files=[root / f"{key}.jpg" for key in keys], root=root, num_workers=1)
+class KeyedPixels:
+    """Pixels with labels and class names, as a map-style data set (``MappedSource`` keys it)."""
+
+    def __init__(self, images, labels):
+        self.images, self.targets, self.classes = images, [int(c) for c in labels], list(SHAPES)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+def write_keyed_beton(path: Path, images, labels, keys) -> Path:
+    """A ``.beton`` of ``images`` whose sidecar names each by its key."""
+    source = MappedSource(KeyedPixels(images, labels), key_fn=lambda i: keys[i])
+    write_beton(source, path, classes=SHAPES, num_workers=1)
     return path
 
 
@@ -67,20 +82,15 @@ def precompute_store(beton: Path, path: Path, checkpoint, augment=()) -> Path:
     return path
 
 
-def with_keys(plain: Path, path: Path, beton: Path) -> Path:
-    """``plain`` as a keyed store at ``path``: the keys and stored-byte digests of ``beton`` (the
-    data set it was made from), its labels and chunks unchanged. A store precompute already
-    keyed is returned as it is."""
-    old = LabelStore.open(plain)
-    if old.keyed:
-        return plain
-    source = BetonSource(beton)
+def without_keys(keyed: Path, path: Path) -> Path:
+    """``keyed`` as a store at ``path`` that names no images (as stores before format 5 did):
+    its labels and chunks unchanged, no ``image_keys`` or ``image_digests``."""
+    old = LabelStore.open(keyed)
     left_out = {"format", "format_version", "layout", "complete", ATTRIBUTES_DIGEST,
                 *SEALED_ARRAYS.values()}
     attrs = {k: v for k, v in old.attrs.items() if k not in left_out}
     new = LabelStore.create(path, old.layout, attrs, labels=old.read_labels(),
-                            image_sizes=old.read_image_sizes(), keys=source.keys(),
-                            digests=source.digests())
+                            image_sizes=old.read_image_sizes())
     for c in range(old.layout.num_chunks):
         new.write_chunk(c, {name: old.read_chunk(name, c) for name in old.layout.array_names})
     new.finalize()
@@ -89,11 +99,10 @@ def with_keys(plain: Path, path: Path, beton: Path) -> Path:
 
 def make_origin(directory: Path, checkpoint, augment=()) -> Origin:
     images, labels, keys = original_pixels()
-    beton = write_keyed_beton(directory / "original_train.beton", images, labels, keys,
-                              directory / "original")
-    plain = precompute_store(beton, directory / "plain.zarr", checkpoint, augment)
-    return Origin(images, labels, keys, beton, plain,
-                  with_keys(plain, directory / "keyed.zarr", beton))
+    beton = write_keyed_beton(directory / "original_train.beton", images, labels, keys)
+    keyed = precompute_store(beton, directory / "keyed.zarr", checkpoint, augment)
+    return Origin(images, labels, keys, beton, without_keys(keyed, directory / "plain.zarr"),
+                  keyed)
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +173,7 @@ def beton_copy(origin: Origin, path: Path, keys, flat: bool = False, scale: floa
         images = [cv2.resize(im, (round(im.shape[1] * scale), round(im.shape[0] * scale)),
                              interpolation=cv2.INTER_AREA) for im in images]
     names = [k.rsplit("/", 1)[-1] for k in keys] if flat else list(keys)
-    root = path.parent / (path.stem + "_files")
-    return write_keyed_beton(path, images, origin.labels[[where[k] for k in keys]], names, root)
+    return write_keyed_beton(path, images, origin.labels[[where[k] for k in keys]], names)
 
 
 def write_shards(origin: Origin, folder: Path, keys, per_shard: int = 10) -> str:

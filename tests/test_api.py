@@ -206,9 +206,10 @@ def test_a_changed_tree_is_refused_in_one_line(tree_store, tmp_path):
     shutil.copytree(root, copy)
     victim = sorted((copy / "train" / SHAPES[0]).iterdir())[0]
     victim.rename(victim.with_name("renamed" + victim.suffix))  # same count, other names
-    with pytest.raises(refinery.StoreMismatchError, match="not the tree"):
-        refinery.StoreCropDataset(path, copy)
-    with pytest.raises(refinery.StoreMismatchError, match="images but the pixel source"):
+    with pytest.raises(refinery.MissingImagesError, match="lacks 1 of the") as refused:
+        refinery.StoreCropDataset(path, copy)  # a keyed store: joined by key, the image named
+    assert f"{SHAPES[0]}/{victim.stem}" in str(refused.value)
+    with pytest.raises(refinery.ArgumentError, match="key_fn"):  # keys to join by, not a count
         refinery.StoreCropDataset(path, [(np.zeros((8, 8, 3), np.uint8), 0)] * 3)
 
 

@@ -17,13 +17,16 @@ from refinery_pipeline.pixels import read_image_file
 from refinery_pipeline.precompute import precompute
 from refinery_pipeline.refinery import Refinery
 
+from .copy_fixtures import without_keys
 from .test_api import write_tree
 
 
 @pytest.fixture(scope="module")
 def tree_and_store(tiny_refinery_ckpt, tmp_path_factory):
-    """``DATA/train`` and a store made from it; ``DATA/val`` is the same images under other
-    names (so class counts and labels in store order match: only the names differ)."""
+    """``DATA/train``, a store made from it without keys (as before format 5: read by
+    position, so checked by file names, count and labels) and the same store keyed (joined by
+    key); ``DATA/val`` is the same images under other names (so class counts and labels in
+    store order match: only the names differ)."""
     root = write_tree(tmp_path_factory.mktemp("tree"), count=24)
     shutil.rmtree(root / "val")
     for path in sorted((root / "train").rglob("*.png")):
@@ -31,11 +34,27 @@ def tree_and_store(tiny_refinery_ckpt, tmp_path_factory):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
     dataset = open_dataset(root, "train", tmp_path_factory.mktemp("cache"))
-    store = tmp_path_factory.mktemp("stores") / "tree.zarr"  # its own: other modules make one
-    precompute(dataset, store, Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
+    stores = tmp_path_factory.mktemp("stores")  # its own: other modules make one
+    precompute(dataset, stores / "keyed.zarr",
+               Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
                CropPlan(seed=2, crops_per_image=2), top_k=3, crop_batch=32, chunk_size=16,
                progress=False)
-    return root, store
+    return root, without_keys(stores / "keyed.zarr", stores / "tree.zarr"), stores / "keyed.zarr"
+
+
+@pytest.mark.parametrize("make", [ImageFolder, lambda root: png_folder(root)],
+                         ids=["ImageFolder", "DatasetFolder"])
+def test_a_keyed_store_joins_a_folder_data_set_by_its_file_names(tree_and_store, make):
+    root, _, keyed = tree_and_store
+    val = root / "val"
+    with pytest.raises(refinery.StoreMismatchError, match="none of its") as by_path:
+        refinery.StoreCropDataset(keyed, val)
+    with pytest.raises(refinery.StoreMismatchError, match="none of its") as mapped:
+        refinery.StoreCropDataset(keyed, make(val))
+    assert "\n" not in str(mapped.value) and "keeping its file names" in str(mapped.value)
+    assert str(mapped.value).split(" none ")[1] == str(by_path.value).split(" none ")[1]
+    train = refinery.StoreCropDataset(keyed, make(root / "train"))
+    assert len(train) == len(train.labels) and train[0].label == train.labels[0]
 
 
 def png_folder(root):
@@ -44,7 +63,7 @@ def png_folder(root):
 
 @pytest.mark.parametrize("make", [ImageFolder, png_folder], ids=["ImageFolder", "DatasetFolder"])
 def test_a_folder_data_set_of_other_files_is_refused_like_the_tree(tree_and_store, make):
-    root, store = tree_and_store
+    root, store, _ = tree_and_store
     val = root / "val"
     with pytest.raises(refinery.StoreMismatchError, match="not the tree") as by_path:
         refinery.StoreCropDataset(store, val)
@@ -58,7 +77,7 @@ def test_a_folder_data_set_of_other_files_is_refused_like_the_tree(tree_and_stor
 
 
 def test_a_data_set_without_file_names_is_checked_by_count_and_labels(tree_and_store):
-    root, store = tree_and_store
+    root, store, _ = tree_and_store
     tree = refinery.StoreCropDataset(store, root)
     pairs = [(read_image_file(tree.images.files[n]), int(tree.labels[n]))
              for n in range(len(tree))]
@@ -84,6 +103,6 @@ class _Labelled(list):
 
 @pytest.mark.parametrize("images", [5, None, object()], ids=["int", "None", "object"])
 def test_something_that_is_no_data_set_is_an_argument_error(tree_and_store, images):
-    _, store = tree_and_store
+    _, store, _ = tree_and_store
     with pytest.raises(refinery.ArgumentError, match="images=.*map-style data set"):
         refinery.StoreCropDataset(store, images)
