@@ -56,8 +56,9 @@ class Copy:
     """One form of DATA's training split as a team holds it."""
     data: str                   # DATA as the API's readers and ``refine check-copy`` take it
     read_as: dict = field(default_factory=dict)  # its source options (check_copy's **options)
-    convert: list = field(default_factory=list)  # the same, as ``refine convert`` options
-    train: list = field(default_factory=list)    # extra ``refine train`` options
+    options: list = field(default_factory=list)  # the same, as ``refine`` options
+    train: list = field(default_factory=list)    # other ``refine train`` options
+    trained: str = None         # DATA as ``refine train`` takes it, where it differs (a path)
 
 
 def make_copies(data: Path, work: Path) -> dict:
@@ -73,23 +74,23 @@ def make_copies(data: Path, work: Path) -> dict:
             "WebDataset shards": Copy(
                 _copies.shards(split, shards, per_shard=500),
                 {"classes": _copies.class_names(split)},
-                ["--classes", str(shards / "classes.txt")]),
+                ["--classes", str(shards / "classes.txt")], trained=str(shards)),
             "Hugging Face table": Copy(str(_copies.hf_table(split, work / "hf"))),
             "re-encoded, shorter side 64 px": Copy(
                 str(_copies.reencoded(split, work / "short64", quality=90, short_side=64))),
             "re-encoded, JPEG quality 75": Copy(str(_copies.reencoded(split, work / "q75", 75)))}
 
 
-def trained_data(copy: Copy, name: str, work: Path) -> str:
-    """What ``refine train`` and :func:`refinery_pipeline.replay_loader` take for a copy: the
-    copy itself, or, for one read with source options (a CSV list's class column, the class
-    names shards' numbers index), its keyed ``.beton`` from ``refine convert COPY OUT
-    OPTIONS`` (train and replay_loader take no source options), made once."""
-    if not copy.convert:
+def replayed_data(copy: Copy, name: str, work: Path) -> str:
+    """What :func:`refinery_pipeline.replay_loader` takes for a copy (a path, no source
+    options): the copy itself, or, for one read with source options (a CSV list's class column,
+    the class names shards' numbers index), its keyed ``.beton`` from ``refine convert COPY OUT
+    OPTIONS``, made once, as ``refine train COPY OPTIONS`` converts it."""
+    if not copy.options:
         return copy.data
     out = work / "converted" / _slug(name)
     if not list(out.glob("*.beton")):
-        run_logged(["refine", "convert", copy.data, str(out), *copy.convert],
+        run_logged(["refine", "convert", copy.data, str(out), *copy.options],
                    work / "logs" / f"convert_{_slug(name)}.log", threads=threads_per_job(1))
     return str(next(out.glob("*.beton")))
 
@@ -113,7 +114,7 @@ def crop_identity(store, beton, data, converted, allow_missing: bool, workers: i
                   epochs=(0, 1)) -> dict:
     """How many of the copy's crops equal the store's own ``.beton`` replay byte for byte,
     through each backend, over ``epochs`` (every store row the copy gives): the plain reader
-    reads ``data``, the FFCV backend ``converted`` (see :func:`trained_data`)."""
+    reads ``data``, the FFCV backend ``converted`` (see :func:`replayed_data`)."""
     import refinery_pipeline as refinery
     kw = dict(seed=0, drop_last=False)
     own = refinery.replay_loader(store, beton, 64, workers, **kw)
@@ -166,13 +167,13 @@ def main():
     beton = beton_path(data, store=store)
     forms = make_copies(data, work / "copies")
     refinery_model = load_refinery(store, weights)
-    found, trained = {}, {}
+    found = {}
     for name, copy in forms.items():
         allow = "--allow-missing" in copy.train
-        trained[name] = trained_data(copy, name, work)
-        found[name] = {"data": copy.data, "trained_from": trained[name],
+        found[name] = {"data": copy.data, "options": copy.options,
                        "check": check(store, copy.data, copy.read_as, refinery_model, args, allow),
-                       "crops": crop_identity(store, beton, copy.data, trained[name], allow,
+                       "crops": crop_identity(store, beton, copy.data,
+                                              replayed_data(copy, name, work), allow,
                                               args.workers)}
         print(name, found[name]["crops"], found[name]["check"]["lines"][-1], flush=True)
     result = {"args": vars(args), "device": device_name(),
@@ -184,7 +185,8 @@ def main():
                               str(args.workers)], args.epochs, args.jobs)
     result["students"] = runs.train_all(
         [{"name": name, "seed": seed,
-          "options": [trained[name], "--labels", str(store), "--val", str(data), *copy.train]}
+          "options": [copy.trained or copy.data, "--labels", str(store), "--val", str(data),
+                      *copy.options, *copy.train]}
          for seed in args.seeds for name, copy in forms.items()])
     write_results(args.tag, result,
                   report(args, found, result["students"], refinery_metrics, seconds))
@@ -201,9 +203,9 @@ def report(args, found: dict, rows: list, refinery_metrics: dict, seconds: float
              f"{refinery_metrics['val_top1']:.2f}). Store: K = {args.crops_per_image}, top-"
              f"{args.top_k}, BN train, precomputed from the tree in {seconds:.0f} s. Students: "
              f"{describe_students(vars(args))}, seeds {', '.join(map(str, args.seeds))}, each "
-             f"trained from the copy (`refine train COPY --labels STORE --val DATA`; the CSV list and "
-             f"the shards through `refine convert COPY OUT --label-column label` / `--classes "
-             f"classes.txt` first, as `refine train` takes no source options).", "",
+             f"trained from the copy (`refine train COPY --labels STORE --val DATA`, with "
+             f"`--label-column label` for the CSV list and `--classes classes.txt` for the "
+             f"shards' folder).", "",
              "## What each copy gives", ""]
     table = []
     for name, f in found.items():
