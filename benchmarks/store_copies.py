@@ -17,10 +17,14 @@ Steps, each a ``refine`` command or public call; finished steps are skipped on a
    for byte with the FFCV replay of the store's own ``.beton``;
 4. students: ``refine train COPY --labels STORE --val DATA`` per copy and seed.
 
-CPU at reduced scale (a class-balanced 3,000-image subset, 32 px):
-  python benchmarks/folder_subset.py ../shared/datasets/imagenette-96 /tmp/in300 --train 300 --copy
-  python benchmarks/store_copies.py /tmp/in300 --work /tmp/store_copies --jobs 2 --workers 1 \\
-      --tag store_copies_cpu32
+CPU at reduced scale (a class-balanced 2,000-image subset, 32 px, demo_cnn students, 10 epochs;
+the 14 students took about 25 minutes on 2 shared cores):
+  python benchmarks/folder_subset.py ../shared/datasets/imagenette-96 /tmp/in200 --train 200 --copy
+  refine train /tmp/in200 --out /tmp/store_copies/refinery --arch resnet18 --res 32 --epochs 16 \\
+      --batch-size 128 --lr 0.2 --workers 1     # the refinery (else trained with the students' --lr)
+  python benchmarks/store_copies.py /tmp/in200 --work /tmp/store_copies --refinery-arch resnet18 \\
+      --refinery-epochs 16 --arch demo_cnn --epochs 10 --batch-size 128 --lr 0.1 --sample 10000 \\
+      --workers 1 --jobs 2 --tag store_copies_cpu32
 """
 import argparse
 import statistics
