@@ -4,10 +4,13 @@ Each maker writes a copy of ``split`` (a ``DATA/train`` folder of class folders)
 once (an existing copy is kept) and returns what ``refine`` takes as DATA. Copies that hold the
 files' own bytes are made of hard links (no space) where the file system allows, else copies:
 
-* ``listed_flat``: every file in one flat folder, and a list of them in a shuffled order;
+* ``listed_flat``: every file in one flat folder, and a CSV list of them (``path``, ``label``:
+  the class name) in a shuffled order; the class column is what a converted copy (the FFCV
+  backend, ``refine train``) needs, read with ``label_column="label"`` / ``--label-column label``;
 * ``tree_subset``: a tree holding a seeded share of the files (the rest lost);
 * ``shards``: WebDataset shards of the files in a shuffled order (``__key__`` the file's path
-  relative to the split, ``cls`` its class number);
+  relative to the split, ``cls`` its class number) and ``classes.txt``, the class names the
+  numbers index (``classes=`` / ``--classes``: shards record no names);
 * ``hf_table``: a Hugging Face table (``save_to_disk``) with the files' bytes, a ``file_name``
   column and a ``ClassLabel``;
 * ``reencoded``: a tree of the images decoded (FFCV's decoder), resized so the shorter side is
@@ -44,16 +47,17 @@ def _finish(out: Path):
 
 
 def listed_flat(split: Path, out: Path, seed: int = 0) -> Path:
-    """A flat folder of the files and ``out/list.txt`` naming them in a shuffled order."""
+    """A flat folder of the files and ``out/list.csv`` naming them and their classes in a
+    shuffled order."""
     if not _done(out):
-        files = [f for f, _ in split_files(split)]
-        for f in files:
+        files = split_files(split)
+        for f, _ in files:
             _link(f, out / "images" / f.name)
-        names = [f"images/{f.name}" for f in files]
-        random.Random(seed).shuffle(names)
-        (out / "list.txt").write_text("\n".join(names) + "\n")
+        rows = [f"images/{f.name},{name}" for f, name in files]
+        random.Random(seed).shuffle(rows)
+        (out / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
         _finish(out)
-    return out / "list.txt"
+    return out / "list.csv"
 
 
 def tree_subset(split: Path, out: Path, share: float, seed: int = 0) -> Path:
@@ -76,10 +80,11 @@ def shards(split: Path, out: Path, per_shard: int = 1000, seed: int = 0) -> str:
     if _done(out):
         return pattern
     import webdataset as wds
-    classes = sorted({name for _, name in files})
+    classes = class_names(split)
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("\n".join(classes) + "\n")
     for s in range(count):
         with wds.TarWriter(str(out / f"part-{s:03d}.tar")) as writer:
             for i in order[s * per_shard:(s + 1) * per_shard]:
@@ -97,7 +102,7 @@ def hf_table(split: Path, out: Path, seed: int = 0) -> Path:
     import datasets
     files = split_files(split)
     random.Random(seed).shuffle(files)
-    classes = sorted({name for _, name in files})
+    classes = class_names(split)
     features = datasets.Features({"image": datasets.Image(), "file_name": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=classes)})
     table = datasets.Dataset.from_dict(
@@ -130,3 +135,8 @@ def reencoded(split: Path, out: Path, quality: int, short_side: int = None) -> P
         Image.fromarray(pixels).save(target, format="JPEG", quality=quality)
     _finish(out)
     return out
+
+
+def class_names(split: Path) -> list:
+    """The class folders' names, sorted: what a copy's class numbers index."""
+    return sorted({name for _, name in split_files(split)})

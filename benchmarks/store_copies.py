@@ -10,26 +10,31 @@ Steps, each a ``refine`` command or public call; finished steps are skipped on a
 1. a refinery trained on DATA's ground truth (or ``--refinery``), ``refine precompute`` of
    DATA's tree (K crops per image, top-k, the default train-mode BN);
 2. the copies, made from the tree's files (``benchmarks/_copies.py``);
-3. per copy: :func:`refinery_pipeline.labelling.check_copy` with the refinery on ``--sample`` crops
+3. per copy: :func:`refinery_pipeline.check_copy` with the refinery on ``--sample`` crops
    (train-mode BN: whole loader batches of the store's run), and every store row's crop at
    epochs 0 and 1 from the copy, through the plain reader (``StoreCropDataset``) and the FFCV
    backend (``replay_loader``, which converts the copy to a keyed ``.beton``), compared byte
    for byte with the FFCV replay of the store's own ``.beton``;
 4. students: ``refine train COPY --labels STORE --val DATA`` per copy and seed.
 
-CPU at reduced scale (a class-balanced 3,000-image subset, 32 px):
-  python benchmarks/folder_subset.py ../shared/datasets/imagenette-96 /tmp/in300 --train 300 --copy
-  python benchmarks/store_copies.py /tmp/in300 --work /tmp/store_copies --jobs 2 --workers 1 \\
-      --tag store_copies_cpu32
+CPU at reduced scale (a class-balanced 2,000-image subset, 32 px, demo_cnn students, 10 epochs;
+the 14 students took about 25 minutes on 2 shared cores):
+  python benchmarks/folder_subset.py ../shared/datasets/imagenette-96 /tmp/in200 --train 200 --copy
+  refine train /tmp/in200 --out /tmp/store_copies/refinery --arch resnet18 --res 32 --epochs 16 \\
+      --batch-size 128 --lr 0.2 --workers 1     # the refinery (else trained with the students' --lr)
+  python benchmarks/store_copies.py /tmp/in200 --work /tmp/store_copies --refinery-arch resnet18 \\
+      --refinery-epochs 16 --arch demo_cnn --epochs 10 --batch-size 128 --lr 0.1 --sample 10000 \\
+      --workers 1 --jobs 2 --tag store_copies_cpu32
 """
 import argparse
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import _copies
 from _results import markdown_table, write_results
 from _runs import (StudentRuns, add_student_arguments, describe_students, device_name,
-                   precompute_once)
+                   precompute_once, run_logged, threads_per_job)
 from refined_vs_ground_truth import refinery_checkpoint
 
 ORIGINAL = "original tree"
@@ -50,17 +55,52 @@ def get_args():
     return p.parse_args()
 
 
+@dataclass
+class Copy:
+    """One form of DATA's training split as a team holds it."""
+    data: str                   # DATA as the API's readers and ``refine check-copy`` take it
+    read_as: dict = field(default_factory=dict)  # its source options (check_copy's **options)
+    options: list = field(default_factory=list)  # the same, as ``refine`` options
+    train: list = field(default_factory=list)    # other ``refine train`` options
+    trained: str = None         # DATA as ``refine train`` takes it, where it differs (a path)
+
+
 def make_copies(data: Path, work: Path) -> dict:
-    """name -> (DATA as refine takes it, extra train options)."""
+    """name -> :class:`Copy`, each made once under ``work``."""
     split = data / "train"
-    return {ORIGINAL: (data, []),
-            "shuffled flat copy (a list)": (_copies.listed_flat(split, work / "flat"), []),
-            "90% subset": (_copies.tree_subset(split, work / "subset", 0.9), ["--allow-missing"]),
-            "WebDataset shards": (_copies.shards(split, work / "shards", per_shard=500), []),
-            "Hugging Face table": (_copies.hf_table(split, work / "hf"), []),
-            "re-encoded, shorter side 64 px": (
-                _copies.reencoded(split, work / "short64", quality=90, short_side=64), []),
-            "re-encoded, JPEG quality 75": (_copies.reencoded(split, work / "q75", 75), [])}
+    shards = work / "shards"
+    return {ORIGINAL: Copy(str(data)),
+            "shuffled flat copy (a CSV list)": Copy(
+                str(_copies.listed_flat(split, work / "flat")), {"label_column": "label"},
+                ["--label-column", "label"]),
+            "90% subset": Copy(str(_copies.tree_subset(split, work / "subset", 0.9)),
+                               train=["--allow-missing"]),
+            "WebDataset shards": Copy(
+                _copies.shards(split, shards, per_shard=500),
+                {"classes": _copies.class_names(split)},
+                ["--classes", str(shards / "classes.txt")], trained=str(shards)),
+            "Hugging Face table": Copy(str(_copies.hf_table(split, work / "hf"))),
+            "re-encoded, shorter side 64 px": Copy(
+                str(_copies.reencoded(split, work / "short64", quality=90, short_side=64))),
+            "re-encoded, JPEG quality 75": Copy(str(_copies.reencoded(split, work / "q75", 75)))}
+
+
+def replayed_data(copy: Copy, name: str, work: Path) -> str:
+    """What :func:`refinery_pipeline.replay_loader` takes for a copy (a path, no source
+    options): the copy itself, or, for one read with source options (a CSV list's class column,
+    the class names shards' numbers index), its keyed ``.beton`` from ``refine convert COPY OUT
+    OPTIONS``, made once, as ``refine train COPY OPTIONS`` converts it."""
+    if not copy.options:
+        return copy.data
+    out = work / "converted" / _slug(name)
+    if not list(out.glob("*.beton")):
+        run_logged(["refine", "convert", copy.data, str(out), *copy.options],
+                   work / "logs" / f"convert_{_slug(name)}.log", threads=threads_per_job(1))
+    return str(next(out.glob("*.beton")))
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def replayed_crops(loader, epoch: int) -> dict:
@@ -74,14 +114,17 @@ def replayed_crops(loader, epoch: int) -> dict:
     return out
 
 
-def crop_identity(store, beton, data, allow_missing: bool, workers: int, epochs=(0, 1)) -> dict:
+def crop_identity(store, beton, data, converted, allow_missing: bool, workers: int,
+                  epochs=(0, 1)) -> dict:
     """How many of the copy's crops equal the store's own ``.beton`` replay byte for byte,
-    through each backend, over ``epochs`` (every store row the copy gives)."""
+    through each backend, over ``epochs`` (every store row the copy gives): the plain reader
+    reads ``data``, the FFCV backend ``converted`` (see :func:`replayed_data`)."""
     import refinery_pipeline as refinery
     kw = dict(seed=0, drop_last=False)
     own = refinery.replay_loader(store, beton, 64, workers, **kw)
-    ffcv = refinery.replay_loader(store, data, 64, workers, allow_missing=allow_missing, **kw)
-    plain = refinery.StoreCropDataset(store, data, crop_format="numpy",
+    ffcv = refinery.replay_loader(store, converted, 64, workers, allow_missing=allow_missing,
+                                  **kw)
+    plain = refinery.StoreCropDataset(store, data, crop_format="numpy",  # labels: the store's
                                       allow_missing=allow_missing)
     found = {"crops": 0, "plain_identical": 0, "ffcv_identical": 0, "plain_exact_flags": 0}
     for epoch in epochs:
@@ -96,10 +139,10 @@ def crop_identity(store, beton, data, allow_missing: bool, workers: int, epochs=
     return found
 
 
-def check(store, data, refinery_model, args, allow_missing: bool) -> dict:
+def check(store, data, source_options: dict, refinery_model, args, allow_missing: bool) -> dict:
     from refinery_pipeline import check_copy
     report = check_copy(store, data, refinery_model, sample=args.sample, seed=0,
-                        allow_missing=allow_missing, num_workers=2)
+                        allow_missing=allow_missing, num_workers=2, **source_options)
     a = report.agreement
     part = lambda p: None if p is None else vars(p)
     return {"status": report.status, "counts": report.counts, "lines": report.lines,
@@ -129,22 +172,28 @@ def main():
     forms = make_copies(data, work / "copies")
     refinery_model = load_refinery(store, weights)
     found = {}
-    for name, (copy, options) in forms.items():
-        allow = "--allow-missing" in options
-        found[name] = {"data": str(copy), "check": check(store, copy, refinery_model, args, allow),
-                       "crops": crop_identity(store, beton, copy, allow, args.workers)}
+    for name, copy in forms.items():
+        allow = "--allow-missing" in copy.train
+        found[name] = {"data": copy.data, "options": copy.options,
+                       "check": check(store, copy.data, copy.read_as, refinery_model, args, allow),
+                       "crops": crop_identity(store, beton, copy.data,
+                                              replayed_data(copy, name, work), allow,
+                                              args.workers)}
         print(name, found[name]["crops"], found[name]["check"]["lines"][-1], flush=True)
+    result = {"args": vars(args), "device": device_name(),
+              "refinery": {"checkpoint": weights, **refinery_metrics},
+              "precompute_seconds": seconds, "copies": found, "students": []}
+    write_results(args.tag, result, report(args, found, [], refinery_metrics, seconds))
     runs = StudentRuns(work, ["--arch", args.arch, "--res", str(args.res), "--batch-size",
                               str(args.batch_size), "--lr", str(args.lr), "--workers",
                               str(args.workers)], args.epochs, args.jobs)
-    rows = runs.train_all([{"name": name, "seed": seed,
-                            "options": [str(copy), "--labels", str(store), "--val", str(data),
-                                        *options]}
-                           for seed in args.seeds for name, (copy, options) in forms.items()])
-    write_results(args.tag, {"args": vars(args), "device": device_name(),
-                             "refinery": {"checkpoint": weights, **refinery_metrics},
-                             "precompute_seconds": seconds, "copies": found, "students": rows},
-                  report(args, found, rows, refinery_metrics, seconds))
+    result["students"] = runs.train_all(
+        [{"name": name, "seed": seed,
+          "options": [copy.trained or copy.data, "--labels", str(store), "--val", str(data),
+                      *copy.options, *copy.train]}
+         for seed in args.seeds for name, copy in forms.items()])
+    write_results(args.tag, result,
+                  report(args, found, result["students"], refinery_metrics, seconds))
 
 
 def report(args, found: dict, rows: list, refinery_metrics: dict, seconds: float) -> str:
@@ -158,7 +207,9 @@ def report(args, found: dict, rows: list, refinery_metrics: dict, seconds: float
              f"{refinery_metrics['val_top1']:.2f}). Store: K = {args.crops_per_image}, top-"
              f"{args.top_k}, BN train, precomputed from the tree in {seconds:.0f} s. Students: "
              f"{describe_students(vars(args))}, seeds {', '.join(map(str, args.seeds))}, each "
-             f"trained from the copy (`refine train COPY --labels STORE --val DATA`).", "",
+             f"trained from the copy (`refine train COPY --labels STORE --val DATA`, with "
+             f"`--label-column label` for the CSV list and `--classes classes.txt` for the "
+             f"shards' folder).", "",
              "## What each copy gives", ""]
     table = []
     for name, f in found.items():

@@ -199,11 +199,16 @@ SOURCE_OPTIONS = {
 }
 
 
-def source_options(command):
-    """``--split``, ``--key-column``, ... : how DATA's kind of source is read."""
+def source_options(command=None, *, split: bool = True):
+    """``--split``, ``--key-column``, ... : how DATA's kind of source is read. ``split=False``
+    leaves out ``--split``, for a command whose DATA is the training split by definition
+    (``refine train``: ``source_options(split=False)``)."""
+    if command is None:
+        return lambda command: source_options(command, split=split)
     for name, (option, help_text, default) in reversed(SOURCE_OPTIONS.items()):
-        command = click.option(option, name, default=None, show_default=default,
-                               help=help_text)(command)
+        if name != "split" or split:
+            command = click.option(option, name, default=None, show_default=default,
+                                   help=help_text)(command)
     return command
 
 
@@ -372,8 +377,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     image's key and the SHA-256 of its bytes, so any copy of the data finds its labels."""
     from refinery_pipeline.plan.augment import Recipe
     from refinery_pipeline.plan.crop_plan import CropPlan
-    from refinery_pipeline.sources.dataset import check_cap_applies, conversion_options
-    from refinery_pipeline.sources.data_cache import open_dataset
+    from refinery_pipeline.sources.dataset import check_cap_applies, conversion_options, open_dataset
     from refinery_pipeline.labelling.precompute import check_labelled, precompute as run
     from refinery_pipeline.models.registry import OptionNames
     from refinery_pipeline.labelling.refinery import load_refinery, member_archs
@@ -420,8 +424,7 @@ def _passed_through(dataset) -> str:
 def _open_store_data(data, store, cache_dir, workers: int = 2):
     """DATA of an existing STORE, a tree converted as the store's labels were made (so to the
     same .beton)."""
-    from refinery_pipeline.sources.dataset import conversion_options
-    from refinery_pipeline.sources.data_cache import open_dataset
+    from refinery_pipeline.sources.dataset import conversion_options, open_dataset
     options = conversion_options(_recorded_source(store))
     return open_dataset(data, "train", cache_dir, options, num_workers=workers)
 
@@ -537,6 +540,7 @@ def _recorded_source(location):
                    "accepted only after a passing `refine verify` of the same bytes")
 @trust_checkpoint_option
 @cache_dir_option
+@source_options(split=False)
 @friendly_errors(about="out_dir")
 def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, warmup_epochs,
           lr_scheduler, lr_step_size, lr_gamma, lr_milestones, label_smoothing, label_mode,
@@ -544,13 +548,14 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
           adversarial_eta, adversarial_bn, precise_bn, rest, slot_policy, res, augment,
           max_resolution, workers,
           seed, eval_every, device, compile_, resume, allow_partial, allow_missing, val,
-          skip_store_check, trust_checkpoint, cache_dir):
+          skip_store_check, trust_checkpoint, cache_dir, key_column, image_column, label_column,
+          path_column, classes):
     """Train a student on DATA (ImageFolder with train/ and val/, or a *train.beton).
 
     With a --labels store that names its images, DATA may be any copy of its data set (another
     order, a subset with --allow-missing, a flat folder, a resized copy), joined by key; each
     epoch's log says how many crops were exact (the bytes the refinery decoded) and how many
-    approximate.
+    approximate. --label-column, --classes, ... say how such a copy is read, as for precompute.
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
     from refinery_pipeline.plan.augment import Recipe
@@ -559,6 +564,9 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
     from refinery_pipeline.training.train import TrainConfig, fit
 
     recipe = Recipe.parse(augment)  # before the run directory exists
+    read_as = given_source_options(data, key_column=key_column, image_column=image_column,
+                                   label_column=label_column, path_column=path_column,
+                                   classes=classes)
     # one teacher stays a plain path, as in the config.json of runs from before ensembles
     teacher = None if not teacher else teacher[0] if len(teacher) == 1 else tuple(teacher)
     cfg = TrainConfig(data=data, out_dir=out_dir, labels=None if labels == "none" else labels,
@@ -577,7 +585,7 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
                       allow_partial=allow_partial, allow_missing=allow_missing, val=val,
                       skip_store_check=skip_store_check,
                       trust_checkpoint=trust_checkpoint, cache_dir=cache_dir,
-                      max_resolution=max_resolution)
+                      max_resolution=max_resolution, source_options=read_as)
     m = fit(cfg)
     if is_main():
         click.echo(f"val top-1 {m['val_top1']:.2f}  top-5 {m['val_top5']:.2f}; "
@@ -686,7 +694,7 @@ def inspect(store, as_json, cache_dir):
     from refinery_pipeline.store.inspect_store import describe_store, format_summary
     summary = describe_store(store, cache_dir)
     if summary["beton"] is None and not as_json:
-        from refinery_pipeline.sources.data_cache import default_cache_dir
+        from refinery_pipeline.sources.dataset import default_cache_dir
         summary["beton"] = (f"not in {cache_dir or default_cache_dir()} (any command given the "
                             "DATA tree converts it there and precompute prints it)")
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
@@ -796,9 +804,11 @@ def _recorded_refinery(store, weights, device, trust_checkpoint):
 @workers_option
 @device_option
 @trust_checkpoint_option
+@source_options
 @friendly_errors(about="store")
 def check_copy(store, data, weights, sample, seed, allow_missing, workers, device,
-               trust_checkpoint):
+               trust_checkpoint, split, key_column, image_column, label_column, path_column,
+               classes):
     """Can DATA, a copy of STORE's data set, be trained on, and how exactly?
 
     Joins DATA with STORE as `refine train` would (by key for a store that names its images)
@@ -806,7 +816,8 @@ def check_copy(store, data, weights, sample, seed, allow_missing, workers, devic
     re-encoded, reframed (rotated, cropped or padded: skipped), missing, extra. With --weights,
     also the top-1 agreement and probability error between the stored labels and the
     refinery's on DATA's pixels. One line per finding; exit 0: usable, 1: usable only with
-    --allow-missing, 2: unusable."""
+    --allow-missing, 2: unusable. --label-column, --classes, ... say how DATA is read, as for
+    train."""
     from refinery_pipeline.labelling.check_copy import DEFAULT_SAMPLE, check_copy as check
     from refinery_pipeline.training.train import resolve_device
 
@@ -814,9 +825,14 @@ def check_copy(store, data, weights, sample, seed, allow_missing, workers, devic
     if sample is not None and not weights:
         raise click.UsageError("--sample: crops are labelled again only with --weights; pass "
                                "the store's refinery with --weights, or drop --sample")
+    read_as = given_source_options(data, split=split, key_column=key_column,
+                                   image_column=image_column, label_column=label_column,
+                                   path_column=path_column, classes=classes)
+    if split is not None:
+        read_as["split"] = split
     refinery = _recorded_refinery(store, weights, device, trust_checkpoint) if weights else None
     report = check(store, data, refinery, sample=sample or DEFAULT_SAMPLE, seed=seed,
-                   allow_missing=allow_missing, num_workers=workers)
+                   allow_missing=allow_missing, num_workers=workers, **read_as)
     for line in report.lines:
         click.echo(line)
     sys.exit(report.status)
@@ -849,8 +865,7 @@ def convert(data, out_dir, max_resolution, jpeg, jpeg_quality, write_mode, worke
     Every command also takes DATA as it is and converts it once into a cache with default
     options; convert is for choosing them (size, quality) and for a file to share.
     """
-    from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset
-    from refinery_pipeline.sources.data_cache import convert_data
+    from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset, convert_data
     options = BetonOptions(max_resolution, jpeg_quality, write_mode, jpeg)
     check_options_used("convert", options)  # a JPEG quality for raw pixels: refused
     read_as = given_source_options(data, split=split, key_column=key_column,

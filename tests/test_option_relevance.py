@@ -26,7 +26,8 @@ EVERY_MODE = {"data", "out_dir", "arch", "epochs", "batch_size", "lr", "momentum
               "channels_last", "compile", "resume", "cache_dir", "progress",
               "trust_checkpoint",  # how any checkpoint a run loads (init, resume) is read
               "max_resolution",  # how a DATA tree converts (refused for a .beton by itself)
-              "val"}  # the validation data, where DATA has no split of its own
+              "val",  # the validation data, where DATA has no split of its own
+              "source_options"}  # how DATA's kind of source is read (--label-column, ...)
 
 
 def row_id(row) -> str:

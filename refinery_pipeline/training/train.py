@@ -11,7 +11,7 @@ import os
 import pickle
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,8 @@ class TrainConfig:
     cache_dir: str = None
     max_resolution: int = None  # cap a tree's longer side; None: the store's record, else keep
     progress: bool = True
+    # how DATA's kind of source is read (sources.open_source options: label_column, classes...)
+    source_options: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- data
@@ -111,7 +113,8 @@ def load_data(cfg: TrainConfig, device):
     by position) before any refinery is loaded, so a copy lacking images is refused first."""
     options = _conversion(cfg)
     val_ds = open_dataset(_val_data(cfg), "val", cfg.cache_dir, options, cfg.workers)
-    train_ds = open_dataset(cfg.data, "train", cfg.cache_dir, options, cfg.workers)
+    train_ds = open_dataset(cfg.data, "train", cfg.cache_dir, options, cfg.workers,
+                            **cfg.source_options)
     store = _open_store(cfg, train_ds)
     copy = _join(cfg, store, train_ds)
     classes = model_classes(store, train_ds)
