@@ -111,15 +111,15 @@ def precompute_on_ray(dataset, location, refinery, plan, top_k: int = DEFAULT_TO
     check_options(location, plan, top_k, crop_batch, chunk_size)  # before anything is created
     check_labelled(dataset)
     top_k = min(top_k, len(dataset.classes))
-    store = open_or_create_store(location, dataset, refinery, plan, top_k, crop_batch,
-                                 chunk_size, soft_static, prob_bits)
-    done = store.done_chunks()
-    wanted = range(store.layout.num_chunks) if only_chunks is None else only_chunks
-    todo = [c for c in wanted if not done[c]]
-    summary = PrecomputeSummary(chunks_skipped=int(done.sum()))
     started = time.perf_counter()
-    if todo:
-        with ray_session(ray_options):
+    with ray_session(ray_options):  # a pool the cluster cannot hold is refused before writing
+        store = open_or_create_store(location, dataset, refinery, plan, top_k, crop_batch,
+                                     chunk_size, soft_static, prob_bits)
+        done = store.done_chunks()
+        wanted = range(store.layout.num_chunks) if only_chunks is None else only_chunks
+        todo = [c for c in wanted if not done[c]]
+        summary = PrecomputeSummary(chunks_skipped=int(done.sum()))
+        if todo:
             ChunkPool(dataset, store, refinery, plan, todo, num_workers, ray_options,
                       progress, summary).run()
     summary.seconds = time.perf_counter() - started
@@ -187,9 +187,10 @@ class ChunkPool:
         remote = ray.remote(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor,
                             max_restarts=options.max_retries,
                             max_task_retries=options.max_retries)(ChunkActor)
-        shared = [ray.put(x) for x in (str(dataset.path), refinery, plan, chunks)]
-        self.actors = [remote.remote(shared[0], str(store.location), shared[1], shared[2],
-                                     shared[3], num_workers)
+        # held for the whole run: a restarted actor is built again from these (ray #53727)
+        self.shared = [ray.put(x) for x in (str(dataset.path), refinery, plan, chunks)]
+        self.actors = [remote.remote(self.shared[0], str(store.location), *self.shared[1:],
+                                     num_workers)
                        for _ in range(min(options.actors, len(chunks)))]
         self.bar = progress_bar(total=sum(self.crops_of.values()), enabled=progress,
                                 unit="crop", unit_scale=True, smoothing=0.05,

@@ -2,12 +2,13 @@
 byte, as the local engine's (with and without a recipe, with and without an ensemble), and the
 faults of a cluster: an actor killed mid-chunk, a driver killed, two drivers on one store, a
 store that cannot be written, options refused in one line."""
+import io
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,124 @@ def test_ray_ensemble_store_is_byte_identical(cluster, tiny_data, tiny_refinery_
                                      "--weights", second_ckpt, *ARGS)
     assert LabelStore.open(on_ray).refinery.arch == "ensemble"
     assert store_files(on_ray) == store_files(local)
+
+
+# ----------------------------------------------------------------------------- faults
+def drive(data, store, ckpt, address, delay=0.0, **kwargs):
+    """:func:`.ray_faults.drive` in this process."""
+    from .ray_faults import drive as in_process
+    in_process(data, store, ckpt, address, delay, **kwargs)
+
+
+def driver_process(data, store, ckpt, address, delay):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tests.ray_faults", str(data), str(store),
+                             str(ckpt), address, str(delay)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
+    """The local engine's store of the plan the fault tests run (chunks of 8: 12 chunks)."""
+    path = tmp_path_factory.mktemp("reference") / "labels.zarr"
+    drive(tiny_data, path, tiny_refinery_ckpt, "local")
+    return store_files(path)
+
+
+def wait_for_done_chunks(store: Path, count: int, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if LabelStore.open(store, mode="r+").done_chunks().sum() >= count:
+                return
+        except Exception:  # noqa: BLE001 - not created yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{store}: fewer than {count} chunks done after {timeout} s")
+
+
+def test_an_actor_killed_mid_chunk_is_restarted_and_its_chunk_retried(cluster, tiny_data,
+                                                                       tiny_refinery_ckpt,
+                                                                       reference, tmp_path):
+    from refinery_pipeline.crop_plan import CropPlan
+    from refinery_pipeline.dataset import ImageDataset
+    from refinery_pipeline.precompute import precompute
+    from refinery_pipeline.ray_engine import RayOptions
+    from refinery_pipeline.refinery import Refinery
+    from .ray_faults import FaultyRefinery
+    marker, store = tmp_path / "died", tmp_path / "labels.zarr"
+    # 8 images x 3 crops, 32 per forward pass: one pass per chunk; the 4th pass is chunk 3's
+    refinery = FaultyRefinery(Refinery.from_checkpoint(tiny_refinery_ckpt), marker, die_after=3)
+    summary = precompute(ImageDataset(tiny_data), store, refinery,
+                         CropPlan(seed=0, crops_per_image=3), top_k=3, crop_batch=32,
+                         chunk_size=8, num_workers=1, progress=False,
+                         ray_options=RayOptions(actors=1))
+    assert marker.exists()  # the actor did die
+    assert summary.chunks_written == 12 and summary.crops == 96 * 3
+    assert store_files(store) == reference
+
+
+def test_a_killed_driver_costs_only_unfinished_chunks(cluster, tiny_data, tiny_refinery_ckpt,
+                                                      reference, tmp_path):
+    store = tmp_path / "labels.zarr"
+    driver = driver_process(tiny_data, store, tiny_refinery_ckpt, cluster, delay=0.5)
+    try:
+        wait_for_done_chunks(store, 2)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.communicate(timeout=60)
+    done = LabelStore.open(store, mode="r+").done_chunks().sum()
+    assert 2 <= done < 12
+    result = run("precompute", tiny_data, store, "--weights", tiny_refinery_ckpt, "-K", 3,
+                 "--top-k", 3, "--batch-size", 32, "--workers", 1, "--engine", "ray")
+    assert "already done" in result.output
+    assert store_files(store) == reference
+
+
+def test_two_drivers_on_one_store_split_its_chunks(cluster, tiny_data, tiny_refinery_ckpt,
+                                                   reference, tmp_path):
+    """One driver in a process of its own, one here: no chunk written twice, the same bytes."""
+    store = tmp_path / "labels.zarr"
+    other = driver_process(tiny_data, store, tiny_refinery_ckpt, cluster, delay=0.5)
+    ours = io.StringIO()
+    with redirect_stdout(ours):
+        drive(tiny_data, store, tiny_refinery_ckpt, cluster, delay=0.5)
+    theirs, errors = other.communicate(timeout=300)
+    assert other.returncode == 0, errors[-2000:]
+    counts = [tuple(int(n) for n in line.replace(",", "").split() if n.isdigit())
+              for line in (theirs.strip().splitlines()[-1], ours.getvalue().strip())]
+    written = [c[0] for c in counts]
+    assert min(written) >= 1 and sum(written) + counts[1][1] == 12, counts
+    assert store_files(store) == reference
+
+
+def test_a_store_that_cannot_be_written_fails_in_one_line_without_retries(cluster, tiny_data,
+                                                                          tiny_refinery_ckpt,
+                                                                          reference, tmp_path):
+    store = tmp_path / "labels.zarr"
+    drive(tiny_data, store, tiny_refinery_ckpt, "local", only_chunks=[0])
+    before = store_files(store)
+    blocked = store / "topk_probs" / "c"
+    blocked.mkdir(parents=True, exist_ok=True)
+    (blocked / "1").write_text("not a directory")  # chunk 1's data cannot be written under it
+    started = time.monotonic()
+    result = run("precompute", tiny_data, store, "--weights", tiny_refinery_ckpt, "-K", 3,
+                 "--top-k", 3, "--batch-size", 32, "--workers", 1, "--engine", "ray", ok=False)
+    assert_one_line_error(result, str(store))
+    assert time.monotonic() - started < 120
+    after = store_files(store)
+    assert {k: v for k, v in after.items() if k in before} == before  # chunk 0 untouched
+    assert LabelStore.open(store, mode="r+").done_chunks().tolist() == [True] + [False] * 11
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--ray-actors", 2], "--ray-actors 2: it sets up the Ray engine's pool; add --engine ray"),
+    (["--engine", "ray", "--compile"], "--compile True: a compiled refinery cannot be sent"),
+    (["--engine", "ray", "--ray-gpus-per-actor", 64], "--ray-gpus-per-actor 64: the Ray cluster"),
+])
+def test_ray_options_are_refused_in_one_line(options, fragment, cluster, tiny_data,
+                                             tiny_refinery_ckpt, tmp_path):
+    result = run("precompute", tiny_data, tmp_path / "s.zarr", "--weights", tiny_refinery_ckpt,
+                 *ARGS, *options, ok=False)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "s.zarr").exists()
