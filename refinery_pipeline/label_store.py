@@ -433,6 +433,24 @@ class LabelStore:
             time.sleep(0.2)
 
     @classmethod
+    def open_to_extend(cls, location) -> Optional["LabelStore"]:
+        """The store at ``location`` opened to write chunks (``mode="r+"``), or None where there
+        is none to extend yet: nothing there, or, on an object store, a creation not sealed
+        (begun elsewhere, or left by a creator that died): :meth:`create` then waits for it, or
+        takes it over."""
+        try:
+            store = cls.open(location, mode="r+")
+        except StoreNotFoundError:
+            return None
+        except StoreError:
+            if is_remote(location) and creation_marker(location).exists():
+                return None
+            raise
+        if is_remote(location) and ATTRIBUTES_DIGEST not in store.attrs:
+            return None
+        return store
+
+    @classmethod
     def _sealed(cls, location) -> Optional["LabelStore"]:
         """The store at ``location`` once its creation has finished, else None."""
         try:

@@ -24,7 +24,7 @@ from . import __version__
 from .augment import plan_augment, planned_crops
 from .crop_plan import CropPlan, boxes_at, centre_square, flips_at, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
-from .errors import DataSetError, RefineryError, StoreMismatchError, StoreNotFoundError
+from .errors import DataSetError, RefineryError, StoreMismatchError
 from .label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore, StoreLayout,
                           default_chunk_size)
 from .remote_storage import chunk_marker, is_remote
@@ -123,11 +123,9 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
                          chunk_size if chunk_size is not None
                          else default_chunk_size(plan.crops_per_image, top_k), soft_static,
                          prob_bits)
-    try:
-        store = LabelStore.open(location, mode="r+")
+    store = LabelStore.open_to_extend(location)
+    if store is not None:
         layout.chunk_size = store.layout.chunk_size  # a resume keeps the store's chunking
-    except StoreNotFoundError:
-        store = None
     attrs = store_attributes(dataset, refinery, plan, Batching.for_layout(layout, crop_batch))
     if store is None:
         store = LabelStore.create(location, layout, attrs, labels=dataset.labels,
