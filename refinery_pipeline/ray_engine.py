@@ -180,7 +180,7 @@ class ChunkPool:
                  progress: bool, summary: PrecomputeSummary):
         import ray
         self.options, self.summary = options, summary
-        self.queue = list(chunks)
+        self.queue, self.chunks_done = list(chunks), 0
         self.losses = {c: 0 for c in chunks}  # how many actors lost each chunk for good
         lay = store.layout
         self.crops_of = {c: len(lay.chunk_range(c)) * lay.crops_per_image for c in chunks}
@@ -237,6 +237,8 @@ class ChunkPool:
         else:
             self.summary.chunks_claimed_elsewhere += 1
             self.bar.total -= self.crops_of[c]
+        self.chunks_done += 1
+        self.bar.set_postfix_str(f"{self.chunks_done}/{len(self.crops_of)} chunks", refresh=False)
         self.bar.update(crops)
 
     def _lost(self, c):
