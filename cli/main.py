@@ -433,11 +433,9 @@ def _ray_options(engine, compile_, address, actors, gpus_per_actor, cpus_per_act
                                                      **options.__dict__), defaults)
     if engine != "ray":
         return None
-    try:
-        import ray  # noqa: F401 - only that it is there
-    except ImportError:
-        raise RefineryError("--engine ray: Ray is not installed; pip install "
-                            "'refinery[ray]'") from None
+    import importlib.util
+    if importlib.util.find_spec("ray") is None:
+        raise RefineryError("--engine ray: Ray is not installed; pip install 'refinery[ray]'")
     return options
 
 

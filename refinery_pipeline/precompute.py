@@ -6,11 +6,13 @@ batch (BatchNorm in train mode needs mixed batches) -> refinery forward -> top-k
 -> store (data first, then the chunk's ``chunk_done`` flag).
 
 Work is split by chunks: rank r of W handles chunks ``c % W == r`` and only chunks not yet done,
-so a rerun of the same command resumes, and ranks never touch each other's chunks. Processes on
-one host sharing a local store claim one chunk at a time (:class:`ChunkClaims`), so any number
-of them split its chunks. Loader batches never straddle chunks (:meth:`.Batching.units`) and
-each batch's composition is a function of (seed, chunk, batch start), so the labels do not
-depend on the rank or process count, the chunk size's divisors, or interruptions.
+so a rerun of the same command resumes, and ranks never touch each other's chunks. Processes
+sharing a store claim one chunk at a time (:class:`ChunkClaims`), so any number of them split
+its chunks. :class:`ChunkLabeller` labels one chunk, the same code on every engine (this
+process, torchrun ranks, the Ray actors of :mod:`.ray_engine`). Loader batches never straddle
+chunks (:meth:`.Batching.units`) and each batch's composition is a function of (seed, chunk,
+batch start), so the labels do not depend on the rank or process count, the engine, the chunk
+size's divisors, or interruptions.
 """
 import functools
 import time
@@ -157,16 +159,18 @@ class ChunkClaims:
     process claims one chunk at a time, just before labelling it, and releases it once
     written, so N processes started together split the chunks. A chunk claimed by another
     process is skipped; rerunning after it finishes (or dies) picks up whatever is left.
+    ``owner`` names the claimant on an object store (default: this process): the actors of one
+    Ray run share their driver's, so an actor restarted after a crash takes its chunk back.
     """
 
-    def __init__(self, location):
-        self.locks, self.location = {}, location
+    def __init__(self, location, owner: str = None):
+        self.locks, self.location, self.owner = {}, location, owner
         self.remote = is_remote(location)
         self.directory = None if self.remote else Path(str(location) + ".locks")
 
     def claim(self, c: int) -> bool:
         if self.remote:
-            marker = chunk_marker(self.location, c)
+            marker = chunk_marker(self.location, c, self.owner)
             if not marker.claim():
                 return False
             self.locks[c] = marker

@@ -29,6 +29,7 @@ from .label_store import DEFAULT_PROB_BITS, DEFAULT_TOP_K, LabelStore
 from .precompute import (ChunkClaims, ChunkLabeller, PrecomputeSummary, check_labelled,
                          check_options, open_or_create_store)
 from .progress import progress_bar
+from .remote_storage import owner_id
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class ChunkActor:
     """One member of the pool: the refinery and the loader, loaded once; whole chunks labelled
     and written on request."""
 
-    def __init__(self, data, location, refinery, plan, chunks, num_workers: int):
+    def __init__(self, data, location, refinery, plan, chunks, num_workers: int, owner: str):
         import ray
         import torch
         from .dataset import ImageDataset
@@ -81,7 +82,7 @@ class ChunkActor:
         elif refinery.device.type != "cpu":
             refinery = refinery.to("cpu")
         self.store = LabelStore.open(location, mode="r+")
-        self.claims = ChunkClaims(location)
+        self.claims = ChunkClaims(location, owner)  # the driver's run: one chunk per actor
         self.label_chunk = ChunkLabeller(dataset, self.store.layout, self.store.batching,
                                          refinery, plan, chunks, num_workers)
 
@@ -189,8 +190,9 @@ class ChunkPool:
                             max_task_retries=options.max_retries)(ChunkActor)
         # held for the whole run: a restarted actor is built again from these (ray #53727)
         self.shared = [ray.put(x) for x in (str(dataset.path), refinery, plan, chunks)]
+        owner = owner_id()  # a restarted actor takes back the claims of the one it replaces
         self.actors = [remote.remote(self.shared[0], str(store.location), *self.shared[1:],
-                                     num_workers)
+                                     num_workers, owner)
                        for _ in range(min(options.actors, len(chunks)))]
         self.bar = progress_bar(total=sum(self.crops_of.values()), enabled=progress,
                                 unit="crop", unit_scale=True, smoothing=0.05,

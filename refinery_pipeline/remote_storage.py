@@ -191,20 +191,23 @@ class ExpiringMarker:
     without conditional writes lets every claimant through, as it always did.
     """
 
-    def __init__(self, location, suffix: str, seconds: float):
+    def __init__(self, location, suffix: str, seconds: float, owner: str = None):
         self.fs, path = remote_filesystem(location)
         self.path, self.seconds = path.rstrip("/") + suffix, seconds
-        self.owner = owner_id()
+        self.owner = owner or owner_id()
 
     def claim(self) -> bool:
-        """True if this process now holds the marker (it was absent, or expired and replaced)."""
+        """True if this owner now holds the marker: it was absent, expired, or already ours (an
+        owner shared by processes, as the actors of one Ray run share their driver's, takes
+        back what a dead member of it held)."""
         for _ in range(2):  # once as it is, once more after removing an expired one
             body = json.dumps({"owner": self.owner, "expires": time.time() + self.seconds})
             try:
                 self.fs.pipe_file(self.path, body.encode(), mode="create")
                 return True
             except FileExistsError:
-                if not self.expired():
+                holder = self.holder()
+                if holder.get("owner") != self.owner and not self.expired(holder):
                     return False
                 self.fs.rm_file(self.path)
             except (TypeError, NotImplementedError, ValueError):
@@ -223,8 +226,8 @@ class ExpiringMarker:
             return {"owner": None, "expires": 0.0}
         return record if isinstance(record, dict) else {"owner": None, "expires": 0.0}
 
-    def expired(self) -> bool:
-        record = self.holder()
+    def expired(self, record: dict = None) -> bool:
+        record = self.holder() if record is None else record
         return bool(record) and float(record.get("expires", 0.0)) < time.time()
 
     def exists(self) -> bool:
@@ -247,6 +250,7 @@ def claim_seconds() -> float:
     return _setting(CLAIM_SECONDS_ENV, DEFAULT_CLAIM_SECONDS, float, "a number of seconds > 0")
 
 
-def chunk_marker(location, c: int) -> ExpiringMarker:
-    """The claim on chunk ``c`` of the remote store at ``location`` (``<store>.locks/<c>``)."""
-    return ExpiringMarker(location, f".locks/{c}", claim_seconds())
+def chunk_marker(location, c: int, owner: str = None) -> ExpiringMarker:
+    """The claim on chunk ``c`` of the remote store at ``location`` (``<store>.locks/<c>``),
+    for ``owner`` (default: this process alone)."""
+    return ExpiringMarker(location, f".locks/{c}", claim_seconds(), owner)

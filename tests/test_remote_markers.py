@@ -98,3 +98,13 @@ def test_chunk_claims_on_s3_admit_one_writer_until_they_expire(s3_server, monkey
     assert taker.claim(7)
     short.release(7)  # the dead holder's late release leaves the taker's claim alone
     assert not ChunkClaims(url).claim(7)
+
+
+def test_an_owner_shared_by_processes_takes_back_its_own_claim(s3_server):
+    """A Ray run's actors share their driver's owner: an actor restarted after a crash claims
+    the chunk its dead predecessor held; another run's actors still cannot."""
+    url = f"{s3_server}/owners/labels.zarr"
+    dead, restarted = ChunkClaims(url, owner="run-a"), ChunkClaims(url, owner="run-a")
+    assert dead.claim(0)
+    assert not ChunkClaims(url, owner="run-b").claim(0)
+    assert restarted.claim(0)
