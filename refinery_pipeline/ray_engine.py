@@ -19,12 +19,14 @@ Elastic: the pool asks for ``actors`` actors; each starts labelling as soon as R
 actors waiting for resources (an autoscaling cluster adding nodes) join the run when they come
 up, and actors lost with their node leave it.
 """
+import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import ArgumentError, RefineryError
+from .errors import ArgumentError, RefineryError, RefineryWarning
 from .label_store import DEFAULT_PROB_BITS, DEFAULT_TOP_K, LabelStore
 from .precompute import (ChunkClaims, ChunkLabeller, PrecomputeSummary, check_labelled,
                          check_options, open_or_create_store)
@@ -132,45 +134,43 @@ def precompute_on_ray(dataset, location, refinery, plan, top_k: int = DEFAULT_TO
     return summary
 
 
-class ray_session:
+@contextlib.contextmanager
+def ray_session(options: RayOptions):
     """Connect to ``options.address`` (or start a local cluster) unless this process already
     is connected, and disconnect on leaving only what it connected."""
-
-    def __init__(self, options: RayOptions):
-        self.options = options
-
-    def __enter__(self):
-        import ray
-        self.owned = not ray.is_initialized()
-        if self.owned:
-            try:
-                ray.init(address=self.options.address, include_dashboard=False,
-                         log_to_driver=False, configure_logging=False)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                where = self.options.address or "a local cluster"
-                raise RefineryError(f"--ray-address {where}: cannot connect to Ray "
-                                    f"({str(exc).splitlines()[0] if str(exc) else exc!r}); "
-                                    "start the cluster (`ray start --head`) or fix the "
-                                    "address") from None
-        _check_fits(self.options)
-        return self
-
-    def __exit__(self, *exc):
-        import ray
-        if self.owned:
+    import ray
+    owned = not ray.is_initialized()
+    if owned:
+        try:
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise RefineryError(f"--ray-address {options.address or '(a local cluster)'}: "
+                                f"cannot connect to Ray ({_last_line(str(exc))}); start the "
+                                "cluster (`ray start --head`) or fix the address") from None
+    try:
+        _check_fits(options, local=options.address is None)
+        yield
+    finally:
+        if owned:
             ray.shutdown()
 
 
-def _check_fits(options: RayOptions):
-    """An actor larger than the whole cluster would wait for ever: refuse it in one line."""
+def _check_fits(options: RayOptions, local: bool):
+    """An actor larger than a local cluster would wait for ever: refused in one line. On an
+    existing cluster nodes may yet join (an autoscaler): a warning says the pool waits."""
     import ray
     resources = ray.cluster_resources()
     for name, want, option in (("CPU", options.cpus_per_actor, "--ray-cpus-per-actor"),
                                ("GPU", options.gpus_per_actor, "--ray-gpus-per-actor")):
         if want > resources.get(name, 0):
-            raise RefineryError(f"{option} {want:g}: the Ray cluster has "
-                                f"{resources.get(name, 0):g} {name}s in all; ask for fewer "
-                                "per actor or add nodes")
+            message = (f"{option} {want:g}: the Ray cluster has {resources.get(name, 0):g} "
+                       f"{name}s in all")
+            if local:
+                raise RefineryError(f"{message}; ask for fewer per actor or give "
+                                    "--ray-address of a cluster that has them")
+            warnings.warn(f"{message}; the actors wait until nodes that have them join",
+                          RefineryWarning)
 
 
 class ChunkPool:
@@ -204,14 +204,18 @@ class ChunkPool:
         pending = {a.ready.remote(): (a, None) for a in self.actors}  # future -> (actor, chunk)
         idle, started = [], time.perf_counter()
         try:
-            while pending:
+            # until every chunk is done: actors still waiting for resources are not waited for
+            while self.queue or any(chunk is not None for _, chunk in pending.values()):
                 [future], _ = ray.wait(list(pending), num_returns=1)
                 actor, chunk = pending.pop(future)
                 try:
                     crops = ray.get(future)
                 except RayTaskError as exc:  # the labelling or the write failed: not retried
                     raise _cause(exc) from None
-                except RayActorError:  # lost for good (restarts spent, node gone): re-queue
+                except RayActorError as exc:  # lost for good (restarts spent, node gone)
+                    if exc.actor_init_failed:  # it raised while starting: so would every other
+                        raise RefineryError("a Ray actor could not start: "
+                                            f"{_last_line(str(exc))}") from None
                     self.actors.remove(actor)
                     self._lost(chunk)
                 else:
@@ -221,9 +225,10 @@ class ChunkPool:
                 while self.queue and idle:
                     actor, c = idle.pop(), self.queue.pop(0)
                     pending[actor.label.remote(c)] = (actor, c)
-            if self.queue:
-                raise RefineryError(f"every Ray actor was lost with {len(self.queue)} chunks "
-                                    "left; see the actors' logs, then rerun to finish the store")
+                if self.queue and not pending:
+                    raise RefineryError(f"every Ray actor was lost with {len(self.queue)} chunks "
+                                        "left; see the actors' logs, then rerun to finish the "
+                                        "store")
         finally:
             self.bar.close()
             for actor in self.actors:
@@ -259,5 +264,10 @@ def _cause(exc) -> BaseException:
     """The exception an actor raised, as itself (a RefineryError or an OSError keeps its one-line
     message), not Ray's wrapper with the remote traceback."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else RefineryError(
-        str(exc).splitlines()[-1])
+    return cause if isinstance(cause, BaseException) else RefineryError(_last_line(str(exc)))
+
+
+def _last_line(text: str) -> str:
+    """A remote traceback's last line: the exception and its message."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
