@@ -71,10 +71,35 @@ class RayOptions:
 
 
 class ChunkActor:
-    """One member of the pool: the refinery and the loader, loaded once; whole chunks labelled
-    and written on request."""
+    """One member of the pool: the refinery and the loader, loaded once (with its first chunk);
+    whole chunks labelled and written on request.
 
-    def __init__(self, data, location, refinery, plan, chunks, num_workers: int, owner: str):
+    What it loads travels with each request as a reference (``setup``, a one-item list, so Ray
+    passes the reference, not the object): an actor Ray restarts after a crash starts empty and
+    loads again from the request it retries.
+    """
+
+    def __init__(self):
+        self.store = None
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def label(self, c: int, setup: list) -> int:
+        """Label and write chunk ``c``; the crops labelled (0: another process holds it or
+        finished it)."""
+        if self.store is None:
+            import ray
+            self._load(**ray.get(setup[0]))
+        if not self.claims.claim_unfinished(c, self.store):
+            return 0
+        try:
+            self.store.write_chunk(c, self.label_chunk(c))
+        finally:
+            self.claims.release(c)
+        return len(self.store.layout.chunk_range(c)) * self.store.layout.crops_per_image
+
+    def _load(self, data, location, refinery, plan, chunks, num_workers: int, owner: str):
         import ray
         import torch
         from .dataset import ImageDataset
@@ -83,24 +108,11 @@ class ChunkActor:
             refinery = refinery.to("cuda")  # Ray set CUDA_VISIBLE_DEVICES to this actor's GPU
         elif refinery.device.type != "cpu":
             refinery = refinery.to("cpu")
-        self.store = LabelStore.open(location, mode="r+")
+        store = LabelStore.open(location, mode="r+")
         self.claims = ChunkClaims(location, owner)  # the driver's run: one chunk per actor
-        self.label_chunk = ChunkLabeller(dataset, self.store.layout, self.store.batching,
-                                         refinery, plan, chunks, num_workers)
-
-    def ready(self) -> int:
-        return os.getpid()
-
-    def label(self, c: int) -> int:
-        """Label and write chunk ``c``; the crops labelled (0: another process holds it or
-        finished it)."""
-        if not self.claims.claim_unfinished(c, self.store):
-            return 0
-        try:
-            self.store.write_chunk(c, self.label_chunk(c))
-        finally:
-            self.claims.release(c)
-        return len(self.store.layout.chunk_range(c)) * self.store.layout.crops_per_image
+        self.label_chunk = ChunkLabeller(dataset, store.layout, store.batching, refinery, plan,
+                                         chunks, num_workers)
+        self.store = store  # last: loaded
 
 
 def precompute_on_ray(dataset, location, refinery, plan, top_k: int = DEFAULT_TOP_K,
@@ -188,12 +200,11 @@ class ChunkPool:
         remote = ray.remote(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor,
                             max_restarts=options.max_retries,
                             max_task_retries=options.max_retries)(ChunkActor)
-        # held for the whole run: a restarted actor is built again from these (ray #53727)
-        self.shared = [ray.put(x) for x in (str(dataset.path), refinery, plan, chunks)]
-        owner = owner_id()  # a restarted actor takes back the claims of the one it replaces
-        self.actors = [remote.remote(self.shared[0], str(store.location), *self.shared[1:],
-                                     num_workers, owner)
-                       for _ in range(min(options.actors, len(chunks)))]
+        # owner: a restarted actor takes back the claims of the one it replaces
+        self.setup = [ray.put({"data": str(dataset.path), "location": str(store.location),
+                               "refinery": refinery, "plan": plan, "chunks": list(chunks),
+                               "num_workers": num_workers, "owner": owner_id()})]
+        self.actors = [remote.remote() for _ in range(min(options.actors, len(chunks)))]
         self.bar = progress_bar(total=sum(self.crops_of.values()), enabled=progress,
                                 unit="crop", unit_scale=True, smoothing=0.05,
                                 desc=f"labelling crops ({len(chunks)} chunks, Ray)")
@@ -212,10 +223,7 @@ class ChunkPool:
                     crops = ray.get(future)
                 except RayTaskError as exc:  # the labelling or the write failed: not retried
                     raise _cause(exc) from None
-                except RayActorError as exc:  # lost for good (restarts spent, node gone)
-                    if exc.actor_init_failed:  # it raised while starting: so would every other
-                        raise RefineryError("a Ray actor could not start: "
-                                            f"{_last_line(str(exc))}") from None
+                except RayActorError:  # lost for good (restarts spent, node gone): re-queue
                     self.actors.remove(actor)
                     self._lost(chunk)
                 else:
@@ -224,7 +232,7 @@ class ChunkPool:
                     idle.append(actor)
                 while self.queue and idle:
                     actor, c = idle.pop(), self.queue.pop(0)
-                    pending[actor.label.remote(c)] = (actor, c)
+                    pending[actor.label.remote(c, self.setup)] = (actor, c)
                 if self.queue and not pending:
                     raise RefineryError(f"every Ray actor was lost with {len(self.queue)} chunks "
                                         "left; see the actors' logs, then rerun to finish the "

@@ -12,11 +12,21 @@ class FaultyRefinery:
     ``die_after``: the process that makes that many forward passes, when ``marker`` does not yet
     exist, creates it and dies by SIGKILL (an actor lost mid-chunk, as on a preempted node);
     every later process labels normally. ``delay``: seconds slept before each forward pass.
+    ``gate``: a folder where each process, before its first pass, signs in and waits until
+    ``gate_count`` have (actors of several drivers start labelling together).
     """
 
-    def __init__(self, refinery, marker=None, die_after=None, delay=0.0):
+    def __init__(self, refinery, marker=None, die_after=None, delay=0.0, gate=None,
+                 gate_count=2):
         self.refinery, self.marker, self.die_after, self.delay = refinery, marker, die_after, delay
-        self.calls = 0
+        self.gate, self.gate_count, self.calls = gate, gate_count, 0
+
+    def _wait_at_gate(self, timeout=300):
+        os.makedirs(self.gate, exist_ok=True)
+        open(os.path.join(self.gate, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + timeout
+        while len(os.listdir(self.gate)) < self.gate_count and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def __getattr__(self, name):
         if name == "refinery":  # while unpickling, before __dict__ is filled
@@ -28,6 +38,8 @@ class FaultyRefinery:
         return self
 
     def probabilities(self, images):
+        if self.gate is not None and not self.calls:
+            self._wait_at_gate()
         self.calls += 1
         if self.die_after is not None and self.calls > self.die_after \
                 and not os.path.exists(self.marker):
@@ -37,7 +49,8 @@ class FaultyRefinery:
         return self.refinery.probabilities(images)
 
 
-def drive(data, store, ckpt, address, delay, chunk_size=8, actors=1, only_chunks=None):
+def drive(data, store, ckpt, address, delay, gate=None, chunk_size=8, actors=1,
+          only_chunks=None):
     """A driver as ``refine precompute --engine ray`` runs one (``address`` "local": the local
     engine instead), with slow forward passes; prints the summary line's counts."""
     from refinery_pipeline.crop_plan import CropPlan
@@ -45,7 +58,7 @@ def drive(data, store, ckpt, address, delay, chunk_size=8, actors=1, only_chunks
     from refinery_pipeline.precompute import precompute
     from refinery_pipeline.ray_engine import RayOptions
     from refinery_pipeline.refinery import Refinery
-    refinery = FaultyRefinery(Refinery.from_checkpoint(ckpt), delay=float(delay))
+    refinery = FaultyRefinery(Refinery.from_checkpoint(ckpt), delay=float(delay), gate=gate)
     s = precompute(ImageDataset(data), store, refinery, CropPlan(seed=0, crops_per_image=3),
                    top_k=3, crop_batch=32, chunk_size=int(chunk_size), num_workers=1,
                    progress=False, only_chunks=only_chunks,

@@ -83,10 +83,10 @@ def drive(data, store, ckpt, address, delay=0.0, **kwargs):
     in_process(data, store, ckpt, address, delay, **kwargs)
 
 
-def driver_process(data, store, ckpt, address, delay):
+def driver_process(data, store, ckpt, address, delay, *gate):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "tests.ray_faults", str(data), str(store),
-                             str(ckpt), address, str(delay)], cwd=REPO, env=env,
+                             str(ckpt), address, str(delay), *map(str, gate)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -167,10 +167,11 @@ def test_two_drivers_on_one_store_split_its_chunks(cluster, tiny_data, tiny_refi
                                                    reference, tmp_path):
     """One driver in a process of its own, one here: no chunk written twice, the same bytes."""
     store = tmp_path / "labels.zarr"
-    other = driver_process(tiny_data, store, tiny_refinery_ckpt, cluster, delay=0.5)
+    gate = tmp_path / "gate"  # the two drivers' actors start labelling together
+    other = driver_process(tiny_data, store, tiny_refinery_ckpt, cluster, 0.3, gate)
     ours = io.StringIO()
     with redirect_stdout(ours):
-        drive(tiny_data, store, tiny_refinery_ckpt, cluster, delay=0.5)
+        drive(tiny_data, store, tiny_refinery_ckpt, cluster, delay=0.3, gate=str(gate))
     theirs, errors = other.communicate(timeout=300)
     assert other.returncode == 0, errors[-2000:]
     counts = [tuple(int(n) for n in line.replace(",", "").split() if n.isdigit())
@@ -210,3 +211,30 @@ def test_ray_options_are_refused_in_one_line(options, fragment, cluster, tiny_da
                  *ARGS, *options, ok=False)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "s.zarr").exists()
+
+
+class ElsewhereDataset:
+    """The data set, at a path the actors cannot open (a .beton not on a shared file system)."""
+
+    def __init__(self, dataset, path):
+        self.dataset, self.path = dataset, path
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+
+def test_an_actor_that_cannot_load_stops_the_run_in_one_line(cluster, tiny_dataset,
+                                                              tiny_refinery_ckpt, tmp_path):
+    from refinery_pipeline.crop_plan import CropPlan
+    from refinery_pipeline.errors import RefineryError
+    from refinery_pipeline.precompute import precompute
+    from refinery_pipeline.ray_engine import RayOptions
+    from refinery_pipeline.refinery import Refinery
+    missing = tmp_path / "not-on-this-node.beton"
+    with pytest.raises(RefineryError) as caught:
+        precompute(ElsewhereDataset(tiny_dataset, missing), tmp_path / "labels.zarr",
+                   Refinery.from_checkpoint(tiny_refinery_ckpt),
+                   CropPlan(seed=0, crops_per_image=2), top_k=3, crop_batch=32, chunk_size=16, num_workers=1, progress=False,
+                   ray_options=RayOptions(actors=2))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{missing}: no such .beton file")
