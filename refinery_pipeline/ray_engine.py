@@ -20,6 +20,7 @@ actors waiting for resources (an autoscaling cluster adding nodes) join the run 
 up, and actors lost with their node leave it.
 """
 import contextlib
+import logging
 import os
 import time
 import warnings
@@ -155,7 +156,7 @@ def ray_session(options: RayOptions):
     if owned:
         try:
             ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+                     logging_level=logging.WARNING)  # no INFO lines around the progress bar
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise RefineryError(f"--ray-address {options.address or '(a local cluster)'}: "
                                 f"cannot connect to Ray ({_last_line(str(exc))}); start the "
