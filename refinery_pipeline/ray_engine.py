@@ -186,15 +186,21 @@ def _check_fits(options: RayOptions, local: bool):
                           RefineryWarning)
 
 
+# How often a chunk that another process holds is offered again, until it is done (by them) or
+# their claim lapses (a holder that died): the run ends with every chunk done.
+RECLAIM_SECONDS = 5.0
+
+
 class ChunkPool:
     """The driver's side: start the actors, give each a chunk as it becomes free, count and
-    show progress, re-queue the chunks of actors lost for good."""
+    show progress; re-queue the chunks of actors lost for good, and offer again, later, those
+    another process holds."""
 
     def __init__(self, dataset, store, refinery, plan, chunks, num_workers, options: RayOptions,
                  progress: bool, summary: PrecomputeSummary):
         import ray
-        self.options, self.summary = options, summary
-        self.queue, self.chunks_done = list(chunks), 0
+        self.options, self.summary, self.store = options, summary, store
+        self.queue, self.later, self.chunks_done = list(chunks), [], 0  # later: (when, chunk)
         self.losses = {c: 0 for c in chunks}  # how many actors lost each chunk for good
         lay = store.layout
         self.crops_of = {c: len(lay.chunk_range(c)) * lay.crops_per_image for c in chunks}
@@ -212,36 +218,58 @@ class ChunkPool:
 
     def run(self):
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
         pending = {a.ready.remote(): (a, None) for a in self.actors}  # future -> (actor, chunk)
         idle, started = [], time.perf_counter()
         try:
             # until every chunk is done: actors still waiting for resources are not waited for
-            while self.queue or any(chunk is not None for _, chunk in pending.values()):
-                [future], _ = ray.wait(list(pending), num_returns=1)
-                actor, chunk = pending.pop(future)
-                try:
-                    crops = ray.get(future)
-                except RayTaskError as exc:  # the labelling or the write failed: not retried
-                    raise _cause(exc) from None
-                except RayActorError:  # lost for good (restarts spent, node gone): re-queue
-                    self.actors.remove(actor)
-                    self._lost(chunk)
-                else:
-                    if chunk is not None:
-                        self._finished(chunk, crops, started)
-                    idle.append(actor)
-                while self.queue and idle:
-                    actor, c = idle.pop(), self.queue.pop(0)
-                    pending[actor.label.remote(c, self.setup)] = (actor, c)
-                if self.queue and not pending:
-                    raise RefineryError(f"every Ray actor was lost with {len(self.queue)} chunks "
-                                        "left; see the actors' logs, then rerun to finish the "
-                                        "store")
+            while self.queue or self.later or any(c is not None for _, c in pending.values()):
+                self._dispatch(idle, pending)
+                if not pending:  # every live actor is idle: chunks held elsewhere remain
+                    if not idle:
+                        raise RefineryError(f"every Ray actor was lost with "
+                                            f"{len(self.queue) + len(self.later)} chunks left; "
+                                            "see the actors' logs, then rerun to finish the "
+                                            "store")
+                    time.sleep(max(0.0, min(when for when, _ in self.later) - time.monotonic()))
+                    continue
+                ready, _ = ray.wait(list(pending), num_returns=1,
+                                    timeout=RECLAIM_SECONDS if self.later else None)
+                for future in ready:
+                    self._collect(future, pending.pop(future), idle, started)
         finally:
             self.bar.close()
             for actor in self.actors:
                 ray.kill(actor)
+
+    def _dispatch(self, idle: list, pending: dict):
+        """Chunks due again join the queue; idle actors take the queue's first chunks."""
+        now = time.monotonic()
+        self.queue += [c for when, c in self.later if when <= now]
+        self.later = [(when, c) for when, c in self.later if when > now]
+        while self.queue and idle:
+            actor, c = idle.pop(), self.queue.pop(0)
+            pending[actor.label.remote(c, self.setup)] = (actor, c)
+
+    def _collect(self, future, work: tuple, idle: list, started: float):
+        """One answer: an actor ready, a chunk labelled or held elsewhere, or an actor lost."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+        actor, chunk = work
+        try:
+            crops = ray.get(future)
+        except RayTaskError as exc:  # the labelling or the write failed: not retried
+            raise _cause(exc) from None
+        except RayActorError:  # lost for good (restarts spent, node gone): re-queue its chunk
+            self.actors.remove(actor)
+            self._lost(chunk)
+            return
+        idle.append(actor)
+        if chunk is None:
+            return
+        if not crops and not self.store.chunk_done(chunk):  # held elsewhere, not done yet
+            self.later.append((time.monotonic() + RECLAIM_SECONDS, chunk))
+            return
+        self._finished(chunk, crops, started)
 
     def _finished(self, c: int, crops: int, started: float):
         if crops:
@@ -250,7 +278,7 @@ class ChunkPool:
             if not self.summary.warmup_crops:  # the first chunk carries every actor's start-up
                 self.summary.warmup_crops = crops
                 self.summary.warmup_seconds = time.perf_counter() - started
-        else:
+        else:  # another process wrote it
             self.summary.chunks_claimed_elsewhere += 1
             self.bar.total -= self.crops_of[c]
         self.chunks_done += 1

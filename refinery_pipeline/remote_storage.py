@@ -12,6 +12,7 @@ is read in place through fsspec's zip file system over that protocol.
 import json
 import math
 import os
+import threading
 import time
 
 from .errors import ArgumentError
@@ -163,12 +164,12 @@ def _remote_zip(location):
 
 CREATION_WAIT_SECONDS = 120.0  # how long the loser of a creation race on an object store waits
 CREATION_MARKER = ".refinery-creating"  # beside a remote store (not in it) while it is created
-# A creator that dies leaves its marker behind; past this age anyone may take the creation over
-# (longer than creating the largest store takes: its keys and digests are written then).
-CREATION_MARKER_SECONDS = 300.0
+# A creator that dies leaves its marker behind; this long after its last renewal anyone may
+# take the creation over (a live creator renews it, however long creating takes).
+CREATION_MARKER_SECONDS = 60.0
 # A chunk claim on an object store (``<store>.locks/<c>``): a writer that dies leaves it behind,
-# and past this age another may take the chunk. Longer than any one chunk takes to label.
-CLAIM_SECONDS_ENV, DEFAULT_CLAIM_SECONDS = "REFINERY_CLAIM_SECONDS", 1800.0
+# and this long after its last renewal another may take the chunk.
+CLAIM_SECONDS_ENV, DEFAULT_CLAIM_SECONDS = "REFINERY_CLAIM_SECONDS", 120.0
 
 
 def owner_id() -> str:
@@ -182,7 +183,9 @@ def owner_id() -> str:
 class ExpiringMarker:
     """A create-only object (S3's conditional ``If-None-Match`` write) naming its owner and when
     it expires: one process at a time holds it, and a holder that dies (a killed creator, a
-    preempted Ray actor) blocks the others only until the expiry, never for good.
+    preempted Ray actor) blocks the others only until the expiry, never for good. While held, a
+    thread renews the expiry every third of ``seconds``, so the expiry bounds how long a dead
+    holder blocks, not how long the work it guards may take.
 
     Taking over an expired marker deletes it and creates it again, conditionally: of several
     processes that saw it expire, one creates the new marker. (Two may still both believe they
@@ -195,15 +198,20 @@ class ExpiringMarker:
         self.fs, path = remote_filesystem(location)
         self.path, self.seconds = path.rstrip("/") + suffix, seconds
         self.owner = owner or owner_id()
+        self._held = None  # the renewing thread's stop signal while this process holds it
+        self._lock = threading.Lock()
+
+    def _record(self) -> bytes:
+        return json.dumps({"owner": self.owner, "expires": time.time() + self.seconds}).encode()
 
     def claim(self) -> bool:
         """True if this owner now holds the marker: it was absent, expired, or already ours (an
         owner shared by processes, as the actors of one Ray run share their driver's, takes
         back what a dead member of it held)."""
         for _ in range(2):  # once as it is, once more after removing an expired one
-            body = json.dumps({"owner": self.owner, "expires": time.time() + self.seconds})
             try:
-                self.fs.pipe_file(self.path, body.encode(), mode="create")
+                self.fs.pipe_file(self.path, self._record(), mode="create")
+                self._keep_renewed()
                 return True
             except FileExistsError:
                 holder = self.holder()
@@ -233,8 +241,26 @@ class ExpiringMarker:
     def exists(self) -> bool:
         return bool(self.holder())
 
+    def _keep_renewed(self):
+        self._held = threading.Event()
+        threading.Thread(target=self._renew, args=(self._held,), daemon=True).start()
+
+    def _renew(self, stop: threading.Event):
+        while not stop.wait(self.seconds / 3):
+            with self._lock:
+                if stop.is_set():
+                    return  # released meanwhile: never write the marker again
+                try:
+                    self.fs.pipe_file(self.path, self._record())
+                except Exception:  # noqa: BLE001 - unrenewed, it expires like a dead holder's
+                    return
+
     def release(self):
-        """Remove the marker if this process holds it (never another's that took it over)."""
+        """Stop renewing; remove the marker if this process holds it (never another's that
+        took it over)."""
+        with self._lock:
+            if self._held is not None:
+                self._held.set()
         if self.holder().get("owner") == self.owner:
             self.fs.rm_file(self.path)
 

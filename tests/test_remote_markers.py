@@ -89,15 +89,21 @@ def test_chunk_claims_on_s3_admit_one_writer_until_they_expire(s3_server, monkey
     assert not ChunkClaims(url).claim(3)
     first.release(3)
     assert second.claim(3)  # released: free again
-    monkeypatch.setenv(remote_storage.CLAIM_SECONDS_ENV, "0.2")
-    short = ChunkClaims(url)
-    assert short.claim(7)
+    monkeypatch.setenv(remote_storage.CLAIM_SECONDS_ENV, "0.3")
+    alive = ChunkClaims(url)
+    assert alive.claim(7)
+    time.sleep(1.0)  # three expiries: a live holder keeps renewing its claim
     assert not ChunkClaims(url).claim(7)
-    time.sleep(0.3)  # its holder died: the claim expires and another takes the chunk
+    alive.release(7)
+    fs, path = remote_filesystem(url)
+    dead = json.dumps({"owner": "gone:1:dead", "expires": time.time() + 0.3})
+    fs.pipe_file(path + ".locks/8", dead.encode())  # a holder that died: nothing renews it
+    assert not ChunkClaims(url).claim(8)
+    time.sleep(0.4)
     taker = ChunkClaims(url)
-    assert taker.claim(7)
-    short.release(7)  # the dead holder's late release leaves the taker's claim alone
-    assert not ChunkClaims(url).claim(7)
+    assert taker.claim(8)  # expired: taken over
+    assert json.loads(fs.cat_file(path + ".locks/8"))["owner"] == taker.locks[8].owner
+    taker.release(8)
 
 
 def test_an_owner_shared_by_processes_takes_back_its_own_claim(s3_server):
