@@ -8,9 +8,12 @@ once per job, not per store). Each run's time is the whole ``precompute`` call: 
 each actor's start-up (imports, the refinery, the loader's compilation) and the labelling.
 Every store is checked to be byte-identical to the local engine's.
 
-CPU (imagenette-96 at 32 px, a ResNet-18 refinery at random init: weights do not change speed):
-  python benchmarks/ray_engine.py /work/shared/datasets/imagenette-96 --arch resnet18 --res 32 \
-      -K 4 --tag ray_engine_cpu
+CPU (imagenette-96 at 32 px, a ResNet-18 refinery at random init: weights do not change speed;
+K = 16 and chunks of 256 images, so start-up is amortised and two actors share 37 chunks):
+  cd benchmarks && python ray_engine.py /work/shared/datasets/imagenette-96 --arch resnet18 \
+      --res 32 -K 16 --chunk-size 256 --tag ray_engine_cpu
+A smaller run (K = 4, chunks of 1,024: 10 chunks) shows the start-up unamortised
+(results/ray_engine_cpu_k4.md).
 """
 import argparse
 import shutil
