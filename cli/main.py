@@ -361,14 +361,28 @@ def cli():
 @max_resolution_option("a resumed STORE's, else 0: keep each image's size")
 @workers_option
 @device_option
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              help="local: this process (or each torchrun rank); ray: a pool of Ray actors "
+                   "(pip install refinery[ray]), each labelling and writing whole chunks; the "
+                   "same store, byte for byte")
+@click.option("--ray-address", default=None, show_default="a local cluster",
+              help="--engine ray: an existing Ray cluster (auto, HOST:6379 or ray://HOST:10001)")
+@click.option("--ray-actors", default=1, type=AT_LEAST_ONE,
+              help="--engine ray: actors labelling at once (those waiting for resources join "
+                   "when placed)")
+@click.option("--ray-gpus-per-actor", default=0.0, type=NON_NEGATIVE,
+              help="--engine ray: GPUs each actor reserves (and labels on)")
+@click.option("--ray-cpus-per-actor", default=1.0, type=NON_NEGATIVE,
+              help="--engine ray: CPUs each actor reserves (decoding threads: --workers)")
 @trust_checkpoint_option
 @cache_dir_option
 @source_options
 @friendly_errors(about="store")
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
                temperature, batch_size, chunk_size, compile_, soft_static, prob_bits, augment,
-               max_resolution, workers, device, trust_checkpoint, cache_dir, split, key_column,
-               image_column, label_column, path_column, classes):
+               max_resolution, workers, device, engine, ray_address, ray_actors,
+               ray_gpus_per_actor, ray_cpus_per_actor, trust_checkpoint, cache_dir, split,
+               key_column, image_column, label_column, path_column, classes):
     """Label K planned crops of every image in DATA and write the label store STORE.
 
     DATA is any form of the data set with labels: an ImageFolder tree, a list of paths with a
@@ -384,6 +398,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     from refinery_pipeline.training.train import resolve_device
 
     recipe, archs = Recipe.parse(augment), member_archs(weights, arch)  # before any work
+    ray_options = _ray_options(engine, compile_, ray_address, ray_actors, ray_gpus_per_actor,
+                               ray_cpus_per_actor)
     check_cap_applies(data, max_resolution)
     read_as = given_source_options(data, split=split, key_column=key_column,
                                    image_column=image_column, label_column=label_column,
@@ -399,7 +415,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     plan = CropPlan(seed=seed, crops_per_image=crops_per_image, augment=recipe.names())
     # a storage failure keeps finished chunks: friendly_errors
     s = run(dataset, store, refinery, plan, top_k, batch_size, chunk_size, workers,
-            soft_static=soft_static, prob_bits=prob_bits)
+            soft_static=soft_static, prob_bits=prob_bits, ray_options=ray_options)
     from refinery_pipeline.core.distributed import is_main
     if is_main():
         busy = (f", {s.chunks_claimed_elsewhere} being written by another process"
@@ -410,6 +426,23 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                    f"{s.bytes_per_crop:.1f} bytes/crop")
         click.echo(f"pixels: {dataset.path} (the exact pixel source of these labels)"
                    + _passed_through(dataset))
+
+
+def _ray_options(engine, compile_, address, actors, gpus_per_actor, cpus_per_actor):
+    """``--engine ray``'s pool (None for the local engine); its options and ``--compile`` are
+    refused in one line where they would do nothing or cannot work, before any data is read."""
+    from refinery_pipeline.labelling.ray_engine import RayOptions
+    options = RayOptions(address, actors, gpus_per_actor, cpus_per_actor)
+    defaults = {"address": None, "actors": 1, "gpus_per_actor": 0.0, "cpus_per_actor": 1.0,
+                "compile": False}
+    check_options_used("precompute", SimpleNamespace(engine=engine, compile=compile_,
+                                                     **options.__dict__), defaults)
+    if engine != "ray":
+        return None
+    import importlib.util
+    if importlib.util.find_spec("ray") is None:
+        raise RefineryError("--engine ray: Ray is not installed; pip install 'refinery[ray]'")
+    return options
 
 
 def _passed_through(dataset) -> str:

@@ -148,14 +148,6 @@ def test_two_processes_creating_one_s3_store_share_it(s3_server, tiny_dataset,
     assert all(np.array_equal(a, b) for a, b in zip(remote.read().values(), ours.read().values()))
 
 
-def test_a_creation_that_never_finishes_elsewhere_is_reported(s3_server, monkeypatch):
-    import zarr
-    url = f"{s3_server}/stuck/labels.zarr"
-    zarr.open_group(url, mode="w-", zarr_format=3)  # another process began, then died
-    with pytest.raises(StoreError, match="has not finished"):
-        LabelStore._await_creation(url, timeout=0.5)
-
-
 def test_full_cache_dir_is_refused_in_one_line_without_a_partial_beton(tiny_refinery_ckpt,
                                                                       tmp_path, monkeypatch):
     from .test_cli import make_tree

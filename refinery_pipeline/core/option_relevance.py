@@ -146,6 +146,14 @@ OPTION_USES = (
     OptionUse("convert", "--jpeg", "jpeg", lambda o: o.write_mode == "jpg",
               "raw pixels are stored as they are, neither passed through nor re-encoded as JPEG",
               "drop --jpeg, or pass --write-mode jpg"),
+    *(OptionUse("precompute", option, field, lambda s: s.engine == "ray",
+                "it sets up the Ray engine's pool", f"add --engine ray, or drop {option}")
+      for option, field in (("--ray-address", "address"), ("--ray-actors", "actors"),
+                            ("--ray-gpus-per-actor", "gpus_per_actor"),
+                            ("--ray-cpus-per-actor", "cpus_per_actor"))),
+    OptionUse("precompute", "--compile", "compile", lambda s: s.engine != "ray",
+              "a compiled refinery cannot be sent to Ray actors", "drop --compile with "
+              "--engine ray", value=True),
     OptionUse("show", "--name", "names", lambda s: bool(s.others),
               "the names label the stores of a --compare figure, and a figure of one store "
               "names none", "add --compare STORE, or drop --name"),
@@ -158,7 +166,7 @@ def check_options_used(command: str, settings, defaults: dict = None):
     Parameters
     ----------
     command : str
-        ``train``, ``convert`` or ``show``: whose rows of :data:`OPTION_USES` apply.
+        ``train``, ``convert``, ``precompute`` or ``show``: whose rows of :data:`OPTION_USES` apply.
     settings : object
         The command's settings as attributes (``TrainConfig``, ``BetonOptions``, ...).
     defaults : dict, optional

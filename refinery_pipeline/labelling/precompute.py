@@ -6,11 +6,13 @@ batch (BatchNorm in train mode needs mixed batches) -> refinery forward -> top-k
 -> store (data first, then the chunk's ``chunk_done`` flag).
 
 Work is split by chunks: rank r of W handles chunks ``c % W == r`` and only chunks not yet done,
-so a rerun of the same command resumes, and ranks never touch each other's chunks. Processes on
-one host sharing a local store claim one chunk at a time (:class:`ChunkClaims`), so any number
-of them split its chunks. Loader batches never straddle chunks (:meth:`.Batching.units`) and
-each batch's composition is a function of (seed, chunk, batch start), so the labels do not
-depend on the rank or process count, the chunk size's divisors, or interruptions.
+so a rerun of the same command resumes, and ranks never touch each other's chunks. Processes
+sharing a store claim one chunk at a time (:class:`ChunkClaims`), so any number of them split
+its chunks. :class:`ChunkLabeller` labels one chunk, the same code on every engine (this
+process, torchrun ranks, the Ray actors of :mod:`.ray_engine`). Loader batches never straddle
+chunks (:meth:`.Batching.units`) and each batch's composition is a function of (seed, chunk,
+batch start), so the labels do not depend on the rank or process count, the engine, the chunk
+size's divisors, or interruptions.
 """
 import functools
 import time
@@ -22,7 +24,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.distributed import barrier, init_from_env, is_main
-from ..core.errors import DataSetError, RefineryError, StoreMismatchError, StoreNotFoundError
+from ..core.errors import DataSetError, RefineryError, StoreMismatchError
 from ..core.progress import progress_bar
 from ..loaders.crop_batch import NOT_STORED, as_numpy_indices
 from ..loaders.replay import TABLE_FIELDS, crop_table, multi_crop_loader, usable_workers
@@ -31,7 +33,7 @@ from ..plan.crop_plan import (CropPlan, boxes_at, centre_square, flips_at, sampl
                               sample_flips)
 from ..store.label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore,
                                  StoreLayout, default_chunk_size)
-from ..store.remote_storage import is_remote
+from ..store.remote_storage import chunk_marker, is_remote
 
 
 @dataclass
@@ -127,11 +129,9 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
                          chunk_size if chunk_size is not None
                          else default_chunk_size(plan.crops_per_image, top_k), soft_static,
                          prob_bits)
-    try:
-        store = LabelStore.open(location, mode="r+")
+    store = LabelStore.open_to_extend(location)
+    if store is not None:
         layout.chunk_size = store.layout.chunk_size  # a resume keeps the store's chunking
-    except StoreNotFoundError:
-        store = None
     attrs = store_attributes(dataset, refinery, plan, Batching.for_layout(layout, crop_batch))
     if store is None:
         store = LabelStore.create(location, layout, attrs, labels=dataset.labels,
@@ -154,22 +154,30 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
 
 
 class ChunkClaims:
-    """Cooperative chunk locks for several processes on one host writing one local store.
+    """Cooperative chunk locks for several processes (or Ray actors) writing one store.
 
-    ``flock``-based lock files live beside the store (``<store>.locks/``), never inside it, and
-    the kernel drops them when a process dies, even by ``kill -9``. Each process claims one
-    chunk at a time, just before labelling it, and releases it once written, so N processes
-    started together split the chunks. A chunk locked by another process is skipped; rerunning
-    after it finishes (or dies) picks up whatever is left. Object stores have no locks: there,
-    split work with torchrun ranks instead.
+    Local stores: ``flock``-based lock files beside the store (``<store>.locks/``), never inside
+    it, which the kernel drops when a process dies, even by ``kill -9``. Object stores have no
+    locks: there a claim is a create-only marker object with an owner and an expiry
+    (:func:`.remote_storage.chunk_marker`), which a dead writer holds until it expires. Each
+    process claims one chunk at a time, just before labelling it, and releases it once
+    written, so N processes started together split the chunks. A chunk claimed by another
+    process is skipped; rerunning after it finishes (or dies) picks up whatever is left.
+    ``owner`` names the claimant on an object store (default: this process): the actors of one
+    Ray run share their driver's, so an actor restarted after a crash takes its chunk back.
     """
 
-    def __init__(self, location):
-        self.locks = {}
-        self.directory = None if is_remote(location) else Path(str(location) + ".locks")
+    def __init__(self, location, owner: str = None):
+        self.locks, self.location, self.owner = {}, location, owner
+        self.remote = is_remote(location)
+        self.directory = None if self.remote else Path(str(location) + ".locks")
 
     def claim(self, c: int) -> bool:
-        if self.directory is None:
+        if self.remote:
+            marker = chunk_marker(self.location, c, self.owner)
+            if not marker.claim():
+                return False
+            self.locks[c] = marker
             return True
         from filelock import FileLock, Timeout
         self.directory.mkdir(exist_ok=True)
@@ -186,7 +194,7 @@ class ChunkClaims:
         (re-read after claiming: a flag set before our claim is always seen)."""
         if not self.claim(c):
             return False
-        if self.directory is not None and store.done_chunks()[c]:
+        if store.chunk_done(c):
             self.release(c)
             return False
         return True
@@ -269,14 +277,22 @@ def label_loader_batch(refinery, images, crop_batch: int, top_k: int, seed: int,
 def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = DEFAULT_TOP_K,
                crop_batch: int = 512, chunk_size: int = None, num_workers: int = 2,
                progress: bool = True, soft_static: bool = False,
-               only_chunks=None, prob_bits: int = DEFAULT_PROB_BITS) -> PrecomputeSummary:
+               only_chunks=None, prob_bits: int = DEFAULT_PROB_BITS,
+               ray_options=None) -> PrecomputeSummary:
     """Fill the label store at ``location`` (creating or resuming it); see the module docstring.
 
     ``top_k`` is capped at the number of classes (top-5 of a 2-class problem stores 2).
     ``only_chunks`` restricts this call to some chunks (benchmarks, manual sharding); the store
     stays resumable and completes when a later call covers the rest. ``prob_bits``: probabilities
     are stored as multiples of ``2**-prob_bits`` (0: unrounded float16; see ``label_store``).
+    ``ray_options`` (a :class:`.ray_engine.RayOptions`): label on a pool of Ray actors instead
+    of this process (or these torchrun ranks); the same store, byte for byte.
     """
+    if ray_options is not None:
+        from .ray_engine import precompute_on_ray
+        return precompute_on_ray(dataset, location, refinery, plan, top_k, crop_batch,
+                                 chunk_size, num_workers, progress, soft_static, only_chunks,
+                                 prob_bits, ray_options)
     check_options(location, plan, top_k, crop_batch, chunk_size)  # before anything is created
     check_labelled(dataset)
     top_k = min(top_k, len(dataset.classes))
@@ -351,6 +367,48 @@ class UnitLoader:
             yield unit, images
 
 
+class ChunkLabeller:
+    """Labels whole chunks of one store, one at a time, the same way on every engine.
+
+    Made once per process (the local path, a torchrun rank, a Ray actor) for the chunks it may
+    be given: the crop table and the FFCV loader (compiled when made, seconds) cover those
+    chunks, and each call labels one of them into a fresh chunk buffer. A chunk's labels are a
+    function of (plan, refinery, chunk) alone, so which process labels it, and in which
+    order, never changes the bytes written.
+    """
+
+    def __init__(self, dataset, layout, batching, refinery, plan: CropPlan, chunks,
+                 num_workers: int):
+        self.layout, self.batching, self.refinery, self.plan = layout, batching, refinery, plan
+        ids = np.concatenate([np.arange(r.start, r.stop) for r in map(layout.chunk_range, chunks)])
+        recipe = plan_augment(plan, dataset.num_images, refinery.input_size)
+        self.table = build_crop_table(dataset, plan, ids, layout.soft_static, recipe)
+        size = (refinery.input_size, refinery.input_size)
+        self.loader = UnitLoader(dataset, self.table, size, batching.images_per_batch,
+                                 [u for c in chunks for u in batching.units(layout, c)],
+                                 num_workers, recipe, plan.crops_per_image)
+
+    def __call__(self, c: int, on_batch=None):
+        """Chunk ``c``'s records (``layout.empty_chunk``), labelled loader batch by loader batch;
+        ``on_batch(crops)`` is called after each (progress, throughput)."""
+        lay, K, table = self.layout, self.layout.crops_per_image, self.table
+        buf = lay.empty_chunk(c)
+        first = lay.chunk_range(c).start
+        for unit, images in self.loader(self.batching.units(lay, c)):
+            classes, probs = label_loader_batch(self.refinery, images, self.batching.crop_batch,
+                                                lay.top_k, self.plan.seed, c, unit.start)
+            local = slice(unit.start - first, unit.stop - first)
+            index = np.arange(unit.start, unit.stop)
+            buf.topk_indices[local], buf.topk_probs[local] = classes[:, :K], probs[:, :K]
+            buf.boxes[local] = table[index, :K, :4]
+            buf.flips[local] = table[index, :K, 4]
+            if lay.soft_static:
+                buf.static_indices[local], buf.static_probs[local] = classes[:, K], probs[:, K]
+            if on_batch is not None:
+                on_batch(len(unit) * K)
+        return buf
+
+
 def _run_chunks(dataset, store, refinery, plan, chunks, claims, num_workers, show, summary):
     """Label ``chunks`` one at a time: claim, label, write (overlapping the next chunk), release.
 
@@ -358,17 +416,21 @@ def _run_chunks(dataset, store, refinery, plan, chunks, claims, num_workers, sho
     claimed chunks, so processes sharing a store share the decoding too.
     """
     started = time.perf_counter()
-    lay, batching = store.layout, store.batching
-    ids = np.concatenate([np.arange(r.start, r.stop) for r in map(lay.chunk_range, chunks)])
-    recipe = plan_augment(plan, dataset.num_images, refinery.input_size)
-    table = build_crop_table(dataset, plan, ids, lay.soft_static, recipe)
-    size = (refinery.input_size, refinery.input_size)
-    loader = UnitLoader(dataset, table, size, batching.images_per_batch,
-                        [u for c in chunks for u in batching.units(lay, c)], num_workers, recipe,
-                        plan.crops_per_image)
+    lay = store.layout
+    label_chunk = ChunkLabeller(dataset, lay, store.batching, refinery, plan, chunks,
+                                num_workers)
     K = lay.crops_per_image
-    bar = progress_bar(total=len(ids) * K, enabled=show, unit="crop", unit_scale=True,
+    total = sum(len(lay.chunk_range(c)) for c in chunks) * K
+    bar = progress_bar(total=total, enabled=show, unit="crop", unit_scale=True,
                        desc="labelling crops", smoothing=0.05)
+
+    def labelled(crops: int):
+        summary.crops += crops
+        if not summary.warmup_crops:
+            summary.warmup_crops = summary.crops
+            summary.warmup_seconds = time.perf_counter() - started
+        bar.update(crops)
+
     # the bar closes (ending its line) even when a write fails; writes overlap the next chunk
     with bar, ThreadPoolExecutor(max_workers=1) as writer:
         writes = {}  # chunk -> its write, released (from this thread) once done
@@ -380,24 +442,7 @@ def _run_chunks(dataset, store, refinery, plan, chunks, claims, num_workers, sho
                 summary.chunks_claimed_elsewhere += 1
                 bar.total -= len(lay.chunk_range(c)) * K
                 continue
-            buf = lay.empty_chunk(c)
-            first = lay.chunk_range(c).start
-            for unit, images in loader(batching.units(lay, c)):
-                classes, probs = label_loader_batch(refinery, images, batching.crop_batch,
-                                                    lay.top_k, plan.seed, c, unit.start)
-                local = slice(unit.start - first, unit.stop - first)
-                index = np.arange(unit.start, unit.stop)
-                buf.topk_indices[local], buf.topk_probs[local] = classes[:, :K], probs[:, :K]
-                buf.boxes[local] = table[index, :K, :4]
-                buf.flips[local] = table[index, :K, 4]
-                if lay.soft_static:
-                    buf.static_indices[local], buf.static_probs[local] = classes[:, K], probs[:, K]
-                summary.crops += len(unit) * K
-                if not summary.warmup_crops:
-                    summary.warmup_crops = summary.crops
-                    summary.warmup_seconds = time.perf_counter() - started
-                bar.update(len(unit) * K)
-            writes[c] = writer.submit(store.write_chunk, c, buf)
+            writes[c] = writer.submit(store.write_chunk, c, label_chunk(c, labelled))
             summary.chunks_written += 1
         for c, w in writes.items():
             w.result()

@@ -108,6 +108,12 @@ class Refinery(Labeller):
                    normalization=ckpt.get("normalization", IMAGENET_NORMALIZATION),
                    source=str(weights), **kwargs)
 
+    def to(self, device) -> "Refinery":
+        """Move the network to ``device`` (a Ray actor's own GPU, say); labels are unchanged."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
     def describe(self) -> dict:
         """What a label store records about the refinery (its identity for mismatch checks).
 
@@ -164,6 +170,12 @@ class EnsembleRefinery(Labeller):
         shared = all(m.normalization == first.normalization for m in self.members)
         self.normalization = first.normalization if shared else None
         self.weights_sha256 = ensemble_sha256(m.weights_sha256 for m in self.members)
+
+    def to(self, device) -> "EnsembleRefinery":
+        """Move every member to ``device``."""
+        self.members = tuple(m.to(device) for m in self.members)
+        self.device = self.members[0].device
+        return self
 
     def describe(self) -> dict:
         """The ensemble's identity: the shared settings, ``normalization`` where all members

@@ -28,14 +28,14 @@ from typing import Optional
 
 import numpy as np
 
-from ..plan.crop_plan import CropPlan
-from .remote_storage import (CREATION_WAIT_SECONDS, claim_creation, is_remote, network_failure,
-                             release_creation, remote_filesystem, remote_store,
-                             unreachable_message)
 from ..core.errors import (IncompleteStoreError, RefineryError, StoreCorruptError, StoreError,
                            StoreMismatchError, StoreNotFoundError, storage_error_message,
                            storage_io_errors)
 from ..core.validators import flag, index_array, one_of, path_like, refuse
+from ..plan.crop_plan import CropPlan
+from .remote_storage import (CREATION_MARKER_SECONDS, CREATION_WAIT_SECONDS, creation_marker,
+                             is_remote, network_failure, remote_filesystem, remote_store,
+                             unreachable_message)
 
 FORMAT_NAME = "refinery-label-store"
 # 2: an ``image_sizes`` array (each image's stored height and width) and ``dataset.source`` (the
@@ -404,16 +404,8 @@ class LabelStore:
         digests = None if digests is None else _checked_digests(location, digests,
                                                                 layout.num_images)
         if is_remote(location):  # object stores have no rename: objects appear whole or not
-            import zarr
-            if not claim_creation(location):
-                return cls._await_creation(location)
-            try:
-                cls._create_at(location, layout, attrs, labels, image_sizes, keys, digests)
-            except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError,
-                    zarr.errors.ContainsArrayAndGroupError):
-                return cls._await_creation(location)  # a store without our marker
-            release_creation(location)
-            return cls.open(location, mode="r+")
+            return cls._create_remote(location, layout, attrs, labels, image_sizes, keys,
+                                      digests)
         location = Path(location)
         building = location.with_name(f".{location.name}.creating-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
@@ -427,25 +419,81 @@ class LabelStore:
         return cls.open(location, mode="r+")
 
     @classmethod
-    def _await_creation(cls, location, timeout: float = None) -> "LabelStore":
-        """The store another process is creating at ``location``, once it has written its last
-        creation step (the attribute digest): reading it earlier would see arrays or attributes
-        still missing, and rewriting attributes from such a view would drop the winner's."""
+    def _create_remote(cls, location, *contents) -> "LabelStore":
+        """Create the store at the URL ``location``, or join the one another process creates.
+
+        One creator at a time holds the creation marker, which names its owner and expires
+        (:func:`.remote_storage.creation_marker`); the others wait for the store to be sealed
+        (its attribute digest, the last creation step, written). A creator that died leaves its
+        marker until it expires and whatever objects it had written: the next holder clears
+        those remains and creates the store afresh, so no state ever needs deleting by hand.
+        """
         import time
-        timeout = CREATION_WAIT_SECONDS if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        marker = creation_marker(location)
+        wait = CREATION_MARKER_SECONDS + CREATION_WAIT_SECONDS
+        deadline = time.monotonic() + wait
         while True:
-            try:
-                store = cls.open(location, mode="r+")
-                if ATTRIBUTES_DIGEST in store.attrs:
-                    return store
-            except StoreError:
-                pass  # not yet a whole store
+            store = cls._sealed(location)
+            if store is not None:
+                return store
+            if marker.claim():
+                try:
+                    if cls._sealed(location) is None:  # none finished since we looked
+                        cls._clear_creation_remains(location)
+                        cls._create_at(location, *contents)
+                finally:
+                    marker.release()
+                return cls.open(location, mode="r+")
             if time.monotonic() > deadline:
                 raise StoreError(f"{location}: another process began creating a store here and "
-                                 f"has not finished after {timeout:.0f} s; if it died, delete "
-                                 "the store's objects and rerun")
+                                 f"has not finished after {wait:.0f} s; rerun when it has, or "
+                                 "write to another location")
             time.sleep(0.2)
+
+    @classmethod
+    def open_to_extend(cls, location) -> Optional["LabelStore"]:
+        """The store at ``location`` opened to write chunks (``mode="r+"``), or None where there
+        is none to extend yet: nothing there, or, on an object store, a creation not sealed
+        (begun elsewhere, or left by a creator that died): :meth:`create` then waits for it, or
+        takes it over."""
+        try:
+            store = cls.open(location, mode="r+")
+        except StoreNotFoundError:
+            return None
+        except StoreError:
+            if is_remote(location) and creation_marker(location).exists():
+                return None
+            raise
+        if is_remote(location) and ATTRIBUTES_DIGEST not in store.attrs:
+            return None
+        return store
+
+    @classmethod
+    def _sealed(cls, location) -> Optional["LabelStore"]:
+        """The store at ``location`` once its creation has finished, else None."""
+        try:
+            store = cls.open(location, mode="r+")
+        except StoreError:
+            return None  # not yet a whole store
+        return store if ATTRIBUTES_DIGEST in store.attrs else None
+
+    @classmethod
+    def _clear_creation_remains(cls, location):
+        """Remove what a creator that died left at the URL ``location``: a group without
+        attributes yet, or a label store never sealed. Anything else there (another program's
+        data) is left alone and refused."""
+        fs, path = remote_filesystem(location)
+        root = path.rstrip("/")
+        try:
+            attributes = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes", {})
+        except FileNotFoundError:
+            attributes = {}
+        if attributes.get("format", FORMAT_NAME) != FORMAT_NAME:
+            raise StoreError(f"{location}: holds other data than a label store; choose another "
+                             "location")
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+            fs.invalidate_cache()
 
     @classmethod
     def _create_at(cls, location, layout: StoreLayout, attrs: dict, labels=None,
@@ -593,6 +641,10 @@ class LabelStore:
     def done_chunks(self) -> np.ndarray:
         """One bool per chunk: written and recorded as done (what a rerun skips)."""
         return self._read(DONE_FLAGS).astype(bool)
+
+    def chunk_done(self, c: int) -> bool:
+        """Chunk ``c``'s done flag alone (one small read, even on an object store)."""
+        return bool(self._read(DONE_FLAGS, slice(c, c + 1))[0])
 
     @property
     def complete(self) -> bool:
