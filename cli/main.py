@@ -178,7 +178,64 @@ def max_resolution_option(show_default: str):
 
 cache_dir_option = click.option("--cache-dir", default=None,
                                 show_default="$REFINERY_CACHE, else ~/.cache/refinery",
-                                help="where an ImageFolder DATA tree is converted to .beton, once")
+                                help="where DATA (a tree, shards, a table...) is converted to "
+                                     ".beton, once")
+
+# Options of DATA's kind of source (refinery_pipeline.sources.open_source), by setting name.
+SOURCE_OPTIONS = {
+    "split": ("--split", "the split of a tree (DATA/<split>/) or of a Hugging Face DatasetDict",
+              "train"),
+    "key_column": ("--key-column", "Hugging Face table: the column naming each image (its "
+                   "key)", "file_name, path or __key__, else the image column's paths"),
+    "image_column": ("--image-column", "Hugging Face table: the column of encoded images",
+                     "the first Image column"),
+    "label_column": ("--label-column", "Hugging Face table or CSV list: the column of class "
+                     "labels (a CSV's holds class names)", "a ClassLabel column, else label"),
+    "path_column": ("--path-column", "CSV list: the column of image paths",
+                    "path, file, file_name, filename, image or image_path"),
+    "classes": ("--classes", "WebDataset shards: the class names their cls numbers index, "
+                "comma-separated or a text file with one per line", "the numbers themselves"),
+}
+
+
+def source_options(command):
+    """``--split``, ``--key-column``, ... : how DATA's kind of source is read."""
+    for name, (option, help_text, default) in reversed(SOURCE_OPTIONS.items()):
+        command = click.option(option, name, default=None, show_default=default,
+                               help=help_text)(command)
+    return command
+
+
+def given_source_options(data, **given) -> dict:
+    """The source options given on the command line, each checked against DATA's kind (an
+    option the kind does not take is refused, naming it); ``split`` (and ``--cache-dir``) are
+    left to :func:`open_dataset`."""
+    import inspect
+
+    from refinery_pipeline.dataset import is_beton
+    from refinery_pipeline.sources import BUILDERS, source_kind
+    given = {name: value for name, value in given.items() if value is not None}
+    kind = "beton" if is_beton(data) else source_kind(data)
+    accepted = inspect.signature(BUILDERS[kind]).parameters
+    for name, value in given.items():
+        if name not in accepted:
+            raise RefineryError(f"{SOURCE_OPTIONS[name][0]} {value}: {data} is a {kind} source, "
+                                "which has no such setting; drop the option")
+    given.pop("split", None)
+    if "classes" in given:
+        given["classes"] = _class_names(given["classes"])
+    return given
+
+
+def _class_names(value: str) -> list:
+    """``--classes``: names separated by commas, or a text file holding one per line."""
+    path = Path(value)
+    names = (path.read_text().splitlines() if path.is_file() else value.split(","))
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise RefineryError(f"--classes {value}: names no class; give names separated by commas "
+                            "or a file with one per line")
+    return names
 
 
 def _usage_error_line(exc: click.UsageError) -> str:
@@ -261,7 +318,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("data", type=click.Path(exists=True))
+@click.argument("data")
 @click.argument("store", type=click.Path())
 @click.option("--refinery", "arch", multiple=True, show_default="read from each checkpoint",
               help="architecture: a torchvision name, or timm's (timm/NAME; a name both have is "
@@ -300,23 +357,35 @@ def cli():
 @device_option
 @trust_checkpoint_option
 @cache_dir_option
+@source_options
 @friendly_errors(about="store")
 def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_size, bn_mode,
                temperature, batch_size, chunk_size, compile_, soft_static, prob_bits, augment,
-               max_resolution, workers, device, trust_checkpoint, cache_dir):
-    """Label K planned crops of every image in DATA and write the label store STORE."""
+               max_resolution, workers, device, trust_checkpoint, cache_dir, split, key_column,
+               image_column, label_column, path_column, classes):
+    """Label K planned crops of every image in DATA and write the label store STORE.
+
+    DATA is any form of the data set with labels: an ImageFolder tree, a list of paths with a
+    label column, WebDataset shards with cls members, a Hugging Face dataset, or a .beton. It
+    is converted once to a .beton (JPEGs kept byte for byte), and the store records each
+    image's key and the SHA-256 of its bytes, so any copy of the data finds its labels."""
     from refinery_pipeline.augment import Recipe
     from refinery_pipeline.crop_plan import CropPlan
     from refinery_pipeline.dataset import check_cap_applies, conversion_options, open_dataset
-    from refinery_pipeline.precompute import precompute as run
+    from refinery_pipeline.precompute import check_labelled, precompute as run
     from refinery_pipeline.models import OptionNames
     from refinery_pipeline.refinery import load_refinery, member_archs
     from refinery_pipeline.train import resolve_device
 
     recipe, archs = Recipe.parse(augment), member_archs(weights, arch)  # before any work
     check_cap_applies(data, max_resolution)
+    read_as = given_source_options(data, split=split, key_column=key_column,
+                                   image_column=image_column, label_column=label_column,
+                                   path_column=path_column, classes=classes)
     options = conversion_options(_recorded_source(store), max_resolution)  # a resume's frame
-    dataset = open_dataset(data, "train", cache_dir, options, num_workers=workers)
+    dataset = open_dataset(data, split or "train", cache_dir, options, num_workers=workers,
+                           **read_as)
+    check_labelled(dataset)  # a .beton converted without labels: before loading weights
     refinery = load_refinery(weights, archs, dataset.classes, input_size, bn_mode=bn_mode,
                              temperature=temperature, device=resolve_device(device),
                              compile=compile_, trust_checkpoint=trust_checkpoint,
@@ -333,7 +402,17 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                    f"({s.crops_per_second:,.0f} crops/s); {s.chunks_written} chunks written, "
                    f"{s.chunks_skipped} already done{busy}; store {s.store_bytes / 1e6:.2f} MB, "
                    f"{s.bytes_per_crop:.1f} bytes/crop")
-        click.echo(f"pixels: {dataset.path} (the exact pixel source of these labels)")
+        click.echo(f"pixels: {dataset.path} (the exact pixel source of these labels)"
+                   + _passed_through(dataset))
+
+
+def _passed_through(dataset) -> str:
+    """``; N of M images are their source's own bytes``, where the sidecar counted them."""
+    count = dataset.meta.get("passed_through")
+    if count is None:
+        return ""
+    return (f"; {count:,} of {dataset.num_images:,} images are their source's own bytes (exact "
+            "from the original files and byte-identical copies)")
 
 
 def _open_store_data(data, store, cache_dir, workers: int = 2):
@@ -564,14 +643,15 @@ def evaluate(run, data, split, res, arch, batch_size, max_resolution, workers, d
     on the centred square of every image of a split, as validation is evaluated; `--split
     train` gives the paper's overfitting gap. A run directory keeps RUN/eval_SPLIT.json for the
     data it trained on, and RUN/eval_SPLIT-<fingerprint>.json for any other DATA."""
-    from refinery_pipeline.evaluation import (checkpoint_of, data_of, evaluate_checkpoint,
-                                              measured_own_data, save_evaluation)
+    from refinery_pipeline.evaluation import (checkpoint_of, data_of,
+                                              evaluate_checkpoint, measured_own_data,
+                                              save_evaluation)
     from refinery_pipeline.models import OptionNames
     metrics = evaluate_checkpoint(checkpoint_of(run), data_of(run, data), split, res,
                                   batch_size, workers, device, cache_dir, arch=arch,
                                   trust_checkpoint=trust_checkpoint,
                                   option_names=OptionNames("--arch", "--res"),
-                                  conversion=_evaluated_conversion(run, max_resolution))
+                                  options=_evaluated_conversion(run, data, max_resolution))
     saved = save_evaluation(run, metrics)
     record = metrics["data"]
     click.echo(f"{split} top-1 {metrics[split + '_top1']:.2f}  top-5 "
@@ -582,13 +662,15 @@ def evaluate(run, data, split, res, arch, batch_size, max_resolution, workers, d
                    f"eval_{split}.json (which `refine plot --gap` reads)")
 
 
-def _evaluated_conversion(run, max_resolution) -> dict:
-    """The run's own conversion (its frames), with ``--max-resolution`` given on top."""
+def _evaluated_conversion(run, data, max_resolution):
+    """The run's own conversion for its own data (its frames), with ``--max-resolution`` given
+    on top."""
+    from dataclasses import replace
+
     from refinery_pipeline.evaluation import conversion_of
-    conversion = conversion_of(run)
-    if max_resolution is not None:
-        conversion = {**conversion, "max_resolution": max_resolution}
-    return conversion
+    options = conversion_of(run, data)
+    return options if max_resolution is None else replace(options,
+                                                          max_resolution=max_resolution)
 
 
 @cli.command()
@@ -724,7 +806,9 @@ def check_copy(store, data, weights, sample, seed, allow_missing, workers, devic
     refinery's on DATA's pixels. One line per finding; exit 0: usable, 1: usable only with
     --allow-missing, 2: unusable."""
     from refinery_pipeline.check_copy import DEFAULT_SAMPLE, check_copy as check
+    from refinery_pipeline.train import resolve_device
 
+    resolve_device(device)  # a device this machine lacks: refused before any data is read
     if sample is not None and not weights:
         raise click.UsageError("--sample: crops are labelled again only with --weights; pass "
                                "the store's refinery with --weights, or drop --sample")
@@ -737,32 +821,46 @@ def check_copy(store, data, weights, sample, seed, allow_missing, workers, devic
 
 
 @cli.command()
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--max-resolution", default=0, type=NON_NEGATIVE_COUNT, help=MAX_RESOLUTION_HELP
               + "; 0 keeps it")
+@click.option("--jpeg", type=click.Choice(["passthrough", "reencode"]), default="passthrough",
+              help="JPEG images: store their own bytes where FFCV decodes them exactly as the "
+                   "original (then the originals and byte-identical copies give the labelled "
+                   "pixels), or decode and re-encode every image (how conversions worked "
+                   "before)")
 @click.option("--jpeg-quality", default=90, type=Count(min=1, max=100),
-              help="quality of the re-encoded JPEGs")
+              help="quality of re-encoded JPEGs (images not passed through)")
 @click.option("--write-mode", type=click.Choice(["jpg", "raw"]), default="jpg",
               help="JPEG, or raw pixels (larger files, no decoding cost)")
 @click.option("--workers", default=2, type=AT_LEAST_ONE,
               help="processes reading and encoding images")
+@source_options
 @friendly_errors(about="out_dir")
-def convert(data, out_dir, max_resolution, jpeg_quality, write_mode, workers):
-    """Write the ImageFolder tree DATA (train/ and val/) to OUT_DIR/<name>_{train,val}.beton.
+def convert(data, out_dir, max_resolution, jpeg, jpeg_quality, write_mode, workers, split,
+            key_column, image_column, label_column, path_column, classes):
+    """Write DATA to .beton files in OUT_DIR: an ImageFolder tree (train/ and val/) to
+    <name>_{train,val}.beton, any other form (shards, a Hugging Face dataset, a list or folder
+    of images) to <name>.beton, keyed by its images' names.
 
-    Every command also takes DATA as a tree and converts it once into a cache with default
-    options; convert is for choosing them (size, quality) and for a file pair to share.
+    Every command also takes DATA as it is and converts it once into a cache with default
+    options; convert is for choosing them (size, quality) and for a file to share.
     """
-    from refinery_pipeline.dataset import BetonOptions, ImageDataset, convert_tree
-    options = BetonOptions(max_resolution, jpeg_quality, write_mode)
+    from refinery_pipeline.dataset import BetonOptions, ImageDataset, convert_data
+    options = BetonOptions(max_resolution, jpeg_quality, write_mode, jpeg)
     check_options_used("convert", options)  # a JPEG quality for raw pixels: refused
-    written = convert_tree(data, out_dir, options, workers)
+    read_as = given_source_options(data, split=split, key_column=key_column,
+                                   image_column=image_column, label_column=label_column,
+                                   path_column=path_column, classes=classes)
+    written = convert_data(data, out_dir, options, workers, split, **read_as)
     for path in written:
         ds = ImageDataset(path)
-        click.echo(f"{path}: {ds.num_images:,} images, {len(ds.classes)} classes, "
-                   f"{path.stat().st_size / 1e6:,.1f} MB")
-    click.echo(f"next: refine precompute {written[0]} labels.zarr --weights REFINERY.pt")
+        classes = f"{len(ds.classes)} classes" if ds.has_labels else "no labels"
+        click.echo(f"{path}: {ds.num_images:,} images, {classes}, "
+                   f"{path.stat().st_size / 1e6:,.1f} MB" + _passed_through(ds))
+    if ImageDataset(written[0]).has_labels:
+        click.echo(f"next: refine precompute {written[0]} labels.zarr --weights REFINERY.pt")
 
 
 @cli.command()

@@ -24,8 +24,9 @@ them in this order after RandomResizedCrop and the flip):
   TinyViT's are) but a crop drawn per (n, k) from the whole data set: image m, slot j, with
   m's own ops and erasing. Mixed pixels are rounded to uint8.
 
-The ops themselves are torchvision's own (``_AutoAugmentBase._apply_image_or_video_transform``,
-``F.erase``); only the parameter draws are ours, because torchvision draws from a global RNG.
+The ops themselves are torchvision's public functional ones (:func:`apply_op`, the calls its
+private ``_AutoAugmentBase._apply_image_or_video_transform`` makes; ``F.erase``); only the
+parameter draws are ours, because torchvision draws from a global RNG.
 """
 import math
 from dataclasses import dataclass
@@ -259,18 +260,10 @@ class PlanAugment:
 
     def transform(self, image, ops, magnitudes, erase):
         """One crop's ops and erasing: ``(3, S, S)`` uint8 tensor in, the same out."""
-        return transform_crop(image, ops, magnitudes, erase, self._torchvision_auto())
+        return transform_crop(image, ops, magnitudes, erase)
 
-    def _torchvision_auto(self):
-        if not hasattr(self, "_auto_transform"):
-            from torchvision.transforms.v2 import InterpolationMode
-            cls = _auto_class(self.recipe.auto or "trivialaugment")
-            self._auto_transform = cls(interpolation=InterpolationMode.BILINEAR)
-        return self._auto_transform
-
-    def __getstate__(self):  # DataLoader workers rebuild the transform and the pool themselves
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("_auto_transform", "_thread_pool")}
+    def __getstate__(self):  # DataLoader workers make their own thread pool
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_pool"}
 
     def crops(self, own, partner, params: CropAugment, threads: int = 1):
         """Crops after the recipe: ``own`` and ``partner`` are ``(M, S, S, 3)`` uint8 tensors
@@ -336,21 +329,68 @@ def magnitude_table(recipe: Recipe, size: int) -> np.ndarray:
     return table
 
 
-def transform_crop(image, ops, magnitudes, erase, auto):
-    """``image`` ``(3, S, S)`` uint8 through torchvision's ops ``ops`` (ids) at ``magnitudes``,
-    then ``F.erase`` of ``erase`` ``(i, j, h, w)`` (nothing when ``h`` is 0)."""
+def transform_crop(image, ops, magnitudes, erase):
+    """``image`` ``(3, S, S)`` uint8 through the ops ``ops`` (ids) at ``magnitudes``
+    (:func:`apply_op`), then ``F.erase`` of ``erase`` ``(i, j, h, w)`` (nothing when ``h``
+    is 0)."""
     import torch
     from torchvision.transforms.v2 import functional as F
     names = op_names()
     for op, magnitude in zip(ops, magnitudes):
-        image = auto._apply_image_or_video_transform(image, names[int(op)], float(magnitude),
-                                                      interpolation=auto.interpolation,
-                                                      fill=auto._fill)
+        image = apply_op(image, names[int(op)], float(magnitude))
     i, j, h, w = (int(v) for v in erase)
     if h:
         fill = torch.tensor(ERASE_FILL, dtype=torch.uint8)[:, None, None]
         image = F.erase(image, i, j, h, w, fill)
     return image
+
+
+def apply_op(image, name: str, magnitude: float):
+    """Op ``name`` of TrivialAugmentWide / RandAugment at ``magnitude`` on a ``(3, S, S)``
+    uint8 tensor, with bilinear interpolation and black fill: torchvision's public functional
+    calls, with the arguments its private ``_AutoAugmentBase._apply_image_or_video_transform``
+    passes them (``docs/label-store.md`` lists them). Calling the private method instead would
+    let a torchvision release change replayed pixels unnoticed; ``tests/test_torchvision_ops.py``
+    fails loudly if the two ever differ, or the augmentation spaces change."""
+    return _OPS[name](image, magnitude)
+
+
+def _affine(image, **placement):
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+    return F.affine(image, angle=0.0, scale=1.0, interpolation=InterpolationMode.BILINEAR,
+                    fill=None, **placement)
+
+
+def _functional(name: str):
+    from torchvision.transforms.v2 import functional as F
+    return getattr(F, name)
+
+
+def _rotate(image, magnitude):
+    from torchvision.transforms.v2 import InterpolationMode
+    return _functional("rotate")(image, angle=magnitude,
+                                 interpolation=InterpolationMode.BILINEAR, fill=None)
+
+
+_OPS = {
+    "Identity": lambda image, m: image,
+    "ShearX": lambda image, m: _affine(image, translate=[0, 0], center=[0, 0],
+                                       shear=[math.degrees(math.atan(m)), 0.0]),
+    "ShearY": lambda image, m: _affine(image, translate=[0, 0], center=[0, 0],
+                                       shear=[0.0, math.degrees(math.atan(m))]),
+    "TranslateX": lambda image, m: _affine(image, translate=[int(m), 0], shear=[0.0, 0.0]),
+    "TranslateY": lambda image, m: _affine(image, translate=[0, int(m)], shear=[0.0, 0.0]),
+    "Rotate": _rotate,
+    "Brightness": lambda image, m: _functional("adjust_brightness")(image, 1.0 + m),
+    "Color": lambda image, m: _functional("adjust_saturation")(image, 1.0 + m),
+    "Contrast": lambda image, m: _functional("adjust_contrast")(image, 1.0 + m),
+    "Sharpness": lambda image, m: _functional("adjust_sharpness")(image, 1.0 + m),
+    "Posterize": lambda image, m: _functional("posterize")(image, bits=int(m)),
+    "Solarize": lambda image, m: _functional("solarize")(image, threshold=255.0 * m),  # uint8
+    "AutoContrast": lambda image, m: _functional("autocontrast")(image),
+    "Equalize": lambda image, m: _functional("equalize")(image),
+}
 
 
 def mix_pair(own, partner, kind: int, weight: float, cut_box):

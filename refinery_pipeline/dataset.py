@@ -11,6 +11,7 @@ train mode needs randomly composed batches, and class-sorted batches ruin its la
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -19,35 +20,56 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataSetError, storage_error_message
+from .errors import ArgumentError, DataSetError, storage_error_message
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BETON_ORDER_SEED = 0  # fixed so that one tree always converts to the same image order
 META_SUFFIX = ".meta.json"
+DIGESTS_SUFFIX = ".sha256.npy"  # each image's SHA-256, beside the .beton
+KEYS_FIELD = "keys"  # the sidecar entry a keyed .beton lists its keys in, in sample order
 
 
 @dataclass(frozen=True)
 class BetonOptions:
-    """How an ImageFolder tree is written to a .beton (part of the cache key).
+    """How a data set is written to a .beton (part of the cache key; a store records it).
 
     ``max_resolution`` caps each image's longer side (FFCV's writer: INTER_AREA, sizes floored):
     the stored frame every crop box is drawn in. It bounds the loaders' decode scratch, which
     is decoding threads x the largest stored image (``docs/design.md``, bounded memory).
+    ``jpeg``: ``passthrough`` stores a JPEG's own bytes wherever FFCV decodes them exactly as
+    refinery reads the original (:mod:`.conversion`), so the original files and every
+    byte-identical copy give exactly the labelled pixels; ``reencode`` decodes and re-encodes
+    every image at ``jpeg_quality``, as every conversion did before the option existed.
     """
 
     max_resolution: int = 0  # 0 keeps the stored size; else the longer side is capped (INTER_AREA)
     jpeg_quality: int = 90
     write_mode: str = "jpg"  # 'jpg' or 'raw' (FFCV's 'proportion' mode is unseeded: not offered)
+    jpeg: str = "passthrough"  # JPEG sources: their own bytes, or 'reencode' (older conversions)
+
+    def __post_init__(self):
+        from .conversion import JPEG_MODES
+        if self.jpeg not in JPEG_MODES:
+            raise ArgumentError(f"jpeg={self.jpeg!r}: choose one of {', '.join(JPEG_MODES)}")
+
+    @classmethod
+    def from_record(cls, record) -> "BetonOptions":
+        """The options a store's ``dataset.source.conversion`` or a sidecar's ``options``
+        records. One without ``jpeg`` was written before the option existed: ``reencode``."""
+        return cls(**{"jpeg": "reencode", **(record or {})})
 
     def recorded(self) -> dict:
-        """The options that differ from the defaults (what a store records of a conversion)."""
+        """What a store records of a conversion: the options that differ from the defaults,
+        and ``jpeg`` always (records without it mean ``reencode``: :meth:`from_record`)."""
         default = BetonOptions()
-        return {k: v for k, v in self.__dict__.items() if getattr(default, k) != v}
+        return {k: v for k, v in self.__dict__.items()
+                if k == "jpeg" or getattr(default, k) != v}
 
 
 def check_cap_applies(data, max_resolution: int = None):
-    """``--max-resolution`` converts a tree; a ``.beton``'s sizes were fixed when it was written."""
-    if max_resolution is not None and not Path(data).is_dir():
+    """``--max-resolution`` converts a data set; a ``.beton``'s sizes were fixed when it was
+    written."""
+    if max_resolution is not None and is_beton(data):
         raise DataSetError(f"--max-resolution {max_resolution}: {data} is a .beton, whose image "
                            "sizes were fixed when it was written; pass its ImageFolder tree, or "
                            "omit the option (`refine convert --max-resolution` writes capped "
@@ -55,13 +77,15 @@ def check_cap_applies(data, max_resolution: int = None):
 
 
 def conversion_options(source=None, max_resolution: int = None) -> BetonOptions:
-    """How to convert a tree for a label store: as recorded in its ``dataset.source``
-    (``conversion``; absent: the defaults), so the tree converts to the very ``.beton`` the labels
-    were made on; ``max_resolution`` (``--max-resolution``) must then agree with the record.
-    Without a store (``source`` None), the defaults with ``max_resolution`` if given."""
+    """How to convert a data set for a label store: as recorded in its ``dataset.source``
+    (``conversion``; absent, in stores from before passthrough: ``reencode`` with the other
+    defaults), so the data converts to the very ``.beton`` the labels were made on;
+    ``max_resolution`` (``--max-resolution``) must then agree with the record. Without a store
+    (``source`` None), the defaults (passthrough) with ``max_resolution`` if given."""
     try:
-        recorded = BetonOptions(**((source or {}).get("conversion") or {}))
-    except TypeError:
+        recorded = (BetonOptions() if source is None
+                    else BetonOptions.from_record(source.get("conversion")))
+    except (TypeError, ArgumentError):
         raise DataSetError(f"the store records an unknown conversion {source['conversion']}; "
                            "read it with the refinery version that wrote it") from None
     if max_resolution is None or max_resolution == recorded.max_resolution:
@@ -74,10 +98,12 @@ def conversion_options(source=None, max_resolution: int = None) -> BetonOptions:
 
 
 class ImageDataset:
-    """A ``.beton`` with an image field ``image`` and an int field ``label``, plus a JSON sidecar.
+    """A ``.beton`` with an image field ``image`` and an int field ``label``, plus sidecars.
 
-    The sidecar ``<file>.meta.json`` holds the class names, the source files in stored order, and a
-    cached fingerprint (re-hashed only when the .beton's size or mtime changes).
+    The sidecar ``<file>.meta.json`` holds the class names, the images' keys (a list, or the
+    source files in stored order), the source's record, the conversion options and a cached
+    fingerprint (re-hashed only when the .beton's size or mtime changes); ``<file>.sha256.npy``
+    each image's SHA-256 (:meth:`image_digests`).
     """
 
     def __init__(self, path):
@@ -90,7 +116,7 @@ class ImageDataset:
             self.reader = Reader(str(self.path))
         except Exception as exc:  # FFCV raises AssertionError/ValueError on foreign files
             raise DataSetError(f"{self.path}: not a readable FFCV .beton ({exc}); rewrite it "
-                               "with `refine precompute` from the ImageFolder tree") from None
+                               "with `refine convert` from the original images") from None
         names = self.reader.field_names
         if "image" not in names or "label" not in names:
             raise DataSetError(f"{self.path}: needs fields 'image' and 'label', found {names}")
@@ -111,7 +137,13 @@ class ImageDataset:
 
     @property
     def labels(self) -> np.ndarray:
+        """Each image's class; ``-1`` throughout where the source had no labels."""
         return self.reader.metadata[self.label_field].astype(np.int64)
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the source named each image's class (a flat folder of images does not)."""
+        return bool(self.meta.get("labelled", True))
 
     @cached_property
     def meta(self) -> dict:
@@ -125,31 +157,80 @@ class ImageDataset:
         return [str(c) for c in range(int(self.labels.max()) + 1)]
 
     @property
+    def options(self) -> BetonOptions:
+        """How the ``.beton`` was written (a sidecar without options: FFCV's defaults as
+        refinery used them, ``reencode``)."""
+        return BetonOptions.from_record(self.meta.get("options"))
+
+    @property
     def max_size(self) -> tuple:
         return int(self.heights.max()), int(self.widths.max())
 
+    def keys(self):
+        """Each image's key (:func:`.keys.normalize_key`) in sample order, or None for a
+        ``.beton`` whose sidecar names no images: the listed keys, or the source files'
+        paths relative to their split folder."""
+        from .keys import normalize_keys
+        meta = self.meta
+        names = meta.get(KEYS_FIELD)
+        if names is None and meta.get("files"):
+            root = Path(meta.get("root") or _common_root(meta["files"], self.classes))
+            names = [Path(f).relative_to(root).as_posix() for f in meta["files"]]
+        try:
+            return None if names is None else normalize_keys(names)
+        except (ArgumentError, ValueError) as exc:
+            raise DataSetError(f"{self.path}: its sidecar names an image unusably ({exc}); "
+                               "convert the original images again") from None
+
     def fingerprint(self) -> dict:
         """Identity of the stored data: count, classes and a hash of every image's stored bytes."""
-        stat = self.path.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns]
+        stamp = self._stamp()
         cached = self.meta.get("fingerprint")
         if cached and self.meta.get("fingerprint_stamp") == stamp:
             return cached
+        h = hashlib.sha256()
+        for data in self._each_image_bytes():
+            h.update(data)
         fp = {"num_images": self.num_images, "classes": self.classes,
-              "image_bytes_sha256": self._hash_image_bytes(), "labels_sha256": _sha(self.labels)}
+              "image_bytes_sha256": h.hexdigest(), "labels_sha256": _sha(self.labels)}
         self._update_meta(fingerprint=fp, fingerprint_stamp=stamp)
         return fp
 
+    def image_digests(self) -> np.ndarray:
+        """``(N, 32)`` uint8: the SHA-256 of each image's stored bytes, in sample order (what a
+        label store records as ``image_digests``). Made by the write (``<file>.sha256.npy``);
+        for a ``.beton`` written otherwise, or changed since, computed once and kept there
+        while the file's size and mtime stay the same."""
+        stamp, path = self._stamp(), Path(str(self.path) + DIGESTS_SUFFIX)
+        if self.meta.get("digests_stamp") == stamp and path.is_file():
+            try:
+                values = np.load(path, allow_pickle=False)
+                if values.shape == (self.num_images, 32) and values.dtype == np.uint8:
+                    return values
+            except (OSError, ValueError):
+                pass  # a damaged sidecar is computed again
+        values = np.stack([np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+                           for data in self._each_image_bytes()])
+        try:
+            _atomic_save(path, values)
+            self._update_meta(digests_stamp=stamp)
+        except OSError:
+            pass  # a read-only data set still works; the digests are just not cached
+        return values
+
     def source(self):
-        """The ImageFolder tree this ``.beton`` was converted from, as a label store records it
-        (None for a ``.beton`` written otherwise): a reader of the original files checks it with
-        :func:`source_fingerprint` over the files in store order, without this ``.beton``."""
-        files = self.meta.get("files")
-        if not files:
+        """What a label store records as ``dataset.source`` (None for a ``.beton`` written
+        from arrays, which names no source): the source's record (kind, location, key rule,
+        split...) and the conversion (``conversion``: :meth:`BetonOptions.recorded`); for
+        image files, also the files' identity in store order (:func:`source_fingerprint`),
+        which a reader checks without this ``.beton``."""
+        record, files = self.meta.get("source"), self.meta.get("files")
+        if record is None and not files:
             return None
-        root = self.meta.get("root") or _common_root(files, self.classes)
-        record = source_fingerprint(root, files)
-        conversion = BetonOptions(**self.meta.get("options", {})).recorded()
+        if files:
+            root = self.meta.get("root") or _common_root(files, self.classes)
+            record = {**source_fingerprint(root, files), **(record or {})}
+        conversion = self.options.recorded()
         return {**record, "conversion": conversion} if conversion else record
 
     def image_byte_spans(self) -> tuple:
@@ -161,13 +242,15 @@ class ImageDataset:
         where = np.searchsorted(table["ptr"][order], offsets)
         return offsets, table["size"][order][where].astype(np.int64)
 
-    def _hash_image_bytes(self) -> str:
-        """SHA-256 over each image's encoded bytes in sample order (independent of page layout)."""
+    def _each_image_bytes(self):
+        """Each image's stored bytes in sample order (independent of page layout)."""
         blob = np.memmap(self.path, dtype=np.uint8, mode="r")
-        h = hashlib.sha256()
         for start, length in zip(*(a.tolist() for a in self.image_byte_spans())):
-            h.update(blob[start:start + length])
-        return h.hexdigest()
+            yield blob[start:start + length]
+
+    def _stamp(self) -> list:
+        stat = self.path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
 
     def _update_meta(self, **entries):
         meta = {**self.meta, **entries}
@@ -220,6 +303,13 @@ def _atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
+def _atomic_save(path: Path, values: np.ndarray):
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, values)
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------- writing .beton files
 
 class ArraySource:
@@ -232,54 +322,11 @@ class ArraySource:
         return len(self.labels)
 
     def largest_image(self) -> int:
-        """Index of the image with the most pixels."""
+        """Index of the image with the most pixels (it sizes the ``.beton``'s pages)."""
         return int(np.argmax([np.shape(image)[0] * np.shape(image)[1] for image in self.images]))
 
     def __getitem__(self, i):
         return np.ascontiguousarray(self.images[i]), int(self.labels[i])
-
-
-class FileSource:
-    """Reads image files as ``(H, W, 3)`` uint8 RGB by :func:`.pixels.open_image_file`'s rule
-    (every PIL mode: 16-bit, palette, CMYK, alpha, grayscale; the first frame).
-
-    FFCV's writer waits forever if a worker process raises, so a file that cannot be decoded is
-    recorded in ``error_log`` and replaced by a 1x1 placeholder; :func:`write_beton` then fails
-    with a message naming the file, and the partial ``.beton`` is discarded.
-    """
-
-    def __init__(self, files, labels):
-        self.files, self.labels = files, labels
-        self.error_log = None
-
-    def __len__(self):
-        return len(self.files)
-
-    def largest_image(self) -> int:
-        """Index of the file with the most pixels, from the headers alone (files PIL cannot
-        read count as empty: the conversion names them)."""
-        from .pixels import image_file_size
-        return int(np.argmax([np.prod(image_file_size(f) or (0, 0)) for f in self.files]))
-
-    def __getitem__(self, i):
-        from .pixels import open_image_file
-        try:
-            return open_image_file(self.files[i]), int(self.labels[i])
-        except Exception as exc:
-            message = _unreadable_message(self.files[i], exc)
-            if self.error_log is None:
-                raise DataSetError(message) from None
-            with open(self.error_log, "a") as log:
-                log.write(message.replace("\n", " ") + "\n")
-            return np.zeros((1, 1, 3), np.uint8), int(self.labels[i])
-
-
-def _unreadable_message(path, exc: Exception) -> str:
-    """Ours (a :class:`DataSetError` names the file and the fix), or PIL's reason in one line."""
-    if isinstance(exc, DataSetError):
-        return str(exc)
-    return (f"{path}: cannot be read as an image ({str(exc).splitlines()[0]}); delete or "
-            "replace the file")
 
 
 def _raise_logged_errors(error_log: Path):
@@ -292,81 +339,61 @@ def _raise_logged_errors(error_log: Path):
         raise DataSetError(lines[0] + more)
 
 
-class _Reordered:
-    """``source`` in ``order``; once a write has failed (``failure_log`` exists) every image is
-    a 1x1 placeholder, so the writer processes run out quickly instead of decoding the rest."""
-
-    def __init__(self, source, order, failure_log=None):
-        self.source, self.order, self.failure_log = source, order, failure_log
-
-    def __len__(self):
-        return len(self.order)
-
-    def __getitem__(self, i):
-        if self.failure_log is not None and os.path.exists(self.failure_log):
-            return np.zeros((1, 1, 3), np.uint8), 0
-        return self.source[int(self.order[i])]
-
-
 FFCV_PAGE_SIZE = 8 << 20  # DatasetWriter's default page
 
 
-def page_size_for(largest_sample: int, exact: bool = False) -> int:
+def page_size_for(largest_sample: int, exact: bool = False, largest_bytes: int = 0) -> int:
     """A ``.beton`` page for the sample of the image with the most pixels, ``largest_sample``
-    bytes (``exact``: raw pixels, so no other sample is larger).
+    bytes as stored (``exact``: raw pixels or bytes passed through, so no other sample of that
+    many pixels is larger), and for the largest encoded item, ``largest_bytes`` (a JPEG passed
+    through keeps its size, metadata and all).
 
     FFCV writes every sample within one page (8 MiB by default): a larger one made its writer
     process raise and FFCV's main process wait forever (a 12,000 x 9,000 photo re-encodes to
     ~20 MB). Every page is written whole, so pages are not made larger than needed: the sample
-    (twice it for JPEG, whose size also follows the content: one that still does not fit fails
-    the write in one line) plus 1 MiB, a power of two as FFCV requires, never below FFCV's
-    default.
+    (twice it when re-encoded, as a JPEG's size also follows the content: one that still does
+    not fit fails the write in one line naming it) or the largest item, plus 1 MiB, a power of
+    two as FFCV requires, never below FFCV's default.
     """
-    need = (1 if exact else 2) * largest_sample + (1 << 20)
+    need = max((1 if exact else 2) * largest_sample, largest_bytes) + (1 << 20)
     return max(FFCV_PAGE_SIZE, 1 << (need - 1).bit_length())
 
 
-def encoded_bytes(image_field, image) -> int:
-    """Bytes the writer stores for ``image`` (resized, re-encoded as ``image_field`` does)."""
-    sizes = []
-
-    def measure(nbytes):  # FFCV's allocator interface: (file offset, buffer to fill)
-        sizes.append(nbytes)
-        return 0, np.empty(nbytes, np.uint8)
-
-    image_field.encode(np.zeros(1, image_field.metadata_type)[0], image, measure)
-    return sum(sizes)
-
-
-def largest_sample_bytes(source, image_field) -> int:
-    """The stored bytes of ``source``'s image with the most pixels (0 if it cannot be read:
-    the write names it)."""
-    if not hasattr(source, "largest_image"):
-        return 0
+def page_size_of(samples, options) -> int:
+    """The page for ``samples`` (:class:`.conversion.BetonSamples`): its image with the most
+    pixels stored exactly as the writer will store it (passed through, or resized and
+    re-encoded), and its largest encoded item, where the source knows them without reading
+    every image (:func:`.conversion.largest_items`)."""
+    from .conversion import largest_items
+    largest, largest_bytes = largest_items(samples.source)
+    if largest is None:
+        return page_size_for(0, largest_bytes=largest_bytes)
     try:
-        return encoded_bytes(image_field, source[source.largest_image()][0])
+        sample = samples.prepare(largest)
     except Exception:  # noqa: BLE001 - an unreadable image is reported by the write
-        return 0
+        return page_size_for(0, largest_bytes=largest_bytes)
+    exact = options.write_mode == "raw" or sample.unchanged
+    return page_size_for(len(sample.data), exact, largest_bytes)
 
 
 SIZE_SAMPLE = 16  # images encoded to estimate a .beton's size before writing it
 FREE_SPACE_FIX = "free space there or choose another folder (--cache-dir for a converted tree)"
 
 
-def estimated_beton_bytes(source, image_field, num_workers: int, page_size: int) -> int:
-    """Bytes a .beton of ``source`` will take: a few evenly spaced images encoded exactly as
-    the writer will (resized, re-encoded), scaled to the whole set, plus each writer
-    process's last, partly filled page. Images that cannot be read are skipped here (the
-    write names them)."""
-    picks = np.unique(np.linspace(0, len(source) - 1, min(SIZE_SAMPLE, len(source))).astype(int))
+def estimated_beton_bytes(samples, num_workers: int, page_size: int) -> int:
+    """Bytes a .beton of ``samples`` (:class:`.conversion.BetonSamples`) will take: a few
+    evenly spaced images stored exactly as the writer will (passed through, or resized and
+    re-encoded), scaled to the whole set, plus each writer process's last, partly filled page.
+    Images that cannot be read are skipped here (the write names them)."""
+    picks = np.unique(np.linspace(0, len(samples) - 1, min(SIZE_SAMPLE, len(samples))).astype(int))
     sizes = []
-    for i in picks:
+    for n in picks:
         try:
-            sizes.append(encoded_bytes(image_field, source[int(i)][0]))
+            sizes.append(len(samples.prepare(int(n)).data))
         except Exception:  # noqa: BLE001 - an unreadable image is reported by the write
             continue
     per_image = np.mean(sizes) if sizes else 0
-    return int(per_image * len(source)) + num_workers * page_size
+    return int(per_image * len(samples)) + num_workers * page_size
 
 
 def _check_free_space(folder: Path, needed: int):
@@ -427,18 +454,29 @@ def _raise_write_failure(failure_log: Path, path: Path):
 
 
 def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=None,
-                files=None, num_workers: int = 2, shuffle: bool = True, root=None):
+                num_workers: int = 2, shuffle: bool = True):
     """Write ``source`` to ``path`` (atomically) in a seeded random order; returns the order used.
 
-    ``files`` and their split ``root`` go into the sidecar, so the store can name its source.
+    ``source`` is an :class:`.sources.ImageSource` (any form :func:`.sources.open_source`
+    opens: a tree, a flat folder, a list of paths, WebDataset shards, a Hugging Face table, a
+    mapped data set) or an indexable of ``(image, label)`` pairs (:class:`ArraySource`). Each
+    JPEG is stored as its own bytes or re-encoded, as ``options.jpeg`` says (:mod:`.conversion`).
+    The sidecar records the class names (``classes``, else the source's), the images' keys
+    (for files: the files and their root), the source's record, the options and how many
+    images passed through; ``<path>.sha256.npy`` each image's SHA-256. Position ``n`` of the
+    file holds source item ``order[n]``: the order mixes classes, so every run of consecutive
+    images (a store chunk, a labelling batch) does (train-mode BatchNorm needs mixed batches).
+
     A disk too full for the estimated size is refused before writing, and a write that fails
     anyway (the disk filled up meanwhile) ends in a :class:`DataSetError`, never a hang; either
     way no partial file is left."""
     from unittest import mock
 
     import ffcv.writer
-    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
+
+    from .conversion import DIGEST_BYTES, BetonSamples, image_field
 
     if len(source) == 0:
         raise DataSetError(f"{path}: the data set has no images")
@@ -449,36 +487,57 @@ def write_beton(source, path, options: BetonOptions = BetonOptions(), classes=No
     except OSError as exc:
         raise DataSetError(storage_error_message(exc, path.parent)) from None
     tmp = path.with_name(path.name + f".{os.getpid()}.partial")
-    image_field = RGBImageField(write_mode=options.write_mode, jpeg_quality=options.jpeg_quality,
-                                max_resolution=options.max_resolution or None)
-    writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()},
+    logs = {name: tmp.with_name(f"{tmp.name}.{name}") for name in ("errors", "write-failed",
+                                                                    "scratch.npy")}
+    samples = BetonSamples(source, order, options, page_size=None,
+                           failure_log=str(logs["write-failed"]))
+    writer = DatasetWriter(str(tmp), {"image": image_field(), "label": IntField()},
                            num_workers=max(1, num_workers),
-                           page_size=page_size_for(largest_sample_bytes(source, image_field),
-                                                   exact=options.write_mode == "raw"))
-    _check_free_space(path.parent, estimated_beton_bytes(source, image_field, writer.num_workers,
+                           page_size=page_size_of(samples, options))
+    samples.page_size = writer.page_size
+    _check_free_space(path.parent, estimated_beton_bytes(samples, writer.num_workers,
                                                          writer.page_size))
-    error_log = tmp.with_name(tmp.name + ".errors")
-    failure_log = tmp.with_name(tmp.name + ".write-failed")
-    if hasattr(source, "error_log"):
-        source.error_log = str(error_log)
+    samples.error_log, samples.scratch = str(logs["errors"]), str(logs["scratch.npy"])
     try:
+        np.lib.format.open_memmap(logs["scratch.npy"], "w+", np.uint8,
+                                  (len(order), DIGEST_BYTES + 1)).flush()  # rows: BetonSamples
         with mock.patch.object(ffcv.writer, "MemoryAllocator",
-                               _guarded_allocator(str(failure_log))):
-            writer.from_indexed_dataset(_Reordered(source, order, failure_log))
-        _raise_write_failure(failure_log, path)
-        _raise_logged_errors(error_log)
-        meta = {"classes": list(classes) if classes is not None else None,
-                "files": [str(files[i]) for i in order] if files is not None else None,
-                "root": str(root) if root is not None else None, "options": options.__dict__}
+                               _guarded_allocator(str(logs["write-failed"]))):
+            writer.from_indexed_dataset(samples)
+        _raise_write_failure(logs["write-failed"], path)
+        _raise_logged_errors(logs["errors"])
+        scratch = np.load(logs["scratch.npy"])
+        stamp = [tmp.stat().st_size, tmp.stat().st_mtime_ns]  # kept by the rename below
+        _atomic_save(Path(str(path) + DIGESTS_SUFFIX), np.ascontiguousarray(scratch[:, :-1]))
+        meta = {**_described_source(source, order, classes), "options": options.__dict__,
+                "passed_through": int(scratch[:, -1].sum()), "digests_stamp": stamp}
         _atomic_write_text(Path(str(path) + META_SUFFIX), json.dumps(meta, indent=1))
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        failure_log.unlink(missing_ok=True)
+        for leftover in (tmp, logs["write-failed"], logs["errors"]):
+            leftover.unlink(missing_ok=True)
         if isinstance(exc, OSError):  # the header, tables or sidecar, written by this process
             raise DataSetError(storage_error_message(exc, path.parent)) from None
         raise
+    finally:
+        logs["scratch.npy"].unlink(missing_ok=True)
     return order
+
+
+def _described_source(source, order, classes) -> dict:
+    """The sidecar's account of ``source`` in stored order: class names, whether it has
+    labels, its record, and its images' names (files and their root, or keys)."""
+    from .conversion import is_image_source
+    if not is_image_source(source):
+        return {"classes": list(classes) if classes is not None else None, "labelled": True}
+    names = classes if classes is not None else source.classes
+    described = {"classes": list(names) if names is not None else None,
+                 "labelled": source.labels() is not None, "source": source.record()}
+    files = getattr(source, "files", None)
+    if files is not None:  # keys are their paths relative to the root (sources.files)
+        return {**described, "files": [str(files[i]) for i in order], "root": str(source.root)}
+    keys = source.keys()
+    return {**described, KEYS_FIELD: [keys[i] for i in order]}
 
 
 def scan_image_folder(root) -> tuple:
@@ -502,8 +561,8 @@ def scan_image_folder(root) -> tuple:
     return classes, files, np.asarray(labels, dtype=np.int64)
 
 
-def _tree_key(root: Path, files, options: BetonOptions) -> str:
-    h = hashlib.sha256(json.dumps([str(root.resolve()), options.__dict__]).encode())
+def _tree_key(root: Path, files, settings: dict) -> str:
+    h = hashlib.sha256(json.dumps([str(root.resolve()), settings]).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -520,25 +579,131 @@ def split_dir(data, split: str) -> Path:
     return data / split if (data / split).is_dir() else data
 
 
-def open_dataset(data, split: str = "train", cache_dir=None,
-                 options: BetonOptions = BetonOptions(), num_workers: int = 2) -> ImageDataset:
-    """Open ``data`` as an :class:`ImageDataset`, converting an ImageFolder tree once if needed.
+def is_beton(data) -> bool:
+    """Whether ``data`` names a ``.beton`` file, used as it is, rather than images to convert."""
+    if not isinstance(data, (str, os.PathLike)):
+        return False
+    path = Path(data)
+    if path.suffix.lower() == ".beton":
+        return True
+    if not path.is_file():
+        return False
+    from .sources import source_kind
+    try:
+        return source_kind(str(path)) == "beton"
+    except DataSetError:
+        return True  # a file of no kind the sources read: FFCV's reader says what it is
 
-    ``data`` is a ``.beton`` file, or an ImageFolder tree (``DATA/<split>/<class>/*`` or
-    ``DATA/<class>/*``). Converted files are cached under ``cache_dir`` keyed by the tree's file
-    list, sizes, mtimes and ``options``, so precompute and train share one file.
+
+SPLIT_KINDS = ("image_folder", "hf_dataset")  # the sources whose data holds splits
+CACHING_KINDS = ("webdataset", "hf_dataset")  # keep a shard index or a table cache
+
+
+def open_data_source(data, split: str = "train", cache_dir=None, **options):
+    """``data`` as an :class:`.sources.ImageSource` (:func:`.sources.open_source`): its split
+    ``split`` where the kind has splits (a tree's ``train/``, a ``DatasetDict``'s split), its
+    shard index or table cache under ``cache_dir`` where the kind keeps one."""
+    from .sources import ImageSource, open_source, source_kind
+    if isinstance(data, ImageSource):
+        return open_source(data, **options)
+    kind = options.pop("kind", None) or source_kind(data)
+    if kind in SPLIT_KINDS:
+        options = {"split": split, **options}
+    if kind in CACHING_KINDS and cache_dir is not None:
+        options = {"cache_dir": cache_dir, **options}
+    return open_source(data, kind, **options)
+
+
+def require_labels(source):
+    """Refuse a source without labels in one line: a label store records each image's class
+    as its ground truth (and ground-truth training needs it)."""
+    if source.labels() is None:
+        raise DataSetError(f"{source.location}: names no class for its images (a "
+                           f"{source.kind} source without labels), and a label store records "
+                           "each image's class; pass the data with its classes: class folders, "
+                           "a CSV with a label column (label_column / --label-column), shards "
+                           "with cls members, or a table with a label column")
+
+
+def open_dataset(data, split: str = "train", cache_dir=None,
+                 options: BetonOptions = BetonOptions(), num_workers: int = 2, *,
+                 labels_required: bool = True, **source_options) -> ImageDataset:
+    """Open ``data`` as an :class:`ImageDataset`, converting it once (cached) unless it is a
+    ``.beton``.
+
+    Parameters
+    ----------
+    data : str, os.PathLike or object
+        A ``.beton``, or anything :func:`.sources.open_source` opens: an ImageFolder tree
+        (``DATA/<split>/<class>/*`` or ``DATA/<class>/*``), a flat folder, a list of paths,
+        WebDataset shards (local, brace patterns, URLs), a Hugging Face table, a mapped data
+        set (with ``key_fn=``), or an :class:`.sources.ImageSource`.
+    split : str
+        The split of a tree or a ``DatasetDict``.
+    cache_dir : str or os.PathLike, optional
+        Where converted files are kept (default: ``$REFINERY_CACHE``, else
+        ``~/.cache/refinery``), named by the source's identity (files' sizes and mtimes,
+        shards' stamps, a table's fingerprint) and ``options``, so precompute and train share
+        one file. A mapped data set cannot tell whether it changed: it is converted each time.
+    options : BetonOptions
+        How images are written (passthrough or re-encoded JPEGs, a capped resolution).
+    num_workers : int
+        Processes converting the images.
+    labels_required : bool
+        Refuse, before converting, a source without labels (a flat folder); False converts it
+        with label ``-1`` throughout, for readers that take labels from a store.
+    **source_options
+        The options of the source's kind (``key_column=``, ``label_column=``, ...).
+
+    Raises
+    ------
+    DataSetError
+        The data cannot be opened or converted (the message names it and the fix).
     """
-    data = Path(data)
-    if data.suffix == ".beton" or data.is_file():
+    if is_beton(data):
+        if source_options:
+            raise ArgumentError(f"{', '.join(source_options)}: {data} is a .beton, which takes "
+                                "no source options; leave them out")
         return ImageDataset(data)
-    root = split_dir(data, split)
-    classes, files, labels = scan_image_folder(root)
+    source = open_data_source(data, split, cache_dir, **source_options)
+    if labels_required:
+        require_labels(source)
+    return ImageDataset(converted(source, cache_dir, options, num_workers))
+
+
+def converted(source, cache_dir=None, options: BetonOptions = BetonOptions(),
+              num_workers: int = 2) -> Path:
+    """The cached ``.beton`` of ``source`` under ``options``, written first if needed."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    beton = cache / f"{root.parent.name}-{root.name}-{_tree_key(root, files, options)}.beton"
-    if not beton.is_file():
-        write_beton(FileSource(files, labels), beton, options, classes=classes, files=files,
-                    num_workers=num_workers, root=root)
-    return ImageDataset(beton)
+    path = cache / f"{_cache_name(source, options)}.beton"
+    if source.stamp() is None or not path.is_file():
+        write_beton(source, path, options, num_workers=num_workers)
+    return path
+
+
+def _cache_name(source, options: BetonOptions) -> str:
+    """``<name>-<key>``: a tree converted with ``reencode`` keeps the name it had before other
+    sources and passthrough existed (so old stores find their ``.beton``); any other source
+    and conversion is keyed by everything that makes its file."""
+    if source.kind == "image_folder" and options.jpeg == "reencode":
+        root = source.root
+        legacy = {k: v for k, v in options.__dict__.items() if k != "jpeg"}
+        return f"{root.parent.name}-{root.name}-{_tree_key(root, source.files, legacy)}"
+    identity = {"record": source.record(), "options": options.__dict__,
+                "stamp": source.stamp(), "classes": source.classes,
+                "keys": hashlib.sha256("\n".join(source.keys()).encode()).hexdigest(),
+                "labels": None if source.labels() is None else _sha(source.labels())}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{data_name(source)}-{key[:16]}"
+
+
+def data_name(source) -> str:
+    """A short file-name form of where ``source`` came from: ``data-train`` for a tree's split,
+    the shards' or table's stem otherwise."""
+    location = Path(source.location.split("{")[0].rstrip("/-_."))
+    name = (f"{location.parent.name}-{location.name}" if source.kind == "image_folder"
+            else location.stem)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:48] or source.kind
 
 
 def find_cached_beton(fingerprint: dict, cache_dir=None):
@@ -563,27 +728,37 @@ def find_cached_beton(fingerprint: dict, cache_dir=None):
 SPLITS = ("train", "val")
 
 
-def convert_tree(data, out_dir, options: BetonOptions = BetonOptions(),
-                 num_workers: int = 2) -> list:
-    """Write ``DATA/train`` and ``DATA/val`` (or a bare class tree, as train) to
-    ``out_dir/<name>_<split>.beton``, the pair ``refine train`` takes, with their class names.
+def convert_data(data, out_dir, options: BetonOptions = BetonOptions(), num_workers: int = 2,
+                 split: str = None, **source_options) -> list:
+    """Write ``data`` to ``.beton`` files in ``out_dir``; returns their paths.
 
-    The explicit form of what :func:`open_dataset` caches, for the options a large data set
-    wants (FFCV's ImageNet recipe caps the longer side at 256 to 512 px). Existing files are never
-    overwritten: label stores are fingerprinted against them.
+    An ImageFolder tree gives ``<name>_train.beton`` and ``<name>_val.beton`` (from
+    ``DATA/train`` and ``DATA/val``; a bare class tree as train; only ``split`` if given), the
+    pair ``refine train`` takes; any other data set (:func:`open_data_source`: shards, tables,
+    lists, flat folders) gives ``<name>.beton``, keyed by its images' names. The explicit form
+    of what :func:`open_dataset` caches, for the options a large data set wants (FFCV's
+    ImageNet recipe caps the longer side at 256 to 512 px) and for a file to share. Existing
+    files are never overwritten: label stores are fingerprinted against them.
     """
-    data, out_dir = Path(data), Path(out_dir)
-    splits = [s for s in SPLITS if (data / s).is_dir()] or ["train"]
-    targets = {s: out_dir / f"{data.resolve().name}_{s}.beton" for s in splits}
-    for path in targets.values():
+    from .sources import source_kind
+    out_dir = Path(out_dir)
+    if is_beton(data):
+        raise DataSetError(f"{data}: already a .beton; pass the images it was made from")
+    if source_kind(data) == "image_folder" and isinstance(data, (str, os.PathLike)):
+        splits = [split] if split else [s for s in SPLITS if (Path(data) / s).is_dir()] or ["train"]
+        sources = {s: open_data_source(data, s, **source_options) for s in splits}  # errors first
+        if len({tuple(source.classes) for source in sources.values()}) > 1:
+            raise DataSetError(f"{data}: train and val hold different class folders; give both "
+                               "splits the same classes")
+        name = Path(data).resolve().name
+        targets = {out_dir / f"{name}_{s}.beton": source for s, source in sources.items()}
+    else:
+        source = open_data_source(data, split or "train", **source_options)
+        targets = {out_dir / f"{data_name(source)}.beton": source}
+    for path in targets:
         if path.exists():
             raise DataSetError(f"{path}: already exists (label stores may be fingerprinted "
                                "against it); remove it or choose another output folder")
-    scanned = {s: scan_image_folder(split_dir(data, s)) for s in splits}  # all errors first
-    if len({tuple(c) for c, _, _ in scanned.values()}) > 1:
-        raise DataSetError(f"{data}: train and val hold different class folders; give both "
-                           "splits the same classes")
-    for split, (classes, files, labels) in scanned.items():
-        write_beton(FileSource(files, labels), targets[split], options, classes=classes,
-                    files=files, num_workers=num_workers, root=split_dir(data, split))
-    return list(targets.values())
+    for path, source in targets.items():
+        write_beton(source, path, options, num_workers=num_workers)
+    return list(targets)

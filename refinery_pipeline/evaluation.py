@@ -48,20 +48,40 @@ def data_of(run, data=None) -> str:
                        "DATA") from None
 
 
-def conversion_of(run) -> dict:
-    """How a ``refine train`` run directory converted its data (``config.json``'s
-    ``conversion``, as a store records one; {}: the defaults, also for a checkpoint file or a
-    run from before the record): evaluating it on other frames would measure other pixels
-    than it was trained and validated on."""
+def conversion_of(run, data=None):
+    """How to convert the data to evaluate ``run`` on: as the run converted the data it
+    trained on (``config.json``'s ``conversion``) when ``data`` is that data (or not given), so
+    the result is filed as its own; the defaults for other data and for checkpoint files. A
+    run from before conversions were recorded converted with ``reencode``, capped as its store
+    or its ``--max-resolution`` said."""
+    from .dataset import BetonOptions
+    config = _run_config(Path(run)) if Path(run).is_dir() else {}
+    trained_on = config.get("data")
+    if trained_on is None or (data is not None and
+                              Path(str(data)).resolve() != Path(str(trained_on)).resolve()):
+        return BetonOptions()
+    if isinstance(config.get("conversion"), dict):
+        return BetonOptions.from_record(config["conversion"])
+    return _conversion_before_records(config)
+
+
+def _conversion_before_records(config: dict):
+    from dataclasses import replace
+
+    from .dataset import conversion_options
+    from .errors import RefineryError
+    from .label_store import LabelStore
+    source = None
+    if config.get("labels"):
+        try:
+            source = LabelStore.open(config["labels"]).dataset.source
+        except (RefineryError, OSError, TypeError, KeyError):
+            source = None  # the store is gone: its cap cannot be known; evaluate uncapped
     try:
-        config = json.loads((Path(run) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    conversion = config.get("conversion") if isinstance(config, dict) else None
-    if isinstance(conversion, dict):
-        return conversion
-    cap = config.get("max_resolution") if isinstance(config, dict) else None
-    return {"max_resolution": int(cap)} if cap else {}
+        options = conversion_options(source, config.get("max_resolution"))
+    except RefineryError:
+        options = conversion_options(source)
+    return replace(options, jpeg="reencode")
 
 
 def data_id(fingerprint: dict) -> str:
@@ -163,7 +183,7 @@ def read_evaluation(run, split: str) -> dict:
 def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
                         batch_size: int = 256, num_workers: int = 2, device: str = "auto",
                         cache_dir=None, arch: str = None, trust_checkpoint: bool = False,
-                        option_names=None, conversion: dict = None) -> dict:
+                        option_names=None, options=None) -> dict:
     """Top-1, top-5 and per-class top-1 (percent) of ``weights`` on the centred square of every
     image of ``split``, as ``refine train`` evaluates validation.
 
@@ -185,11 +205,9 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
     option_names : OptionNames, optional
         What the messages ask for (``refine evaluate`` passes its ``--arch`` and ``--res``);
         the Python keywords by default.
-    conversion : dict, optional
-        How to convert a tree (``BetonOptions`` fields that differ from the defaults, e.g.
-        ``{"max_resolution": 256}``), as the run being evaluated converted its data:
-        ``refine evaluate`` passes a run directory's own (:func:`conversion_of`), so the
-        images are seen in the frames the run trained and validated on. Default: the defaults.
+    options : BetonOptions, optional
+        How a tree is converted (default: :class:`.dataset.BetonOptions`'s defaults); a run's
+        own data as it trained on it: :func:`conversion_of`.
 
     Returns
     -------
@@ -198,7 +216,7 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         ``split``, ``images``, ``res``, ``checkpoint``, and ``data``: what was measured (see
         :func:`data_record`).
     """
-    from .dataset import conversion_options, open_dataset
+    from .dataset import BetonOptions, open_dataset
     from .models import PYTHON_NAMES, checkpoint_input_size, load_trained_model
     from .replay import FixedCrops, make_loader
     from .train import _val_location, evaluate, resolve_device
@@ -206,8 +224,8 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     device = resolve_device(device)  # before any data is converted
     location = data if split == "train" else _val_location(data)
-    dataset = open_dataset(location, split, cache_dir,
-                           conversion_options({"conversion": conversion or {}}), num_workers)
+    dataset = open_dataset(location, split, cache_dir, options or BetonOptions(),
+                           num_workers=num_workers)
     names = option_names or PYTHON_NAMES
     model, ckpt = load_trained_model(weights, arch, dataset.classes,
                                      trust_checkpoint=trust_checkpoint, option_names=names)

@@ -29,6 +29,7 @@ def describe_store(location, cache_dir=None) -> dict:
         "complete": bool(done.all()), "plan": attrs["plan"], "refinery": attrs["refinery"],
         "dataset": {k: v for k, v in attrs["dataset"].items() if k != "classes"},
         "classes": len(attrs["dataset"]["classes"]),
+        "images_named": _naming(store),
         "beton": str(beton) if beton is not None else None,
         "batching": attrs.get("batching", {}),
         "software": attrs.get("software", {}),
@@ -40,6 +41,18 @@ def describe_store(location, cache_dir=None) -> dict:
     if done.any():
         summary["labels"] = label_statistics(store)
     return summary
+
+
+def _naming(store: LabelStore) -> str:
+    """How a copy of the data finds its labels: by key (a keyed store, format 5, and its
+    source's kind) or by position (older stores, or images without names)."""
+    kind = (store.dataset.source or {}).get("kind")
+    made_from = f" from a {kind} source" if kind else ""
+    if store.keyed:
+        return (f"keyed{made_from}: any copy (another order, form or subset) is joined by "
+                "image key")
+    return (f"not keyed{made_from}: only the data set it was made from, in its order, finds "
+            "its labels")
 
 
 def label_statistics(store: LabelStore) -> dict:

@@ -143,6 +143,9 @@ OPTION_USES = (
     OptionUse("convert", "--jpeg-quality", "jpeg_quality", lambda o: o.write_mode == "jpg",
               "raw pixels are stored as they are, without JPEG encoding",
               "drop --jpeg-quality, or pass --write-mode jpg"),
+    OptionUse("convert", "--jpeg", "jpeg", lambda o: o.write_mode == "jpg",
+              "raw pixels are stored as they are, neither passed through nor re-encoded as JPEG",
+              "drop --jpeg, or pass --write-mode jpg"),
     OptionUse("show", "--name", "names", lambda s: bool(s.others),
               "the names label the stores of a --compare figure, and a figure of one store "
               "names none", "add --compare STORE, or drop --name"),

@@ -32,6 +32,7 @@ torchvision's decoders differ by up to 8 levels, and PIL/torchvision resizing by
 
 This module imports neither FFCV nor torch.
 """
+import io
 import re
 import warnings
 from pathlib import Path
@@ -40,7 +41,6 @@ import numpy as np
 
 from .errors import DataSetError
 
-JPEG_SUFFIXES = (".jpg", ".jpeg")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ARRAY_FIX = ("give uint8 (0..255), uint16 (0..65535), bool, or float in [0, 1] pixels, "
              "(H, W), (H, W, 1..4) or, for tensors, (1..4, H, W)")
@@ -123,15 +123,25 @@ def open_image_file(path) -> np.ndarray:
     """An image file's first frame as ``(H, W, 3)`` uint8 RGB through PIL and
     :func:`rgb_of_image`: how ``refine`` converts a tree, and how torchvision's ``ImageFolder``
     reads its 8-bit files. Files above :func:`max_image_pixels` are refused."""
+    return _open_with_pil(path, path)
+
+
+def open_image_bytes(data: bytes, what="image") -> np.ndarray:
+    """Encoded image bytes held in memory (a shard member, a table cell) as
+    :func:`open_image_file` reads a file of those bytes: the same pixels, the same limit."""
+    return _open_with_pil(io.BytesIO(data), what)
+
+
+def _open_with_pil(file, what) -> np.ndarray:
     from PIL import Image
     with warnings.catch_warnings():  # the limit is enforced below: PIL's half-way warning is noise
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 image.seek(0)
-                return rgb_of_image(image, path)
+                return rgb_of_image(image, what)
         except Image.DecompressionBombError as exc:
-            raise DataSetError(_too_large(path, _pil_size(str(exc)))) from None
+            raise DataSetError(_too_large(what, _pil_size(str(exc)))) from None
 
 
 def image_file_size(path):
@@ -147,6 +157,12 @@ def image_file_size(path):
             return None
 
 
+JPEG_MAGIC = b"\xff\xd8"
+# Colour spaces libjpeg-turbo turns into RGB itself, as FFCV's decoder asks it to (CMYK and YCCK
+# JPEGs it cannot convert: PIL reads those, by the rule above).
+RGB_DECODABLE = ("Gray", "YCbCr", "RGB")
+
+
 def decode_jpeg(data) -> np.ndarray:
     """Decode JPEG bytes to ``(H, W, 3)`` uint8 RGB exactly as FFCV's ``imdecode`` does."""
     import simplejpeg
@@ -154,22 +170,59 @@ def decode_jpeg(data) -> np.ndarray:
                                   colorspace="RGB", fastdct=True, fastupsample=False)
 
 
+def jpeg_frame(data: bytes):
+    """``(height, width)`` of JPEG bytes whose colour space (Gray, YCbCr or RGB, from the
+    header alone) FFCV's decoder reads as RGB; None for anything else (not a JPEG, CMYK or
+    YCCK, a header libjpeg-turbo cannot read)."""
+    if data[:2] != JPEG_MAGIC:
+        return None
+    import simplejpeg
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (height, width) if colorspace in RGB_DECODABLE else None
+
+
+def decode_exactly(data: bytes, what="image"):
+    """JPEG bytes decoded as FFCV decodes them (:func:`decode_jpeg`), or None where that is
+    not how refinery reads them: not such a JPEG (:func:`jpeg_frame`), or one libjpeg-turbo
+    reads only with a warning (a truncated or damaged file), which PIL reads instead. The
+    ``.beton`` conversion stores exactly these images' bytes unchanged (``dataset.py``)."""
+    frame = jpeg_frame(data)
+    if frame is None:
+        return None
+    check_image_size(what, frame[1], frame[0])
+    try:
+        return decode_jpeg(data)
+    except ValueError:  # libjpeg-turbo's warnings are errors here (simplejpeg's strict mode)
+        return None
+
+
+def decode_image(data: bytes, what="image") -> np.ndarray:
+    """Encoded image bytes as ``(H, W, 3)`` uint8 RGB, by refinery's one rule for bytes:
+    :func:`decode_exactly` where it applies (FFCV's exact decoder: the pixels a ``.beton``
+    holding these bytes gives), anything else through PIL (:func:`open_image_bytes`). Bytes
+    that are no image are a one-line :class:`DataSetError` naming ``what``."""
+    pixels = decode_exactly(data, what)
+    if pixels is not None:
+        return pixels
+    try:
+        return open_image_bytes(data, what)
+    except DataSetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for foreign bytes
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DataSetError(f"{what}: cannot be read as an image ({reason}); delete or replace "
+                           "it") from None
+
+
 def read_image_file(path) -> np.ndarray:
-    """An original image file as ``(H, W, 3)`` uint8 RGB: YCbCr and grey JPEGs through
-    :func:`decode_jpeg` (libjpeg-turbo, fast), anything else (CMYK and YCCK JPEGs, files it
-    cannot read) through :func:`open_image_file`, the rule ``refine`` converts trees by."""
-    path = Path(path)
-    if path.suffix.lower() in JPEG_SUFFIXES:
-        import simplejpeg
-        data = path.read_bytes()
-        try:
-            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-            if colorspace in ("Gray", "YCbCr", "RGB"):
-                check_image_size(path, width, height)
-                return decode_jpeg(data)
-        except ValueError:
-            pass  # progressive oddities, not a JPEG after all: PIL below handles them
-    return open_image_file(path)
+    """An original image file as ``(H, W, 3)`` uint8 RGB by :func:`decode_image`: YCbCr and
+    grey JPEGs through :func:`decode_jpeg` (libjpeg-turbo, fast; the pixels of the ``.beton``
+    that holds the file's bytes), anything else (CMYK and YCCK JPEGs, other formats) through
+    PIL, the rule ``refine`` converts trees by. Decided by the bytes, not the file name."""
+    return decode_image(Path(path).read_bytes(), path)
 
 
 def cut_crop(image: np.ndarray, box, flip: bool, size: int) -> np.ndarray:

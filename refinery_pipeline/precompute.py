@@ -24,7 +24,7 @@ from . import __version__
 from .augment import plan_augment, planned_crops
 from .crop_plan import CropPlan, boxes_at, centre_square, flips_at, sample_boxes, sample_flips
 from .distributed import barrier, init_from_env, is_main
-from .errors import RefineryError, StoreMismatchError, StoreNotFoundError
+from .errors import DataSetError, RefineryError, StoreMismatchError, StoreNotFoundError
 from .label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore, StoreLayout,
                           default_chunk_size)
 from .remote_storage import is_remote
@@ -84,6 +84,32 @@ def check_options(location, plan: CropPlan, top_k: int, crop_batch: int, chunk_s
                                 f"{value!r}); pass a positive {option.split('/')[0]}")
 
 
+def check_same_images(store: LabelStore, dataset):
+    """A resumed store goes on with the images it was made from, by name too: the same kind
+    of source and, where the store is keyed, the same keys in the same order (the fingerprint
+    compared the bytes and labels already)."""
+    recorded, ours = store.dataset.source or {}, dataset.source() or {}
+    if recorded.get("kind") != ours.get("kind"):
+        raise StoreMismatchError(f"{store.location}: made from a {recorded.get('kind')} source, "
+                                 f"and this data is a {ours.get('kind')} source; resume with the "
+                                 "data the store was made from, or write a new store")
+    if store.keyed and store.read_keys() != dataset.keys():
+        raise StoreMismatchError(f"{store.location}: its images are named otherwise than this "
+                                 "data's (the same bytes under other keys); resume with the data "
+                                 "the store was made from, or write a new store")
+
+
+def check_labelled(dataset):
+    """Refuse images without classes before anything is created: a store records each image's
+    class as its ground truth."""
+    if not dataset.has_labels:
+        raise DataSetError(f"{dataset.path}: its images have no classes (converted from a "
+                           "source without labels), and a label store records each image's "
+                           "class; precompute from the data with its classes: class folders, "
+                           "a CSV with a label column, shards with cls members, or a table "
+                           "with a label column")
+
+
 def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int,
                          crop_batch: int, chunk_size: int = None,
                          soft_static: bool = False,
@@ -105,8 +131,10 @@ def open_or_create_store(location, dataset, refinery, plan: CropPlan, top_k: int
     attrs = store_attributes(dataset, refinery, plan, Batching.for_layout(layout, crop_batch))
     if store is None:
         store = LabelStore.create(location, layout, attrs, labels=dataset.labels,
-                                  image_sizes=np.stack([dataset.heights, dataset.widths], -1))
+                                  image_sizes=np.stack([dataset.heights, dataset.widths], -1),
+                                  keys=dataset.keys(), digests=dataset.image_digests())
     store.check_matches(attrs["dataset"], plan=attrs["plan"], refinery=attrs["refinery"])
+    check_same_images(store, dataset)
     for key in ("top_k", "crops_per_image", "soft_static", "prob_bits"):
         if getattr(store.layout, key) != getattr(layout, key):
             raise StoreMismatchError(f"{location}: {key} mismatch (store: "
@@ -246,6 +274,7 @@ def precompute(dataset, location, refinery, plan: CropPlan, top_k: int = DEFAULT
     are stored as multiples of ``2**-prob_bits`` (0: unrounded float16; see ``label_store``).
     """
     check_options(location, plan, top_k, crop_batch, chunk_size)  # before anything is created
+    check_labelled(dataset)
     top_k = min(top_k, len(dataset.classes))
     rank, world = init_from_env(refinery.device)
     args = (location, dataset, refinery, plan, top_k, crop_batch, chunk_size, soft_static,

@@ -55,7 +55,7 @@ def tree_store(tiny_refinery_ckpt, tmp_path_factory):
     root = write_tree(tmp_path_factory.mktemp("tree"))
     cache = tmp_path_factory.mktemp("cache")
     dataset = open_dataset(root, "train", cache)
-    path = tmp_path_factory.mktemp("store") / "tree.zarr"  # its own folder: not the base temp
+    path = tmp_path_factory.mktemp("stores") / "tree.zarr"  # its own: other modules make one
     precompute(dataset, path, Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
                CropPlan(seed=2, crops_per_image=K), top_k=TOP_K, crop_batch=32, chunk_size=16,
                progress=False)

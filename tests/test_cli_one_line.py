@@ -27,11 +27,12 @@ def arguments_of(command: str, tmp_path, tiny_data, tiny_refinery_ckpt) -> list:
     return {"precompute": [tiny_data, tmp_path / "out", "--weights", tiny_refinery_ckpt],
             "train": [tiny_data, "--out", tmp_path / "out"],
             "evaluate": [tiny_refinery_ckpt, tiny_data],
-            "audit": [tmp_path / "out", tiny_data, "--weights", tiny_refinery_ckpt]}[command]
+            "audit": [tmp_path / "out", tiny_data, "--weights", tiny_refinery_ckpt],
+            "check-copy": [tmp_path / "out", tiny_data, "--weights", tiny_refinery_ckpt]}[command]
 
 
 def test_the_commands_with_a_device_option_are_known():
-    assert COMMANDS_WITH_DEVICE == ["audit", "evaluate", "precompute", "train"]
+    assert COMMANDS_WITH_DEVICE == ["audit", "check-copy", "evaluate", "precompute", "train"]
 
 
 @pytest.mark.parametrize("command", COMMANDS_WITH_DEVICE)

@@ -162,7 +162,7 @@ def test_precompute_caps_the_frame_and_records_it(capped_store):
     work, _ = capped_store
     store = LabelStore.open(work / "s.zarr")
     assert store.read_image_sizes().max() == 256
-    assert store.dataset.source["conversion"] == {"max_resolution": 256}
+    assert store.dataset.source["conversion"] == {"max_resolution": 256, "jpeg": "passthrough"}
 
 
 def test_store_commands_convert_the_tree_as_the_store_records(capped_store, large_tree):

@@ -31,7 +31,7 @@ def tree_and_store(tiny_refinery_ckpt, tmp_path_factory):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
     dataset = open_dataset(root, "train", tmp_path_factory.mktemp("cache"))
-    store = tmp_path_factory.mktemp("store") / "tree.zarr"  # its own folder: not the base temp
+    store = tmp_path_factory.mktemp("stores") / "tree.zarr"  # its own: other modules make one
     precompute(dataset, store, Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
                CropPlan(seed=2, crops_per_image=2), top_k=3, crop_batch=32, chunk_size=16,
                progress=False)

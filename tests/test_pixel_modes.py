@@ -155,7 +155,7 @@ FILES = {
     "mode_RGB.png": (_rgb, True),
     "mode_RGBA.png": (lambda p: _rgb(p, 4), True),
     "mode_CMYK.tif": (_cmyk, True),
-    "mode_CMYK.jpg": (lambda p: _cmyk(p, quality=95), True),
+    "mode_CMYK_jpeg.jpg": (lambda p: _cmyk(p, quality=95), True),  # not beside .tif: one key
     "mode_YCbCr.tif": (_ycbcr, True),
     "mode_I16.png": (lambda p: _sixteen(p, "I;16"), False),
     "mode_I16B.tif": (lambda p: _sixteen(p, "I;16B"), False),

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refinery_pipeline.dataset import FileSource as BetonFiles
-from refinery_pipeline.dataset import scan_image_folder, write_beton
+from refinery_pipeline.dataset import BetonOptions, scan_image_folder, write_beton
 from refinery_pipeline.errors import ArgumentError, DataSetError
 from refinery_pipeline.keys import join
 from refinery_pipeline.pixels import read_image_file
@@ -177,10 +176,9 @@ def test_a_torchvision_image_folder_and_a_mapped_data_set(copies, truth):
 
 def test_a_beton_is_keyed_by_its_source_files(copies, truth, tmp_path):
     root = copies["tree"] / "train"
-    classes, files, labels = scan_image_folder(root)
+    files = scan_image_folder(root)[1]
     beton = tmp_path / "tree.beton"
-    write_beton(BetonFiles(files, labels), beton, classes=classes, files=files, root=root,
-                num_workers=1)
+    write_beton(open_source(copies["tree"]), beton, BetonOptions(jpeg="reencode"), num_workers=1)
     source = open_source(beton)
     assert source.kind == "beton" and source.has_bytes and sorted(source.keys()) == sorted(truth)
     for i, key in enumerate(source.keys()):

@@ -1,15 +1,11 @@
 """The one interface every image source offers, and what the implementations share."""
-import io
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
 from ..errors import ArgumentError, DataSetError, storage_error_message
 from ..keys import normalize_keys
-from ..pixels import decode_jpeg, rgb_of_image
-
-JPEG_MAGIC = b"\xff\xd8"
+from ..pixels import decode_image  # the one rule for encoded bytes; re-exported here
 
 
 class ImageSource:
@@ -67,8 +63,9 @@ class ImageSource:
                            "read them with image(i)")
 
     def image(self, i: int) -> np.ndarray:
-        """Item ``i`` decoded to ``(H, W, 3)`` uint8 RGB: JPEGs exactly as FFCV decodes them
-        (simplejpeg, fast DCT), other formats by PIL converted to RGB."""
+        """Item ``i`` decoded to ``(H, W, 3)`` uint8 RGB by :func:`.pixels.decode_image`: JPEGs
+        exactly as FFCV decodes them (simplejpeg, fast DCT), anything else by PIL and the one
+        pixel-mode rule of :mod:`.pixels`."""
         return decode_image(self.encoded(i), self.describe(i))
 
     def iter_encoded(self, indices=None) -> Iterator[bytes]:
@@ -90,6 +87,13 @@ class ImageSource:
     def _record_details(self) -> dict:
         return {}
 
+    def stamp(self):
+        """What changes when the images do, found without reading them (files' sizes and
+        modification times, shards' ETags, a table's fingerprint): part of the cache key of a
+        ``.beton`` converted from the source. None where the source cannot tell (a mapped
+        data set): nothing converted from it is reused."""
+        return None
+
     def _checked_keys(self, keys) -> list:
         """Normalized keys, refused in one line where a key is unusable or names two items."""
         keys = list(keys)
@@ -107,29 +111,6 @@ class ImageSource:
                                f"({self.describe(j)} and {self.describe(i)}); every image needs "
                                "its own key: remove or rename one")
         return keys
-
-
-def decode_image(data: bytes, where: str = "image") -> np.ndarray:
-    """Encoded image bytes as ``(H, W, 3)`` uint8 RGB, decoded as ``pixels`` decodes files:
-    JPEG through :func:`refinery_pipeline.pixels.decode_jpeg` (FFCV's exact decoder), anything
-    else (and JPEGs it cannot read, e.g. CMYK) through PIL by the pixel mode rule
-    (:func:`refinery_pipeline.pixels.rgb_of_image`: 16-bit samples keep their high byte), the
-    rule ``refine`` converts files by."""
-    if data[:2] == JPEG_MAGIC:
-        try:
-            return decode_jpeg(data)
-        except ValueError:
-            pass  # CMYK and other JPEGs simplejpeg refuses: PIL below
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.seek(0)
-            return rgb_of_image(image, where)
-    except DataSetError:
-        raise
-    except Exception as exc:  # PIL raises many types for foreign bytes
-        raise DataSetError(f"{where}: cannot be read as an image ({exc}); delete or replace "
-                           "it") from None
 
 
 def read_file_bytes(path) -> bytes:

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..dataset import KEYS_FIELD  # noqa: F401 - where a keyed .beton's sidecar lists its keys
 from ..errors import DataSetError
 from .base import ImageSource, decode_image
 
-KEYS_FIELD = "keys"  # the sidecar entry a keyed .beton lists its keys in, in sample order
 FFCV_JPEG_MODE = 0  # FFCV's IMAGE_MODES["jpg"]: the sample's bytes are a JPEG file
 
 
@@ -23,19 +23,15 @@ class BetonSource(ImageSource):
     key_rule = "the .beton sidecar's keys, or its source files relative to their split folder"
 
     def __init__(self, path):
-        from ..dataset import ImageDataset, _common_root
+        from ..dataset import ImageDataset
         dataset = ImageDataset(path)  # one-line errors for foreign or missing files
         self.path = Path(path).resolve()
         self.pointers, self.nbytes = dataset.image_byte_spans()
         self.modes = dataset.reader.metadata[dataset.image_field]["mode"].astype(np.int64)
         self.sizes = np.stack([dataset.heights, dataset.widths], -1)
-        self._labels = dataset.labels
+        self._labels = dataset.labels if dataset.has_labels else None
         self._blob = None
-        meta = dataset.meta
-        keys = meta.get(KEYS_FIELD)
-        if keys is None and meta.get("files"):
-            root = Path(meta.get("root") or _common_root(meta["files"], dataset.classes))
-            keys = [Path(f).relative_to(root).as_posix() for f in meta["files"]]
+        keys = dataset.keys()
         if keys is None:
             raise DataSetError(f"{self.path}: has no image keys (its sidecar lists no source "
                                "files); convert the original images again with `refine convert`, "
@@ -44,8 +40,7 @@ class BetonSource(ImageSource):
             raise DataSetError(f"{self.path}: its sidecar lists {len(keys)} keys for "
                                f"{len(self.pointers)} images; the sidecar belongs to another "
                                "file: convert the original images again")
-        named = dataset.meta.get("classes") is not None  # else ImageDataset numbers them
-        super().__init__(self.path, keys, dataset.classes if named else None)
+        super().__init__(self.path, keys, dataset.classes if dataset.has_labels else None)
 
     def __getstate__(self):
         return dict(self.__dict__, _blob=None)  # each process maps the file itself
@@ -76,10 +71,10 @@ class BetonSource(ImageSource):
 
     def digests(self) -> np.ndarray:
         """``(N, 32)`` uint8: SHA-256 of each image's stored bytes, in sample order (what a
-        label store made from this ``.beton`` records as ``image_digests``)."""
-        import hashlib
-        return np.stack([np.frombuffer(hashlib.sha256(self._stored(i)).digest(), np.uint8)
-                         for i in range(len(self))]) if len(self) else np.zeros((0, 32), np.uint8)
+        label store made from this ``.beton`` records as ``image_digests``): the ones its write
+        kept beside it, computed and kept once for a ``.beton`` without them."""
+        from ..dataset import ImageDataset
+        return ImageDataset(self.path).image_digests()
 
     def describe(self, i: int) -> str:
         return f"{self.path} image {i}"

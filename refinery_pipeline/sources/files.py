@@ -1,5 +1,6 @@
 """Image files on a local disk: an ImageFolder tree, a flat directory, a list of paths."""
 import csv
+import hashlib
 import os
 from pathlib import Path
 
@@ -35,6 +36,14 @@ class FileSource(ImageSource):
 
     def _record_details(self) -> dict:
         return {"root": str(self.root)}
+
+    def stamp(self) -> str:
+        """SHA-256 over each file's path, size and modification time, in order."""
+        h = hashlib.sha256()
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
 
 
 class ImageFolderSource(FileSource):

@@ -29,7 +29,7 @@ class HFDatasetSource(ImageSource):
 
     def __init__(self, data, key_column=None, image_column=None, label_column=None,
                  split: str = "train", cache_dir=None):
-        dataset, location = _load(data, split, cache_dir)
+        dataset, self.split, location = _load(data, split, cache_dir)
         self.image_column = image_column or _image_column(dataset, location)
         self._images = _bytes_view(dataset, self.image_column, location)
         keys, self.key_column = _keys(dataset, key_column, self.image_column, location)
@@ -84,7 +84,11 @@ class HFDatasetSource(ImageSource):
 
     def _record_details(self) -> dict:
         return {"key_column": self.key_column, "image_column": self.image_column,
-                "label_column": self.label_column}
+                "label_column": self.label_column, "split": self.split}
+
+    def stamp(self):
+        """The table's ``datasets`` fingerprint (of its files, or of its in-memory data)."""
+        return getattr(self._images, "_fingerprint", None)
 
 
 def is_table_path(path) -> bool:
@@ -106,18 +110,19 @@ def _datasets():
 
 
 def _load(data, split: str, cache_dir) -> tuple:
-    """``(datasets.Dataset, location)`` from an object, a saved folder or table files."""
+    """``(datasets.Dataset, the split taken or None, location)`` from an object, a saved
+    folder or table files."""
     datasets = _datasets()
     if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
         files = [f["filename"] for f in getattr(data, "cache_files", []) or []
                  if isinstance(f, dict)]
         location = files[0] if files else f"datasets.{type(data).__name__} in memory"
-        return _split(data, split, location), location
+        return (*_split(data, split, location), location)
     paths = [Path(p) for p in ([data] if isinstance(data, (str, Path)) else data)]
     location = str(paths[0].resolve()) + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else "")
     try:
         if len(paths) == 1 and paths[0].is_dir() and not any(paths[0].glob("*.parquet")):
-            return _split(datasets.load_from_disk(str(paths[0])), split, location), location
+            return (*_split(datasets.load_from_disk(str(paths[0])), split, location), location)
         files = [f for p in paths for f in (sorted(p.glob("*.parquet")) if p.is_dir() else [p])]
         for f in files:
             if not f.is_file():
@@ -125,11 +130,11 @@ def _load(data, split: str, cache_dir) -> tuple:
                                    "save_to_disk folder")
         if all(f.suffix.lower() == ".arrow" for f in files):
             return datasets.concatenate_datasets(
-                [datasets.Dataset.from_file(str(f)) for f in files]), location
+                [datasets.Dataset.from_file(str(f)) for f in files]), None, location
         cache = Path(cache_dir or default_cache_dir()) / "hf-datasets"
         with _quiet(datasets):
             return datasets.Dataset.from_parquet([str(f) for f in files],
-                                                 cache_dir=str(cache)), location
+                                                 cache_dir=str(cache)), None, location
     except DataSetError:
         raise
     except Exception as exc:  # datasets and pyarrow raise many types for foreign files
@@ -138,14 +143,16 @@ def _load(data, split: str, cache_dir) -> tuple:
                            "a save_to_disk folder or Arrow/Parquet files") from None
 
 
-def _split(data, split: str, location: str):
+def _split(data, split: str, location: str) -> tuple:
+    """``(the table, the split taken)``: split ``split`` of a ``DatasetDict``, or the table
+    itself (None: it has no splits)."""
     datasets = _datasets()
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataSetError(f"{location}: no split {split!r} (splits: "
                                f"{', '.join(data)}); choose one with split=")
-        return data[split]
-    return data
+        return data[split], split
+    return data, None
 
 
 @contextmanager

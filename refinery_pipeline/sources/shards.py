@@ -113,6 +113,10 @@ class WebDatasetSource(ImageSource):
     def _record_details(self) -> dict:
         return {"shards": self.spec, "num_shards": len(self.shards)}
 
+    def stamp(self) -> list:
+        """Each shard's path, size and modification time (ETag remotely)."""
+        return [_stamp(shard) for shard in self.shards]
+
     def _open(self, shard: int) -> int:
         """A descriptor of local shard ``shard``, from a small per-process cache."""
         if shard in self._files:
