@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from refinery_pipeline.crop_plan import CropPlan
-from refinery_pipeline.dataset import ArraySource, open_dataset, write_beton
+from refinery_pipeline.dataset import open_dataset, write_beton
 from refinery_pipeline.label_store import ATTRIBUTES_DIGEST, SEALED_ARRAYS, LabelStore
 from refinery_pipeline.pixels import decode_jpeg
 from refinery_pipeline.sources import BetonSource
@@ -51,10 +51,27 @@ def original_pixels(count: int = N, seed: int = 11) -> tuple:
     return images, np.asarray(shapes.labels), keys
 
 
+class _KeyedPixels:
+    """``(image, label)`` items with ``targets``: a map-style data set for a keyed
+    :class:`~refinery_pipeline.sources.MappedSource`."""
+
+    def __init__(self, images, labels):
+        self.images, self.targets = images, np.asarray(labels)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i])
+
+
 def write_keyed_beton(path: Path, images, labels, keys, root: Path) -> Path:
-    """A ``.beton`` of ``images`` whose sidecar names each as ``root/<key>.jpg`` (its keys)."""
-    write_beton(ArraySource(images, labels), path, classes=SHAPES,
-                files=[root / f"{key}.jpg" for key in keys], root=root, num_workers=1)
+    """A ``.beton`` of ``images`` whose sidecar names each by its key (``<key>.jpg`` as a file
+    under ``root`` would be named; ``root`` is kept for callers that export files there)."""
+    from refinery_pipeline.sources.mapped import MappedSource
+    source = MappedSource(_KeyedPixels(images, labels), key_fn=lambda i: f"{keys[i]}.jpg",
+                          classes=SHAPES)
+    write_beton(source, path, num_workers=1)
     return path
 
 
@@ -71,16 +88,28 @@ def with_keys(plain: Path, path: Path, beton: Path) -> Path:
     """``plain`` as a keyed store at ``path``: the keys and stored-byte digests of ``beton`` (the
     data set it was made from), its labels and chunks unchanged. A store precompute already
     keyed is returned as it is."""
-    old = LabelStore.open(plain)
-    if old.keyed:
+    if LabelStore.open(plain).keyed:
         return plain
     source = BetonSource(beton)
+    return rewritten(plain, path, keys=source.keys(), digests=source.digests())
+
+
+def without_keys(keyed: Path, path: Path) -> Path:
+    """``keyed`` as a store without keys or digests at ``path`` (as stores were before
+    precompute recorded them), its labels and chunks unchanged; an unkeyed store as it is."""
+    if not LabelStore.open(keyed).keyed:
+        return keyed
+    return rewritten(keyed, path, keys=None, digests=None)
+
+
+def rewritten(old_path: Path, path: Path, keys, digests) -> Path:
+    """The store at ``old_path`` written again at ``path`` with ``keys`` and ``digests``."""
+    old = LabelStore.open(old_path)
     left_out = {"format", "format_version", "layout", "complete", ATTRIBUTES_DIGEST,
                 *SEALED_ARRAYS.values()}
     attrs = {k: v for k, v in old.attrs.items() if k not in left_out}
     new = LabelStore.create(path, old.layout, attrs, labels=old.read_labels(),
-                            image_sizes=old.read_image_sizes(), keys=source.keys(),
-                            digests=source.digests())
+                            image_sizes=old.read_image_sizes(), keys=keys, digests=digests)
     for c in range(old.layout.num_chunks):
         new.write_chunk(c, {name: old.read_chunk(name, c) for name in old.layout.array_names})
     new.finalize()
@@ -91,9 +120,9 @@ def make_origin(directory: Path, checkpoint, augment=()) -> Origin:
     images, labels, keys = original_pixels()
     beton = write_keyed_beton(directory / "original_train.beton", images, labels, keys,
                               directory / "original")
-    plain = precompute_store(beton, directory / "plain.zarr", checkpoint, augment)
-    return Origin(images, labels, keys, beton, plain,
-                  with_keys(plain, directory / "keyed.zarr", beton))
+    made = precompute_store(beton, directory / "precomputed.zarr", checkpoint, augment)
+    return Origin(images, labels, keys, beton, without_keys(made, directory / "plain.zarr"),
+                  with_keys(made, directory / "keyed.zarr", beton))
 
 
 @pytest.fixture(scope="module")
