@@ -351,7 +351,10 @@ class ReplayedCrops(_RecipeCrops):
         if self.items_of is None:
             return np.arange(self.source.num_images) if self.copy is None else self.copy.rows
         items = np.asarray(self.items_of(epoch), np.int64)
-        return items if self.copy is None else self._row_of_item[items]
+        if self.copy is None:
+            return items
+        rows = self._row_of_item[items[items < len(self._row_of_item)]]
+        return rows[rows >= 0]  # items holding no replayed row are never decoded
 
     def _read(self, epoch: int, rows=None) -> EpochCrops:
         rows = self._rows(epoch) if rows is None else rows
