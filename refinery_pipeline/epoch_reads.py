@@ -176,22 +176,35 @@ class EpochReader:
     """Reads epochs with ``read(epoch, rows) -> EpochCrops``, the next one in a background
     thread (:meth:`prefetch`) while this one trains, so an epoch boundary waits only for what
     the read has not finished. ``rows`` None lets ``read`` find the epoch's rows itself (in
-    the background too). A read that failed raises when its epoch is asked for."""
+    the background too). A read that failed raises when its epoch is asked for. With
+    ``keep``, the epoch last given is kept, so iterating an epoch again (a second
+    ``iter(loader)``) reads nothing and leaves the read ahead running; a caller that copies
+    each epoch elsewhere (shared memory) passes False and holds no second copy."""
 
-    def __init__(self, read: Callable):
-        self._read = read
+    def __init__(self, read: Callable, keep: bool = True):
+        self._read, self._keep = read, keep
         self._ahead = None  # (epoch, rows, _Background)
+        self._last = None  # (epoch, rows, EpochCrops) last given, with keep
 
     def __call__(self, epoch: int, rows=None) -> EpochCrops:
+        last = self._last
+        if last is not None and last[0] == epoch and _same(last[1], rows):
+            return last[2]
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == epoch and _same(ahead[1], rows):
-            return ahead[2].result()
-        return self._read(epoch, rows)
+            crops = ahead[2].result()
+        else:
+            crops = self._read(epoch, rows)
+        if self._keep:
+            self._last = (epoch, rows, crops)
+        return crops
 
     def prefetch(self, epoch: int, rows=None):
         """Start reading ``epoch``'s crops (in a daemon thread: a process that ends does not
-        wait for a read nobody will use)."""
-        self._ahead = (epoch, rows, _Background(self._read, epoch, rows))
+        wait for a read nobody will use); a read of it already under way goes on."""
+        ahead = self._ahead
+        if ahead is None or ahead[0] != epoch or not _same(ahead[1], rows):
+            self._ahead = (epoch, rows, _Background(self._read, epoch, rows))
 
     def wait(self):
         """Let a read under way finish (e.g. before this process forks)."""
@@ -199,7 +212,7 @@ class EpochReader:
             self._ahead[2].join()
 
     def __getstate__(self):
-        return dict(self.__dict__, _ahead=None)  # a copy reads for itself
+        return dict(self.__dict__, _ahead=None, _last=None)  # a copy reads for itself
 
 
 def _same(a, b) -> bool:

@@ -84,7 +84,7 @@ class StoredCrops:
         # (benchmarks/results/plain_loader_sources_cpu.md); its crops are read with it.
         self._schedule = SlotSchedule(seed, len(self.labels),
                                       self.store.layout.crops_per_image, slot_policy)
-        self._reader = EpochReader(self._read_epoch)
+        self._reader = EpochReader(self._read_epoch, keep=False)  # copied to _crops
         self._crops = None  # SharedEpoch: the epoch's crops, sized by _hold
         self._records = None  # every crop's records, read only for a crop of another epoch
 

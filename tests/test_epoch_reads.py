@@ -156,8 +156,12 @@ def test_the_next_epoch_is_read_ahead_and_its_failure_raises_when_asked_for():
     reader.prefetch(1)
     reader.wait()
     assert reader(1) == 10 and calls == [1]  # the read ahead, not a second one
+    reader.prefetch(2)
+    reader.prefetch(2)  # already under way: not restarted
+    assert reader(1) == 10 and reader(2) == 20 and calls == [1, 2]  # epoch 1 again: kept
     reader.prefetch(2, rows=np.arange(3))
-    assert reader(2, rows=np.arange(4)) == 20  # other rows: read again
+    reader.wait()
+    assert reader(2, rows=np.arange(4)) == 20 and calls == [1, 2, 2, 2]  # other rows: again
     reader.prefetch(3)
     with pytest.raises(StoreCorruptError, match="chunk 1"):
         reader(3)
