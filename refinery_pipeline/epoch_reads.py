@@ -295,6 +295,12 @@ class SharedEpoch:
         where = int(np.searchsorted(rows, row))
         return where if where < len(rows) and rows[where] == row else -1
 
+    def crop_of(self, row: int) -> Optional[dict]:
+        """Name -> store row ``row``'s held value (its slot, box, flip, label, partner), or
+        None where it is not held: one lookup per item of a reader."""
+        where = self.position(row)
+        return None if where < 0 else {name: view[where] for name, view in self._mapped().items()}
+
     def _mapped(self) -> dict:
         if self._views is None:
             self._views = {name: buffer.numpy().view(dtype).reshape((self.capacity,) + shape)

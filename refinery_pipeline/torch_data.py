@@ -136,21 +136,21 @@ class StoredCrops:
 
     def _epoch_slot(self, n: int) -> int:
         """Row ``n``'s slot this epoch: the table's, else (a row not read for it) drawn."""
-        where = self._crops.position(n)
-        if where >= 0:
-            return int(self._crops.arrays()["slots"][where])
+        held = self._crops.crop_of(n)
+        if held is not None:
+            return int(held["slots"])
         return int(self._slots_of(self.epoch, np.array([n]))[0])
 
-    def _crop_record(self, n: int, slot: int) -> "_Crop":
+    def _crop_record(self, n: int, slot: int, held: Optional[dict] = None) -> "_Crop":
         """Crop ``(n, slot)``'s box, flip and label (and its mixing partner's box and flip):
-        from the epoch's table where this epoch replays it, else from :attr:`records`."""
-        where = self._crops.position(n)
-        held = self._crops.arrays()
-        if where >= 0 and held["slots"][where] == slot:
-            partner = (held["partner_boxes"][where], held["partner_flips"][where]) \
+        from the epoch's table where this epoch replays it (``held``: row ``n``'s there, when
+        the caller looked it up), else from :attr:`records`."""
+        held = self._crops.crop_of(n) if held is None else held
+        if held is not None and held["slots"] == slot:
+            partner = (held["partner_boxes"], held["partner_flips"]) \
                 if "partner_boxes" in held else None
-            return _Crop(held["boxes"][where], held["flips"][where],
-                         held["topk_indices"][where], held["topk_probs"][where], partner)
+            return _Crop(held["boxes"], held["flips"], held["topk_indices"],
+                         held["topk_probs"], partner)
         records, partner = self.records, None
         if self.recipe is not None and self.recipe.recipe.mixes:
             m, j = (int(v[0]) for v in self.recipe.partners([n], [slot]))
@@ -398,13 +398,13 @@ class StoreCropDataset(StoredCrops, Dataset):
 
     def __getitem__(self, i: int) -> CropSample:
         n = int(self.rows[int(i)])
-        where = self._crops.position(n)
-        if where < 0:
+        held = self._crops.crop_of(n)
+        if held is None:
             raise RefineryError(f"item {int(i)} (store row {n}) is not among the items this "
                                 f"process was given for epoch {self.epoch}; pass every item "
                                 "it reads to set_epoch(epoch, items), e.g. its sampler")
-        slot = int(self._crops.arrays()["slots"][where])
-        record = self._crop_record(n, slot)
+        slot = int(held["slots"])
+        record = self._crop_record(n, slot, held)
         return self._sample(n, slot, record, *self._replay(n, slot, record))
 
 
