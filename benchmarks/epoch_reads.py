@@ -123,19 +123,46 @@ def phase_rank(cfg) -> dict:
         epochs.append({"fill_wait_seconds": filled - t0, "read_ahead_seconds": ahead,
                        "rows": int(len(crops.current.rows)),
                        "held_bytes": int(crops.current.nbytes)})
+    peak = peak_rss()  # before the check below reads anything
     rows, slots = crops.current.rows, crops.current.slots
-    check = rows[:: max(1, len(rows) // 1000)]
-    whole = store.read_crops(check)
-    correct = bool(np.array_equal(table[check, 0, :4],
-                                  whole.boxes[np.arange(len(check)),
-                                              slots[np.searchsorted(rows, check)]]))
+    lay = store.layout  # the check: the rank's rows in 3 chunks, against those chunks read whole
+    chunks = sorted({0, lay.num_chunks // 2, lay.num_chunks - 1})
+    check = rows[np.isin(rows // lay.chunk_size, chunks)]
+    boxes = store.read_crops(check).boxes
+    correct = bool(np.array_equal(table[check, 0, :4], boxes[np.arange(len(check)),
+                                                           slots[np.searchsorted(rows, check)]]))
     return {"open_seconds": opened, "first_epoch_ready_seconds": first, "epochs": epochs,
-            "table_bytes": int(table.nbytes), "peak_rss_bytes": peak_rss(),
-            "baseline_rss_bytes": baseline,
+            "table_bytes": int(table.nbytes), "peak_rss_bytes": peak,
+            "baseline_rss_bytes": baseline, "checked_rows": int(len(check)),
             "table_correct": correct}
 
 
-PHASES = {"open": phase_open, "whole": phase_whole, "rank": phase_rank}
+def phase_chunk_cpu(cfg) -> dict:
+    """CPU seconds per chunk of a read (decompress, select, and with ``verify`` hash), on
+    ``cfg["sample_chunks"]`` chunks: what an epoch's read costs in core-seconds whatever the
+    machine's load (every rank reads every chunk), so the first epoch's wall time on a node
+    follows from the cores it gives the read."""
+    from refinery_pipeline.epoch_reads import CUT_ARRAYS, LABEL_ARRAYS, StoreSlots
+    from refinery_pipeline.label_store import LabelStore
+    store = LabelStore.open(cfg["store"])
+    store.require_intact()
+    lay = store.layout
+    count = min(cfg.get("sample_chunks", 40), lay.num_chunks)
+    rows = np.arange(lay.chunk_range(0).start, lay.chunk_range(count - 1).stop)
+    slots = rows % lay.crops_per_image
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    out = {"chunks": count}
+    for verify in (True, False):
+        c0, t0 = cpu(), time.perf_counter()
+        StoreSlots(store, verify=verify).read(rows, slots, CUT_ARRAYS + LABEL_ARRAYS)
+        key = "verified" if verify else "unverified"
+        out[key] = {"cpu_seconds_per_chunk": (cpu() - c0) / count,
+                    "wall_seconds_per_chunk": (time.perf_counter() - t0) / count}
+    return out
+
+
+PHASES = {"open": phase_open, "whole": phase_whole, "rank": phase_rank,
+          "chunk_cpu": phase_chunk_cpu}
 
 
 def run_phase(name: str, cfg: dict) -> dict:
@@ -162,9 +189,15 @@ def measure(args) -> dict:
         result["ranks"] = [{"world": world, "policy": policy,
                             **run_phase("rank", {**cfg, "world": world, "policy": policy})}
                            for policy in args.policies for world in args.worlds]
+        result["chunk_cpu"] = run_phase("chunk_cpu", {**cfg, "sample_chunks": 40})
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the store is tens of GB at full size
     return result
+
+
+def peak_gb(value) -> str:
+    """A peak in GB; None: not measured (a run whose peaks its own check spoiled)."""
+    return "not measured" if value is None else f"{value / 1e9:.2f}"
 
 
 def report(args, result: dict) -> str:
@@ -196,7 +229,7 @@ def report(args, result: dict) -> str:
                      f"{r['first_epoch_ready_seconds']:.1f}",
                      f"{ahead:.1f} (boundary wait {waits:.2f})",
                      f"{gb(first['held_bytes'])} + table {gb(r['table_bytes'])}",
-                     gb(r["peak_rss_bytes"]), gb(r["baseline_rss_bytes"])])
+                     peak_gb(r["peak_rss_bytes"]), gb(r["baseline_rss_bytes"])])
     lines += markdown_table(["reader", "rows per epoch", "first epoch ready (s)",
                              "next epoch's read, in the background (s)",
                              "held: epoch's crops + crop table (GB)", "peak RSS (GB)",
@@ -218,7 +251,7 @@ def report(args, result: dict) -> str:
             proj.append([f"rank of {r['world']} ({r['policy']})",
                          f"{r['first_epoch_ready_seconds'] * scale:.0f}",
                          f"{max(e['read_ahead_seconds'] for e in r['epochs']) * scale:.0f}",
-                         gb(r["peak_rss_bytes"] + extra)])
+                         peak_gb(r["peak_rss_bytes"] and r["peak_rss_bytes"] + extra)])
         if result["whole"]:
             whole = result["whole"]
             proj.insert(0, ["before: whole read", f"{whole['read_seconds'] * scale:.0f}", "",
@@ -226,10 +259,37 @@ def report(args, result: dict) -> str:
                                                               whole["baseline_rss_bytes"]) * scale)])
         lines += [""] + markdown_table(["reader", f"first epoch ready at K = {TARGET_K} (s)",
                                         "next epoch's read (s)", "peak RSS (GB)"], proj)
+    if result.get("chunk_cpu"):
+        lines += chunk_cpu_lines(cfg, result["chunk_cpu"])
     correct = all(r["table_correct"] for r in result["ranks"])
     lines += ["", f"Check: each rank's crop table holds the whole table's boxes of its rows' "
-              f"slots (a sample of 1,000 rows): {correct}. Store deleted after the run."]
+              f"slots (its rows in the first, middle and last chunk): {correct}. Store deleted "
+              "after the run."]
     return "\n".join(lines) + "\n"
+
+
+def chunk_cpu_lines(cfg: dict, cpu: dict) -> list:
+    """The first epoch's read in core-seconds, at this K and at :data:`TARGET_K`, and the wall
+    time it takes with the read's threads on free cores."""
+    from refinery_pipeline.epoch_reads import READ_THREADS
+    from refinery_pipeline.label_store import default_chunk_size
+    here = -(-cfg["images"] // default_chunk_size(cfg["K"], cfg["top_k"]))
+    target = -(-cfg["images"] // default_chunk_size(TARGET_K, cfg["top_k"]))
+    rows = []
+    for key in ("verified", "unverified"):
+        per = cpu[key]["cpu_seconds_per_chunk"]
+        rows.append([f"{key} ({'every chunk hashed' if key == 'verified' else 'after `refine verify`, --skip-store-check'})",
+                     f"{per * 1000:.0f}", f"{per * here:.0f}", f"{per * target:.0f}",
+                     f"{per * target / READ_THREADS:.0f}"])
+    return ["", "## CPU per chunk", "",
+            f"An epoch's read decodes every chunk (every rank's share has rows in all of them). "
+            f"CPU time per chunk, measured on {cpu['chunks']} chunks (user + system, all "
+            f"threads; it does not depend on the machine's load as wall time does), times the "
+            f"chunks of the store here ({here:,}) and at K = {TARGET_K} ({target:,} chunks of "
+            "the same number of crops):", ""] + markdown_table(
+        ["read", "CPU ms per chunk", f"first epoch, core-s at K = {cfg['K']}",
+         f"core-s at K = {TARGET_K}", f"wall s at K = {TARGET_K}, {READ_THREADS} free cores"],
+        rows)
 
 
 def main():
