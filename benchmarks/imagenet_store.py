@@ -1,6 +1,6 @@
 """Claim: an ImageNet-sized label store (1,281,167 images × K = 40 × top-10 of 1,000 classes,
 51M crops) is written, read, verified and replayed in minutes on 2 cores, and a training rank
-needs no store-sized memory on its GPU and shares one host copy with the other ranks of its node.
+needs no store-sized memory on its GPU (what a rank reads of each epoch: epoch_reads.py).
 
 The store goes through the real writer (``LabelStore.create`` / ``write_chunk`` / ``finalize``,
 the default chunk size, as ``refine precompute`` uses them), locally and on a moto S3 server.
@@ -14,8 +14,7 @@ issue 17 item 3). Every phase runs in its own process, so its peak host memory
   then a sample of chunks compared with what was written, the device memory a training rank
   held before (the whole store's labels, int16 + float16) and holds now (``StoredTargets``'s
   tensors), and the per-epoch crop-table rewrite (``ReplayedCrops.fill``, both slot policies);
-* shared read: what each torchrun rank runs now (``train._read_records`` under torchrun:
-  ``distributed.node_shared_arrays``), its private and file-backed resident memory;
+* (what each torchrun rank reads now, its shard of an epoch: ``benchmarks/epoch_reads.py``);
 * ``refine verify``.
 
   nice -n 5 python benchmarks/imagenet_store.py --dir /tmp/bigstore --tag imagenet_store_cpu
@@ -219,29 +218,6 @@ def phase_read(cfg) -> dict:
             **memory()}
 
 
-def phase_shared_read(cfg) -> dict:
-    """One torchrun rank's read now: the host's first rank fills maps, every rank maps them."""
-    from refinery_pipeline.core.distributed import node_shared_arrays
-    from refinery_pipeline.store.label_store import CROP_ARRAYS, LabelStore
-    from refinery_pipeline.training.train import _fill_records
-    store = LabelStore.open(cfg["store"])
-    start = time.perf_counter()
-    arrays = node_shared_arrays(lambda create: _fill_records(store, False, True, create),
-                                cfg["work"])
-    seconds = time.perf_counter() - start
-    touch = time.perf_counter()  # every page, as epochs of training touch them
-    checksum = {name: float(arrays[name].sum(dtype=np.float64)) for name in CROP_ARRAYS}
-    touch = time.perf_counter() - touch
-    mapped = memory()  # before the check's whole read below adds a private copy
-    whole = store.read_crops()
-    equal = all(np.array_equal(arrays[name], getattr(whole, name)) for name in CROP_ARRAYS)
-    del whole
-    return {"shared_read_seconds": seconds, "touch_seconds": touch, "sums": checksum,
-            "shared_equal_to_read": bool(equal), "left_on_disk": sorted(
-                p.name for p in Path(cfg["work"]).glob(".refinery-shared-*")),
-            "after_mapping_and_touching": mapped, **memory()}
-
-
 def phase_verify(cfg) -> dict:
     from click.testing import CliRunner
     from cli.main import cli
@@ -265,8 +241,7 @@ def store_bytes(cfg) -> dict:
     return {"store_bytes": total, "per_array_bytes": per_array, "largest_object_bytes": largest}
 
 
-PHASES = {"write": phase_write, "read": phase_read, "shared_read": phase_shared_read,
-          "verify": phase_verify}
+PHASES = {"write": phase_write, "read": phase_read, "verify": phase_verify}
 
 
 # ------------------------------------------------------------------------------ orchestration
@@ -321,7 +296,6 @@ def measure(args) -> dict:
     try:
         result["local"] = run_phase("write", cfg)
         result["local"]["read"] = run_phase("read", cfg)
-        result["local"]["shared_read"] = run_phase("shared_read", cfg)
         result["local"]["verify"] = run_phase("verify", cfg)
         if not args.no_s3:
             server, env = moto_server(work)
@@ -371,11 +345,6 @@ def report(args, result: dict) -> str:
              f"{local['synthesis_seconds']:.1f} s synthesis", gb(local["peak_rss_bytes"])],
             ["open + `read_crops()` (checksums checked)", f"{read['read_seconds']:.1f}",
              f"{gb(read['decoded_bytes'])} GB decoded", gb(read["read_memory"]["peak_rss_bytes"])],
-            ["shared read (one rank now: fill maps + map)",
-             f"{local['shared_read']['shared_read_seconds']:.1f}",
-             f"private {gb(local['shared_read']['after_mapping_and_touching']['rss_anon_bytes'])}"
-             f" GB, mapped {gb(local['shared_read']['after_mapping_and_touching']['rss_file_bytes'])}"
-             " GB", gb(local["shared_read"]["peak_rss_bytes"])],
             ["`refine verify`", f"{local['verify']['verify_seconds']:.1f}",
              local["verify"]["verify_output"].splitlines()[-1][-40:],
              gb(local["verify"]["peak_rss_bytes"])]]
@@ -400,10 +369,7 @@ def report(args, result: dict) -> str:
               f"brings its own rows): {read['device_bytes_now']:,} bytes.", "",
               f"Checks: read-back equals what was written (chunks {read['sampled_chunks']}): "
               f"{read['read_back_equal']}; the crop table's boxes are the replayed slots': "
-              f"{read['fill_correct']}; the shared maps equal `read_crops()`: "
-              f"{local['shared_read']['shared_equal_to_read']}; files left behind: "
-              f"{local['shared_read']['left_on_disk'] or 'none'}; verify exit code "
-              f"{local['verify']['verify_exit']}."]
+              f"{read['fill_correct']}; verify exit code {local['verify']['verify_exit']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ GROUPS = {  # concern -> the scripts measuring it, in reading order
         "precompute_throughput.py", "recipe_cost.py", "checksum_cost.py", "store_read.py",
         "conversion_passthrough.py", "key_join.py", "ray_engine.py"],
     "Scale: stores and memory at ImageNet size": [
-        "imagenet_store.py", "label_bytes.py", "large_image_memory.py"],
+        "imagenet_store.py", "epoch_reads.py", "label_bytes.py", "large_image_memory.py"],
     "Fidelity: labels describe the pixels shown": [
         "replay_fidelity.py", "pixel_source_agreement.py", "store_copies.py"],
     "Accuracy: the paper's tables and students": [

@@ -25,7 +25,7 @@ import torch
 from _results import markdown_table, write_results
 
 from refinery_pipeline.plan.crop_plan import CropPlan
-from refinery_pipeline.sources.dataset import open_dataset
+from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.models.registry import create_model
 from refinery_pipeline.labelling.precompute import precompute, software_versions
 from refinery_pipeline.labelling.ray_engine import RayOptions

@@ -391,7 +391,8 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     image's key and the SHA-256 of its bytes, so any copy of the data finds its labels."""
     from refinery_pipeline.plan.augment import Recipe
     from refinery_pipeline.plan.crop_plan import CropPlan
-    from refinery_pipeline.sources.dataset import check_cap_applies, conversion_options, open_dataset
+    from refinery_pipeline.sources.dataset import check_cap_applies, conversion_options
+    from refinery_pipeline.sources.data_cache import open_dataset
     from refinery_pipeline.labelling.precompute import check_labelled, precompute as run
     from refinery_pipeline.models.registry import OptionNames
     from refinery_pipeline.labelling.refinery import load_refinery, member_archs
@@ -457,7 +458,8 @@ def _passed_through(dataset) -> str:
 def _open_store_data(data, store, cache_dir, workers: int = 2):
     """DATA of an existing STORE, a tree converted as the store's labels were made (so to the
     same .beton)."""
-    from refinery_pipeline.sources.dataset import conversion_options, open_dataset
+    from refinery_pipeline.sources.dataset import conversion_options
+    from refinery_pipeline.sources.data_cache import open_dataset
     options = conversion_options(_recorded_source(store))
     return open_dataset(data, "train", cache_dir, options, num_workers=workers)
 
@@ -727,7 +729,7 @@ def inspect(store, as_json, cache_dir):
     from refinery_pipeline.store.inspect_store import describe_store, format_summary
     summary = describe_store(store, cache_dir)
     if summary["beton"] is None and not as_json:
-        from refinery_pipeline.sources.dataset import default_cache_dir
+        from refinery_pipeline.sources.data_cache import default_cache_dir
         summary["beton"] = (f"not in {cache_dir or default_cache_dir()} (any command given the "
                             "DATA tree converts it there and precompute prints it)")
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
@@ -898,7 +900,8 @@ def convert(data, out_dir, max_resolution, jpeg, jpeg_quality, write_mode, worke
     Every command also takes DATA as it is and converts it once into a cache with default
     options; convert is for choosing them (size, quality) and for a file to share.
     """
-    from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset, convert_data
+    from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset
+    from refinery_pipeline.sources.data_cache import convert_data
     options = BetonOptions(max_resolution, jpeg_quality, write_mode, jpeg)
     check_options_used("convert", options)  # a JPEG quality for raw pixels: refused
     read_as = given_source_options(data, split=split, key_column=key_column,

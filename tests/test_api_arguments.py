@@ -110,7 +110,9 @@ def bad_calls(store, dataset, data, location):
             ("allow_missing", lambda: refinery.StoreCropDataset(store, data,
                                                                 allow_missing="yes")),
             ("key_fn", lambda: refinery.StoreCropDataset(store, data, key_fn="name")),
-            ("key_fn", lambda: refinery.StoreCropDataset(store, data, key_fn=str))],
+            ("key_fn", lambda: refinery.StoreCropDataset(store, data, key_fn=str)),
+            ("num_replicas", lambda: refinery.StoreCropDataset(store, data, num_replicas=0)),
+            ("items", lambda: dataset.set_epoch(1, [len(dataset)]))],
         "StoreCrops": [("store", lambda: refinery.StoreCrops(store)),  # names no images
                        ("epoch", lambda: refinery.StoreCrops(store, epoch=-1)),
                        ("allow_missing", lambda: refinery.StoreCrops(store, allow_missing=1))],

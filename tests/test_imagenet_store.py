@@ -1,6 +1,6 @@
 """The ImageNet-sized store benchmark at tiny scale, and training's label path at any scale:
-each batch's labels gathered on the host (nothing store-sized on a GPU), one mapped copy of the
-store per host under torchrun, the same targets as the whole-store lookup they replace."""
+each batch's labels gathered on the host (nothing store-sized on a GPU), the same targets as
+the whole-store lookup they replace (each rank's epoch reads: tests/test_epoch_reads.py)."""
 import json
 import subprocess
 import sys
@@ -10,14 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from refinery_pipeline.training import train as train_module
-from refinery_pipeline.plan.crop_plan import CropPlan
-from refinery_pipeline.core.distributed import node_shared_arrays
-from refinery_pipeline.core.errors import StoreCorruptError
-from refinery_pipeline.store.label_store import CROP_ARRAYS, LabelStore
-from refinery_pipeline.training.losses import dense_from_sparse
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.training.losses import dense_from_sparse
 from refinery_pipeline.training.train import TrainConfig, load_data
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "imagenet_store.py"
@@ -45,7 +42,6 @@ def test_the_imagenet_store_benchmark_reports_what_it_wrote(tmp_path):
     assert read["device_bytes_before"] == crops * k * 4 and read["device_bytes_now"] == 0
     for where in (read, result["s3"]["read"]):
         assert where["read_back_equal"] and where["fill_correct"]
-    assert local["shared_read"]["shared_equal_to_read"] and not local["shared_read"]["left_on_disk"]
     assert local["verify"]["verify_exit"] == 0 == result["s3"]["verify"]["verify_exit"]
     assert "2,000 images × K = 4" in (tmp_path / "tiny.md").read_text()
 
@@ -84,50 +80,6 @@ def test_training_targets_are_the_whole_store_lookup(rest, tiny_data, dynamic_st
             assert torch.equal(targets(batch, None), whole_store_targets(arrays, batch, rest))
             batches += 1
     assert batches == 2 * (96 // 16)
-
-
-def test_ranks_of_a_host_read_one_mapped_copy(dynamic_store, tmp_path, monkeypatch):
-    """Under torchrun the store is read chunk by chunk into files mapped by every rank, then
-    deleted: the maps hold exactly what a whole read gives, read-only, and no file remains."""
-    monkeypatch.setattr(train_module, "world_size", lambda: 2)
-    cfg = TrainConfig(data="unused", out_dir=str(tmp_path), cache_dir=str(tmp_path / "maps"))
-    store = LabelStore.open(dynamic_store)
-    records = train_module._read_records(cfg, store)
-    whole = store.read_crops()
-    for name in CROP_ARRAYS:
-        mapped = getattr(records, name)
-        assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
-        assert np.array_equal(mapped, getattr(whole, name)) and mapped.dtype == getattr(
-            whole, name).dtype
-    assert list((tmp_path / "maps").iterdir()) == []
-
-
-def test_a_damaged_chunk_stops_the_shared_read_and_leaves_nothing(dynamic_store, tmp_path,
-                                                                  monkeypatch):
-    import shutil
-    damaged = tmp_path / "damaged.zarr"
-    shutil.copytree(dynamic_store, damaged)
-    chunk = damaged / "topk_probs" / "c" / "2" / "0" / "0"
-    chunk.write_bytes(chunk.read_bytes()[:-3] + b"\0\0\0")
-    monkeypatch.setattr(train_module, "world_size", lambda: 2)
-    cfg = TrainConfig(data="unused", out_dir=str(tmp_path), cache_dir=str(tmp_path / "maps"))
-    with pytest.raises(StoreCorruptError, match="chunk 2: topk_probs"):
-        train_module._read_records(cfg, LabelStore.open(damaged))
-    assert list((tmp_path / "maps").iterdir()) == []
-
-
-def test_node_shared_arrays_fill_once_and_map_read_only(tmp_path):
-    calls = []
-
-    def fill(create):
-        calls.append(1)
-        create("a", (3, 2), np.uint16)[:] = [[1, 2], [3, 4], [5, 6]]
-
-    arrays = node_shared_arrays(fill, tmp_path)
-    assert len(calls) == 1 and arrays["a"].tolist() == [[1, 2], [3, 4], [5, 6]]
-    with pytest.raises(ValueError):
-        arrays["a"][0, 0] = 9
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_default_chunks_stay_near_200k_crops_and_bounded_in_bytes():

@@ -6,12 +6,12 @@ import time
 import numpy as np
 import pytest
 
-from refinery_pipeline import label_store, remote_storage
-from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.core.errors import StoreError
-from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.labelling.precompute import ChunkClaims, precompute
 from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.store import label_store, remote_storage
+from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.store.remote_storage import CREATION_MARKER, remote_filesystem
 
 PLAN = CropPlan(seed=0, crops_per_image=2)

@@ -30,9 +30,6 @@ from typing import Callable
 import numba
 import numpy as np
 import torch
-from numba import types
-from numba.extending import intrinsic
-
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
@@ -41,11 +38,15 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToTensor
+from numba import types
+from numba.extending import intrinsic
 
-from .crop_batch import NOT_STORED, CropBatch, batch_from_rows, sparse_labels
+from ..core.errors import RefineryWarning
 from ..plan.crop_plan import (DEFAULT_SLOT_POLICY, SLOT_POLICIES, CropPlan, SlotSchedule,
                               centre_square, sample_boxes, sample_flips)
-from ..core.errors import RefineryWarning
+from ..sources.pixels import boxes_in_frames
+from .crop_batch import NOT_STORED, CropBatch, batch_from_rows
+from .epoch_reads import CUT_ARRAYS, LABEL_ARRAYS, ArraySlots, EpochCrops, EpochReader, read_epoch
 
 TABLE_FIELDS = 7  # y, x, h, w, flip, slot, source (0: the row's image; m + 1: image m)
 SOURCE = 6
@@ -280,36 +281,96 @@ class ReplayedCrops(_RecipeCrops):
     the store's recipe (``recipe``, a :class:`.augment.PlanAugment`), each crop goes through it
     as it was labelled, its partner (m, j) the stored crop j of image m.
 
-    ``boxes``, ``flips`` and ``labels`` are the store's, per store row (boxes in the frames of
-    the ``.beton`` read). ``copy`` (a :class:`.copies.CopyJoin`) says which ``.beton`` item
-    holds each store row; without it, row n is item n (the store's own ``.beton``). Slots and
-    recipe draws are always of store rows, so a copy in any order replays the same crops; a
-    mixing partner the copy lacks moves the slot (:func:`.copies.replayable_slot`)."""
+    ``boxes`` and ``flips`` are the store's ``(N, K, ...)`` arrays (:meth:`reading` reads a
+    store's instead, epoch by epoch), ``labels`` its classes, per store row. ``copy`` (a
+    :class:`.copies.CopyJoin`) says which ``.beton`` item holds each store row; without it,
+    row n is item n (the store's own ``.beton``). Slots and recipe draws are always of store
+    rows, so a copy in any order replays the same crops; a mixing partner the copy lacks moves
+    the slot (:func:`.copies.replayable_slot`). ``frames``: ``(stored, copy's)`` ``(N, 2)``
+    frames of each row where the copy's images are rescaled, whose boxes are carried over.
+
+    Before each epoch :meth:`fill` writes the crop table's rows of the items the loader
+    decodes in it (``items_of(epoch)``; all of them by default), reading just those rows' slot
+    of the epoch (:mod:`.epoch_reads`), and starts reading the next epoch's."""
 
     def __init__(self, boxes, flips, seed: int, slot_policy: str = DEFAULT_SLOT_POLICY,
                  recipe=None, labels=None, copy=None):
-        self.boxes, self.flips = boxes, flips
-        self.seed, self.slot_policy = seed, slot_policy
-        self.recipe, self.labels, self.copy = recipe, labels, copy
-        self.slots = np.zeros(len(boxes), dtype=np.int64)  # the last filled epoch's (for tests)
-        self.schedule = SlotSchedule(seed, *boxes.shape[:2], slot_policy)
+        self._setup(ArraySlots({"boxes": boxes, "flips": flips}), seed, slot_policy, recipe,
+                    labels, copy)
+
+    @classmethod
+    def reading(cls, source, seed: int, slot_policy: str = DEFAULT_SLOT_POLICY, recipe=None,
+                labels=None, copy=None, frames=None, stored_labels: bool = True):
+        """Crops read from ``source`` (:class:`.epoch_reads.StoreSlots`) epoch by epoch, with
+        their stored labels (``stored_labels``) for :meth:`sparse_labels`."""
+        crops = cls.__new__(cls)
+        crops._setup(source, seed, slot_policy, recipe, labels, copy, frames, stored_labels)
+        return crops
+
+    def _setup(self, source, seed, slot_policy, recipe, labels, copy, frames=None,
+               stored_labels=False):
+        self.source, self.seed, self.slot_policy = source, seed, slot_policy
+        self.recipe, self.labels, self.copy, self.frames = recipe, labels, copy, frames
+        self.schedule = SlotSchedule(seed, source.num_images, source.crops_per_image,
+                                     slot_policy)
+        self.names = CUT_ARRAYS + (LABEL_ARRAYS if stored_labels else ())
+        self.reader = EpochReader(self._read)
+        self.current = None  # the last filled epoch's EpochCrops
+        self.items_of = None  # the loader's items of an epoch (CropLoader.epoch_items)
+        if copy is not None:  # the store row each .beton item holds (-1: none replayed)
+            self._row_of_item = np.full(int(copy.copy_index.max(initial=-1)) + 1, -1, np.int64)
+            self._row_of_item[copy.copy_index[copy.rows]] = copy.rows
+
+    @property
+    def slots(self) -> np.ndarray:
+        """``(N,)`` the slot each store row replayed in the last filled epoch (-1: not
+        replayed here)."""
+        slots = np.full(self.source.num_images, -1, np.int64)
+        if self.current is not None:
+            slots[self.current.rows] = self.current.slots
+        return slots
 
     def fill(self, table: np.ndarray, epoch: int):
-        self.slots[:] = self.epoch_slots(epoch)
-        if self.copy is None:  # row n is table row n: a slice writes in place, no gather
-            rows, items = np.arange(len(self.boxes)), slice(None)
-        else:
-            rows = self.copy.rows
-            items = self.copy.copy_index[rows]
-            self.slots[rows] = self.copy.slots(rows, self.slots[rows])
-        slots = self.slots[rows]
-        table[items, 0, :4] = self.boxes[rows, slots]
-        table[items, 0, 4] = self.flips[rows, slots]
-        table[items, 0, 5] = slots
+        crops = self.current = self.reader(epoch)
+        self.reader.prefetch(epoch + 1)
+        items = crops.rows if self.copy is None else self.copy.copy_index[crops.rows]
+        table[items, 0, :4] = self._in_frames(crops.arrays["boxes"], crops.rows)
+        table[items, 0, 4] = crops.arrays["flips"]
+        table[items, 0, 5] = crops.slots
         if self.table_slots == 2:
-            m, j = self.recipe.partners(rows, slots)
+            m = crops.partner_rows
             where = m if self.copy is None else self.copy.item[m]
-            self._fill_partners(table, self.boxes[m, j], self.flips[m, j], where, j, items)
+            self._fill_partners(table, self._in_frames(crops.partner_arrays["boxes"], m),
+                                crops.partner_arrays["flips"], where, crops.partner_slots, items)
+
+    def _rows(self, epoch: int) -> np.ndarray:
+        """The store rows replayed in ``epoch`` here: those of the loader's items that epoch
+        (every replayed row when the loader does not say)."""
+        if self.items_of is None:
+            return np.arange(self.source.num_images) if self.copy is None else self.copy.rows
+        items = np.asarray(self.items_of(epoch), np.int64)
+        if self.copy is None:
+            return items
+        rows = self._row_of_item[items[items < len(self._row_of_item)]]
+        return rows[rows >= 0]  # items holding no replayed row are never decoded
+
+    def _read(self, epoch: int, rows=None) -> EpochCrops:
+        rows = self._rows(epoch) if rows is None else rows
+        partners = self.recipe.partners if self.table_slots == 2 else None
+        return read_epoch(self.source, epoch, rows, self.epoch_slots, self.names, partners)
+
+    def _in_frames(self, boxes, rows):
+        """Stored boxes of ``rows`` carried into the copy's frames (as they are without one)."""
+        if self.frames is None:
+            return boxes
+        stored, actual = self.frames
+        return boxes_in_frames(boxes, stored[rows], actual[rows])
+
+    def sparse_labels(self, images, slots):
+        """The stored labels of crops ``(images[i], slots[i])`` of the last filled epoch
+        (:meth:`.epoch_reads.EpochCrops.sparse_labels`): what the loader attaches to each
+        batch."""
+        return self.current.sparse_labels(images, slots)
 
     def batch_recipe(self, epoch: int):
         if self.recipe is None:
@@ -317,11 +378,16 @@ class ReplayedCrops(_RecipeCrops):
         from ..plan.augment import BatchRecipe
         return BatchRecipe(self.recipe, self.labels, threads=self.recipe_threads)
 
-    def epoch_slots(self, epoch: int) -> np.ndarray:
-        """:func:`.crop_plan.epoch_slots` of every image, the ``cycle`` order kept for its round
-        (:class:`.crop_plan.SlotSchedule`: the per-epoch table rewrite at ImageNet size takes
-        ~0.1 s instead of 3.1 s)."""
-        return self.schedule(epoch)
+    def epoch_slots(self, epoch: int, rows=None) -> np.ndarray:
+        """:func:`.crop_plan.epoch_slots` of every image (or of store rows ``rows``), the
+        ``cycle`` order kept for its round where every row is replayed
+        (:class:`.crop_plan.SlotSchedule`), each moved where a copy lacks its mixing
+        partner (:meth:`.copies.CopyJoin.slots`)."""
+        slots = np.asarray(self.schedule(epoch, rows), np.int64)
+        if self.copy is None:
+            return slots
+        rows = np.arange(self.source.num_images) if rows is None else rows
+        return self.copy.slots(rows, slots)
 
 
 class FreshCrops(_RecipeCrops):
@@ -419,7 +485,8 @@ class ClassMap:
 class CropBatches:
     """One epoch of an FFCV loader as :class:`.crop_batch.CropBatch` es (the loader contract),
     each first through ``relabel`` (:class:`StoreRows` or :class:`ClassMap`) where given, with
-    each crop's stored label attached when ``records`` (the store's) are given.
+    each crop's stored label attached when ``records`` are given (anything with
+    ``sparse_labels(images, slots)``: :class:`ReplayedCrops`, the epoch's labels).
 
     ``close()`` stops FFCV's decoding thread when an epoch is abandoned early (precise BN).
     """
@@ -439,9 +506,8 @@ class CropBatches:
             batch = self.recipe(batch)
         if self.records is None:
             return batch
-        return batch._replace(targets=sparse_labels(self.records.topk_indices,
-                                                    self.records.topk_probs, batch.indices,
-                                                    batch.slots))
+        return batch._replace(targets=self.records.sparse_labels(batch.indices.numpy(),
+                                                                 batch.slots.numpy()))
 
     def __len__(self):
         return len(self.epoch)
@@ -458,7 +524,7 @@ class TableLoader(Loader):
     thread awaited, before the next one starts; FFCV alone would let both decode at once.
     """
 
-    records = None  # the store's records, to attach each crop's stored label
+    records = None  # sparse_labels(images, slots): each crop's stored label, attached
     relabel = None  # StoreRows or ClassMap: run on each batch first
     _running = None  # FFCV's EpochIterator (a thread) of the latest epoch
 
@@ -507,6 +573,14 @@ class CropLoader(TableLoader):
         from ..core.validators import whole_number
         self.next_epoch = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
 
+    def epoch_items(self, epoch: int) -> np.ndarray:
+        """The items this process decodes in ``epoch``, in any order: all of the loader's, or
+        with ``distributed=True`` this rank's share, which FFCV draws afresh every epoch
+        (``DistributedSampler``); a sampler of its own, so it may run in another thread."""
+        if not self.distributed:
+            return self.indices
+        return type(self.traversal_order)(self).sample_order(epoch)
+
     def _prepare_epoch(self):
         self.crops.fill(self.table, self.next_epoch)
 
@@ -530,12 +604,14 @@ def make_loader(dataset, crops, output_size, batch_size: int, num_workers: int =
     threads = usable_workers(num_workers)
     crops.recipe_threads = threads  # the recipe runs as wide as decoding
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
-    return CropLoader(str(dataset.path), crops, table, batch_size=batch_size,
-                      num_workers=threads, order=order, seed=seed,
-                      drop_last=train if drop_last is None else drop_last,
-                      distributed=distributed, indices=indices,
-                      pipelines=_pipelines(table, output_size, threads),
-                      batches_ahead=BATCHES_AHEAD)
+    loader = CropLoader(str(dataset.path), crops, table, batch_size=batch_size,
+                        num_workers=threads, order=order, seed=seed,
+                        drop_last=train if drop_last is None else drop_last,
+                        distributed=distributed, indices=indices,
+                        pipelines=_pipelines(table, output_size, threads),
+                        batches_ahead=BATCHES_AHEAD)
+    crops.items_of = loader.epoch_items  # a replaying source reads only these items' rows
+    return loader
 
 
 def multi_crop_loader(dataset, table: np.ndarray, output_size, images_per_batch: int,
@@ -611,10 +687,10 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     ``slots``) are overwritten a few batches later. Use them within the step, or keep a copy
     (``batch.images[i].clone()``); a kept view shows other crops' pixels.
     """
-    from ..sources.dataset import conversion_options
-    from ..sources.data_cache import open_dataset
-    from ..store.label_store import open_for_reading
     from ..core.validators import flag, one_of, optional_whole_number, path_like, whole_number
+    from ..sources.data_cache import open_dataset
+    from ..sources.dataset import conversion_options
+    from ..store.label_store import open_for_reading
     batch_size = whole_number("batch_size", batch_size, 1, "pass a positive batch size")
     num_workers = whole_number("num_workers", num_workers, 1, "pass 1 or more decoding threads")
     seed = whole_number("seed", seed)
@@ -634,32 +710,33 @@ def replay_loader(store, data, batch_size: int, num_workers: int = 2, *, seed: i
     loader = make_loader(dataset, crops, (size, size), batch_size, num_workers, train=True,
                          seed=seed, distributed=distributed, drop_last=drop_last,
                          indices=copy.copy_index[copy.rows] if copy.keys is not None else None)
-    loader.records = crops.records
+    loader.records = crops  # each batch's labels, of the epoch's crops
     loader.relabel = StoreRows.of(copy, dataset.num_images, crops.labels)
     loader.join = copy
     return loader
 
 
 def replayed_crops(store, dataset, seed: int, slot_policy: str, size: int,
-                   allow_missing: bool = False, records=None, copy=None) -> tuple:
+                   allow_missing: bool = False, copy=None, stored_labels: bool = True,
+                   verify: bool = True) -> tuple:
     """``(ReplayedCrops, CopyJoin)``: the store's crops over ``dataset`` (an ``ImageDataset``:
     the store's own ``.beton`` or a keyed copy, joined by :func:`.copies.join_beton` unless
-    ``copy`` is that join already), boxes carried into the copy's frames. ``records`` default
-    to the store's (read and verified)."""
+    ``copy`` is that join already), boxes carried into the copy's frames, read epoch by epoch
+    (each chunk checked against its checksums unless ``verify`` is False), with the crops'
+    stored labels where ``stored_labels``."""
     from ..plan.augment import plan_augment
     from .copies import join_beton
-    from ..sources.pixels import boxes_in_frames
+    from .epoch_reads import StoreSlots
     recipe = plan_augment(store.plan, store.layout.num_images, size)
     if copy is None:
         copy = join_beton(store, dataset, recipe=recipe, allow_missing=allow_missing)
-    records = records if records is not None else store.read_crops()
-    boxes, labels = records.boxes, store.read_labels()
-    if copy.keys is not None:
+    keyed, frames = copy.keys is not None, None
+    if keyed:
         stored = store.read_image_sizes()
-        frames = np.where((copy.item >= 0)[:, None],  # rows the copy lacks keep their frame
-                          np.stack([dataset.heights, dataset.widths], -1)[copy.item], stored)
-        boxes = boxes_in_frames(boxes, stored, frames)
-    crops = ReplayedCrops(boxes, records.flips, seed, slot_policy, recipe, labels,
-                          copy if copy.keys is not None else None)
-    crops.records = records
+        frames = (stored, np.where((copy.item >= 0)[:, None],  # rows the copy lacks keep theirs
+                                   np.stack([dataset.heights, dataset.widths], -1)[copy.item],
+                                   stored))
+    crops = ReplayedCrops.reading(StoreSlots(store, verify), seed, slot_policy, recipe,
+                                  store.read_labels(), copy if keyed else None, frames,
+                                  stored_labels)
     return crops, copy

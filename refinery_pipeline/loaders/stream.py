@@ -87,7 +87,8 @@ class StoreCrops(StoredCrops):
         self.index = KeyIndex(self.store.read_keys())
         self.digests = self.store.read_image_digests()
         self.counts = {"used": 0, "exact": 0, "extra": 0, "ambiguous": 0, "reframed": 0}
-        self._fill_slots(self.epoch)
+        self._hold(len(self.labels))  # any row may come: every row's crop of the epoch
+        self._fill_epoch(self.epoch)
 
     def __call__(self, sample: dict) -> Optional[CropSample]:
         n = self.index.row(_key_of(sample))
@@ -96,14 +97,15 @@ class StoreCrops(StoredCrops):
             return None
         image, exact = self._pixels(sample, n)
         slot = self._epoch_slot(n)
-        if self._box(n, slot, image.shape[:2]) is None and self.allow_missing:
+        record = self._crop_record(n, slot)
+        if self._box(n, record.box, image.shape[:2]) is None and self.allow_missing:
             self.counts["reframed"] += 1
             return None
-        crop = self._cut(image, n, slot, lambda: _where(sample))
+        crop = self._cut(image, n, record.box, record.flip, lambda: _where(sample))
         crop, mix = self._through_recipe(crop, n, slot)
         self.counts["used"] += 1
         self.counts["exact"] += bool(exact)
-        return self._sample(n, slot, crop, mix, exact)
+        return self._sample(n, slot, record, crop, mix, exact)
 
     def _pixels(self, sample: dict, n: int) -> tuple:
         """``(image, exact)``: encoded bytes decoded by the spec's decoder and hashed against

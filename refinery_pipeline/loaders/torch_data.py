@@ -21,18 +21,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from ..plan.augment import plan_augment
-from .copies import reframed_message
-from .crop_batch import CropBatch, MixedLabels, SparseLabels
-from ..plan.crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, SlotSchedule
-from ..core.errors import DataSetError
-from ..store.label_store import open_for_reading
-from ..training.losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse
-from .pixel_readers import BetonImages, FolderImages, MappedImages  # noqa: F401 - public
-from .pixel_readers import open_pixels
-from ..sources.pixels import box_in_frame, cut_crop, reframed
+from ..core.errors import DataSetError, RefineryError
 from ..core.validators import (flag, one_of, optional_callable, optional_whole_number, refuse,
                                whole_number)
+from ..plan.augment import plan_augment
+from ..plan.crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, SlotSchedule
+from ..sources.pixels import box_in_frame, cut_crop, reframed
+from ..store.label_store import open_for_reading
+from ..training.losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse
+from .copies import reframed_message
+from .crop_batch import CropBatch, MixedLabels, SparseLabels
+from .epoch_reads import CUT_ARRAYS, LABEL_ARRAYS, EpochReader, SharedEpoch, StoreSlots, read_epoch
+from .pixel_readers import (BetonImages, FolderImages, MappedImages,  # noqa: F401 - public
+                            open_pixels)
 
 CROP_FORMATS = ("tensor", "pil", "numpy")
 NO_PARTNER = -1  # CropSample.partner_label of a crop no mixing recipe made
@@ -57,9 +58,10 @@ class CropSample(NamedTuple):
 
 
 class StoredCrops:
-    """What every plain reader of a store's crops shares: the store's records, labels, frames
-    and recipe, the epoch (shared memory, so persistent workers see :meth:`set_epoch`), the
-    cut of a stored box from an image of any frame, and the sample handed on."""
+    """What every plain reader of a store's crops shares: the store's labels, frames and
+    recipe, the epoch and its crops (read for the epoch alone, :mod:`.epoch_reads`, into
+    shared memory, so persistent workers see :meth:`set_epoch`), the cut of a stored box from
+    an image of any frame, and the sample handed on."""
 
     def _open(self, store, transform, slot_policy, seed, epoch, size, crop_format):
         optional_callable("transform", transform)
@@ -70,59 +72,104 @@ class StoredCrops:
                                      "for the size the refinery labelled")
         self.store = open_for_reading(store)
         self.labels = self.store.read_labels()
-        self.records = self.store.read_crops()
         self.stored_sizes = self.store.read_image_sizes()
         self.transform, self.crop_format = transform, crop_format
         self.slot_policy, self.seed = slot_policy, seed
         self.size = size or self.store.refinery.input_size
         self.recipe = plan_augment(self.store.plan, len(self.labels), self.size)
         self._epoch = torch.tensor([epoch], dtype=torch.int64).share_memory_()
-        # Every row's slot of the current epoch, drawn at once in the process that sets the
-        # epoch and read by index in the workers (shared memory): drawing one row's slot per
-        # item cost ~80 us of a ~300 us item (benchmarks/results/plain_loader_sources_cpu.md).
+        # Every row's slot of an epoch is drawn at once in the process that sets the epoch:
+        # drawing one row's slot per item cost ~80 us of a ~300 us item
+        # (benchmarks/results/plain_loader_sources_cpu.md); its crops are read with it.
         self._schedule = SlotSchedule(seed, len(self.labels),
                                       self.store.layout.crops_per_image, slot_policy)
-        self._slots = torch.zeros(len(self.labels), dtype=torch.int32).share_memory_()
-        self._slot_view = None  # a numpy view of _slots in this process (indexing: ~0.2 us)
+        self._reader = EpochReader(self._read_epoch, keep=False)  # copied to _crops
+        self._crops = None  # SharedEpoch: the epoch's crops, sized by _hold
+        self._records = None  # every crop's records, read only for a crop of another epoch
 
     @property
     def epoch(self) -> int:
         return int(self._epoch[0])
 
+    @property
+    def records(self):
+        """Every crop's records (:class:`~refinery_pipeline.CropRecords`), read from the store
+        on first use: replaying an epoch never needs them (its crops are read for it), a
+        crop of another slot does."""
+        if self._records is None:
+            self._records = open_for_reading(self.store.location).read_crops() \
+                if isinstance(self.store, _StoreSummary) else self.store.read_crops()
+        return self._records
+
     def set_epoch(self, epoch: int):
         """Replay ``epoch``'s slots from now on (shared memory: persistent workers see it);
         epochs count from 0."""
         epoch = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
-        self._fill_slots(epoch)
+        self._fill_epoch(epoch)
         self._epoch[0] = epoch
 
-    def _fill_slots(self, epoch: int):
-        """Draw every row's slot of ``epoch`` into the shared table (readers call it once
-        their rows are known, and :meth:`set_epoch` each epoch)."""
-        self._slots.copy_(torch.from_numpy(self._slots_of(epoch).astype(np.int32)))
+    def _hold(self, capacity: int):
+        """Make the shared table of the epoch's crops, for up to ``capacity`` rows."""
+        mixes = self.recipe is not None and self.recipe.recipe.mixes
+        self._crops = SharedEpoch(capacity, self.store.layout.top_k, partners=mixes)
 
-    def _slots_of(self, epoch: int) -> np.ndarray:
-        """Every store row's slot of ``epoch``: ``slot_of(epoch, n, ...)`` for all n."""
-        return self._schedule(epoch)
+    def _fill_epoch(self, epoch: int, rows=None):
+        """Read ``epoch``'s crops of store rows ``rows`` (default: every row replayed, and
+        then the next epoch's too, in the background) into the shared table."""
+        self._crops.write(self._reader(epoch, rows))
+        if rows is None:
+            self._reader.prefetch(epoch + 1)
+
+    def _read_epoch(self, epoch: int, rows=None):
+        rows = self._replayed_rows() if rows is None else rows
+        mixes = self.recipe is not None and self.recipe.recipe.mixes
+        return read_epoch(StoreSlots(self.store), epoch, rows, self._slots_of,
+                          CUT_ARRAYS + LABEL_ARRAYS, self.recipe.partners if mixes else None)
+
+    def _replayed_rows(self) -> np.ndarray:
+        return np.arange(len(self.labels))
+
+    def _slots_of(self, epoch: int, rows: np.ndarray) -> np.ndarray:
+        """Store rows ``rows``' slots of ``epoch``: ``slot_of(epoch, n, ...)`` of each."""
+        return self._schedule(epoch, rows)
 
     def _epoch_slot(self, n: int) -> int:
-        if self._slot_view is None:
-            self._slot_view = self._slots.numpy()
-        return int(self._slot_view[n])
+        """Row ``n``'s slot this epoch: the table's, else (a row not read for it) drawn."""
+        held = self._crops.crop_of(n)
+        if held is not None:
+            return int(held["slots"])
+        return int(self._slots_of(self.epoch, np.array([n]))[0])
 
-    def _cut(self, image: np.ndarray, n: int, slot: int, where) -> np.ndarray:
-        """Stored crop ``(n, slot)`` cut from ``image`` (box and flip only), the box rescaled
-        to the image's frame where it differs from the stored one; a frame that is no
-        rescaling of it is refused (``where()`` names the image)."""
-        box = self._box(n, slot, image.shape[:2])
+    def _crop_record(self, n: int, slot: int, held: Optional[dict] = None) -> "_Crop":
+        """Crop ``(n, slot)``'s box, flip and label (and its mixing partner's box and flip):
+        from the epoch's table where this epoch replays it (``held``: row ``n``'s there, when
+        the caller looked it up), else from :attr:`records`."""
+        held = self._crops.crop_of(n) if held is None else held
+        if held is not None and held["slots"] == slot:
+            partner = (held["partner_boxes"], held["partner_flips"]) \
+                if "partner_boxes" in held else None
+            return _Crop(held["boxes"], held["flips"], held["topk_indices"],
+                         held["topk_probs"], partner)
+        records, partner = self.records, None
+        if self.recipe is not None and self.recipe.recipe.mixes:
+            m, j = (int(v[0]) for v in self.recipe.partners([n], [slot]))
+            partner = (records.boxes[m, j], records.flips[m, j])
+        return _Crop(records.boxes[n, slot], records.flips[n, slot],
+                     records.topk_indices[n, slot], records.topk_probs[n, slot], partner)
+
+    def _cut(self, image: np.ndarray, n: int, box, flip, where) -> np.ndarray:
+        """Stored crop ``box``, ``flip`` of row ``n`` cut from ``image`` (box and flip only),
+        the box rescaled to the image's frame where it differs from the stored one; a frame
+        that is no rescaling of it is refused (``where()`` names the image)."""
+        box = self._box(n, box, image.shape[:2])
         if box is None:
             raise DataSetError(reframed_message(where(), self.stored_sizes[n], image.shape[:2]))
-        return cut_crop(image, box, bool(self.records.flips[n, slot]), self.size)
+        return cut_crop(image, box, bool(flip), self.size)
 
-    def _box(self, n: int, slot: int, frame) -> Optional[np.ndarray]:
-        """Box ``(n, slot)`` in an image of ``frame`` ``(H', W')`` (``pixels.box_in_frame``),
-        or None where that frame is no rescaling of the stored one (``pixels.reframed``)."""
-        box = self.records.boxes[n, slot]
+    def _box(self, n: int, box, frame) -> Optional[np.ndarray]:
+        """Row ``n``'s stored ``box`` in an image of ``frame`` ``(H', W')``
+        (``pixels.box_in_frame``), or None where that frame is no rescaling of the stored one
+        (``pixels.reframed``)."""
         if self.stored_sizes is None or tuple(self.stored_sizes[n]) == tuple(frame):
             return box
         if reframed(self.stored_sizes[n], frame):
@@ -131,7 +178,7 @@ class StoredCrops:
 
     def _through_recipe(self, crop, n: int, slot: int, partner_crop=None) -> tuple:
         """The crop after the store's recipe (as labelled), and its :class:`MixedLabels` (one
-        row) where the recipe mixes; ``partner_crop()`` cuts the partner crop (m, j)."""
+        row) where the recipe mixes; ``partner_crop(m, j)`` cuts the partner crop (m, j)."""
         if self.recipe is None:
             return crop, None
         params = self.recipe.pair_params([n], [slot])
@@ -143,21 +190,33 @@ class StoredCrops:
         crop = self.recipe.crops(torch.from_numpy(crop)[None], partner, params)[0].numpy()
         return crop, mix
 
-    def _sample(self, n: int, slot: int, crop, mix, exact: bool) -> CropSample:
+    def _sample(self, n: int, slot: int, record: "_Crop", crop, mix,
+                exact: bool) -> CropSample:
         crop = _as_format(crop, self.crop_format)
         if self.transform is not None:
             crop = self.transform(crop)
         partner = (NO_PARTNER, 1.0) if mix is None else \
             (int(mix.partner_labels[0]), float(mix.weights[0]))
         return CropSample(crop, int(self.labels[n]), n, slot,
-                          self.records.topk_indices[n, slot].astype(np.int64),
-                          self.records.topk_probs[n, slot], *partner, bool(exact))
+                          record.topk_indices.astype(np.int64), record.topk_probs.copy(),
+                          *partner, bool(exact))
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["store"] = _StoreSummary.of(self.store)  # zarr handles stay in the parent
-        state["_slot_view"] = None  # a view of this process's mapping of the shared table
+        state["_records"] = None  # read again where needed, never shipped
         return state
+
+
+class _Crop(NamedTuple):
+    """A stored crop's records: box, flip, top-k label, and its mixing partner's
+    ``(box, flip)`` (None without a mixing recipe)."""
+
+    box: np.ndarray
+    flip: int
+    topk_indices: np.ndarray
+    topk_probs: np.ndarray
+    partner: Optional[tuple]
 
 
 class StoreCropDataset(StoredCrops, Dataset):
@@ -241,15 +300,22 @@ class StoreCropDataset(StoredCrops, Dataset):
     def __init__(self, store, images, transform: Optional[Callable] = None, *,
                  slot_policy: str = DEFAULT_SLOT_POLICY, seed: int = 0, epoch: int = 0,
                  size: Optional[int] = None, crop_format: str = "tensor",
-                 allow_missing: bool = False, key_fn: Optional[Callable] = None):
+                 allow_missing: bool = False, key_fn: Optional[Callable] = None,
+                 num_replicas: Optional[int] = None):
         flag("allow_missing", allow_missing)
         optional_callable("key_fn", key_fn)
+        num_replicas = optional_whole_number("num_replicas", num_replicas, 1, "pass the "
+                                             "number of processes sharing the items (the "
+                                             "DistributedSampler's num_replicas), or None")
         self._open(store, transform, slot_policy, seed, epoch, size, crop_format)
         self.pixels, self.join = open_pixels(self.store, images, self.labels,
                                              recipe=self.recipe, allow_missing=allow_missing,
                                              key_fn=key_fn)
         self.rows = self.join.rows
-        self._fill_slots(self.epoch)
+        self.num_replicas = num_replicas
+        self._hold(len(self.rows) if num_replicas is None else -(-len(self.rows) // num_replicas))
+        if num_replicas is None:
+            self._fill_epoch(self.epoch)
 
     def __len__(self):
         return len(self.rows)
@@ -261,22 +327,40 @@ class StoreCropDataset(StoredCrops, Dataset):
         ``MappedImages``)."""
         return self.pixels.source if hasattr(self.pixels, "source") else self.pixels.images
 
+    def set_epoch(self, epoch: int, items=None):
+        """Replay ``epoch``'s slots from now on (shared memory: persistent workers see it);
+        epochs count from 0.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, from 0.
+        items : iterable of int, optional
+            The items this process reads in ``epoch`` (e.g. its ``DistributedSampler``, after
+            ``sampler.set_epoch(epoch)``): only their crops are read and held. Default: every
+            item (refused when the data set was made with ``num_replicas``).
+        """
+        epoch = whole_number("epoch", epoch, 0, "pass the epoch number, from 0")
+        if items is None and self.num_replicas is not None:
+            raise refuse("items", items, f"are needed: this data set holds the crops of "
+                         f"1/{self.num_replicas} of its items", "pass this process's items, "
+                         "e.g. set_epoch(epoch, sampler) after sampler.set_epoch(epoch)")
+        rows = None if items is None else self.rows[_item_indices(items, len(self))]
+        self._fill_epoch(epoch, rows)
+        self._epoch[0] = epoch
+
     def slot(self, n: int) -> int:
         """The slot store row ``n`` replays this epoch: ``slot_of(epoch, n, ...)``, or, under
         a mixing recipe whose partner the copy lacks, the next slot whose partner it holds."""
         return self._epoch_slot(n)
 
-    def _slots_of(self, epoch: int) -> np.ndarray:
+    def _replayed_rows(self) -> np.ndarray:
+        return self.rows
+
+    def _slots_of(self, epoch: int, rows: np.ndarray) -> np.ndarray:
         """Under a mixing recipe whose partner the copy lacks, a row's slot moves to the next
         one whose partner it holds (:meth:`.copies.CopyJoin.slots`)."""
-        slots = super()._slots_of(epoch)
-        usable = self.join.usable_slots
-        if usable is None:
-            return slots
-        rows = np.flatnonzero(~usable[np.arange(len(slots)), slots])
-        slots = np.array(slots, np.int64)
-        slots[rows] = self.join.slots(rows, slots[rows])
-        return slots
+        return self.join.slots(rows, super()._slots_of(epoch, rows))
 
     def crop(self, n: int, slot: int) -> np.ndarray:
         """The ``(S, S, 3)`` uint8 crop of ``(n, slot)`` as the refinery labelled it: cut, then
@@ -287,24 +371,25 @@ class StoreCropDataset(StoredCrops, Dataset):
     def crop_and_mix(self, n: int, slot: int) -> tuple:
         """:meth:`crop`, and its :class:`~refinery_pipeline.loaders.crop_batch.MixedLabels` (one row:
         the partner's class and the crop's share) where the store's recipe mixes, else None."""
-        return self._replay(n, slot)[:2]
+        return self._replay(n, slot, self._crop_record(n, slot))[:2]
 
     def cut(self, n: int, slot: int) -> np.ndarray:
         """The ``(S, S, 3)`` uint8 crop of ``(n, slot)``: its stored box and flip only."""
-        return self._cut_row(n, slot)[0]
+        record = self._crop_record(n, slot)
+        return self._cut_row(n, record.box, record.flip)[0]
 
-    def _cut_row(self, n: int, slot: int) -> tuple:
+    def _cut_row(self, n: int, box, flip) -> tuple:
         image, exact = self.pixels.read(n)
-        return self._cut(image, n, slot, lambda: self.pixels.describe(n)), exact
+        return self._cut(image, n, box, flip, lambda: self.pixels.describe(n)), exact
 
-    def _replay(self, n: int, slot: int) -> tuple:
+    def _replay(self, n: int, slot: int, record: "_Crop") -> tuple:
         """``(crop, mix, exact)`` of ``(n, slot)``: exact when the row's own bytes were the
         refinery's (a mixed crop also needs its partner's, so it is exact only if both are)."""
-        crop, exact = self._cut_row(n, slot)
+        crop, exact = self._cut_row(n, record.box, record.flip)
         partner_exact = [True]
 
         def partner_crop(m, j):
-            cut, partner_exact[0] = self._cut_row(m, j)
+            cut, partner_exact[0] = self._cut_row(m, *record.partner)
             return cut
 
         crop, mix = self._through_recipe(crop, n, slot, partner_crop)
@@ -312,8 +397,24 @@ class StoreCropDataset(StoredCrops, Dataset):
 
     def __getitem__(self, i: int) -> CropSample:
         n = int(self.rows[int(i)])
-        slot = self.slot(n)
-        return self._sample(n, slot, *self._replay(n, slot))
+        held = self._crops.crop_of(n)
+        if held is None:
+            raise RefineryError(f"item {int(i)} (store row {n}) is not among the items this "
+                                f"process was given for epoch {self.epoch}; pass every item "
+                                "it reads to set_epoch(epoch, items), e.g. its sampler")
+        slot = int(held["slots"])
+        record = self._crop_record(n, slot, held)
+        return self._sample(n, slot, record, *self._replay(n, slot, record))
+
+
+def _item_indices(items, count: int) -> np.ndarray:
+    """``items`` (any iterable of item indices, e.g. a sampler) as int64, refused unless each
+    is an item of a data set of ``count``."""
+    values = np.fromiter((int(i) for i in items), np.int64)
+    if len(values) and (values.min() < 0 or values.max() >= count):
+        raise refuse("items", values, f"must be item indices 0 ... {count - 1}",
+                     "pass the indices this process's sampler yields")
+    return values
 
 
 class _StoreSummary:

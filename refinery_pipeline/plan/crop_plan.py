@@ -192,8 +192,14 @@ def epoch_slots(seed: int, epoch: int, num_images: int, crops_per_image: int,
         return np.minimum((u * K).astype(np.int64), K - 1)
     if policy == "cycle":
         cycle, position = divmod(epoch, K)
-        return cycle_order(seed, cycle, n, K)[:, position].astype(np.int64)
+        slots = np.empty(len(n), np.int64)
+        for part, order in _cycle_blocks(seed, cycle, n, K):  # one column kept: 8 B per image
+            slots[part] = order[:, position]
+        return slots
     raise ValueError(f"unknown slot policy {policy!r}; choose one of {SLOT_POLICIES}")
+
+
+CYCLE_BLOCK_KEYS = 1 << 23  # keys hashed at once by cycle_order (~64 MB per temporary)
 
 
 def cycle_order(seed: int, cycle: int, images: np.ndarray, crops_per_image: int) -> np.ndarray:
@@ -201,12 +207,23 @@ def cycle_order(seed: int, cycle: int, images: np.ndarray, crops_per_image: int)
     ``cycle * K`` to ``cycle * K + K - 1``): ``(n, K)``, column ``epoch % K`` is the epoch's slot.
     One round's order serves K epochs, so a caller may keep it (at ImageNet size, drawing it
     costs ~3 s on a CPU core: 51M keys sorted in rows)."""
-    K = crops_per_image
-    keys = counter_uniform(seed, STREAM_SLOT, cycle,
-                           np.asarray(images, dtype=np.uint64)[:, None],
-                           np.arange(K, dtype=np.uint64)[None, :] + np.uint64(1 << 32))
-    order = np.argsort(keys, axis=1, kind="stable")
-    return order.astype(np.uint8 if K <= 256 else np.int64)
+    K, images = crops_per_image, np.asarray(images, dtype=np.uint64)
+    order = np.empty((len(images), K), np.uint8 if K <= 256 else np.int64)
+    for part, block in _cycle_blocks(seed, cycle, images, K):
+        order[part] = block
+    return order
+
+
+def _cycle_blocks(seed: int, cycle: int, images: np.ndarray, K: int):
+    """:func:`cycle_order` of ``images`` in blocks of rows, ``(slice, order)`` each: the hash's
+    temporaries are 8 bytes per key, several at once (GBs each at ImageNet-21k, K = 40, 568M
+    keys), so they are made a block at a time."""
+    slots = np.arange(K, dtype=np.uint64)[None, :] + np.uint64(1 << 32)
+    step = CYCLE_BLOCK_KEYS // K + 1
+    for start in range(0, len(images), step):
+        part = slice(start, start + step)
+        keys = counter_uniform(seed, STREAM_SLOT, cycle, images[part, None], slots)
+        yield part, np.argsort(keys, axis=1, kind="stable")
 
 
 class SlotSchedule:
@@ -221,15 +238,20 @@ class SlotSchedule:
         self.policy = policy
         self._round = (None, None)  # (cycle, its slot order)
 
-    def __call__(self, epoch: int) -> np.ndarray:
-        """``(num_images,)`` slots of ``epoch`` (a view of the kept round under ``cycle``)."""
+    def __call__(self, epoch: int, rows=None) -> np.ndarray:
+        """``(num_images,)`` slots of ``epoch`` (a view of the kept round under ``cycle``), or
+        those of the image indices ``rows``: a process replaying a share of the images draws
+        only theirs (its share changes every epoch, so no round is kept for it)."""
         n, k = self.num_images, self.crops_per_image
+        if rows is not None and (self.policy != "cycle" or len(rows) < n):
+            return epoch_slots(self.seed, epoch, 0, k, self.policy, images=rows)
         if self.policy != "cycle":
             return epoch_slots(self.seed, epoch, n, k, self.policy)
         cycle, position = divmod(epoch, k)
         if self._round[0] != cycle:
             self._round = (cycle, cycle_order(self.seed, cycle, np.arange(n), k))
-        return self._round[1][:, position]
+        slots = self._round[1][:, position]
+        return slots if rows is None else slots[np.asarray(rows, np.int64)]
 
     def __getstate__(self):
         return dict(self.__dict__, _round=(None, None))  # redrawn where needed, not shipped

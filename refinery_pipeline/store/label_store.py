@@ -684,6 +684,24 @@ class LabelStore:
         where = where + images % self.layout.chunk_size
         return {name: np.concatenate([p[name] for p in parts])[where] for name in names}
 
+    def chunk_checks(self) -> tuple:
+        """``(recorded digests (num_chunks, arrays, 32), done flags (num_chunks,))``: what a
+        checked read compares chunks with, read once by a caller reading many spans."""
+        return self.recorded_checksums(), self.done_chunks()
+
+    def read_chunk_span(self, chunks: range, names, verify: bool = True, checks=None) -> dict:
+        """Arrays ``names``' rows of the consecutive chunks ``chunks``, one read per array;
+        with ``verify``, each written chunk among them checked against its checksums
+        (``checks``: :meth:`chunk_checks`, read here by default), as :meth:`read` checks."""
+        start = self._rows_range(chunks.start).start
+        stop = self._rows_range(chunks.stop - 1).stop
+        arrays = {name: self._read(name, slice(start, stop)) for name in names}
+        if verify:
+            local = lambda c: slice(self._rows(c).start - start, self._rows(c).stop - start)
+            self._require_chunks_intact(((c, {name: values[local(c)] for name, values in
+                                              arrays.items()}) for c in chunks), checks)
+        return arrays
+
     def read_crops(self, images=None, static: bool = False, verify: bool = True) -> CropRecords:
         """The crop records of every image, or of some.
 
@@ -706,14 +724,28 @@ class LabelStore:
         """
         rows = None if images is None else self._image_rows(images)
         names = CROP_ARRAYS + (STATIC_ARRAYS if flag("static", static) else ())
-        if static and not self.layout.soft_static:
-            raise StoreError(f"{self.location}: store has no soft-static labels; recompute it "
-                             "with `refine precompute --soft-static`")
+        if static:
+            self._require_static()
         if flag("verify", verify):
             self.require_intact()
         arrays = (self.read(names, verify) if rows is None
                   else self.read_images(rows, names, verify))
         return CropRecords(**arrays)
+
+    def read_static(self, verify: bool = True) -> tuple:
+        """Every image's soft-static label alone, ``(indices (N, k) uint16, probabilities
+        (N, k) float16)``: K times smaller than the crops' labels, which training with static
+        labels does not need. Checked as :meth:`read_crops` checks (``verify``)."""
+        self._require_static()
+        if flag("verify", verify):
+            self.require_intact()
+        arrays = self.read(STATIC_ARRAYS, verify)
+        return arrays["static_indices"], arrays["static_probs"]
+
+    def _require_static(self):
+        if not self.layout.soft_static:
+            raise StoreError(f"{self.location}: store has no soft-static labels; recompute it "
+                             "with `refine precompute --soft-static`")
 
     def read_labels(self, images=None) -> np.ndarray:
         """Ground-truth class of every image (or of the image indices ``images``), int64, from a
@@ -906,12 +938,13 @@ class LabelStore:
         return (f"chunk {c}: {name} (key {self.chunk_key(name, c)}) cannot be decoded "
                 f"({_reason(exc)}); {self._fix(name, c)}")
 
-    def _require_chunks_intact(self, pieces):
+    def _require_chunks_intact(self, pieces, checks=None):
         """``pieces``: (chunk, {name: its rows}); raise for the first written chunk whose
-        checksummed arrays differ from their digests. Chunks are hashed on several threads
-        (hashlib releases the GIL): at ImageNet size hashing is most of the check's cost."""
+        checksummed arrays differ from their digests (``checks``: :meth:`chunk_checks`).
+        Chunks are hashed on several threads (hashlib releases the GIL): at ImageNet size
+        hashing is most of the check's cost."""
         from concurrent.futures import ThreadPoolExecutor
-        recorded, done = self.recorded_checksums(), self.done_chunks()
+        recorded, done = checks if checks is not None else self.chunk_checks()
         work = [(int(c), {n: v for n, v in arrays.items() if n in self.layout.array_names})
                 for c, arrays in pieces if done[c]]
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:

@@ -11,9 +11,9 @@ refinery labels exactly what the student sees without a second copy.
 import numpy as np
 import torch
 
+from ..core.validators import index_array, one_of, refuse, whole_number
 from ..loaders.crop_batch import SparseLabels, sparse_labels
 from .losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse, hard_from_soft, one_hot
-from ..core.validators import index_array, one_of, refuse, whole_number
 
 
 class GroundTruthTargets:
@@ -61,10 +61,21 @@ class StoredTargets:
         self.num_classes, self.rest = num_classes, rest
         self.per_slot = np.ndim(indices) == 3
         if self.per_slot:
-            self.indices, self.probs = indices, probs  # host arrays, e.g. node-shared maps
+            self.indices, self.probs = indices, probs  # host arrays
+            self.crops = _WholeArrays(indices, probs)
         else:
             self.indices = _compact_class_indices(indices, num_classes).to(device)
             self.probs = torch.from_numpy(np.asarray(probs)).to(device)
+
+    @classmethod
+    def of_crops(cls, crops, num_classes: int, rest: str = DEFAULT_REST) -> "StoredTargets":
+        """Dynamic labels of the crops an epoch replays: ``crops.sparse_labels(images,
+        slots)`` (a :class:`.replay.ReplayedCrops`, which reads just its epoch's) looks up a
+        batch that comes without them; nothing store-sized is held here."""
+        targets = cls.__new__(cls)
+        targets.num_classes, targets.rest, targets.per_slot = num_classes, rest, True
+        targets.crops = crops
+        return targets
 
     def __call__(self, batch, pixels):
         if not self.per_slot:
@@ -73,9 +84,19 @@ class StoredTargets:
                                      self.rest)
         labels = batch.targets
         if not isinstance(labels, SparseLabels):  # train.fit pairs these with replayed crops
-            labels = sparse_labels(self.indices, self.probs, batch.indices.cpu(),
-                                   batch.slots.cpu()).to(batch.indices.device)
+            labels = self.crops.sparse_labels(batch.indices.cpu().numpy(),
+                                              batch.slots.cpu().numpy()).to(batch.indices.device)
         return dense_from_sparse(labels.indices, labels.probs, self.num_classes, self.rest)
+
+
+class _WholeArrays:
+    """``sparse_labels(images, slots)`` of whole ``(N, K, k)`` label arrays."""
+
+    def __init__(self, indices: np.ndarray, probs: np.ndarray):
+        self.indices, self.probs = indices, probs
+
+    def sparse_labels(self, images, slots) -> SparseLabels:
+        return sparse_labels(self.indices, self.probs, images, slots)
 
 
 def _compact_class_indices(indices: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -159,15 +180,65 @@ def visual_category_table(topk_indices: np.ndarray, topk_probs: np.ndarray, labe
                                "classes (store.num_classes)")
     one_of("rest", rest, REST_POLICIES)
     crops_per_step = whole_number("crops_per_step", crops_per_step, 1, "pass e.g. 65536")
-    indices, probs, per_crop = _category_inputs(topk_indices, topk_probs, labels, num_classes)
+    inputs = _category_inputs(topk_indices, topk_probs, labels, num_classes)
+    return _category_means([inputs], num_classes, rest, crops_per_step)
+
+
+def store_category_table(store, labels: np.ndarray, num_classes: int, rest: str = DEFAULT_REST,
+                         verify: bool = True, crops_per_step: int = 1 << 16) -> torch.Tensor:
+    """:func:`visual_category_table` of a store's labels, read chunk by chunk (each checked
+    against its checksums unless ``verify`` is False), never whole: the same table, bit for
+    bit, as from ``store.read_crops()``'s arrays."""
+    from ..loaders.epoch_reads import LABEL_ARRAYS
+    if verify:
+        store.require_intact()
+    checks = store.chunk_checks() if verify else None
+
+    def chunks():
+        for c in range(store.layout.num_chunks):
+            rows = store.layout.chunk_range(c)
+            arrays = store.read_chunk_span(range(c, c + 1), LABEL_ARRAYS, verify, checks)
+            yield _category_inputs(*(arrays[name] for name in LABEL_ARRAYS),
+                                   labels[rows.start:rows.stop], num_classes)
+
+    return _category_means(chunks(), num_classes, rest, crops_per_step)
+
+
+def _category_means(pieces, num_classes: int, rest: str, crops_per_step: int) -> torch.Tensor:
+    """Each class's mean expanded label over ``pieces`` of crops ``(indices, probs, class of
+    each crop)``, summed ``crops_per_step`` crops at a time in order, whatever the pieces'
+    sizes (so the sums, and their float rounding, are those of one whole piece)."""
     sums = torch.zeros(num_classes, num_classes)
-    for start in range(0, len(indices), crops_per_step):
-        part = slice(start, start + crops_per_step)
-        dense = dense_from_sparse(torch.from_numpy(indices[part].astype(np.int64)),
-                                  torch.from_numpy(probs[part]), num_classes, rest)
-        sums.index_add_(0, torch.from_numpy(per_crop[part].astype(np.int64)), dense)
-    counts = torch.bincount(torch.from_numpy(per_crop.astype(np.int64)), minlength=num_classes)
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for indices, probs, per_crop in _in_steps(pieces, crops_per_step):
+        dense = dense_from_sparse(torch.from_numpy(indices.astype(np.int64)),
+                                  torch.from_numpy(probs), num_classes, rest)
+        classes = torch.from_numpy(per_crop.astype(np.int64))
+        sums.index_add_(0, classes, dense)
+        counts += torch.bincount(classes, minlength=num_classes)
     return sums / counts.clamp_min(1)[:, None]
+
+
+def _in_steps(pieces, step: int):
+    """Tuples of equally long arrays, re-cut into tuples of exactly ``step`` rows (the last
+    shorter): views of each piece, joined only across a piece's boundary."""
+    carry = None  # the rows before the current piece that make no whole step yet
+    for piece in pieces:
+        if carry is not None:
+            need = step - len(carry[0])
+            head = tuple(np.concatenate([c, p[:need]]) for c, p in zip(carry, piece))
+            piece, carry = tuple(p[need:] for p in piece), None
+            if len(head[0]) < step:
+                carry = head
+                continue
+            yield head
+        whole = len(piece[0]) - len(piece[0]) % step
+        for start in range(0, whole, step):
+            yield tuple(p[start:start + step] for p in piece)
+        if whole < len(piece[0]):
+            carry = tuple(p[whole:] for p in piece)
+    if carry is not None:
+        yield carry
 
 
 def _category_inputs(topk_indices, topk_probs, labels, num_classes: int) -> tuple:

@@ -18,32 +18,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..plan.augment import Recipe, plan_augment
-from ..models.checkpoint_safety import load_weights_file
-from ..plan.crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
-from ..sources.dataset import check_cap_applies, conversion_options
-from ..sources.data_cache import open_dataset
 from ..core.devices import resolve_device
-from ..core.distributed import init_from_env, is_main, node_shared_arrays, world_size
+from ..core.distributed import init_from_env, is_main, world_size
 from ..core.errors import (CheckpointError, DataSetError, IncompleteStoreError, RefineryError,
                            RefineryWarning, RunError)
-from .evaluation import data_ids
-from ..store.label_store import DEFAULT_TOP_K, CropRecords, LabelStore
-from .losses import DEFAULT_REST, get_loss
-from ..models.registry import check_input_size, create_model
-from ..models.checkpoints import file_sha256, load_trained_model, save_checkpoint
-from ..models.registry import OptionNames
-from ..models.tensors import normalize, to_model_input, to_pixels
 from ..core.option_relevance import CATEGORY_VISUAL, CATEGORY_WORDNET, check_options_used
-from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from ..core.progress import progress_bar
 from ..labelling.refinery import autocast_for
 from ..loaders.replay import (ClassMap, FixedCrops, FreshCrops, StoreRows, make_loader,
                               replayed_crops)
+from ..models.checkpoint_safety import load_weights_file
+from ..models.checkpoints import file_sha256, load_trained_model, save_checkpoint
+from ..models.registry import OptionNames, check_input_size, create_model
+from ..models.tensors import normalize, to_model_input, to_pixels
+from ..plan.augment import Recipe, plan_augment
+from ..plan.crop_plan import DEFAULT_SLOT_POLICY, PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
+from ..sources.data_cache import open_dataset
+from ..sources.dataset import check_cap_applies, conversion_options
+from ..store.label_store import DEFAULT_TOP_K, LabelStore
+from .evaluation import data_ids
+from .losses import DEFAULT_REST, get_loss
+from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .schedule import few_steps_problem, lr_factor, milestone_problem, warmup_problem
 from .steps import AdversarialStep, NaturalStep
 from .targets import (CategoryTargets, GroundTruthTargets, HardTargets, OnlineTargets,
-                      StoredTargets, visual_category_table)
+                      StoredTargets, store_category_table)
 from .wordnet import DEFAULT_TEMPERATURE, wordnet_category_table, wordnet_reader
 
 
@@ -129,14 +128,15 @@ def load_data(cfg: TrainConfig, device):
     _warn_if_resampled(cfg, store, res)
     _warn_if_crops_overused(cfg, store)
     _warn_if_labels_truncated(cfg, store, len(classes))
-    crops, records = _crop_source(cfg, train_ds, store, res, copy)
-    _warn_if_rest_flattens(cfg, records, len(classes))
+    crops = _crop_source(cfg, train_ds, store, res, copy)
+    _warn_if_rest_flattens(cfg, store, len(classes))
     labels = store.read_labels() if store is not None else train_ds.labels
-    targets = _target_source(cfg, classes, device, records, teacher, labels)
+    targets = _target_source(cfg, classes, device, store, crops, teacher, labels)
     train_loader = make_loader(train_ds, crops, (res, res), cfg.batch_size, cfg.workers,
                                train=True, seed=cfg.seed, indices=indices,
                                distributed=torch.distributed.is_initialized())
-    train_loader.records = _labels_per_crop(cfg, records)
+    if _labels_per_crop(cfg, store):  # each batch brings its crops' labels, of its epoch
+        train_loader.records = crops
     if copy is not None:  # batches carry store rows, the store's classes and exact
         train_loader.relabel = StoreRows.of(copy, train_ds.num_images, labels)
         train_loader.join = copy
@@ -314,14 +314,16 @@ def _warn_if_labels_truncated(cfg: TrainConfig, store, num_classes: int):
                       stacklevel=2)
 
 
-def _warn_if_rest_flattens(cfg: TrainConfig, records, num_classes: int, sample: int = 4096):
+def _warn_if_rest_flattens(cfg: TrainConfig, store, num_classes: int, sample: int = 4096):
     """``--rest uniform`` spreads the mass outside each crop's top k evenly over the other
     classes: where the refinery's top k holds little of it (many classes, a hesitant refinery)
     most of every target is then the same flat vector, and students learn less. Measured on the
     first ``sample`` images' labels (cheap at any store size)."""
-    if cfg.rest != "uniform" or records is None or cfg.label_mode != "soft" or not is_main():
+    if cfg.rest != "uniform" or not _replays(cfg, store) or cfg.label_mode != "soft" or \
+            not is_main():
         return
-    probs = records.topk_probs[:sample]
+    first = np.arange(min(sample, store.layout.num_images))
+    probs = store.read_crops(first, verify=not cfg.skip_store_check).topk_probs
     if probs.shape[-1] >= num_classes:
         return
     spread = 1.0 - float(np.clip(probs.astype(np.float32).sum(-1), 0, 1).mean())
@@ -346,15 +348,21 @@ def _warn_if_bn_statistics_lag(cfg: TrainConfig, model, steps: int):
 
 def _crop_source(cfg: TrainConfig, train_ds, store, res: int, copy=None):
     """Replay the store's crops (of its rows in ``copy``, the training ``.beton``) through the
-    store's recipe, or draw fresh seeded crops every epoch through ``--augment``'s."""
-    fresh = store is None or (cfg.teacher is not None and cfg.teacher_crops == "fresh")
-    if fresh:
-        return _fresh_crops(cfg, train_ds, Recipe.parse(cfg.augment), res), None
+    store's recipe, read epoch by epoch (each rank its own share of rows, and their labels
+    where they are the targets), or draw fresh seeded crops every epoch through ``--augment``'s."""
+    if not _replays(cfg, store):
+        return _fresh_crops(cfg, train_ds, Recipe.parse(cfg.augment), res)
     _check_store_recipe(cfg, store)
-    records = _read_records(cfg, store)
-    crops, _ = replayed_crops(store, train_ds, cfg.seed, cfg.slot_policy, res,
-                              records=records, copy=copy)
-    return crops, records
+    crops, _ = replayed_crops(store, train_ds, cfg.seed, cfg.slot_policy, res, copy=copy,
+                              stored_labels=_labels_per_crop(cfg, store),
+                              verify=not cfg.skip_store_check)
+    return crops
+
+
+def _replays(cfg: TrainConfig, store) -> bool:
+    """Whether training replays the store's crops (not fresh ones: no store, or an online
+    teacher on fresh crops)."""
+    return store is not None and not (cfg.teacher is not None and cfg.teacher_crops == "fresh")
 
 
 def _check_store_recipe(cfg: TrainConfig, store):
@@ -373,30 +381,6 @@ def _check_store_recipe(cfg: TrainConfig, store):
                             "store's recipe, or precompute a store with this one")
 
 
-def _read_records(cfg: TrainConfig, store) -> CropRecords:
-    """The store's records, each chunk checked against its checksums unless a verify passed
-    these bytes. Every rank replays any image, so each needs all of them: under torchrun the
-    ranks of one host map one copy (filled chunk by chunk, so never whole in memory), not one
-    each (:func:`.distributed.node_shared_arrays`; 2.5 GB per rank at ImageNet-1k)."""
-    static, verify = cfg.label_mode == "static", not cfg.skip_store_check
-    if world_size() == 1:
-        return store.read_crops(static=static, verify=verify)
-    fill = lambda create: _fill_records(store, static, verify, create)
-    return CropRecords(**node_shared_arrays(fill, cfg.cache_dir))
-
-
-def _fill_records(store, static: bool, verify: bool, create):
-    """Read the store chunk by chunk into arrays made by ``create(name, shape, dtype)``."""
-    lay, arrays = store.layout, {}
-    for c in range(lay.num_chunks):
-        rows = lay.chunk_range(c)
-        part = store.read_crops(np.arange(rows.start, rows.stop), static, verify).arrays()
-        for name, values in part.items():
-            if name not in arrays:
-                arrays[name] = create(name, (lay.num_images,) + values.shape[1:], values.dtype)
-            arrays[name][rows.start:rows.stop] = values
-
-
 def _fresh_crops(cfg: TrainConfig, train_ds, recipe: Recipe = None, res: int = None) -> FreshCrops:
     """A new seeded RandomResizedCrop box and flip per training image every epoch, through
     ``recipe`` (on ``res``-pixel crops) when given."""
@@ -404,37 +388,34 @@ def _fresh_crops(cfg: TrainConfig, train_ds, recipe: Recipe = None, res: int = N
                       recipe or None, train_ds.labels, res)
 
 
-def _target_source(cfg: TrainConfig, classes, device, records, teacher, labels=None):
-    """Ground truth, stored labels (dynamic, static or per class), WordNet's per class or an
-    online teacher; hard if asked. ``labels``: the training images' classes (for per-class
-    labels)."""
-    num_classes = len(classes)
+def _target_source(cfg: TrainConfig, classes, device, store, crops, teacher, labels=None):
+    """Ground truth, stored labels (dynamic: the epoch's, looked up in ``crops``; static or
+    per class: read for it), WordNet's per class or an online teacher; hard if asked.
+    ``labels``: the training images' classes (for per-class labels)."""
+    num_classes, verify = len(classes), not cfg.skip_store_check
     if cfg.label_mode == CATEGORY_WORDNET:
         return CategoryTargets(wordnet_category_table(classes, cfg.wordnet_temperature,
                                                       f"{cfg.data}: train"), device)
     if teacher is not None:
         source = OnlineTargets(teacher)
-    elif records is None:
+    elif not _replays(cfg, store):
         return GroundTruthTargets(num_classes, cfg.label_smoothing)
     elif cfg.label_mode == "static":
-        return StoredTargets(records.static_indices, records.static_probs, num_classes,
-                             device, cfg.rest)
+        return StoredTargets(*store.read_static(verify), num_classes, device, cfg.rest)
     elif cfg.label_mode == CATEGORY_VISUAL:
-        return CategoryTargets(visual_category_table(records.topk_indices, records.topk_probs,
-                                                     labels, num_classes, cfg.rest), device)
+        return CategoryTargets(store_category_table(store, labels, num_classes, cfg.rest,
+                                                    verify), device)
     else:  # looked up from each batch's labels, which the loader gathers (_labels_per_crop)
-        source = StoredTargets(records.topk_indices, records.topk_probs, num_classes, device,
-                               cfg.rest)
+        source = StoredTargets.of_crops(crops, num_classes, cfg.rest)
     return HardTargets(source) if cfg.label_mode == "hard" else source
 
 
-def _labels_per_crop(cfg: TrainConfig, records):
-    """The records whose per-crop labels the training loader attaches to each batch, gathered
-    on the host (what :class:`.targets.StoredTargets` reads): None unless the store's dynamic
-    labels are the targets."""
-    stored = records is not None and cfg.teacher is None and \
+def _labels_per_crop(cfg: TrainConfig, store) -> bool:
+    """Whether the training loader attaches each crop's stored label to its batch (what
+    :class:`.targets.StoredTargets` reads): only where the store's dynamic labels are the
+    targets."""
+    return _replays(cfg, store) and cfg.teacher is None and \
         cfg.label_mode not in ("static", CATEGORY_VISUAL, CATEGORY_WORDNET)
-    return records if stored else None
 
 
 def _val_data(cfg: TrainConfig):
