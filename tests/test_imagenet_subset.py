@@ -142,7 +142,7 @@ def test_the_ids_ship_as_package_data():
     """A non-editable install must carry the file, not only this checkout."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    assert "imagenet1k_wnids.txt" in cfg["options.package_data"]["refinery_pipeline"].split()
+    assert "imagenet1k_wnids.txt" in cfg["options.package_data"]["refinery_pipeline.models"].split()
 
 
 def test_outputs_follow_the_data_sets_class_order():

@@ -201,8 +201,31 @@ def join_copy(store, copy_keys, *, location: str, labels=None, classes=None, fra
                       {"reframed": _names(store_keys, framed_out),
                        "unreplayable": _names(store_keys, lone)})
     if result.skipped and not allow_missing:
+        _refuse_other_classes(store, present, classes, location)
         raise MissingImagesError(missing_message(result, location, store.location))
     return result
+
+
+def _refuse_other_classes(store, present: np.ndarray, classes, location: str):
+    """A copy lacking every image of some store classes while naming classes the store lacks
+    is another data set (or a renamed class), not a copy with images lost: say so, rather
+    than offer --allow-missing first."""
+    if classes is None:
+        return
+    held = set(np.asarray(store.classes, dtype=object)[np.unique(store.read_labels()[present])])
+    lacking = [c for c in store.classes if c not in held]
+    extra = [c for c in classes if c not in set(store.classes)]
+    if lacking and extra:
+        raise StoreMismatchError(
+            f"{location}: data set mismatch in 'classes': it names {_listed(extra)}, which "
+            f"{store.location} does not, and holds no image of {_listed(lacking)}; pass a copy "
+            "of the data set the store was made from (--allow-missing uses only the classes "
+            "both hold)")
+
+
+def _listed(names) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    return shown + (f" and {len(names) - 5:,} more" if len(names) > 5 else "")
 
 
 def join_beton(store, dataset, *, recipe=None, allow_missing: bool = False) -> CopyJoin:
