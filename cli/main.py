@@ -596,7 +596,8 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
     from refinery_pipeline.plan.augment import Recipe
     from refinery_pipeline.core.distributed import is_main
     from refinery_pipeline.paper.plots import plot_runs, read_run
-    from refinery_pipeline.training.train import TrainConfig, fit
+    from refinery_pipeline.training.train import fit
+    from refinery_pipeline.training.config import TrainConfig
 
     recipe = Recipe.parse(augment)  # before the run directory exists
     read_as = given_source_options(data, key_column=key_column, image_column=image_column,

@@ -42,7 +42,8 @@ def tiny_refinery_ckpt(tiny_data, tmp_path_factory) -> Path:
     and label-level fidelity tests could not fail when the wrong crop is labelled. This one's
     labels of two crops of one image differ by ~0.05 (median) and by > 0.007 for every image.
     """
-    from refinery_pipeline.training.train import TrainConfig, fit
+    from refinery_pipeline.training.train import fit
+    from refinery_pipeline.training.config import TrainConfig
     out = tmp_path_factory.mktemp("refinery")
     fit(TrainConfig(data=str(tiny_data), out_dir=str(out), arch="demo_cnn", epochs=6,
                     batch_size=16, lr=0.1, res=24, workers=1, warmup_epochs=0.5,

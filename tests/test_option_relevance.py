@@ -13,7 +13,8 @@ from refinery_pipeline.core.errors import ArgumentError, RefineryWarning
 from refinery_pipeline.core.option_relevance import OPTION_USES, check_options_used
 from refinery_pipeline.training.schedule import (MIN_STEPS_PER_EPOCH, few_steps_problem,
                                                  warmup_problem)
-from refinery_pipeline.training.train import TrainConfig, fit
+from refinery_pipeline.training.train import fit
+from refinery_pipeline.training.config import TrainConfig
 
 from .test_cli import assert_one_line_error, make_tree, run
 

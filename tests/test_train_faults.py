@@ -7,13 +7,16 @@ import warnings
 
 import pytest
 
-from refinery_pipeline.training import train as train_module
-from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.core.errors import DataSetError, RefineryError, RefineryWarning
-from refinery_pipeline.paper.plots import read_run
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
-from refinery_pipeline.training.train import TrainConfig, fit
+from refinery_pipeline.paper.plots import read_run
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.training import data as data_module
+from refinery_pipeline.training import train as train_module
+from refinery_pipeline.training.config import TrainConfig
+from refinery_pipeline.training.run_dir import RUN_FILES
+from refinery_pipeline.training.train import fit
 
 from .test_cli import assert_one_line_error, make_tree, run
 from .test_plots import write_run
@@ -104,13 +107,13 @@ def test_images_per_rank_must_fill_a_batch(images, world, batch, fits, tiny_data
     torchrun; the count is the part that can go wrong.)"""
     cfg = TrainConfig(data=str(tiny_data), out_dir=str(tmp_path), batch_size=batch)
     if fits:
-        train_module._check_an_epoch_trains(cfg, images, world)
+        data_module._check_an_epoch_trains(cfg, images, world)
         return
     per_rank = -(-images // world)
     with pytest.raises(DataSetError, match=f"{images} training images, {per_rank} per rank on "
                                            f"{world} ranks, fewer than --batch-size {batch}.*"
                                            f"pass --batch-size {per_rank} or less"):
-        train_module._check_an_epoch_trains(cfg, images, world)
+        data_module._check_an_epoch_trains(cfg, images, world)
 
 
 def test_zero_epochs_are_refused(tiny_data, tmp_path):
@@ -206,7 +209,7 @@ def test_resume_from_a_damaged_last_pt_is_refused(unfinished, tiny_data, tmp_pat
 def test_fresh_run_into_another_run_is_refused(kept, finished, tiny_data, tmp_path):
     """Before: the log read epochs 1, 1 and `refine plot` drew the stale run too."""
     out = copy_of(finished, tmp_path)
-    for name in train_module.RUN_FILES:
+    for name in RUN_FILES:
         if kept not in (name, "all"):
             (out / name).unlink()
     before = snapshot(out)

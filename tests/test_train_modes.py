@@ -5,17 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from refinery_pipeline.training import train as train_module
-from refinery_pipeline.loaders.crop_batch import CropBatch
-from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.core.errors import RefineryError
-from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.models.tensors import to_pixels
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
+from refinery_pipeline.loaders.crop_batch import CropBatch
 from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+from refinery_pipeline.models.tensors import to_pixels
+from refinery_pipeline.plan.crop_plan import CropPlan
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.training import data as data_module
+from refinery_pipeline.training import train as train_module
+from refinery_pipeline.training.config import TrainConfig, with_overrides
 from refinery_pipeline.training.targets import OnlineTargets, StoredTargets
-from refinery_pipeline.training.train import TrainConfig, fit
+from refinery_pipeline.training.train import fit
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +141,7 @@ def test_resume_after_an_interruption_is_bit_for_bit(extra, tiny_data, full_stor
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        fit(train_module.with_overrides(resumed, resume=False))  # a fresh run, then resumed
+        fit(with_overrides(resumed, resume=False))  # a fresh run, then resumed
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     fit(resumed)
     a = torch.load(tmp_path / "a" / "run" / "model.pt", weights_only=False)["model"]
@@ -162,7 +164,7 @@ def test_partial_store_trains_only_with_allow_partial(tiny_data, tiny_dataset, t
     record = fit(config(tiny_data, tmp_path, labels=str(path), allow_partial=True,
                         batch_size=8))
     assert np.isfinite(record["train_loss"])
-    loader_ids = train_module.load_data(
+    loader_ids = data_module.load_data(
         config(tiny_data, tmp_path, labels=str(path), allow_partial=True), "cpu")[1].indices
     assert sorted(loader_ids.tolist()) == list(range(32, 64))  # chunk 1 only
 

@@ -13,7 +13,8 @@ from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
 from refinery_pipeline.core.errors import DataSetError, RefineryError
 from refinery_pipeline.paper.synthetic import make_shapes
 from refinery_pipeline.training.targets import CategoryTargets
-from refinery_pipeline.training.train import TrainConfig, fit
+from refinery_pipeline.training.train import fit
+from refinery_pipeline.training.config import TrainConfig
 
 from .test_cli import assert_one_line_error, run
 

@@ -8,7 +8,7 @@ takes effect, and, when it does not, why and what to do instead. :func:`check_op
 refuses the first row a command's settings break, in one line naming the option and the fix.
 
 A setting absent from the table is used by every mode; ``tests/test_option_relevance.py``
-holds each field of :class:`.train.TrainConfig` to be either in the table or in its list of
+holds each field of :class:`refinery_pipeline.training.config.TrainConfig` to be either in the table or in its list of
 settings every mode uses, so a new option cannot join silently.
 """
 import dataclasses

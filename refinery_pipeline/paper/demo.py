@@ -21,7 +21,8 @@ from .plots import plot_runs, read_run
 from ..labelling.precompute import precompute
 from ..labelling.refinery import Refinery
 from .synthetic import SHAPES, make_shapes, visible_fraction
-from ..training.train import TrainConfig, fit
+from ..training.train import fit
+from ..training.config import TrainConfig
 
 
 @dataclass(frozen=True)

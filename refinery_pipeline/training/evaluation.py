@@ -68,8 +68,8 @@ def conversion_of(run, data=None):
 def _conversion_before_records(config: dict):
     from dataclasses import replace
 
-    from ..sources.dataset import conversion_options
     from ..core.errors import RefineryError
+    from ..sources.dataset import conversion_options
     from ..store.label_store import LabelStore
     source = None
     if config.get("labels"):
@@ -216,12 +216,13 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         ``split``, ``images``, ``res``, ``checkpoint``, and ``data``: what was measured (see
         :func:`data_record`).
     """
-    from ..sources.dataset import BetonOptions
-    from ..sources.data_cache import open_dataset
+    from ..loaders.replay import FixedCrops, make_loader
     from ..models.checkpoints import checkpoint_input_size, load_trained_model
     from ..models.registry import PYTHON_NAMES
-    from ..loaders.replay import FixedCrops, make_loader
-    from .train import _val_location, evaluate, resolve_device
+    from ..sources.data_cache import open_dataset
+    from ..sources.dataset import BetonOptions
+    from .data import _val_location
+    from .train import evaluate, resolve_device
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     device = resolve_device(device)  # before any data is converted

@@ -12,8 +12,9 @@ points at top-5 (``benchmarks/results/top_k_rest_tin200_cpu32.md``, ``top_k_rest
 import torch
 import torch.nn.functional as F
 
-from ..store.label_store import DEFAULT_REST, REST_POLICIES  # noqa: F401 (defined beside DEFAULT_TOP_K)
 from ..core.validators import one_of, refuse
+from ..store.label_store import DEFAULT_REST  # noqa: F401 (defined beside DEFAULT_TOP_K)
+from ..store.label_store import REST_POLICIES
 
 LOSSES = ("kl", "soft_ce", "reverse_kl", "l2")
 """The names :func:`get_loss` takes (``refine train --loss``)."""

@@ -18,10 +18,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..labelling.refinery import autocast_for
 from ..models.registry import batchnorm_layers
 from ..models.tensors import to_model_input
-from ..labelling.refinery import autocast_for
-
 
 # When the running average's memory (1 / momentum steps) exceeds this share of a run, evaluation
 # reads stale statistics. Measured with MobileNetV3-small (momentum 0.01) at 32 px, val top-1

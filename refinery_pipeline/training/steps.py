@@ -28,9 +28,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from ..labelling.refinery import autocast_for
 from ..models.registry import batchnorm_layers
 from ..models.tensors import IMAGENET_NORMALIZATION, denormalize, normalize
-from ..labelling.refinery import autocast_for
 
 # How natural crops and their twins meet BatchNorm: each in its own batch (the default), or one
 # batch of both as the paper batches them.

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sources.data_cache import default_cache_dir
 from ..core.errors import DataSetError, RefineryError
 from ..core.validators import positive_number, refuse
+from ..sources.data_cache import default_cache_dir
 
 DEFAULT_TEMPERATURE = 0.1
 WORDNET_ENV = "REFINERY_WORDNET"
