@@ -220,7 +220,7 @@ def phase_read(cfg) -> dict:
 
 def phase_verify(cfg) -> dict:
     from click.testing import CliRunner
-    from cli.main import cli
+    from refinery_cli.main import cli  # the installed CLI (this script runs from benchmarks/)
     start = time.perf_counter()
     result = CliRunner().invoke(cli, ["verify", cfg["store"], "--cache-dir", cfg["work"]])
     seconds = time.perf_counter() - start
