@@ -20,7 +20,8 @@ from _runs import device_name
 
 from refinery_pipeline.models.checkpoints import load_trained_model
 from refinery_pipeline.training.precise_bn import recompute_from_loader
-from refinery_pipeline.training.train import evaluate, resolve_device
+from refinery_pipeline.core.devices import resolve_device
+from refinery_pipeline.training.evaluation import evaluate
 from refinery_pipeline.training.data import load_data
 from refinery_pipeline.training.config import TrainConfig
 

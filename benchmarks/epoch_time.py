@@ -31,7 +31,8 @@ from refinery_pipeline.training.losses import get_loss
 from refinery_pipeline.models.registry import create_model
 from refinery_pipeline.labelling.precompute import software_versions
 from refinery_pipeline.training.schedule import lr_factor
-from refinery_pipeline.training.train import resolve_device, train_one_epoch
+from refinery_pipeline.core.devices import resolve_device
+from refinery_pipeline.training.train import train_one_epoch
 from refinery_pipeline.training.data import load_data
 from refinery_pipeline.training.config import TrainConfig
 

@@ -29,7 +29,7 @@ from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.models.registry import create_model
 from refinery_pipeline.labelling.precompute import precompute, software_versions
 from refinery_pipeline.labelling.refinery import Refinery, autocast_for
-from refinery_pipeline.training.train import resolve_device
+from refinery_pipeline.core.devices import resolve_device
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -30,7 +30,7 @@ from refinery_pipeline.models.tensors import to_pixels
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
 from refinery_pipeline.training.targets import OnlineTargets, StoredTargets
-from refinery_pipeline.training.train import resolve_device
+from refinery_pipeline.core.devices import resolve_device
 
 
 def compare_epochs(dataset, store_path: Path, refinery: Refinery, epochs: int, batch_size: int,

@@ -396,7 +396,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     from refinery_pipeline.labelling.precompute import check_labelled, precompute as run
     from refinery_pipeline.models.registry import OptionNames
     from refinery_pipeline.labelling.refinery import load_refinery, member_archs
-    from refinery_pipeline.training.train import resolve_device
+    from refinery_pipeline.core.devices import resolve_device
 
     recipe, archs = Recipe.parse(augment), member_archs(weights, arch)  # before any work
     ray_options = _ray_options(engine, compile_, ray_address, ray_actors, ray_gpus_per_actor,
@@ -817,7 +817,7 @@ def _recorded_refinery(store, weights, device, trust_checkpoint):
     input size, BN mode: an ImageNet refinery selects the store's classes)."""
     from refinery_pipeline.store.label_store import LabelStore
     from refinery_pipeline.labelling.refinery import load_as_recorded
-    from refinery_pipeline.training.train import resolve_device
+    from refinery_pipeline.core.devices import resolve_device
     opened = LabelStore.open(store)
     return load_as_recorded(weights, opened.attrs["refinery"], opened.classes,
                             device=resolve_device(device), trust_checkpoint=trust_checkpoint)
@@ -855,7 +855,7 @@ def check_copy(store, data, weights, sample, seed, allow_missing, workers, devic
     --allow-missing, 2: unusable. --label-column, --classes, ... say how DATA is read, as for
     train."""
     from refinery_pipeline.labelling.check_copy import DEFAULT_SAMPLE, check_copy as check
-    from refinery_pipeline.training.train import resolve_device
+    from refinery_pipeline.core.devices import resolve_device
 
     resolve_device(device)  # a device this machine lacks: refused before any data is read
     if sample is not None and not weights:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from ..core.errors import RefineryWarning, RunError
+from ..labelling.refinery import autocast_for
+from ..models.tensors import to_model_input
 
 SPLITS = ("train", "val")
 
@@ -216,13 +218,13 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         ``split``, ``images``, ``res``, ``checkpoint``, and ``data``: what was measured (see
         :func:`data_record`).
     """
+    from ..core.devices import resolve_device
     from ..loaders.replay import FixedCrops, make_loader
     from ..models.checkpoints import checkpoint_input_size, load_trained_model
     from ..models.registry import PYTHON_NAMES
     from ..sources.data_cache import open_dataset
     from ..sources.dataset import BetonOptions
     from .data import _val_location
-    from .train import evaluate, resolve_device
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     device = resolve_device(device)  # before any data is converted
@@ -240,3 +242,23 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
     return {f"{split}_{key[4:]}": value for key, value in metrics.items()} | {
         "split": split, "images": dataset.num_images, "res": int(size),
         "checkpoint": str(weights), "data": data_record(dataset, data, split)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes, channels_last=True):
+    """Top-1, top-5 and per-class top-1 (percent) on a single centred crop per image."""
+    model.eval()
+    correct1 = torch.zeros(num_classes, device=device)
+    correct5 = torch.zeros((), device=device)
+    seen = torch.zeros(num_classes, device=device)
+    for batch in loader:
+        labels = batch.labels.to(device)
+        with autocast_for(device):
+            logits = model(to_model_input(batch.images, device, channels_last=channels_last))
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        correct1.index_add_(0, labels, (top[:, 0] == labels).float())
+        correct5 += (top == labels[:, None]).any(1).sum()
+        seen.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
+    n = seen.sum().item()
+    return {"val_top1": 100 * correct1.sum().item() / n, "val_top5": 100 * correct5.item() / n,
+            "val_per_class": (100 * correct1 / seen.clamp_min(1)).tolist()}

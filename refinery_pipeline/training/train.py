@@ -18,17 +18,16 @@ from ..core.distributed import init_from_env, is_main
 from ..core.errors import CheckpointError, RefineryError, RefineryWarning
 from ..core.option_relevance import CATEGORY_WORDNET, check_options_used
 from ..core.progress import progress_bar
-from ..labelling.refinery import autocast_for
 from ..loaders.replay import make_loader
 from ..models.checkpoints import file_sha256, load_trained_model, save_checkpoint
 from ..models.registry import OptionNames, check_input_size, create_model
-from ..models.tensors import normalize, to_model_input, to_pixels
+from ..models.tensors import normalize, to_pixels
 from ..sources.data_cache import open_dataset
 from ..store.label_store import LabelStore
 from .config import TrainConfig
 from .data import (_conversion, _fresh_crops, _val_data, _warn_if_warmup_outlasts_the_run,
                    load_data, model_classes)
-from .evaluation import data_ids
+from .evaluation import data_ids, evaluate
 from .losses import get_loss
 from .precise_bn import lagging_statistics_memory, recompute_from_loader
 from .run_dir import (_check_epochs, _check_epochs_left, _check_run_dir, _check_same_run, _log,
@@ -101,26 +100,6 @@ class ExactCount:
         if not self.total:
             return {}
         return {"crops_exact": self.exact, "crops_approximate": self.total - self.exact}
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, num_classes, channels_last=True):
-    """Top-1, top-5 and per-class top-1 (percent) on a single centred crop per image."""
-    model.eval()
-    correct1 = torch.zeros(num_classes, device=device)
-    correct5 = torch.zeros((), device=device)
-    seen = torch.zeros(num_classes, device=device)
-    for batch in loader:
-        labels = batch.labels.to(device)
-        with autocast_for(device):
-            logits = model(to_model_input(batch.images, device, channels_last=channels_last))
-        top = logits.topk(min(5, num_classes), dim=1).indices
-        correct1.index_add_(0, labels, (top[:, 0] == labels).float())
-        correct5 += (top == labels[:, None]).any(1).sum()
-        seen.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
-    n = seen.sum().item()
-    return {"val_top1": 100 * correct1.sum().item() / n, "val_top5": 100 * correct5.item() / n,
-            "val_per_class": (100 * correct1 / seen.clamp_min(1)).tolist()}
 
 
 # ----------------------------------------------------------------------------- fit
