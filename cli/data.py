@@ -10,10 +10,10 @@ from .errors import friendly_errors
 from .options import (AT_LEAST_ONE, MAX_RESOLUTION_HELP, NON_NEGATIVE_COUNT, SEED, Count,
                       device_option, given_source_options, source_options, trust_checkpoint_option,
                       workers_option)
-from .recorded import _recorded_refinery
+from .recorded import recorded_refinery
 
 
-def _passed_through(dataset) -> str:
+def passed_through(dataset) -> str:
     """``; N of M images are their source's own bytes``, where the sidecar counted them."""
     count = dataset.meta.get("passed_through")
     if count is None:
@@ -66,7 +66,7 @@ def check_copy(store, data, weights, sample, seed, allow_missing, workers, devic
                                    path_column=path_column, classes=classes)
     if split is not None:
         read_as["split"] = split
-    refinery = _recorded_refinery(store, weights, device, trust_checkpoint) if weights else None
+    refinery = recorded_refinery(store, weights, device, trust_checkpoint) if weights else None
     report = check(store, data, refinery, sample=sample or DEFAULT_SAMPLE, seed=seed,
                    allow_missing=allow_missing, num_workers=workers, **read_as)
     for line in report.lines:
@@ -113,6 +113,6 @@ def convert(data, out_dir, max_resolution, jpeg, jpeg_quality, write_mode, worke
         ds = ImageDataset(path)
         classes = f"{len(ds.classes)} classes" if ds.has_labels else "no labels"
         click.echo(f"{path}: {ds.num_images:,} images, {classes}, "
-                   f"{path.stat().st_size / 1e6:,.1f} MB" + _passed_through(ds))
+                   f"{path.stat().st_size / 1e6:,.1f} MB" + passed_through(ds))
     if ImageDataset(written[0]).has_labels:
         click.echo(f"next: refine precompute {written[0]} labels.zarr --weights REFINERY.pt")

@@ -10,13 +10,13 @@ from refinery_pipeline.core.option_relevance import check_options_used
 from refinery_pipeline.plan.crop_plan import DEFAULT_CROPS_PER_IMAGE
 from refinery_pipeline.store.label_store import DEFAULT_PROB_BITS, DEFAULT_TOP_K
 
-from .data import _passed_through
+from .data import passed_through
 from .errors import friendly_errors
 from .options import (AT_LEAST_ONE, AUGMENT_HELP, FRACTION, NON_NEGATIVE, PIXELS, POSITIVE,
                       PROB_BITS, SEED, augment_option, cache_dir_option, device_option,
                       given_source_options, max_resolution_option, source_options,
                       trust_checkpoint_option, workers_option)
-from .recorded import _open_store_data, _recorded_refinery, _recorded_source
+from .recorded import open_store_data, recorded_refinery, recorded_source
 
 
 @click.command()
@@ -102,7 +102,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     read_as = given_source_options(data, split=split, key_column=key_column,
                                    image_column=image_column, label_column=label_column,
                                    path_column=path_column, classes=classes)
-    options = conversion_options(_recorded_source(store), max_resolution)  # a resume's frame
+    options = conversion_options(recorded_source(store), max_resolution)  # a resume's frame
     dataset = open_dataset(data, split or "train", cache_dir, options, num_workers=workers,
                            **read_as)
     check_labelled(dataset)  # a .beton converted without labels: before loading weights
@@ -123,7 +123,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
                    f"{s.chunks_skipped} already done{busy}; store {s.store_bytes / 1e6:.2f} MB, "
                    f"{s.bytes_per_crop:.1f} bytes/crop")
         click.echo(f"pixels: {dataset.path} (the exact pixel source of these labels)"
-                   + _passed_through(dataset))
+                   + passed_through(dataset))
 
 
 def _ray_options(engine, compile_, address, actors, gpus_per_actor, cpus_per_actor):
@@ -164,8 +164,8 @@ def audit(store, data, weights, sample_crops, min_agreement, seed, workers, devi
     """Re-run the refinery on sampled stored crops of STORE (made from DATA) and compare."""
     from refinery_pipeline.labelling.audit import audit_store
 
-    refinery = _recorded_refinery(store, weights, device, trust_checkpoint)
-    dataset = _open_store_data(data, store, cache_dir, workers)
+    refinery = recorded_refinery(store, weights, device, trust_checkpoint)
+    dataset = open_store_data(data, store, cache_dir, workers)
     r = audit_store(dataset, store, refinery, sample_crops, seed, workers)
     batches = f"{r.loader_batches} loader batch{'' if r.loader_batches == 1 else 'es'}"
     click.echo(f"{r.crops:,} crops in {batches} re-labelled (BN {r.bn_mode}): "

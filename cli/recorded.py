@@ -2,16 +2,16 @@
 data (so DATA converts to the same .beton) and its refinery (classes, input size, BN mode)."""
 
 
-def _open_store_data(data, store, cache_dir, workers: int = 2):
+def open_store_data(data, store, cache_dir, workers: int = 2):
     """DATA of an existing STORE, a tree converted as the store's labels were made (so to the
     same .beton)."""
     from refinery_pipeline.sources.data_cache import open_dataset
     from refinery_pipeline.sources.dataset import conversion_options
-    options = conversion_options(_recorded_source(store))
+    options = conversion_options(recorded_source(store))
     return open_dataset(data, "train", cache_dir, options, num_workers=workers)
 
 
-def _recorded_source(location):
+def recorded_source(location):
     """The ``dataset.source`` an existing store records; None for a new store, or one that
     cannot be read (the command's own check of it names the problem)."""
     from refinery_pipeline.core.errors import StoreError
@@ -22,7 +22,7 @@ def _recorded_source(location):
         return None
 
 
-def _recorded_refinery(store, weights, device, trust_checkpoint):
+def recorded_refinery(store, weights, device, trust_checkpoint):
     """The refinery ``weights`` make under STORE's record of its refinery (its classes,
     input size, BN mode: an ImageNet refinery selects the store's classes)."""
     from refinery_pipeline.labelling.refinery import load_as_recorded

@@ -13,7 +13,7 @@ from refinery_pipeline.core.option_relevance import check_options_used
 
 from .errors import friendly_errors
 from .options import AT_LEAST_ONE, SEED, cache_dir_option, workers_option
-from .recorded import _open_store_data
+from .recorded import open_store_data
 
 
 @click.command()
@@ -60,7 +60,7 @@ def show(store, data, images, crops, seed, out, others, names, workers, cache_di
     if names and len(names) != len(stores):
         raise RefineryError(f"{len(names)} --name for {len(stores)} stores; give one per store "
                             "(STORE first, then each --compare) or none")
-    dataset = _open_store_data(data, store, cache_dir, workers)
+    dataset = open_store_data(data, store, cache_dir, workers)
     sample = sample_stored_crops(dataset, store, images, seed, workers)
     shown = min(crops, sample.pixels.shape[1])
     if others:
@@ -98,7 +98,7 @@ def verify(store, data, cache_dir):
     A pass is recorded in the cache (outside the store), so that `refine train
     --skip-store-check` may skip re-checking these very bytes."""
     from refinery_pipeline.store.store_tools import record_verified, store_identity, verify_store
-    dataset = _open_store_data(data, store, cache_dir) if data else None
+    dataset = open_store_data(data, store, cache_dir) if data else None
     identity = store_identity(store)  # before reading: a change during the check voids it
     report = verify_store(store, dataset)
     for problem in report.problems:
