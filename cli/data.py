@@ -53,9 +53,9 @@ def check_copy(store, data, weights, sample, seed, allow_missing, workers, devic
     refinery's on DATA's pixels. One line per finding; exit 0: usable, 1: usable only with
     --allow-missing, 2: unusable. --label-column, --classes, ... say how DATA is read, as for
     train."""
+    from refinery_pipeline.core.devices import resolve_device
     from refinery_pipeline.labelling.check_copy import DEFAULT_SAMPLE
     from refinery_pipeline.labelling.check_copy import check_copy as check
-    from refinery_pipeline.training.train import resolve_device
 
     resolve_device(device)  # a device this machine lacks: refused before any data is read
     if sample is not None and not weights:

@@ -85,6 +85,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     label column, WebDataset shards with cls members, a Hugging Face dataset, or a .beton. It
     is converted once to a .beton (JPEGs kept byte for byte), and the store records each
     image's key and the SHA-256 of its bytes, so any copy of the data finds its labels."""
+    from refinery_pipeline.core.devices import resolve_device
     from refinery_pipeline.labelling.precompute import check_labelled
     from refinery_pipeline.labelling.precompute import precompute as run
     from refinery_pipeline.labelling.refinery import load_refinery, member_archs
@@ -93,7 +94,6 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.sources.data_cache import open_dataset
     from refinery_pipeline.sources.dataset import check_cap_applies, conversion_options
-    from refinery_pipeline.training.train import resolve_device
 
     recipe, archs = Recipe.parse(augment), member_archs(weights, arch)  # before any work
     ray_options = _ray_options(engine, compile_, ray_address, ray_actors, ray_gpus_per_actor,

@@ -25,9 +25,9 @@ def recorded_source(location):
 def recorded_refinery(store, weights, device, trust_checkpoint):
     """The refinery ``weights`` make under STORE's record of its refinery (its classes,
     input size, BN mode: an ImageNet refinery selects the store's classes)."""
+    from refinery_pipeline.core.devices import resolve_device
     from refinery_pipeline.labelling.refinery import load_as_recorded
     from refinery_pipeline.store.label_store import LabelStore
-    from refinery_pipeline.training.train import resolve_device
     opened = LabelStore.open(store)
     return load_as_recorded(weights, opened.attrs["refinery"], opened.classes,
                             device=resolve_device(device), trust_checkpoint=trust_checkpoint)
