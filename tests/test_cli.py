@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.main import _one_line_warnings, cli
+from cli.errors import _one_line_warnings
+from cli.main import cli
 from refinery_pipeline.core.errors import RefineryWarning
 from refinery_pipeline.store.label_store import LabelStore
 

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli.main import FACTOR, POSITIVE, SMOOTHING, Count, Number, cli
+from cli.main import cli
+from cli.options import FACTOR, POSITIVE, SMOOTHING, Count, Number
 from refinery_pipeline.core.errors import storage_error_message
 from refinery_pipeline.store.label_store import LabelStore
 

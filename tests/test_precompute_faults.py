@@ -57,7 +57,7 @@ def test_any_chunk_size_gives_a_store_that_verifies_audits_and_resumes(chunk, ti
     assert store_files(resumed) == store_files(reference)
 
 
-SLOW_LABELS = ("import sys, time, refinery_pipeline.labelling.precompute as p; real = p.label_loader_batch; "
+SLOW_LABELS = ("import sys, time, refinery_pipeline.labelling.chunk_labeller as p; real = p.label_loader_batch; "
                "p.label_loader_batch = lambda *a, **k: (time.sleep(0.25), real(*a, **k))[1]; "
                "from cli.main import cli; sys.argv[0] = 'refine'; cli()")
 

@@ -121,6 +121,7 @@ def test_torchrun_ddp_training_shards_images_across_ranks(labels, tiny_data, tin
 def test_staging_a_loader_batch_on_the_host_changes_no_byte(tiny_dataset, tiny_refinery_ckpt,
                                                             tmp_path, monkeypatch):
     """Loader batches over the device staging budget are shuffled on the host: same store."""
+    from refinery_pipeline.labelling import chunk_labeller
     from refinery_pipeline.labelling import precompute as precompute_module
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.labelling.refinery import Refinery
@@ -133,5 +134,5 @@ def test_staging_a_loader_batch_on_the_host_changes_no_byte(tiny_dataset, tiny_r
         return store_files(tmp_path / name)
 
     on_device = make("device.zarr")
-    monkeypatch.setattr(precompute_module, "DEVICE_STAGING_BYTES", 0)
+    monkeypatch.setattr(chunk_labeller, "DEVICE_STAGING_BYTES", 0)
     assert make("host.zarr") == on_device

@@ -1,9 +1,9 @@
 """``refine audit``: recompute a random sample of stored labels and compare.
 
-The sample is made of whole loader batches of the original run (a chunk and a batch start), and
-each is relabelled by :func:`precompute.label_loader_batch` with the store's recorded batching:
-the same crops, cut by the same decoder, in the same forward batches. So even train-mode BN
-labels, which depend on their batch neighbours, can be checked crop for crop.
+The sample is made of whole loader batches of the original run (a chunk and a batch start),
+and each is relabelled by :func:`.chunk_labeller.label_loader_batch` with the store's recorded
+batching: the same crops, cut by the same decoder, in the same forward batches. So even
+train-mode BN labels, which depend on their batch neighbours, can be checked crop for crop.
 """
 from dataclasses import dataclass
 
@@ -12,7 +12,7 @@ import numpy as np
 from ..core.errors import StoreMismatchError
 from ..plan.augment import plan_augment
 from ..store.label_store import Batching, LabelStore, round_probabilities
-from .precompute import UnitLoader, build_crop_table, label_loader_batch
+from .chunk_labeller import UnitLoader, build_crop_table, label_loader_batch
 from .refinery import identity_mismatch
 
 

@@ -141,10 +141,10 @@ def _unit_crops(crops, n: int) -> np.ndarray:
 
 def _labelled(crops, refinery, images: np.ndarray, chunk: int, start: int) -> tuple:
     """Every class's probability, sorted, for crops ``(B, S, s, s, 3)``, batched as precompute
-    batches a loader batch (:func:`.precompute.label_loader_batch`), rounded as stored."""
+    batches a loader batch (:func:`.chunk_labeller.label_loader_batch`), rounded as stored."""
     import torch
 
-    from .precompute import label_loader_batch
+    from .chunk_labeller import label_loader_batch
     store = crops.store
     classes, values = label_loader_batch(refinery, torch.from_numpy(images),
                                          store.batching.crop_batch, store.num_classes,

@@ -31,8 +31,9 @@ from ..core.errors import ArgumentError, RefineryError, RefineryWarning
 from ..core.progress import progress_bar
 from ..store.label_store import DEFAULT_PROB_BITS, DEFAULT_TOP_K, LabelStore
 from ..store.remote_storage import owner_id
-from .precompute import (ChunkClaims, ChunkLabeller, PrecomputeSummary, check_labelled,
-                         check_options, open_or_create_store)
+from .chunk_labeller import ChunkLabeller
+from .precompute import (ChunkClaims, PrecomputeSummary, check_labelled, check_options,
+                         open_or_create_store)
 
 
 @dataclass(frozen=True)

@@ -444,7 +444,7 @@ def plan_augment(plan, num_images: int, size: int) -> Optional[PlanAugment]:
 def planned_crops(plan_augment: PlanAugment, images, image_ids, crops_per_image: int,
                   threads: int = 1):
     """A multi-crop loader batch ``(B, S, H, W, 3)`` of images ``image_ids`` cut from a crop
-    table made by :func:`.precompute.build_crop_table` with this recipe, as the refinery labels
+    table made by :func:`.chunk_labeller.build_crop_table` with this recipe, as the refinery labels
     it: the K planned crops after the recipe (the partners, columns K to 2K - 1, mixed in and
     dropped), then any further column (a soft-static centred square) as it is."""
     import torch

@@ -111,7 +111,7 @@ def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
                         num_workers: int = 2) -> StoredCrops:
     """Decode ``num_images`` randomly chosen (finished) images' stored boxes and flips."""
     from ..plan.augment import plan_augment, planned_crops
-    from ..labelling.precompute import build_crop_table
+    from ..labelling.chunk_labeller import build_crop_table
     from ..loaders.replay import TABLE_FIELDS, crop_table, multi_crop_loader
     store = LabelStore.open(location)
     store.check_matches(dataset.fingerprint())
