@@ -14,8 +14,8 @@ from refinery_pipeline.plan.crop_plan import (DEFAULT_CROPS_PER_IMAGE, DEFAULT_S
                                               SLOT_POLICIES)
 from refinery_pipeline.core.errors import (RefineryError, RefineryWarning, storage_error_message,
                                            storage_io_errors)
-from refinery_pipeline.store.label_store import (DEFAULT_PROB_BITS, DEFAULT_REST, DEFAULT_TOP_K,
-                                                 MAX_PROB_BITS, REST_POLICIES)
+from refinery_pipeline.store.schema import (DEFAULT_PROB_BITS, DEFAULT_REST, DEFAULT_TOP_K,
+                                            MAX_PROB_BITS, REST_POLICIES)
 from refinery_pipeline.core.option_relevance import check_options_used
 from refinery_pipeline.training.schedule import LR_SCHEDULERS
 from refinery_pipeline.training.wordnet import DEFAULT_TEMPERATURE

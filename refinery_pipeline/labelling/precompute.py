@@ -31,8 +31,9 @@ from ..loaders.replay import TABLE_FIELDS, crop_table, multi_crop_loader, usable
 from ..plan.augment import plan_augment, planned_crops
 from ..plan.crop_plan import (CropPlan, boxes_at, centre_square, flips_at, sample_boxes,
                               sample_flips)
-from ..store.label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore,
-                                 StoreLayout, default_chunk_size)
+from ..store.label_store import LabelStore
+from ..store.schema import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, StoreLayout,
+                            default_chunk_size)
 from ..store.remote_storage import chunk_marker, is_remote
 
 
