@@ -10,7 +10,7 @@ from refinery_pipeline.core.errors import StoreError
 from refinery_pipeline.labelling.precompute import ChunkClaims, precompute
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.plan.crop_plan import CropPlan
-from refinery_pipeline.store import label_store, remote_storage
+from refinery_pipeline.store import creation, remote_storage
 from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.store.remote_storage import CREATION_MARKER, remote_filesystem
 from refinery_pipeline.store.schema import StoreLayout
@@ -64,8 +64,8 @@ def test_a_live_creation_elsewhere_is_waited_for_and_never_cleared(s3_server, mo
     zarr.open_group(url, mode="w-", zarr_format=3)  # another process is creating it right now
     record = {"owner": "busy:2:live", "expires": time.time() + 3600}
     fs, path = leave_marker(url, json.dumps(record).encode())
-    monkeypatch.setattr(label_store, "CREATION_MARKER_SECONDS", 0.0)
-    monkeypatch.setattr(label_store, "CREATION_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(creation, "CREATION_MARKER_SECONDS", 0.0)
+    monkeypatch.setattr(creation, "CREATION_WAIT_SECONDS", 0.5)
     with pytest.raises(StoreError, match="has not finished after 0 s"):
         LabelStore._create_remote(url, StoreLayout(8, 2, 3, 4), {})
     assert json.loads(fs.cat_file(path)) == record  # their marker and group are theirs
