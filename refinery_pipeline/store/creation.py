@@ -10,6 +10,7 @@ so a store without it is not yet a store.
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -81,7 +82,6 @@ class StoreCreation:
         marker until it expires and whatever objects it had written: the next holder clears
         those remains and creates the store afresh, so no state ever needs deleting by hand.
         """
-        import time
         marker = creation_marker(location)
         wait = CREATION_MARKER_SECONDS + CREATION_WAIT_SECONDS
         deadline = time.monotonic() + wait
@@ -151,7 +151,7 @@ class StoreCreation:
     @classmethod
     def _create_at(cls, location, layout: StoreLayout, attrs: dict, labels=None,
                    image_sizes=None, keys=None, digests=None):
-        import zarr
+        import zarr  # loaded by the first store made or opened, not by importing the package
         target = remote_store(location) if is_remote(location) else str(location)
         group = zarr.open_group(target, mode="w-", zarr_format=3)
         group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,

@@ -10,12 +10,16 @@ chunk check). Each problem is one line naming the array, the chunk's key and the
 The read path calls these checks and these checks read the store; both are methods of one
 object, so neither module imports the other's class (only :func:`_reason` is shared).
 """
+import itertools
 import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..core.errors import StoreCorruptError, storage_io_errors
+from ..plan.crop_plan import sample_boxes, sample_flips
 from .encoding import array_checksum, attributes_digest, values_sha256
 from .remote_storage import is_remote
 from .schema import (ATTRIBUTES_DIGEST, CHECKSUMS, DONE_FLAGS, IMAGE_DIGESTS, IMAGE_KEYS,
@@ -145,7 +149,6 @@ class StoreIntegrity:
         checksummed arrays differ from their digests (``checks``: :meth:`chunk_checks`).
         Chunks are hashed on several threads (hashlib releases the GIL): at ImageNet size
         hashing is most of the check's cost."""
-        from concurrent.futures import ThreadPoolExecutor
         recorded, done = checks if checks is not None else self.chunk_checks()
         work = [(int(c), {n: v for n, v in arrays.items() if n in self.layout.array_names})
                 for c, arrays in pieces if done[c]]
@@ -180,7 +183,6 @@ class StoreIntegrity:
         return not (Path(self.location) / key).is_file()
 
     def _zip_names(self) -> list:
-        import zipfile
         with zipfile.ZipFile(self.location) as z:
             return z.namelist()
 
@@ -282,7 +284,6 @@ class StoreIntegrity:
 
     def _all_keys(self) -> set:
         """Every key a complete store of this layout can hold: metadata and chunk files."""
-        import itertools
         keys = {"zarr.json"}
         for name in self._expected_arrays():
             array = self.group[name]
@@ -297,7 +298,6 @@ class StoreIntegrity:
         ``image_sizes``, must equal the stored ones. Format 1 has no sizes: skipped."""
         if ATTRIBUTES_DIGEST in self.attrs or IMAGE_SIZES not in self.group:
             return []
-        from ..plan.crop_plan import sample_boxes, sample_flips
         written = np.flatnonzero(self.done_images())
         if not len(written):
             return []

@@ -114,7 +114,7 @@ class LabelStore(StoreCreation, StoreReads, StoreIntegrity):
         StoreCorruptError
             ``check``: the store was damaged or edited since it was written.
         """
-        import zarr
+        import zarr  # loaded by the first store made or opened, not by importing the package
         path_like("location", location, "label store")
         one_of("mode", mode, OPEN_MODES)
         missing = StoreNotFoundError(f"{location}: no label store there; create one with "
