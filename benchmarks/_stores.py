@@ -3,7 +3,8 @@ the real writer (``LabelStore.create`` + ``write_chunk`` + ``finalize``), as pre
 from pathlib import Path
 from typing import Callable
 
-from refinery_pipeline.store.label_store import CropRecords, LabelStore, StoreLayout
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import CropRecords, StoreLayout
 
 # What precompute records besides the layout, the format and the seals (which create() writes).
 COPIED_ATTRIBUTES = ("plan", "refinery", "dataset", "batching", "software")

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from _results import markdown_table, write_results
 
-from refinery_pipeline.store.label_store import (LabelStore, StoreLayout, array_checksum,
-                                                 default_chunk_size)
 from refinery_pipeline.labelling.precompute import software_versions
+from refinery_pipeline.store.encoding import array_checksum
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import StoreLayout, default_chunk_size
 from refinery_pipeline.store.store_tools import verify_store
 
 CLASSES = 1000

@@ -272,7 +272,7 @@ def chunk_cpu_lines(cfg: dict, cpu: dict) -> list:
     """The first epoch's read in core-seconds, at this K and at :data:`TARGET_K`, and the wall
     time it takes with the read's threads on free cores."""
     from refinery_pipeline.loaders.epoch_reads import READ_THREADS
-    from refinery_pipeline.store.label_store import default_chunk_size
+    from refinery_pipeline.store.schema import default_chunk_size
     here = -(-cfg["images"] // default_chunk_size(cfg["K"], cfg["top_k"]))
     target = -(-cfg["images"] // default_chunk_size(TARGET_K, cfg["top_k"]))
     rows = []

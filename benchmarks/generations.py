@@ -33,7 +33,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from refinery_pipeline.store.label_store import DEFAULT_TOP_K
+from refinery_pipeline.store.schema import DEFAULT_TOP_K
 
 from _results import RESULTS, markdown_table, write_results
 from _runs import (GROUND_TRUTH, StudentRuns, add_student_arguments, describe_students,

@@ -119,7 +119,7 @@ def as_stored(layout, arrays: dict) -> dict:
 
 
 def store_attributes(plan, images: int, classes: int) -> dict:
-    from refinery_pipeline.store.label_store import Batching
+    from refinery_pipeline.store.schema import Batching
     from refinery_pipeline.labelling.precompute import software_versions
     return {"plan": plan.to_dict(),
             "refinery": {"arch": "resnet50", "weights_sha256": "0" * 64, "bn_mode": "train",
@@ -142,7 +142,7 @@ def memory() -> dict:
 
 def setting(cfg):
     from refinery_pipeline.plan.crop_plan import CropPlan
-    from refinery_pipeline.store.label_store import StoreLayout, default_chunk_size
+    from refinery_pipeline.store.schema import StoreLayout, default_chunk_size
     layout = StoreLayout(cfg["images"], cfg["K"], cfg["top_k"],
                          default_chunk_size(cfg["K"], cfg["top_k"]))
     return layout, CropPlan(seed=0, crops_per_image=cfg["K"])
@@ -317,7 +317,7 @@ def measure(args) -> dict:
 # ------------------------------------------------------------------------------ report
 
 def report(args, result: dict) -> str:
-    from refinery_pipeline.store.label_store import default_chunk_size
+    from refinery_pipeline.store.schema import default_chunk_size
     cfg, local = result["config"], result["local"]
     crops = cfg["images"] * cfg["K"]
     gb = lambda b: f"{b / 1e9:.2f}"

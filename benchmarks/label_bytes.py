@@ -47,9 +47,9 @@ import numpy as np
 from _results import markdown_table, write_results
 from _stores import rewrite_store
 
-from refinery_pipeline.store.label_store import (CHECKSUMS, DONE_FLAGS, IMAGE_SIZES, LABELS,
-                                                 CropRecords, LabelStore, StoreLayout,
-                                                 round_probabilities)
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import (CHECKSUMS, DONE_FLAGS, IMAGE_SIZES, LABELS,
+                                            CropRecords, StoreLayout, round_probabilities)
 from refinery_pipeline.labelling.precompute import software_versions
 
 GROUPS = {"topk_indices": "indices", "topk_probs": "probabilities", "boxes": "boxes",

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refinery_pipeline.store.label_store import DEFAULT_TOP_K, LabelStore
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import DEFAULT_TOP_K
 from refinery_pipeline.training.wordnet import DEFAULT_TEMPERATURE
 
 from _results import markdown_table, write_results

@@ -30,7 +30,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from refinery_pipeline.store.label_store import DEFAULT_TOP_K
+from refinery_pipeline.store.schema import DEFAULT_TOP_K
 
 from _results import RESULTS, markdown_table, write_results
 from _runs import (StudentRuns, add_student_arguments, describe_students, precompute_once,

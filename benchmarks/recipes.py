@@ -19,7 +19,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from refinery_pipeline.store.label_store import DEFAULT_TOP_K, LabelStore
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import DEFAULT_TOP_K
 
 from _results import markdown_table, write_results
 from _runs import (StudentRuns, add_student_arguments, describe_students, final_metrics,

@@ -19,7 +19,7 @@ import argparse
 import os
 from pathlib import Path
 
-from refinery_pipeline.store.label_store import DEFAULT_TOP_K
+from refinery_pipeline.store.schema import DEFAULT_TOP_K
 
 from _results import markdown_table, write_results
 from _runs import (GROUND_TRUTH, ONLINE, StudentRuns, add_student_arguments, describe_students,

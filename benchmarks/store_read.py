@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from _results import markdown_table, write_results
 
-from refinery_pipeline.store.label_store import CROP_ARRAYS, LabelStore, StoreLayout
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import CROP_ARRAYS, StoreLayout
 from refinery_pipeline.labelling.precompute import software_versions
 
 

@@ -8,7 +8,7 @@ import click
 from refinery_pipeline.core.errors import RefineryError
 from refinery_pipeline.core.option_relevance import check_options_used
 from refinery_pipeline.plan.crop_plan import DEFAULT_CROPS_PER_IMAGE
-from refinery_pipeline.store.label_store import DEFAULT_PROB_BITS, DEFAULT_TOP_K
+from refinery_pipeline.store.schema import DEFAULT_PROB_BITS, DEFAULT_TOP_K
 
 from .data import passed_through
 from .errors import friendly_errors

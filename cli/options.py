@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from refinery_pipeline.core.errors import RefineryError
-from refinery_pipeline.store.label_store import MAX_PROB_BITS
+from refinery_pipeline.store.schema import MAX_PROB_BITS
 
 WORKERS_HELP = ("decoding threads (FFCV's num_workers); on a GPU machine about its core count, "
                 "e.g. 16")

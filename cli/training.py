@@ -7,7 +7,7 @@ import click
 
 from refinery_pipeline.core.errors import RefineryError
 from refinery_pipeline.plan.crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES
-from refinery_pipeline.store.label_store import DEFAULT_REST, REST_POLICIES
+from refinery_pipeline.store.schema import DEFAULT_REST, REST_POLICIES
 from refinery_pipeline.training.schedule import LR_SCHEDULERS
 from refinery_pipeline.training.wordnet import DEFAULT_TEMPERATURE
 

@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # what static tools (IDEs, the docs' API reference) read; _HO
     from .core.errors import (ArgumentError, CheckpointError, DataSetError, IncompleteStoreError,
                               MissingImagesError, RefineryError, RefineryWarning,
                               StoreCorruptError, StoreError, StoreMismatchError, StoreNotFoundError)
-    from .store.label_store import (FORMAT_VERSION, REST_POLICIES, Batching, CropRecords,
-                                    DatasetInfo, LabelStore, RefineryInfo, StoreLayout)
+    from .store.label_store import LabelStore
+    from .store.schema import (FORMAT_VERSION, REST_POLICIES, Batching, CropRecords, DatasetInfo,
+                               RefineryInfo, StoreLayout)
     from .training.losses import (LOSSES, get_loss, kl_divergence, l2_on_probabilities, reverse_kl,
                                   soft_cross_entropy)
     from .loaders.stream import StoreCrops
@@ -40,8 +41,9 @@ _HOMES = {
     "core.errors": ("ArgumentError", "CheckpointError", "DataSetError", "IncompleteStoreError",
                     "RefineryError", "RefineryWarning", "StoreCorruptError", "StoreError",
                     "StoreMismatchError", "StoreNotFoundError", "MissingImagesError"),
-    "store.label_store": ("FORMAT_VERSION", "Batching", "CropRecords", "DatasetInfo",
-                          "LabelStore", "RefineryInfo", "StoreLayout", "REST_POLICIES"),
+    "store.label_store": ("LabelStore",),
+    "store.schema": ("FORMAT_VERSION", "Batching", "CropRecords", "DatasetInfo", "RefineryInfo",
+                     "StoreLayout", "REST_POLICIES"),
     "training.losses": ("LOSSES", "get_loss", "kl_divergence", "l2_on_probabilities",
                         "reverse_kl", "soft_cross_entropy"),
     "loaders.stream": ("StoreCrops",),

@@ -21,7 +21,8 @@ import pytest
 from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.sources.beton_writer import write_beton
-from refinery_pipeline.store.label_store import ATTRIBUTES_DIGEST, SEALED_ARRAYS, LabelStore
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import ATTRIBUTES_DIGEST, SEALED_ARRAYS
 from refinery_pipeline.sources.pixels import decode_jpeg
 from refinery_pipeline.sources import BetonSource
 from refinery_pipeline.sources.mapped import MappedSource

@@ -86,7 +86,7 @@ def test_training_targets_are_the_whole_store_lookup(rest, tiny_data, dynamic_st
 def test_default_chunks_stay_near_200k_crops_and_bounded_in_bytes():
     """ImageNet at K = 40, top-10 keeps 4,096-image chunks (313 at 1.28M, 3,467 at 14.2M);
     wide labels get smaller chunks so one chunk's decoded values stay within the cap."""
-    from refinery_pipeline.store.label_store import CHUNK_VALUE_BYTES, default_chunk_size
+    from refinery_pipeline.store.schema import CHUNK_VALUE_BYTES, default_chunk_size
     assert default_chunk_size(40) == default_chunk_size(40, 10) == 4096
     for K, top_k in [(40, 1000), (1, 10_000), (400, 200), (40, 100)]:
         size = default_chunk_size(K, top_k)

@@ -9,8 +9,8 @@ import pytest
 import refinery_pipeline as refinery
 
 HEAVY = ("torch", "ffcv", "numba", "torchvision")
-TORCH_FREE = ("plan.crop_plan", "store.label_store", "sources.keys", "core.errors",
-              "core.validators")
+TORCH_FREE = ("plan.crop_plan", "store.schema", "store.encoding", "store.label_store",
+              "sources.keys", "core.errors", "core.validators")
 
 PUBLIC_API = {
     "open_store", "LabelStore", "StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo",
@@ -25,13 +25,25 @@ PUBLIC_API = {
 }
 
 
+def loaded_by(module: str, packages: tuple) -> str:
+    """Which of ``packages`` a fresh interpreter has loaded after importing ``module``."""
+    probe = (f"import sys, refinery_pipeline.{module}; "
+             f"print(','.join(m for m in {packages!r} if m in sys.modules))")
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 @pytest.mark.parametrize("module", TORCH_FREE)
 def test_a_torch_free_part_loads_no_heavy_package(module):
-    probe = (f"import sys, refinery_pipeline.{module}; "
-             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    loaded = loaded_by(module, HEAVY)
     assert loaded == "", f"importing refinery_pipeline.{module} loaded {loaded}"
+
+
+def test_the_store_schema_loads_no_zarr():
+    """What a store holds (names, defaults, typed views) is read without the library that
+    stores it."""
+    loaded = loaded_by("store.schema", ("zarr", "numcodecs", "fsspec"))
+    assert loaded == "", f"importing refinery_pipeline.store.schema loaded {loaded}"
 
 
 def test_the_public_api_is_exactly_all_and_every_name_resolves():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from refinery_pipeline.core.errors import IncompleteStoreError, StoreError, StoreMismatchError
-from refinery_pipeline.store.label_store import (FORMAT_VERSION, LabelStore, StoreLayout,
-                                                 default_chunk_size)
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import FORMAT_VERSION, StoreLayout, default_chunk_size
 
 FINGERPRINT = {"num_images": 10, "classes": ["a", "b"], "image_bytes_sha256": "x" * 64,
                "labels_sha256": "y" * 64}

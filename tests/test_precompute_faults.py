@@ -103,7 +103,7 @@ def test_bad_counts_are_refused_before_anything_is_created(option, values, tiny_
 
 
 def test_a_failed_creation_leaves_no_building_directory(tiny_dataset, tmp_path, monkeypatch):
-    from refinery_pipeline.store.label_store import StoreLayout
+    from refinery_pipeline.store.schema import StoreLayout
 
     def broken(location, *args):
         (location / "half").mkdir(parents=True)

@@ -10,9 +10,10 @@ from refinery_pipeline.core.errors import StoreError
 from refinery_pipeline.labelling.precompute import ChunkClaims, precompute
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.plan.crop_plan import CropPlan
-from refinery_pipeline.store import label_store, remote_storage
+from refinery_pipeline.store import creation, remote_storage
 from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.store.remote_storage import CREATION_MARKER, remote_filesystem
+from refinery_pipeline.store.schema import StoreLayout
 
 PLAN = CropPlan(seed=0, crops_per_image=2)
 
@@ -63,10 +64,10 @@ def test_a_live_creation_elsewhere_is_waited_for_and_never_cleared(s3_server, mo
     zarr.open_group(url, mode="w-", zarr_format=3)  # another process is creating it right now
     record = {"owner": "busy:2:live", "expires": time.time() + 3600}
     fs, path = leave_marker(url, json.dumps(record).encode())
-    monkeypatch.setattr(label_store, "CREATION_MARKER_SECONDS", 0.0)
-    monkeypatch.setattr(label_store, "CREATION_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(creation, "CREATION_MARKER_SECONDS", 0.0)
+    monkeypatch.setattr(creation, "CREATION_WAIT_SECONDS", 0.5)
     with pytest.raises(StoreError, match="has not finished after 0 s"):
-        LabelStore._create_remote(url, label_store.StoreLayout(8, 2, 3, 4), {})
+        LabelStore._create_remote(url, StoreLayout(8, 2, 3, 4), {})
     assert json.loads(fs.cat_file(path)) == record  # their marker and group are theirs
     assert fs.exists(url.split("://")[1] + "/zarr.json")
 
@@ -76,7 +77,7 @@ def test_other_data_at_the_location_is_never_cleared(s3_server):
     url = f"{s3_server}/foreign/labels.zarr"
     zarr.open_group(url, mode="w-", zarr_format=3).attrs["format"] = "something-else"
     with pytest.raises(StoreError, match="holds other data than a label store"):
-        LabelStore._create_remote(url, label_store.StoreLayout(8, 2, 3, 4), {})
+        LabelStore._create_remote(url, StoreLayout(8, 2, 3, 4), {})
     assert zarr.open_group(url, mode="r").attrs["format"] == "something-else"
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from refinery_pipeline.core.errors import StoreError
-from refinery_pipeline.store.label_store import (DEFAULT_PROB_BITS, FORMAT_VERSION, MAX_PROB_BITS,
-                                                 PROB_ARRAYS, CropRecords, LabelStore, StoreLayout,
-                                                 round_probabilities)
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import (DEFAULT_PROB_BITS, FORMAT_VERSION, MAX_PROB_BITS,
+                                            PROB_ARRAYS, CropRecords, StoreLayout,
+                                            round_probabilities)
 
 from .test_cli import assert_one_line_error, run
 from .test_precompute_trust import store_files

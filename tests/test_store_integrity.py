@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from refinery_pipeline.core.errors import StoreCorruptError
-from refinery_pipeline.store.label_store import CROP_ARRAYS, LabelStore
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import CROP_ARRAYS
 
 from .test_cli import assert_one_line_error, run
 

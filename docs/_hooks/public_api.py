@@ -61,17 +61,23 @@ class SphinxRolesAsLinks(griffe.Extension):
         if pkg.name != PACKAGE:
             return
         public = public_names(pkg)
-        owners = {}  # canonical path of a public class -> its public name
+        owners = {}  # canonical path of a public class (or its mixin) -> its public name
         publicly = {}  # canonical path of a public object or class member -> its public path
-        for name in public:
-            target = _documented(pkg, name)
+        targets = {name: _documented(pkg, name) for name in public}
+        public_paths = {target.path for target in targets.values() if target is not None}
+        for name, target in targets.items():
             if target is None:
                 continue
             publicly[target.path] = name
-            if target.is_class:
-                owners[target.path] = name
+            if not target.is_class:
+                continue
+            # A private base (LabelStore's mixins, one per concern) holds methods of the public
+            # class: its docstrings' roles name the public class's members, and link there.
+            mixins = [base for base in target.mro() if base.path not in public_paths]
+            for cls in [target, *mixins]:
+                owners[cls.path] = name
                 publicly.update((member.path, f"{name}.{member_name}")
-                                for member_name, member in target.members.items()
+                                for member_name, member in cls.members.items()
                                 if not member.is_alias)
         for obj in _walk(pkg):
             if obj.docstring is not None:

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..plan.crop_plan import centre_square
 from ..sources.pixels import box_in_frame, cut_crop
-from ..store.label_store import round_probabilities
+from ..store.schema import round_probabilities
 from .verdicts import EXACT, USABLE_VERDICTS
 
 LABEL_BATCH = 256  # sampled crops per refinery call in eval mode

@@ -26,9 +26,10 @@ from ..core.distributed import barrier, init_from_env, is_main
 from ..core.errors import DataSetError, RefineryError, StoreMismatchError
 from ..core.progress import progress_bar
 from ..plan.crop_plan import CropPlan
-from ..store.label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore,
-                                 StoreLayout, default_chunk_size)
+from ..store.label_store import LabelStore
 from ..store.remote_storage import chunk_marker, is_remote
+from ..store.schema import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, StoreLayout,
+                            default_chunk_size)
 from .chunk_labeller import ChunkLabeller
 
 

@@ -29,7 +29,8 @@ from typing import Optional
 
 from ..core.errors import ArgumentError, RefineryError, RefineryWarning
 from ..core.progress import progress_bar
-from ..store.label_store import DEFAULT_PROB_BITS, DEFAULT_TOP_K, LabelStore
+from ..store.label_store import LabelStore
+from ..store.schema import DEFAULT_PROB_BITS, DEFAULT_TOP_K
 from ..store.remote_storage import owner_id
 from .chunk_labeller import ChunkLabeller
 from .precompute import (ChunkClaims, PrecomputeSummary, check_labelled, check_options,

@@ -16,7 +16,8 @@ from ..plan.crop_plan import CropPlan, crops_for_parity
 from ..core.errors import RunError
 from ..sources.dataset import ImageDataset
 from ..sources.beton_writer import ArraySource, write_beton
-from ..store.label_store import DEFAULT_TOP_K, LabelStore
+from ..store.label_store import LabelStore
+from ..store.schema import DEFAULT_TOP_K
 from .plots import plot_runs, read_run
 from ..labelling.precompute import precompute
 from ..labelling.refinery import Refinery

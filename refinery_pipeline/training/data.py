@@ -18,7 +18,8 @@ from ..plan.augment import Recipe, plan_augment
 from ..plan.crop_plan import PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
 from ..sources.data_cache import open_dataset
 from ..sources.dataset import check_cap_applies, conversion_options
-from ..store.label_store import DEFAULT_TOP_K, LabelStore
+from ..store.label_store import LabelStore
+from ..store.schema import DEFAULT_TOP_K
 from .config import TrainConfig
 from .schedule import few_steps_problem, warmup_problem
 from .targets import (CategoryTargets, GroundTruthTargets, HardTargets, OnlineTargets,

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.validators import one_of, refuse
-from ..store.label_store import DEFAULT_REST  # noqa: F401 (defined beside DEFAULT_TOP_K)
-from ..store.label_store import REST_POLICIES
+from ..store.schema import DEFAULT_REST, REST_POLICIES
 
 LOSSES = ("kl", "soft_ce", "reverse_kl", "l2")
 """The names :func:`get_loss` takes (``refine train --loss``)."""

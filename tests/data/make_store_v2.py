@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
-from refinery_pipeline.store.label_store import (FORMAT_VERSION, CropRecords, LabelStore,
-                                                 StoreLayout, values_sha256)
+from refinery_pipeline.store.encoding import values_sha256
+from refinery_pipeline.store.label_store import LabelStore
+from refinery_pipeline.store.schema import FORMAT_VERSION, CropRecords, StoreLayout
 
 N, K, TOP_K, CLASSES, CHUNK = 10, 3, 4, ["a", "b", "c", "d", "e", "f"], 4
 
