@@ -13,7 +13,8 @@ from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
-from refinery_pipeline.loaders.replay import FreshCrops, make_loader
+from refinery_pipeline.loaders.replay import make_loader
+from refinery_pipeline.loaders.crop_sources import FreshCrops
 
 K, TOP_K, SIZE = 3, 4, 24
 FULL = ("trivialaugment", "erasing:0.5", "mixup:0.4", "cutmix:1")

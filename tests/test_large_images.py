@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from refinery_pipeline.core.errors import DataSetError
-from refinery_pipeline.loaders.replay import (BATCHES_AHEAD, ReplayedCrops, crop_table,
-                                              make_loader, multi_crop_loader)
+from refinery_pipeline.loaders.replay import BATCHES_AHEAD, make_loader, multi_crop_loader
+from refinery_pipeline.loaders.crop_sources import ReplayedCrops
+from refinery_pipeline.loaders.crop_table import crop_table
 from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.sources.dataset import BetonOptions

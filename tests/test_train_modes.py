@@ -9,7 +9,8 @@ from refinery_pipeline.core.errors import RefineryError
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.loaders.crop_batch import CropBatch
-from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+from refinery_pipeline.loaders.replay import make_loader
+from refinery_pipeline.loaders.crop_sources import ReplayedCrops
 from refinery_pipeline.models.tensors import to_pixels
 from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.store.label_store import LabelStore

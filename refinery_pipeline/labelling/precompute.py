@@ -27,7 +27,8 @@ from ..core.distributed import barrier, init_from_env, is_main
 from ..core.errors import DataSetError, RefineryError, StoreMismatchError
 from ..core.progress import progress_bar
 from ..loaders.crop_batch import NOT_STORED, as_numpy_indices
-from ..loaders.replay import TABLE_FIELDS, crop_table, multi_crop_loader, usable_workers
+from ..loaders.replay import multi_crop_loader, usable_workers
+from ..loaders.crop_table import TABLE_FIELDS, crop_table
 from ..plan.augment import plan_augment, planned_crops
 from ..plan.crop_plan import (CropPlan, boxes_at, centre_square, flips_at, sample_boxes,
                               sample_flips)

@@ -121,7 +121,7 @@ class CropBatch(NamedTuple):
 
 def batch_from_rows(images, rows: torch.Tensor) -> CropBatch:
     """A :class:`CropBatch` from an FFCV label row block ``[label, index, slot_0 .. slot_S-1]``
-    (see :class:`.replay.WithIndexAndSlots`)."""
+    (see :class:`.ffcv_ops.WithIndexAndSlots`)."""
     slots = rows[:, 2] if rows.shape[1] == 3 else rows[:, 2:]
     return CropBatch(images, rows[:, 0], rows[:, 1], slots)
 

@@ -112,7 +112,8 @@ def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
     """Decode ``num_images`` randomly chosen (finished) images' stored boxes and flips."""
     from ..plan.augment import plan_augment, planned_crops
     from ..labelling.precompute import build_crop_table
-    from ..loaders.replay import TABLE_FIELDS, crop_table, multi_crop_loader
+    from ..loaders.replay import multi_crop_loader
+    from ..loaders.crop_table import TABLE_FIELDS, crop_table
     store = LabelStore.open(location)
     store.check_matches(dataset.fingerprint())
     done = np.flatnonzero(store.done_images())

@@ -11,8 +11,9 @@ import torch
 from ..core.distributed import is_main, world_size
 from ..core.errors import DataSetError, IncompleteStoreError, RefineryError, RefineryWarning
 from ..core.option_relevance import CATEGORY_VISUAL, CATEGORY_WORDNET
-from ..loaders.replay import (ClassMap, FixedCrops, FreshCrops, StoreRows, make_loader,
-                              replayed_crops)
+from ..loaders.replay import ClassMap, StoreRows, make_loader
+from ..loaders.crop_sources import replayed_crops
+from ..loaders.crop_sources import FixedCrops, FreshCrops
 from ..models.registry import OptionNames
 from ..plan.augment import Recipe, plan_augment
 from ..plan.crop_plan import PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity

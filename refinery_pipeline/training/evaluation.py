@@ -216,7 +216,8 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         ``split``, ``images``, ``res``, ``checkpoint``, and ``data``: what was measured (see
         :func:`data_record`).
     """
-    from ..loaders.replay import FixedCrops, make_loader
+    from ..loaders.replay import make_loader
+    from ..loaders.crop_sources import FixedCrops
     from ..models.checkpoints import checkpoint_input_size, load_trained_model
     from ..models.registry import PYTHON_NAMES
     from ..sources.data_cache import open_dataset

@@ -70,7 +70,7 @@ class StoredTargets:
     @classmethod
     def of_crops(cls, crops, num_classes: int, rest: str = DEFAULT_REST) -> "StoredTargets":
         """Dynamic labels of the crops an epoch replays: ``crops.sparse_labels(images,
-        slots)`` (a :class:`.replay.ReplayedCrops`, which reads just its epoch's) looks up a
+        slots)`` (a :class:`..loaders.crop_sources.ReplayedCrops`, which reads just its epoch's) looks up a
         batch that comes without them; nothing store-sized is held here."""
         targets = cls.__new__(cls)
         targets.num_classes, targets.rest, targets.per_slot = num_classes, rest, True
