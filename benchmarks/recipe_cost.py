@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from refinery_pipeline.plan.augment import PlanAugment, Recipe
+from refinery_pipeline.plan.recipe import PlanAugment, Recipe
 
 from _results import markdown_table, write_results
 from _runs import device_name

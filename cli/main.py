@@ -153,8 +153,8 @@ AUGMENT_HELP = ("training recipe after crop and flip, one step per --augment, na
 
 
 def augment_option(help_text: str):
-    """``--augment``, repeatable; parsed by :meth:`.augment.Recipe.parse` in the command,
-    before anything is created, so a bad value leaves nothing behind."""
+    """``--augment``, repeatable; parsed by :meth:`refinery_pipeline.plan.recipe.Recipe.parse`
+    in the command, before anything is created, so a bad value leaves nothing behind."""
     return click.option("--augment", multiple=True, show_default="crop and flip only",
                         help=help_text)
 
@@ -389,7 +389,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     label column, WebDataset shards with cls members, a Hugging Face dataset, or a .beton. It
     is converted once to a .beton (JPEGs kept byte for byte), and the store records each
     image's key and the SHA-256 of its bytes, so any copy of the data finds its labels."""
-    from refinery_pipeline.plan.augment import Recipe
+    from refinery_pipeline.plan.recipe import Recipe
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.sources.dataset import check_cap_applies, conversion_options
     from refinery_pipeline.sources.data_cache import open_dataset
@@ -593,7 +593,7 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
     approximate. --label-column, --classes, ... say how such a copy is read, as for precompute.
 
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
-    from refinery_pipeline.plan.augment import Recipe
+    from refinery_pipeline.plan.recipe import Recipe
     from refinery_pipeline.core.distributed import is_main
     from refinery_pipeline.paper.plots import plot_runs, read_run
     from refinery_pipeline.training.train import fit

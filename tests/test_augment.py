@@ -7,8 +7,9 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader
 
 import refinery_pipeline as refinery
-from refinery_pipeline.plan.augment import (CUTMIX, MIXUP, NO_MIX, POOL_MIN_SIZE, PlanAugment,
-                                            Recipe, RecipeError, magnitude_table, op_names)
+from refinery_pipeline.loaders.recipe_ops import POOL_MIN_SIZE
+from refinery_pipeline.plan.recipe import (CUTMIX, MIXUP, NO_MIX, PlanAugment, Recipe, RecipeError,
+                                           magnitude_table, op_names)
 from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.labelling.precompute import precompute

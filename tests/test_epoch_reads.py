@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import refinery_pipeline as refinery
-from refinery_pipeline.plan.augment import plan_augment
+from refinery_pipeline.plan.recipe import plan_augment
 from refinery_pipeline.plan.crop_plan import CropPlan, epoch_slots
 from refinery_pipeline.loaders.epoch_reads import (CUT_ARRAYS, LABEL_ARRAYS, ArraySlots,
                                                    EpochReader, StoreSlots, chunk_spans,

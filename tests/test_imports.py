@@ -9,8 +9,8 @@ import pytest
 import refinery_pipeline as refinery
 
 HEAVY = ("torch", "ffcv", "numba", "torchvision")
-TORCH_FREE = ("plan.crop_plan", "store.label_store", "sources.keys", "core.errors",
-              "core.validators")
+TORCH_FREE = ("plan.crop_plan", "plan.recipe", "store.label_store", "sources.keys",
+              "core.errors", "core.validators")
 
 PUBLIC_API = {
     "open_store", "LabelStore", "StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo",

@@ -29,7 +29,8 @@ from ..core.progress import progress_bar
 from ..loaders.crop_batch import NOT_STORED, as_numpy_indices
 from ..loaders.replay import multi_crop_loader, usable_workers
 from ..loaders.crop_table import TABLE_FIELDS, crop_table
-from ..plan.augment import plan_augment, planned_crops
+from ..loaders.recipe_ops import planned_crops
+from ..plan.recipe import plan_augment
 from ..plan.crop_plan import (CropPlan, boxes_at, centre_square, flips_at, sample_boxes,
                               sample_flips)
 from ..store.label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore,
@@ -213,7 +214,7 @@ class ChunkClaims:
 def build_crop_table(dataset, plan: CropPlan, ids: np.ndarray, soft_static: bool,
                      recipe=None) -> np.ndarray:
     """Crop table ``(N, K [+K] [+1], 7)`` for images ``ids``: the plan's boxes and flips; with a
-    mixing ``recipe`` (:class:`.augment.PlanAugment`), then each slot's partner crop (m, j);
+    mixing ``recipe`` (:class:`..plan.recipe.PlanAugment`), then each slot's partner crop (m, j);
     last, the centred square when soft-static labels are wanted (same decode, ~1/K cost)."""
     K = plan.crops_per_image
     mixes = recipe is not None and recipe.recipe.mixes

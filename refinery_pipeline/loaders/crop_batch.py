@@ -59,7 +59,7 @@ class MixedLabels(NamedTuple):
 
     @classmethod
     def of_crops(cls, params, labels) -> "MixedLabels":
-        """The mix of crops whose recipe draws are ``params`` (:class:`.augment.CropAugment`):
+        """The mix of crops whose recipe draws are ``params`` (:class:`..plan.recipe.CropAugment`):
         the class in ``labels`` (every image's) of each crop's partner image, and its share. The
         one definition both backends use."""
         return cls(torch.from_numpy(np.asarray(labels)[params.partner].astype(np.int64)),

@@ -24,7 +24,8 @@ from .epoch_reads import CUT_ARRAYS, LABEL_ARRAYS, ArraySlots, EpochCrops, Epoch
 
 class _RecipeCrops:
     """What the crop sources share about a recipe: a mixing recipe needs a second table column
-    (the partner crop), and every batch goes through the recipe (:class:`.augment.BatchRecipe`)."""
+    (the partner crop), and every batch goes through the recipe
+    (:class:`.recipe_ops.BatchRecipe`)."""
 
     recipe = None  # PlanAugment of the epoch's crops, or None: crop and flip only
     recipe_threads = 1  # threads running the recipe on each batch (make_loader: its workers)
@@ -47,8 +48,8 @@ class _RecipeCrops:
 
 class ReplayedCrops(_RecipeCrops):
     """Each epoch, every image replays one of its stored slots (chosen by ``slot_policy``); with
-    the store's recipe (``recipe``, a :class:`.augment.PlanAugment`), each crop goes through it
-    as it was labelled, its partner (m, j) the stored crop j of image m.
+    the store's recipe (``recipe``, a :class:`..plan.recipe.PlanAugment`), each crop goes
+    through it as it was labelled, its partner (m, j) the stored crop j of image m.
 
     ``boxes`` and ``flips`` are the store's ``(N, K, ...)`` arrays (:meth:`reading` reads a
     store's instead, epoch by epoch), ``labels`` its classes, per store row. ``copy`` (a
@@ -144,7 +145,7 @@ class ReplayedCrops(_RecipeCrops):
     def batch_recipe(self, epoch: int):
         if self.recipe is None:
             return None
-        from ..plan.augment import BatchRecipe
+        from .recipe_ops import BatchRecipe
         return BatchRecipe(self.recipe, self.labels, threads=self.recipe_threads)
 
     def epoch_slots(self, epoch: int, rows=None) -> np.ndarray:
@@ -161,9 +162,10 @@ class ReplayedCrops(_RecipeCrops):
 
 class FreshCrops(_RecipeCrops):
     """Each epoch, a new seeded random box and flip per image (ground-truth and online modes),
-    through ``recipe`` (:class:`.augment.Recipe`, on ``size``-pixel crops) when given, with fresh
-    parameters too: the epoch's plan has K = 1, and a crop's partner is image m's crop of the
-    same epoch. ``labels`` (the images' classes) give mixed crops their ground-truth shares."""
+    through ``recipe`` (:class:`..plan.recipe.Recipe`, on ``size``-pixel crops) when given,
+    with fresh parameters too: the epoch's plan has K = 1, and a crop's partner is image m's
+    crop of the same epoch. ``labels`` (the images' classes) give mixed crops their
+    ground-truth shares."""
 
     def __init__(self, plan: CropPlan, heights, widths, recipe=None, labels=None,
                  size: int = None):
@@ -178,7 +180,7 @@ class FreshCrops(_RecipeCrops):
     def _epoch_recipe(self, epoch: int):
         if not self.recipe_spec:
             return None
-        from ..plan.augment import PlanAugment
+        from ..plan.recipe import PlanAugment
         return PlanAugment(self.recipe_spec, self.epoch_plan(epoch).seed, len(self.heights), 1,
                            self.size)
 
@@ -196,7 +198,7 @@ class FreshCrops(_RecipeCrops):
     def batch_recipe(self, epoch: int):
         if self.recipe is None:
             return None
-        from ..plan.augment import BatchRecipe
+        from .recipe_ops import BatchRecipe
         return BatchRecipe(self._epoch_recipe(epoch), self.labels, fresh=True,
                            threads=self.recipe_threads)
 
@@ -222,7 +224,7 @@ def replayed_crops(store, dataset, seed: int, slot_policy: str, size: int,
     ``copy`` is that join already), boxes carried into the copy's frames, read epoch by epoch
     (each chunk checked against its checksums unless ``verify`` is False), with the crops'
     stored labels where ``stored_labels``."""
-    from ..plan.augment import plan_augment
+    from ..plan.recipe import plan_augment
     from .copies import join_beton
     from .epoch_reads import StoreSlots
     recipe = plan_augment(store.plan, store.layout.num_images, size)

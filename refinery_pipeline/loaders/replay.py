@@ -97,7 +97,7 @@ class CropBatches:
         batch = batch_from_rows(images, rows)
         if self.relabel is not None:
             batch = self.relabel(batch)
-        if self.recipe is not None:  # .augment.BatchRecipe: the crops as labelled
+        if self.recipe is not None:  # .recipe_ops.BatchRecipe: the crops as labelled
             batch = self.recipe(batch)
         if self.records is None:
             return batch

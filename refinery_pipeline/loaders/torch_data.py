@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, default_collate
 from ..core.errors import DataSetError, RefineryError
 from ..core.validators import (flag, one_of, optional_callable, optional_whole_number, refuse,
                                whole_number)
-from ..plan.augment import plan_augment
+from ..plan.recipe import plan_augment
 from ..plan.crop_plan import DEFAULT_SLOT_POLICY, SLOT_POLICIES, SlotSchedule
 from ..sources.pixels import box_in_frame, cut_crop, reframed
 from ..store.label_store import open_for_reading

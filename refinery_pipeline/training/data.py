@@ -15,7 +15,7 @@ from ..loaders.replay import ClassMap, StoreRows, make_loader
 from ..loaders.crop_sources import replayed_crops
 from ..loaders.crop_sources import FixedCrops, FreshCrops
 from ..models.registry import OptionNames
-from ..plan.augment import Recipe, plan_augment
+from ..plan.recipe import Recipe, plan_augment
 from ..plan.crop_plan import PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
 from ..sources.data_cache import open_dataset
 from ..sources.dataset import check_cap_applies, conversion_options
