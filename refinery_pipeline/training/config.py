@@ -4,7 +4,7 @@ records it (the runtime ones may change on --resume: run_dir.RESUMABLE_CHANGES).
 from dataclasses import dataclass, field, replace
 
 from ..plan.crop_plan import DEFAULT_SLOT_POLICY
-from .losses import DEFAULT_REST
+from ..store.label_store import DEFAULT_REST
 from .wordnet import DEFAULT_TEMPERATURE
 
 
