@@ -27,12 +27,12 @@ from ..core.distributed import barrier, init_from_env, is_main
 from ..core.errors import DataSetError, RefineryError, StoreMismatchError
 from ..core.progress import progress_bar
 from ..loaders.crop_batch import NOT_STORED, as_numpy_indices
-from ..loaders.replay import multi_crop_loader, usable_workers
 from ..loaders.crop_table import TABLE_FIELDS, crop_table
 from ..loaders.recipe_ops import planned_crops
-from ..plan.recipe import plan_augment
+from ..loaders.replay import multi_crop_loader, usable_workers
 from ..plan.crop_plan import (CropPlan, boxes_at, centre_square, flips_at, sample_boxes,
                               sample_flips)
+from ..plan.recipe import plan_augment
 from ..store.label_store import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, LabelStore,
                                  StoreLayout, default_chunk_size)
 from ..store.remote_storage import chunk_marker, is_remote

@@ -38,8 +38,6 @@ def _pointer_intrinsic(item):
 
 
 _int32_pointer = _pointer_intrinsic(types.int32)
-
-
 _uint8_pointer = _pointer_intrinsic(types.uint8)
 
 

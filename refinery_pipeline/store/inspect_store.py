@@ -110,11 +110,11 @@ def compared_labels(location, crops: StoredCrops, reference) -> tuple:
 def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
                         num_workers: int = 2) -> StoredCrops:
     """Decode ``num_images`` randomly chosen (finished) images' stored boxes and flips."""
-    from ..loaders.recipe_ops import planned_crops
-    from ..plan.recipe import plan_augment
     from ..labelling.precompute import build_crop_table
-    from ..loaders.replay import multi_crop_loader
     from ..loaders.crop_table import TABLE_FIELDS, crop_table
+    from ..loaders.recipe_ops import planned_crops
+    from ..loaders.replay import multi_crop_loader
+    from ..plan.recipe import plan_augment
     store = LabelStore.open(location)
     store.check_matches(dataset.fingerprint())
     done = np.flatnonzero(store.done_images())

@@ -13,9 +13,9 @@ import torch
 
 from ..core.validators import index_array, one_of, refuse, whole_number
 from ..loaders.crop_batch import SparseLabels, sparse_labels
-from .losses import hard_from_soft, one_hot
-from ..store.label_store import DEFAULT_REST, REST_POLICIES
 from ..loaders.dense_targets import dense_from_sparse
+from ..store.label_store import DEFAULT_REST, REST_POLICIES
+from .losses import hard_from_soft, one_hot
 
 
 class GroundTruthTargets:
