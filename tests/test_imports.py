@@ -10,7 +10,7 @@ import refinery_pipeline as refinery
 
 HEAVY = ("torch", "ffcv", "numba", "torchvision")
 TORCH_FREE = ("plan.crop_plan", "plan.recipe", "store.label_store", "sources.keys",
-              "core.errors", "core.validators")
+              "core.errors", "core.validators", "loaders.crop_table")
 
 PUBLIC_API = {
     "open_store", "LabelStore", "StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo",
