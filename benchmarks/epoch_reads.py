@@ -102,7 +102,8 @@ def phase_rank(cfg) -> dict:
     """Rank 0 of ``cfg["world"]``: what ``refine train`` reads before and between epochs."""
     from refinery_pipeline.loaders.epoch_reads import StoreSlots
     from refinery_pipeline.store.label_store import LabelStore
-    from refinery_pipeline.loaders.replay import TABLE_FIELDS, ReplayedCrops
+    from refinery_pipeline.loaders.crop_sources import ReplayedCrops
+    from refinery_pipeline.loaders.crop_table import TABLE_FIELDS
     baseline = imported()
     start = time.perf_counter()
     store = LabelStore.open(cfg["store"])

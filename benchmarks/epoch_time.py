@@ -26,7 +26,7 @@ import torch
 from _results import markdown_table, write_results
 from _runs import device_name
 
-from refinery_pipeline.plan.augment import Recipe
+from refinery_pipeline.plan.recipe import Recipe
 from refinery_pipeline.training.losses import get_loss
 from refinery_pipeline.models.registry import create_model
 from refinery_pipeline.labelling.precompute import software_versions

@@ -182,7 +182,8 @@ def phase_read(cfg) -> dict:
     """What ``refine train`` does with a store before its first step, timed."""
     import torch
     from refinery_pipeline.store.label_store import LabelStore
-    from refinery_pipeline.loaders.replay import TABLE_FIELDS, ReplayedCrops
+    from refinery_pipeline.loaders.crop_sources import ReplayedCrops
+    from refinery_pipeline.loaders.crop_table import TABLE_FIELDS
     from refinery_pipeline.training.targets import StoredTargets
     layout, plan = setting(cfg)
     start = time.perf_counter()

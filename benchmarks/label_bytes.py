@@ -243,7 +243,7 @@ def measure(path: str, top_k: int, work: Path, codecs: bool) -> dict:
 def compare(reference: str, reduced: str) -> dict:
     """The reduced store's labels against the float16 reference store's (same crops)."""
     import torch
-    from refinery_pipeline.loaders.torch_data import dense_targets
+    from refinery_pipeline.loaders.dense_targets import dense_targets
     a, b = load(reference), load(reduced)
     same = a["indices"] == b["indices"]
     out = {"reference": reference, "reduced": reduced,

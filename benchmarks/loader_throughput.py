@@ -19,7 +19,8 @@ from _results import markdown_table, write_results
 from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
 from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.labelling.precompute import software_versions
-from refinery_pipeline.loaders.replay import FreshCrops, ReplayedCrops, make_loader
+from refinery_pipeline.loaders.replay import make_loader
+from refinery_pipeline.loaders.crop_sources import FreshCrops, ReplayedCrops
 
 def stock_loader(dataset, res, batch_size, workers, seed):
     from ffcv.fields.basics import IntDecoder

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import torch
 
-from refinery_pipeline.plan.augment import PlanAugment, Recipe
+from refinery_pipeline.loaders.recipe_ops import recipe_crops
+from refinery_pipeline.plan.recipe import PlanAugment, Recipe
 
 from _results import markdown_table, write_results
 from _runs import device_name
@@ -30,12 +31,12 @@ def ms_per_crop(recipe: Recipe, size: int, crops: int, threads: int, rounds: int
     partner = own.flip(0) if recipe.mixes else None
     ids = np.arange(crops)
     params = plan.pair_params(ids, ids % 8)
-    plan.crops(own[:8], None if partner is None else partner[:8],
-               plan.pair_params(ids[:8], ids[:8] % 8), threads)  # warm-up
+    recipe_crops(own[:8], None if partner is None else partner[:8],
+                 plan.pair_params(ids[:8], ids[:8] % 8), threads)  # warm-up
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        plan.crops(own, partner, params, threads)
+        recipe_crops(own, partner, params, threads)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times)) / crops
 

@@ -28,7 +28,8 @@ from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.labelling.precompute import precompute, software_versions
 from refinery_pipeline.models.tensors import to_pixels
 from refinery_pipeline.labelling.refinery import Refinery
-from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+from refinery_pipeline.loaders.replay import make_loader
+from refinery_pipeline.loaders.crop_sources import ReplayedCrops
 from refinery_pipeline.training.targets import OnlineTargets, StoredTargets
 from refinery_pipeline.core.devices import resolve_device
 

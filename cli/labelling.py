@@ -90,7 +90,7 @@ def precompute(data, store, arch, weights, crops_per_image, top_k, seed, input_s
     from refinery_pipeline.labelling.precompute import precompute as run
     from refinery_pipeline.labelling.refinery import load_refinery, member_archs
     from refinery_pipeline.models.registry import OptionNames
-    from refinery_pipeline.plan.augment import Recipe
+    from refinery_pipeline.plan.recipe import Recipe
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.sources.data_cache import open_dataset
     from refinery_pipeline.sources.dataset import check_cap_applies, conversion_options

@@ -138,7 +138,7 @@ def train(data, labels, out_dir, arch, epochs, batch_size, lr, weight_decay, war
     Writes OUT/metrics.jsonl, OUT/plot.png (see `refine plot`), OUT/last.pt and OUT/model.pt."""
     from refinery_pipeline.core.distributed import is_main
     from refinery_pipeline.paper.plots import plot_runs, read_run
-    from refinery_pipeline.plan.augment import Recipe
+    from refinery_pipeline.plan.recipe import Recipe
     from refinery_pipeline.training.config import TrainConfig
     from refinery_pipeline.training.train import fit
 

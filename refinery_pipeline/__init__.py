@@ -27,8 +27,10 @@ if TYPE_CHECKING:  # what static tools (IDEs, the docs' API reference) read; _HO
                                   soft_cross_entropy)
     from .loaders.stream import StoreCrops
     from .training.targets import visual_category_table
-    from .loaders.torch_data import (BetonImages, CropCollate, CropSample, dense_targets,
-                                     FolderImages, MappedImages, StoreCropDataset)
+    from .loaders.torch_data import CropCollate, StoreCropDataset
+    from .loaders.pixel_readers import BetonImages, FolderImages, MappedImages
+    from .loaders.stored_crops import CropSample
+    from .loaders.dense_targets import dense_targets
     from .training.wordnet import wordnet_category_table
 
 # Where each public name lives. Names load on first use (PEP 562), so importing a torch-free
@@ -48,8 +50,10 @@ _HOMES = {
                         "reverse_kl", "soft_cross_entropy"),
     "loaders.stream": ("StoreCrops",),
     "training.targets": ("visual_category_table",),
-    "loaders.torch_data": ("BetonImages", "CropCollate", "CropSample", "FolderImages",
-                           "MappedImages", "StoreCropDataset", "dense_targets"),
+    "loaders.torch_data": ("CropCollate", "StoreCropDataset"),
+    "loaders.pixel_readers": ("BetonImages", "FolderImages", "MappedImages"),
+    "loaders.stored_crops": ("CropSample",),
+    "loaders.dense_targets": ("dense_targets",),
     "training.wordnet": ("wordnet_category_table",),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}

@@ -7,13 +7,15 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader
 
 import refinery_pipeline as refinery
-from refinery_pipeline.plan.augment import (CUTMIX, MIXUP, NO_MIX, POOL_MIN_SIZE, PlanAugment,
-                                            Recipe, RecipeError, magnitude_table, op_names)
+from refinery_pipeline.loaders.recipe_ops import POOL_MIN_SIZE, recipe_crops
+from refinery_pipeline.plan.recipe import (CUTMIX, MIXUP, NO_MIX, PlanAugment, Recipe, RecipeError,
+                                           magnitude_table, op_names)
 from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
-from refinery_pipeline.loaders.replay import FreshCrops, make_loader
+from refinery_pipeline.loaders.replay import make_loader
+from refinery_pipeline.loaders.crop_sources import FreshCrops
 
 K, TOP_K, SIZE = 3, 4, 24
 FULL = ("trivialaugment", "erasing:0.5", "mixup:0.4", "cutmix:1")
@@ -252,8 +254,8 @@ def test_threads_change_no_byte():
     own = torch.randint(0, 256, (64, POOL_MIN_SIZE, POOL_MIN_SIZE, 3), dtype=torch.uint8,
                         generator=torch.Generator().manual_seed(0))
     params = plan.pair_params(ids, ids % 4)
-    alone = plan.crops(own, own.flip(0), params)
-    assert torch.equal(plan.crops(own, own.flip(0), params, threads=3), alone)
+    alone = recipe_crops(own, own.flip(0), params)
+    assert torch.equal(recipe_crops(own, own.flip(0), params, threads=3), alone)
     assert not torch.equal(alone, own)
 
 

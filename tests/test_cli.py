@@ -387,7 +387,8 @@ def test_shared_imagenette_subset_replays_exactly(tmp_path):
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.sources.data_cache import open_dataset
     from .test_replay import plan_arrays, precompute_pixels
-    from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+    from refinery_pipeline.loaders.replay import make_loader
+    from refinery_pipeline.loaders.crop_sources import ReplayedCrops
     source = shared_data_or_skip()
     tree = tmp_path / "nette"
     for c in sorted((source / "train").iterdir())[:3]:
@@ -413,7 +414,8 @@ def test_audit_reproduces_a_train_mode_store_exactly(store, tiny_data, tiny_refi
 def test_show_draws_the_crops_students_are_shown_with_their_labels(store, tiny_data,
                                                                     tiny_dataset, tmp_path):
     from refinery_pipeline.store.inspect_store import sample_stored_crops
-    from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+    from refinery_pipeline.loaders.replay import make_loader
+    from refinery_pipeline.loaders.crop_sources import ReplayedCrops
     result = run("show", store, tiny_data, "--images", 3, "--crops", 4, "--out",
                  tmp_path / "crops.png")
     assert "3 images x 4 crops" in result.output
@@ -458,7 +460,8 @@ def test_audit_flags_labels_from_another_refinery(store, tiny_data, tmp_path):
 def test_soft_static_labels_are_the_refinery_on_the_centred_image(tiny_data, tiny_dataset,
                                                                    tiny_refinery_ckpt, tmp_path):
     from refinery_pipeline.labelling.refinery import Refinery
-    from refinery_pipeline.loaders.replay import FixedCrops, make_loader
+    from refinery_pipeline.loaders.replay import make_loader
+    from refinery_pipeline.loaders.crop_sources import FixedCrops
     path = tmp_path / "static.zarr"
     run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3,
         "--bn-mode", "eval", "--soft-static", "--chunk-size", 32)

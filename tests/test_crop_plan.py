@@ -95,7 +95,7 @@ def test_epoch_slots_cycle_policy_visits_every_slot_before_repeating():
 def test_replayed_crops_keep_a_rounds_order_yet_give_the_pure_functions_slots(policy):
     """ReplayedCrops keeps one cycle round's slot order for its K epochs (a 3 s draw at ImageNet
     size); every epoch, also across rounds and out of order, must still be epoch_slots'."""
-    from refinery_pipeline.loaders.replay import ReplayedCrops
+    from refinery_pipeline.loaders.crop_sources import ReplayedCrops
     n, k = 300, 5
     crops = ReplayedCrops(np.zeros((n, k, 4), np.uint16), np.zeros((n, k), np.uint8), seed=7,
                           slot_policy=policy)

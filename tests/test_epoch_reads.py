@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import refinery_pipeline as refinery
-from refinery_pipeline.plan.augment import plan_augment
+from refinery_pipeline.plan.recipe import plan_augment
 from refinery_pipeline.plan.crop_plan import CropPlan, epoch_slots
 from refinery_pipeline.loaders.epoch_reads import (CUT_ARRAYS, LABEL_ARRAYS, ArraySlots,
                                                    EpochReader, StoreSlots, chunk_spans,
@@ -26,7 +26,9 @@ from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.sources.pixels import cut_crop
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
-from refinery_pipeline.loaders.replay import TABLE_FIELDS, replay_loader, replayed_crops
+from refinery_pipeline.loaders.replay import replay_loader
+from refinery_pipeline.loaders.crop_sources import replayed_crops
+from refinery_pipeline.loaders.crop_table import TABLE_FIELDS
 from refinery_pipeline.training.targets import store_category_table, visual_category_table
 
 EPOCHS = 4  # more than K of either store: the cycle policy starts a second round

@@ -14,7 +14,7 @@ from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.training.losses import dense_from_sparse
+from refinery_pipeline.loaders.dense_targets import dense_from_sparse
 from refinery_pipeline.training.data import load_data
 from refinery_pipeline.training.config import TrainConfig
 

@@ -29,7 +29,8 @@ from refinery_pipeline.models.registry import create_model
 from refinery_pipeline.models.classes import ClassSubset
 from refinery_pipeline.models.checkpoints import save_checkpoint
 from refinery_pipeline.labelling.refinery import Refinery
-from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+from refinery_pipeline.loaders.replay import make_loader
+from refinery_pipeline.loaders.crop_sources import ReplayedCrops
 
 from .test_cli import assert_one_line_error, run
 

@@ -9,8 +9,9 @@ import pytest
 import refinery_pipeline as refinery
 
 HEAVY = ("torch", "ffcv", "numba", "torchvision")
-TORCH_FREE = ("plan.crop_plan", "store.schema", "store.encoding", "store.label_store",
-              "sources.keys", "core.errors", "core.validators")
+TORCH_FREE = ("plan.crop_plan", "plan.recipe", "store.schema", "store.encoding",
+              "store.label_store", "sources.keys", "core.errors", "core.validators",
+              "loaders.crop_table")
 
 PUBLIC_API = {
     "open_store", "LabelStore", "StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo",

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import refinery_pipeline as refinery
 from refinery_pipeline.sources import open_source
-from refinery_pipeline.plan.augment import plan_augment
+from refinery_pipeline.plan.recipe import plan_augment
 from refinery_pipeline.loaders.copies import replayable_slot
 from refinery_pipeline.core.errors import (ArgumentError, DataSetError, MissingImagesError,
                                            StoreMismatchError)

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from refinery_pipeline.core.errors import DataSetError
-from refinery_pipeline.loaders.replay import (BATCHES_AHEAD, ReplayedCrops, crop_table,
-                                              make_loader, multi_crop_loader)
+from refinery_pipeline.loaders.replay import BATCHES_AHEAD, make_loader, multi_crop_loader
+from refinery_pipeline.loaders.crop_sources import ReplayedCrops
+from refinery_pipeline.loaders.crop_table import crop_table
 from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.sources.dataset import BetonOptions
@@ -251,7 +252,7 @@ def big_raw_images():
 def test_an_image_larger_than_ffcvs_default_page_converts(tmp_path):
     """FFCV's writer process raised on a sample over its 8 MiB page and its main process
     waited forever; pages are sized from the largest image now."""
-    from refinery_pipeline.loaders.torch_data import BetonImages
+    from refinery_pipeline.loaders.pixel_readers import BetonImages
     from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
     from refinery_pipeline.sources.dataset import ImageDataset
     images = big_raw_images()

@@ -2,9 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refinery_pipeline.training.losses import (dense_from_sparse, get_loss, hard_from_soft,
-                                               kl_divergence, l2_on_probabilities, one_hot,
-                                               reverse_kl, soft_cross_entropy)
+from refinery_pipeline.training.losses import (get_loss, hard_from_soft, kl_divergence,
+                                               l2_on_probabilities, one_hot, reverse_kl,
+                                               soft_cross_entropy)
+from refinery_pipeline.loaders.dense_targets import dense_from_sparse
 
 
 def sparse_of(dense, k):

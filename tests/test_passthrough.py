@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from refinery_pipeline.core.errors import DataSetError
-from refinery_pipeline.loaders.replay import crop_table, multi_crop_loader
+from refinery_pipeline.loaders.replay import multi_crop_loader
+from refinery_pipeline.loaders.crop_table import crop_table
 from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
 from refinery_pipeline.sources import BetonSource
 from refinery_pipeline.sources import beton_writer as writer_module

@@ -19,7 +19,7 @@ from refinery_pipeline.sources.dataset import BetonOptions
 from refinery_pipeline.sources.data_cache import open_dataset
 from refinery_pipeline.core.errors import DataSetError
 from refinery_pipeline.sources.pixels import read_image_file
-from refinery_pipeline.loaders.torch_data import BetonImages, MappedImages
+from refinery_pipeline.loaders.pixel_readers import BetonImages, MappedImages
 
 H, W = 24, 32
 PALETTE = np.array([[10, 20, 30], [200, 40, 60], [70, 180, 90], [250, 250, 5]], np.uint8)

@@ -122,7 +122,7 @@ def test_staging_a_loader_batch_on_the_host_changes_no_byte(tiny_dataset, tiny_r
                                                             tmp_path, monkeypatch):
     """Loader batches over the device staging budget are shuffled on the host: same store."""
     from refinery_pipeline.labelling import chunk_labeller
-    from refinery_pipeline.labelling import precompute as precompute_module
+    from refinery_pipeline.labelling.precompute import precompute as precompute_module
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.labelling.refinery import Refinery
 

@@ -6,8 +6,9 @@ import pytest
 from refinery_pipeline.plan.crop_plan import CropPlan, sample_boxes, sample_flips
 from refinery_pipeline.sources.dataset import BetonOptions, ImageDataset
 from refinery_pipeline.sources.beton_writer import ArraySource, write_beton
-from refinery_pipeline.loaders.replay import (FixedCrops, ReplayedCrops, crop_table, make_loader,
-                                              multi_crop_loader)
+from refinery_pipeline.loaders.replay import make_loader, multi_crop_loader
+from refinery_pipeline.loaders.crop_sources import FixedCrops, ReplayedCrops
+from refinery_pipeline.loaders.crop_table import crop_table
 
 
 def plan_arrays(dataset, plan):

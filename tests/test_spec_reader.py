@@ -399,7 +399,8 @@ def test_a_reader_from_the_spec_joins_a_shuffled_subset_and_cuts_exact_crops(key
     """A flat copy of three quarters of the files, in another order: joined by the files'
     names, every JPEG exact (its bytes were passed through), and its crops byte for byte the
     ones the refinery labelled (FFCV's replay of the store's .beton)."""
-    from refinery_pipeline.loaders.replay import crop_table, multi_crop_loader
+    from refinery_pipeline.loaders.replay import multi_crop_loader
+    from refinery_pipeline.loaders.crop_table import crop_table
     root, store_path, dataset = keyed_store
     files = sorted(root.rglob("*.*"))
     random.Random(0).shuffle(files)

@@ -1,12 +1,13 @@
 """Recipe stores (``plan.augment``) replay TrivialAugmentWide's and RandAugment's ops through
-torchvision's public functional calls (``augment.apply_op``), with the magnitudes of their
+torchvision's public functional calls (``recipe_ops.apply_op``), with the magnitudes of their
 augmentation spaces. The spec (``docs/label-store.md``) states both; these tests fail loudly when
 a torchvision release changes what its own (private) op dispatch does or its spaces, since a
 torchvision-based reader of the spec would then no longer reproduce the stored crops."""
 import pytest
 import torch
 
-from refinery_pipeline.plan.augment import NUM_MAGNITUDE_BINS, _auto_class, apply_op, op_names
+from refinery_pipeline.loaders.recipe_ops import apply_op
+from refinery_pipeline.plan.recipe import NUM_MAGNITUDE_BINS, _auto_class, op_names
 
 LINEAR = lambda low, high: lambda size: torch.linspace(low, high, NUM_MAGNITUDE_BINS)  # noqa: E731
 POSTERIZE = lambda steps: lambda size: (8 - (torch.arange(NUM_MAGNITUDE_BINS) / (  # noqa: E731
@@ -33,7 +34,7 @@ SPACES = {
 SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
           "Contrast", "Sharpness"}
 CHANGED = ("torchvision {} changed {}: recipe stores would no longer replay for a reader of "
-           "docs/label-store.md; pin torchvision, or update augment.apply_op and the spec")
+           "docs/label-store.md; pin torchvision, or update recipe_ops.apply_op and the spec")
 
 
 @pytest.mark.parametrize("auto", SPACES)

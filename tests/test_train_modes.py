@@ -9,7 +9,8 @@ from refinery_pipeline.core.errors import RefineryError
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.loaders.crop_batch import CropBatch
-from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+from refinery_pipeline.loaders.replay import make_loader
+from refinery_pipeline.loaders.crop_sources import ReplayedCrops
 from refinery_pipeline.models.tensors import to_pixels
 from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.store.label_store import LabelStore
@@ -186,7 +187,7 @@ def test_visual_category_labels_are_each_class_mean_stored_label(tiny_data, tiny
                                                                  full_store, tmp_path):
     """Table 5's visual level: every crop of class c trains on the mean of the dense targets of
     all stored crops of class-c images, recorded in the run."""
-    from refinery_pipeline.training.losses import dense_from_sparse
+    from refinery_pipeline.loaders.dense_targets import dense_from_sparse
     from refinery_pipeline.training.targets import visual_category_table
     records = LabelStore.open(full_store).read_crops()
     labels = tiny_dataset.labels

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.errors import StoreMismatchError
-from ..plan.augment import plan_augment
+from ..plan.recipe import plan_augment
 from ..store.label_store import LabelStore
 from ..store.schema import Batching, round_probabilities
 from .chunk_labeller import UnitLoader, build_crop_table, label_loader_batch

@@ -13,8 +13,10 @@ import functools
 import numpy as np
 
 from ..loaders.crop_batch import NOT_STORED, as_numpy_indices
-from ..loaders.replay import TABLE_FIELDS, crop_table, multi_crop_loader, usable_workers
-from ..plan.augment import plan_augment, planned_crops
+from ..loaders.replay import TABLE_FIELDS, multi_crop_loader, usable_workers
+from ..loaders.crop_table import crop_table
+from ..plan.recipe import plan_augment
+from ..loaders.recipe_ops import planned_crops
 from ..plan.crop_plan import (CropPlan, boxes_at, centre_square, flips_at, sample_boxes,
                               sample_flips)
 

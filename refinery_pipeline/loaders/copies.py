@@ -166,7 +166,7 @@ def join_copy(store, copy_keys, *, location: str, labels=None, classes=None, fra
     digests : numpy.ndarray, optional
         ``(N_copy, 32)`` SHA-256 of each item's bytes, where known up front: each row's exact
         verdict.
-    recipe : augment.PlanAugment, optional
+    recipe : plan.recipe.PlanAugment, optional
         The store's recipe on its crops: a mixing one needs each crop's partner image.
     allow_missing : bool
         Skip the rows the copy cannot give instead of refusing the copy.

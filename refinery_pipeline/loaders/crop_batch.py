@@ -59,7 +59,7 @@ class MixedLabels(NamedTuple):
 
     @classmethod
     def of_crops(cls, params, labels) -> "MixedLabels":
-        """The mix of crops whose recipe draws are ``params`` (:class:`.augment.CropAugment`):
+        """The mix of crops whose recipe draws are ``params`` (:class:`..plan.recipe.CropAugment`):
         the class in ``labels`` (every image's) of each crop's partner image, and its share. The
         one definition both backends use."""
         return cls(torch.from_numpy(np.asarray(labels)[params.partner].astype(np.int64)),
@@ -121,7 +121,7 @@ class CropBatch(NamedTuple):
 
 def batch_from_rows(images, rows: torch.Tensor) -> CropBatch:
     """A :class:`CropBatch` from an FFCV label row block ``[label, index, slot_0 .. slot_S-1]``
-    (see :class:`.replay.WithIndexAndSlots`)."""
+    (see :class:`.ffcv_ops.WithIndexAndSlots`)."""
     slots = rows[:, 2] if rows.shape[1] == 3 else rows[:, 2:]
     return CropBatch(images, rows[:, 0], rows[:, 1], slots)
 

@@ -2,7 +2,7 @@
 stream of samples rather than by index.
 
 :class:`StoreCrops` maps each sample of a copy of the store's data set (a dict with ``__key__``
-and an image member, as ``webdataset`` yields them) to its :class:`~.torch_data.CropSample`
+and an image member, as ``webdataset`` yields them) to its :class:`~.stored_crops.CropSample`
 for the current epoch, by the rules of :class:`~.torch_data.StoreCropDataset`: the key finds
 the store row (:class:`.keys.KeyIndex`, :func:`.keys.join`'s rule), the slot is
 ``slot_of(epoch, row)``, the box is rescaled to the sample's frame, and the crop is *exact*
@@ -26,7 +26,7 @@ from ..plan.crop_plan import DEFAULT_SLOT_POLICY
 from ..core.errors import DataSetError
 from ..sources.keys import KeyIndex
 from ..sources.pixels import rgb_of_any
-from .torch_data import CropSample, StoredCrops
+from .stored_crops import CropSample, StoredCrops
 from ..core.validators import flag, refuse
 
 IMAGE_FIX = "name the image member with image_ext=, e.g. 'jpg' or ('jpg', 'png')"

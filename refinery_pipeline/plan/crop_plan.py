@@ -64,7 +64,7 @@ class CropPlan:
     ratio: tuple = (3 / 4, 4 / 3)
     flip: bool = True
     # The training recipe applied after box and flip, as canonical ``--augment`` values
-    # (:class:`.augment.Recipe`); empty: crop and flip only. Its parameters are drawn per
+    # (:class:`.recipe.Recipe`); empty: crop and flip only. Its parameters are drawn per
     # (n, k) like the boxes, so the store records only these names (format 4).
     augment: tuple = ()
 

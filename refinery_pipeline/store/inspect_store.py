@@ -110,9 +110,11 @@ def compared_labels(location, crops: StoredCrops, reference) -> tuple:
 def sample_stored_crops(dataset, location, num_images: int = 6, seed: int = 0,
                         num_workers: int = 2) -> StoredCrops:
     """Decode ``num_images`` randomly chosen (finished) images' stored boxes and flips."""
-    from ..plan.augment import plan_augment, planned_crops
     from ..labelling.chunk_labeller import build_crop_table
-    from ..loaders.replay import TABLE_FIELDS, crop_table, multi_crop_loader
+    from ..loaders.crop_table import TABLE_FIELDS, crop_table
+    from ..loaders.recipe_ops import planned_crops
+    from ..loaders.replay import multi_crop_loader
+    from ..plan.recipe import plan_augment
     store = LabelStore.open(location)
     store.check_matches(dataset.fingerprint())
     done = np.flatnonzero(store.done_images())

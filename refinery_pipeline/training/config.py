@@ -4,7 +4,7 @@ records it (the runtime ones may change on --resume: run_dir.RESUMABLE_CHANGES).
 from dataclasses import dataclass, field, replace
 
 from ..plan.crop_plan import DEFAULT_SLOT_POLICY
-from .losses import DEFAULT_REST
+from ..store.schema import DEFAULT_REST
 from .wordnet import DEFAULT_TEMPERATURE
 
 
@@ -35,7 +35,7 @@ class TrainConfig:
     init: str = None            # student weights to start from (paper Table 3: the refined model)
     teacher_arch: str = None    # the teacher's architecture, where its checkpoint records none
     teacher_bn: str = "train"
-    augment: tuple = ()         # recipe after crop and flip (augment.Recipe names); a store's own
+    augment: tuple = ()         # recipe after crop and flip (recipe.Recipe names); a store's own
     teacher_crops: str = "fresh"  # 'fresh' random crops, or 'replay' the store's crops (parity)
     loss: str = "kl"
     adversarial_eta: float = 0.0  # > 0: also train on adversarial twins (needs a teacher)

@@ -11,11 +11,11 @@ import torch
 from ..core.distributed import is_main, world_size
 from ..core.errors import DataSetError, IncompleteStoreError, RefineryError, RefineryWarning
 from ..core.option_relevance import CATEGORY_VISUAL, CATEGORY_WORDNET
-from ..loaders.replay import (ClassMap, FixedCrops, FreshCrops, StoreRows, make_loader,
-                              replayed_crops)
+from ..loaders.crop_sources import FixedCrops, FreshCrops, replayed_crops
+from ..loaders.replay import ClassMap, StoreRows, make_loader
 from ..models.registry import OptionNames
-from ..plan.augment import Recipe, plan_augment
 from ..plan.crop_plan import PARITY_VIEWS_PER_CROP, CropPlan, crops_for_parity
+from ..plan.recipe import Recipe, plan_augment
 from ..sources.data_cache import open_dataset
 from ..sources.dataset import check_cap_applies, conversion_options
 from ..store.label_store import LabelStore

@@ -219,7 +219,8 @@ def evaluate_checkpoint(weights, data, split: str = "val", res: int = None,
         :func:`data_record`).
     """
     from ..core.devices import resolve_device
-    from ..loaders.replay import FixedCrops, make_loader
+    from ..loaders.crop_sources import FixedCrops
+    from ..loaders.replay import make_loader
     from ..models.checkpoints import checkpoint_input_size, load_trained_model
     from ..models.registry import PYTHON_NAMES
     from ..sources.data_cache import open_dataset

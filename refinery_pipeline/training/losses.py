@@ -13,43 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.validators import one_of, refuse
-from ..store.schema import DEFAULT_REST, REST_POLICIES
 
 LOSSES = ("kl", "soft_ce", "reverse_kl", "l2")
 """The names :func:`get_loss` takes (``refine train --loss``)."""
-
-
-def dense_from_sparse(indices: torch.Tensor, probs: torch.Tensor, num_classes: int,
-                      rest: str = DEFAULT_REST) -> torch.Tensor:
-    """Expand top-k ``(indices, probs)`` of shape ``(B, k)`` into distributions ``(B, C)``.
-
-    Every step is one float32 operation in an order ``docs/label-store.md`` gives, so a reader
-    of the spec builds the same targets bit for bit: the top-k sum ``s`` adds the stored
-    probabilities in stored order (most probable first), one addition at a time, because
-    torch's and numpy's reductions each choose their own order (by vector width and device).
-    ``renormalize`` (or ``k == C``): ``p / s``. ``uniform``: ``r = max(0, 1 - s) / (C - k)``
-    for every other class, ``p`` for the top k, all divided by the row's sum
-    ``s + r * (C - k)`` (which absorbs float16 rounding: stored sums can exceed 1)."""
-    probs = probs.float()
-    k = indices.shape[1]
-    total = in_order_sum(probs)
-    if rest == "renormalize" or k == num_classes:
-        target = torch.zeros(len(probs), num_classes, device=probs.device)
-        return target.scatter_(1, indices.long(), probs / total)
-    one_of("rest", rest, REST_POLICIES)
-    others = (1.0 - total).clamp_min(0.0) / (num_classes - k)
-    target = others.expand(-1, num_classes).clone()
-    target.scatter_(1, indices.long(), probs)
-    return target / (total + others * (num_classes - k))
-
-
-def in_order_sum(values: torch.Tensor) -> torch.Tensor:
-    """``(B, k)`` -> ``(B, 1)``: each row's values added left to right, one float32 addition
-    at a time (a fixed order on every device; k is small, one vector operation per column)."""
-    total = values[:, :1].clone()
-    for j in range(1, values.shape[1]):
-        total += values[:, j:j + 1]
-    return total
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

@@ -13,7 +13,9 @@ import torch
 
 from ..core.validators import index_array, one_of, refuse, whole_number
 from ..loaders.crop_batch import SparseLabels, sparse_labels
-from .losses import DEFAULT_REST, REST_POLICIES, dense_from_sparse, hard_from_soft, one_hot
+from ..loaders.dense_targets import dense_from_sparse
+from ..store.schema import DEFAULT_REST, REST_POLICIES
+from .losses import hard_from_soft, one_hot
 
 
 class GroundTruthTargets:
@@ -70,7 +72,7 @@ class StoredTargets:
     @classmethod
     def of_crops(cls, crops, num_classes: int, rest: str = DEFAULT_REST) -> "StoredTargets":
         """Dynamic labels of the crops an epoch replays: ``crops.sparse_labels(images,
-        slots)`` (a :class:`.replay.ReplayedCrops`, which reads just its epoch's) looks up a
+        slots)`` (a :class:`..loaders.crop_sources.ReplayedCrops`, which reads just its epoch's) looks up a
         batch that comes without them; nothing store-sized is held here."""
         targets = cls.__new__(cls)
         targets.num_classes, targets.rest, targets.per_slot = num_classes, rest, True
