@@ -53,7 +53,7 @@ def show(store, data, images, crops, seed, out, others, names, workers, cache_di
     """Draw stored crops of STORE (made from DATA) with their stored labels, as students see them;
     with --compare, each crop with every store's top-3 (the paper's Figs. 7-8)."""
     from refinery_pipeline.paper.plots import figure_path, plot_compared_crops, plot_stored_crops
-    from refinery_pipeline.store.inspect_store import compared_labels, sample_stored_crops
+    from refinery_pipeline.labelling.shown_crops import compared_labels, sample_stored_crops
     figure_path(out)  # before any image is decoded for it
     check_options_used("show", SimpleNamespace(names=names, others=others), {"names": ()})
     stores = (store, *others)

@@ -208,7 +208,7 @@ def test_ground_truth_targets_mix_one_hot_labels():
 
 def test_show_draws_the_crops_as_labelled(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
     """`refine show` of a recipe store shows the recipe's pixels, the ones the labels describe."""
-    from refinery_pipeline.store.inspect_store import sample_stored_crops
+    from refinery_pipeline.labelling.shown_crops import sample_stored_crops
     path, _ = store_for(FULL, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
     shown = sample_stored_crops(open_dataset(tiny_data), path, num_images=4, seed=2,
                                 num_workers=1)

@@ -413,7 +413,7 @@ def test_audit_reproduces_a_train_mode_store_exactly(store, tiny_data, tiny_refi
 
 def test_show_draws_the_crops_students_are_shown_with_their_labels(store, tiny_data,
                                                                     tiny_dataset, tmp_path):
-    from refinery_pipeline.store.inspect_store import sample_stored_crops
+    from refinery_pipeline.labelling.shown_crops import sample_stored_crops
     from refinery_pipeline.loaders.replay import make_loader
     from refinery_pipeline.loaders.crop_sources import ReplayedCrops
     result = run("show", store, tiny_data, "--images", 3, "--crops", 4, "--out",

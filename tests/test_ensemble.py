@@ -79,7 +79,7 @@ def test_train_mode_members_see_the_same_forward_batch(tiny_refinery_ckpt, secon
 
 def test_the_store_holds_the_mean_labels_of_the_stored_crops(ensemble_store, tiny_dataset,
                                                              tiny_refinery_ckpt, second):
-    from refinery_pipeline.store.inspect_store import sample_stored_crops
+    from refinery_pipeline.labelling.shown_crops import sample_stored_crops
     sample = sample_stored_crops(tiny_dataset, ensemble_store, num_images=12, seed=0,
                                  num_workers=1)
     crops = torch.from_numpy(sample.pixels.reshape((-1,) + sample.pixels.shape[2:]))

@@ -58,7 +58,7 @@ def test_show_compare_labels_the_same_crops_by_every_store(tiny_data, tiny_datas
                                                            tiny_refinery_ckpt, tmp_path):
     """Figs. 7-8: the crops of STORE with each store's labels of them; stores of other crops
     (another plan) are refused in one line."""
-    from refinery_pipeline.store.inspect_store import compared_labels, sample_stored_crops
+    from refinery_pipeline.labelling.shown_crops import compared_labels, sample_stored_crops
     from refinery_pipeline.store.label_store import LabelStore
     stores = {}
     for name, options in (("train_bn", ()), ("eval_bn", ("--bn-mode", "eval")),
