@@ -138,7 +138,7 @@ def test_staging_a_loader_batch_on_the_host_changes_no_byte(tiny_dataset, tiny_r
         refinery = Refinery.from_checkpoint(tiny_refinery_ckpt)  # BN train: batches matter
         precompute_module.precompute(tiny_dataset, tmp_path / name, refinery,
                                      CropPlan(seed=2, crops_per_image=5), top_k=4, crop_batch=24,
-                                     chunk_size=32, progress=False)
+                                     chunk_size=32, progress=False, num_workers=1)
         return store_files(tmp_path / name)
 
     on_device = make("device.zarr")

@@ -135,6 +135,7 @@ def test_disk_full_mid_write_keeps_finished_chunks_and_resumes(pristine, tiny_da
     assert store_files(store) == store_files(reference)
 
 
+@pytest.mark.slow  # three precomputes, two of them processes of their own
 def test_two_processes_on_one_store_do_not_collide(tiny_data, tiny_refinery_ckpt, tmp_path):
     reference = tmp_path / "reference.zarr"
     run("precompute", tiny_data, reference, "--weights", tiny_refinery_ckpt, "-K", 6,
@@ -163,6 +164,7 @@ def test_empty_class_folder_is_named(tmp_path, tiny_refinery_ckpt):
     assert_one_line_error(result, "zebra", "class folder holds no images")
 
 
+@pytest.mark.slow  # every command on an S3 store: precompute, resume, verify, audit, train
 def test_store_on_s3_is_written_resumed_verified_and_trained_from(s3_server, store, tiny_data,
                                                                    tiny_refinery_ckpt, tmp_path):
     url = f"{s3_server}/team/labels.zarr"
@@ -231,7 +233,7 @@ def test_a_data_set_with_other_classes_is_named(tmp_path):
     theirs = make_tree(tmp_path / "theirs", classes=("cat", "fox"))
     ckpt = tmp_path / "two.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 2), "demo_cnn", ["cat", "dog"], 16)
-    run("precompute", ours, tmp_path / "s.zarr", "--weights", ckpt, "-K", 2)
+    run("precompute", ours, tmp_path / "s.zarr", "--weights", ckpt, "-K", 2, "--workers", 1)
     result = run("train", theirs, "--labels", tmp_path / "s.zarr", "--arch", "demo_cnn",
                  "--epochs", 1, "--out", tmp_path / "run", ok=False)
     assert_one_line_error(result, "data set mismatch in 'classes'", "'dog'", "'fox'")
