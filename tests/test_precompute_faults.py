@@ -63,6 +63,7 @@ SLOW_LABELS = ("import sys, time, refinery_pipeline.labelling.precompute as p; r
                "from cli.main import cli; sys.argv[0] = 'refine'; cli()")
 
 
+@pytest.mark.slow  # two precompute processes, each slowed to share the chunks
 def test_two_processes_split_the_chunks_and_write_the_same_bytes(tiny_data, tiny_refinery_ckpt,
                                                                  tmp_path):
     reference = tmp_path / "reference.zarr"
