@@ -50,8 +50,15 @@ def any_store(request, plain_store, mixup_store):
     return plain_store if request.param == "plain" else mixup_store
 
 
+_WHOLE = {}  # store path -> its whole arrays, read once: the stores here are never changed
+
+
 def whole(path) -> dict:
-    return LabelStore.open(path).read_crops().arrays()
+    """The store's whole crop table, read from the store once; each caller gets its own copy
+    (a test that wrote into a shared one would change every later test's reference)."""
+    if str(path) not in _WHOLE:
+        _WHOLE[str(path)] = LabelStore.open(path).read_crops().arrays()
+    return {name: values.copy() for name, values in _WHOLE[str(path)].items()}
 
 
 def reference_epoch(path, seed: int, policy: str, epoch: int, rows=None) -> dict:

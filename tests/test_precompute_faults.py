@@ -20,7 +20,8 @@ from refinery_pipeline.store.label_store import LabelStore
 from .test_cli import assert_one_line_error, run
 from .test_precompute_trust import REPO, precompute_cmd, store_files
 
-ARGS = ["-K", 4, "--top-k", 3, "--batch-size", 32]
+# one loader worker: FFCV then compiles its pipeline serially, a third of a run's CPU less
+ARGS = ["-K", 4, "--top-k", 3, "--batch-size", 32, "--workers", 1]
 
 
 def args_for(ckpt, chunk):
@@ -37,7 +38,7 @@ def test_any_chunk_size_gives_a_store_that_verifies_audits_and_resumes(chunk, ti
     assert store.complete and store.layout.chunk_size == chunk
     assert "chunks verified" in run("verify", reference, "--data", tiny_data).output
     audit = run("audit", reference, tiny_data, "--weights", tiny_refinery_ckpt,
-                "--sample-crops", 96 * 4).output  # every loader batch, short ones included
+                "--sample-crops", 96 * 4, "--workers", 1).output  # every batch, short ones too
     assert "top-1 agreement 100.000%" in audit and "max 0.00e+00" in audit, audit
 
     real_write = LabelStore.write_chunk
@@ -62,6 +63,7 @@ SLOW_LABELS = ("import sys, time, refinery_pipeline.labelling.chunk_labeller as 
                "from cli.main import cli; sys.argv[0] = 'refine'; cli()")
 
 
+@pytest.mark.slow  # two precompute processes, each slowed to share the chunks
 def test_two_processes_split_the_chunks_and_write_the_same_bytes(tiny_data, tiny_refinery_ckpt,
                                                                  tmp_path):
     reference = tmp_path / "reference.zarr"

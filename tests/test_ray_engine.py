@@ -19,6 +19,7 @@ from .test_cli import assert_one_line_error, run
 from .test_precompute_trust import REPO, store_files
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray cluster, and an actor process per run
 
 ARGS = ["-K", 3, "--top-k", 3, "--batch-size", 32, "--chunk-size", 16, "--workers", 1]
 

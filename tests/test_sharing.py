@@ -18,12 +18,23 @@ from .test_precompute_trust import REPO, precompute_cmd, store_files
 V1_STORE = Path(__file__).parent / "data" / "store_v1.zarr"
 
 
-@pytest.fixture
-def store(tiny_data, tiny_refinery_ckpt, tmp_path):
-    path = tmp_path / "labels.zarr"
-    run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3,
-        "--batch-size", 32, "--chunk-size", 32)
+# one loader worker: FFCV then compiles its pipeline serially, a third of a run's CPU less
+STORE_ARGS = ["-K", 3, "--top-k", 3, "--batch-size", 32, "--chunk-size", 32, "--workers", 1]
+
+
+@pytest.fixture(scope="module")
+def pristine(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
+    """The module's store (3 chunks), labelled once; tests read it or change a copy."""
+    path = tmp_path_factory.mktemp("sharing") / "labels.zarr"
+    run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, *STORE_ARGS)
     return path
+
+
+@pytest.fixture
+def store(pristine, tmp_path):
+    """A copy of the module's store that a test may corrupt, lock or serve."""
+    import shutil
+    return Path(shutil.copytree(pristine, tmp_path / "labels.zarr"))
 
 
 def test_checked_in_v1_store_still_loads():
@@ -46,10 +57,10 @@ def test_pack_is_reproducible_and_the_zip_is_used_in_place(store, tiny_data, tin
     zipped = tmp_path / "a.zip"
     assert "complete: True" in run("inspect", zipped).output
     assert "3/3 chunks verified" in run("verify", zipped).output
-    assert "agreement 100.000%" in run("audit", zipped, tiny_data, "--weights",
-                                       tiny_refinery_ckpt, "--sample-crops", 64).output
+    assert "agreement 100.000%" in run("audit", zipped, tiny_data, "--weights", tiny_refinery_ckpt,
+                                       "--sample-crops", 64, "--workers", 1).output
     result = run("train", tiny_data, "--labels", zipped, "--arch", "demo_cnn", "--epochs", 1,
-                 "--batch-size", 16, "--out", tmp_path / "run")
+                 "--batch-size", 16, "--workers", 1, "--out", tmp_path / "run")
     assert "val top-1" in result.output
 
 
@@ -93,18 +104,17 @@ def test_read_only_store_serves_many_readers(store, tiny_data, tmp_path):
         assert all(np.array_equal(r["topk_probs"], expected["topk_probs"]) for r in results)
         assert run("verify", store).exit_code == 0
         run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
-            "--batch-size", 16, "--out", tmp_path / "run")
+            "--batch-size", 16, "--workers", 1, "--out", tmp_path / "run")
     finally:
         for path in [store, *store.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def test_disk_full_mid_write_keeps_finished_chunks_and_resumes(tiny_data, tiny_refinery_ckpt,
-                                                               tmp_path, monkeypatch):
-    reference = tmp_path / "reference.zarr"
-    args = ["--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3, "--batch-size", 32,
-            "--chunk-size", 32]
-    run("precompute", tiny_data, reference, *args)
+def test_disk_full_mid_write_keeps_finished_chunks_and_resumes(pristine, tiny_data,
+                                                               tiny_refinery_ckpt, tmp_path,
+                                                               monkeypatch):
+    reference = pristine  # labelled with the same arguments
+    args = ["--weights", tiny_refinery_ckpt, *STORE_ARGS]
     real_write = LabelStore.write_chunk
 
     def failing_write(self, c, arrays):
@@ -125,6 +135,7 @@ def test_disk_full_mid_write_keeps_finished_chunks_and_resumes(tiny_data, tiny_r
     assert store_files(store) == store_files(reference)
 
 
+@pytest.mark.slow  # three precomputes, two of them processes of their own
 def test_two_processes_on_one_store_do_not_collide(tiny_data, tiny_refinery_ckpt, tmp_path):
     reference = tmp_path / "reference.zarr"
     run("precompute", tiny_data, reference, "--weights", tiny_refinery_ckpt, "-K", 6,
@@ -153,11 +164,11 @@ def test_empty_class_folder_is_named(tmp_path, tiny_refinery_ckpt):
     assert_one_line_error(result, "zebra", "class folder holds no images")
 
 
+@pytest.mark.slow  # every command on an S3 store: precompute, resume, verify, audit, train
 def test_store_on_s3_is_written_resumed_verified_and_trained_from(s3_server, store, tiny_data,
                                                                    tiny_refinery_ckpt, tmp_path):
     url = f"{s3_server}/team/labels.zarr"
-    args = ["--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3, "--batch-size", 32,
-            "--chunk-size", 32]
+    args = ["--weights", tiny_refinery_ckpt, *STORE_ARGS]
     result = run("precompute", tiny_data, url, *args)
     assert "3 chunks written" in result.output
     assert "0 chunks written, 3 already done" in run("precompute", tiny_data, url, *args).output
@@ -166,9 +177,9 @@ def test_store_on_s3_is_written_resumed_verified_and_trained_from(s3_server, sto
     assert "3/3 chunks verified" in run("verify", url, "--data", tiny_data).output
     assert "complete: True" in run("inspect", url).output
     assert "agreement 100.000%" in run("audit", url, tiny_data, "--weights", tiny_refinery_ckpt,
-                                       "--sample-crops", 64).output
+                                       "--sample-crops", 64, "--workers", 1).output
     run("train", tiny_data, "--labels", url, "--arch", "demo_cnn", "--epochs", 1,
-        "--batch-size", 16, "--out", tmp_path / "run")
+        "--batch-size", 16, "--workers", 1, "--out", tmp_path / "run")
     result = run("inspect", f"{s3_server}/team/missing.zarr", ok=False)
     assert_one_line_error(result, "no label store there")
 
@@ -186,7 +197,7 @@ def test_store_over_http_is_read_only_and_usable(store, tiny_data, tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}/{store.name}"
         assert "complete: True" in run("inspect", url).output
         run("train", tiny_data, "--labels", url, "--arch", "demo_cnn", "--epochs", 1,
-            "--batch-size", 16, "--out", tmp_path / "run")
+            "--batch-size", 16, "--workers", 1, "--out", tmp_path / "run")
     finally:
         server.shutdown()
 
@@ -196,8 +207,7 @@ def test_network_failure_mid_write_to_s3_keeps_chunks_and_resumes(s3_server, sto
                                                                    monkeypatch):
     from botocore.exceptions import EndpointConnectionError
     url = f"{s3_server}/flaky/labels.zarr"
-    args = ["--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3, "--batch-size", 32,
-            "--chunk-size", 32]
+    args = ["--weights", tiny_refinery_ckpt, *STORE_ARGS]
     real_write = LabelStore.write_chunk
 
     def flaky_write(self, c, arrays):
@@ -223,7 +233,7 @@ def test_a_data_set_with_other_classes_is_named(tmp_path):
     theirs = make_tree(tmp_path / "theirs", classes=("cat", "fox"))
     ckpt = tmp_path / "two.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 2), "demo_cnn", ["cat", "dog"], 16)
-    run("precompute", ours, tmp_path / "s.zarr", "--weights", ckpt, "-K", 2)
+    run("precompute", ours, tmp_path / "s.zarr", "--weights", ckpt, "-K", 2, "--workers", 1)
     result = run("train", theirs, "--labels", tmp_path / "s.zarr", "--arch", "demo_cnn",
                  "--epochs", 1, "--out", tmp_path / "run", ok=False)
     assert_one_line_error(result, "data set mismatch in 'classes'", "'dog'", "'fox'")
