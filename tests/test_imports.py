@@ -105,3 +105,41 @@ def test_every_import_in_the_package_resolves():
                         broken.append(f"{path.relative_to(root.parent)}:{node.lineno}: "
                                       f"{module}.{alias.name}")
     assert not broken, broken
+
+
+STAGES = ("core", "plan", "sources", "store", "models", "loaders", "labelling", "training",
+          "paper")  # docs/design.md's order: a stage imports only the stages before it
+
+
+def stage_imports(path) -> list:
+    """``(line, stage imported)`` for each import of another stage in the module at ``path``."""
+    import ast
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.level == 2:
+                found.append((node.lineno, node.module.split(".")[0]))
+            elif node.level == 0 and node.module.startswith("refinery_pipeline."):
+                found.append((node.lineno, node.module.split(".")[1]))
+    return [(line, stage) for line, stage in found if stage in STAGES]
+
+
+def test_every_stage_imports_only_the_stages_before_it():
+    """No import points up the stages (function-level ones included): a new contributor can
+    read the stages in order, and a stage can be tested without the ones above it."""
+    from pathlib import Path
+    root = Path(refinery.__file__).parent
+    assert sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists()) == \
+        sorted(STAGES)
+    upward = [f"{path.relative_to(root)}:{line} imports {stage}"
+              for own in STAGES for path in sorted((root / own).glob("*.py"))
+              for line, stage in stage_imports(path)
+              if STAGES.index(stage) > STAGES.index(own)]
+    assert not upward, upward
+
+
+def test_the_stage_check_sees_an_upward_import(tmp_path):
+    """The check above can fail: a store module importing the loaders is reported."""
+    module = tmp_path / "x.py"
+    module.write_text("def f():\n    from ..loaders.replay import make_loader\n")
+    assert stage_imports(module) == [(2, "loaders")]

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from refinery_pipeline.core.errors import StoreError
+from refinery_pipeline.core.object_storage import remote_filesystem
 from refinery_pipeline.labelling.precompute import ChunkClaims, precompute
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.store import creation, remote_storage
 from refinery_pipeline.store.label_store import LabelStore
-from refinery_pipeline.store.remote_storage import CREATION_MARKER, remote_filesystem
+from refinery_pipeline.store.remote_storage import CREATION_MARKER
 from refinery_pipeline.store.schema import StoreLayout
 
 PLAN = CropPlan(seed=0, crops_per_image=2)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import refinery_pipeline as refinery
-from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.core.errors import ArgumentError, StoreError
+from refinery_pipeline.core.object_storage import ATTEMPTS_ENV, TIMEOUT_ENV
 from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
-from refinery_pipeline.store.remote_storage import ATTEMPTS_ENV, TIMEOUT_ENV
+from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.store.store_tools import pack_store
 
 from .test_cli import assert_one_line_error, run

@@ -24,10 +24,11 @@ import numpy as np
 from .. import __version__
 from ..core.distributed import barrier, init_from_env, is_main
 from ..core.errors import DataSetError, RefineryError, StoreMismatchError
+from ..core.object_storage import is_remote
 from ..core.progress import progress_bar
 from ..plan.crop_plan import CropPlan
 from ..store.label_store import LabelStore
-from ..store.remote_storage import chunk_marker, is_remote
+from ..store.remote_storage import chunk_marker
 from ..store.schema import (DEFAULT_PROB_BITS, DEFAULT_TOP_K, Batching, StoreLayout,
                             default_chunk_size)
 from .chunk_labeller import ChunkLabeller

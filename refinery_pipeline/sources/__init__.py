@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ..core.errors import ArgumentError, DataSetError
-from ..store.remote_storage import is_remote
+from ..core.object_storage import is_remote
 from .base import ImageSource, decode_image
 from .beton import BetonSource
 from .dataset import IMAGE_EXTENSIONS

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import ArgumentError, DataSetError, storage_error_message, storage_io_errors
-from ..store.remote_storage import is_remote, remote_filesystem, unreachable_message
+from ..core.object_storage import is_remote, remote_filesystem, unreachable_message
 from .base import ImageSource, as_labels
 from .data_cache import default_cache_dir
 from .dataset import IMAGE_EXTENSIONS
@@ -38,7 +38,7 @@ OPEN_SHARDS = 64  # local shards kept open per process
 class WebDatasetSource(ImageSource):
     """WebDataset shards: local paths, brace patterns (``shards-{000..009}.tar``), a folder of
     ``.tar`` files, or ``s3://`` / ``http(s)://`` URLs (through fsspec, with the bounded
-    timeouts of :mod:`refinery_pipeline.store.remote_storage`).
+    timeouts of :mod:`refinery_pipeline.core.object_storage`).
 
     The key of a sample is its ``__key__``; its image is the first of the members ``jpg``,
     ``jpeg``, ``png``, ``webp``, ... it has (or ``image_ext``); its label the integer in its

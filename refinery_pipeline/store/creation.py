@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from ..core.errors import StoreError, StoreNotFoundError
+from ..core.object_storage import is_remote, remote_filesystem
 from .encoding import _checked_digests, _codecs, encode_keys, seal_attributes
 from .remote_storage import (CREATION_MARKER_SECONDS, CREATION_WAIT_SECONDS, creation_marker,
-                             is_remote, remote_filesystem, remote_store)
+                             remote_store)
 from .schema import (ATTRIBUTES_DIGEST, CHECKSUMS, DONE_FLAGS, FORMAT_NAME, FORMAT_VERSION,
                      IMAGE_DIGESTS, IMAGE_KEYS, IMAGE_SIZES, LABELS, StoreLayout, _check_layout)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import StoreCorruptError, storage_io_errors
+from ..core.object_storage import is_remote
 from ..plan.crop_plan import sample_boxes, sample_flips
 from .encoding import array_checksum, attributes_digest, values_sha256
-from .remote_storage import is_remote
 from .schema import (ATTRIBUTES_DIGEST, CHECKSUMS, DONE_FLAGS, IMAGE_DIGESTS, IMAGE_KEYS,
                      IMAGE_SIZES, LABELS, RESTORE, SEALED_ARRAYS, SEALED_FROM_FORMAT, _layout_text,
                      _short)

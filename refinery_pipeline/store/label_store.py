@@ -25,14 +25,15 @@ from pathlib import Path
 
 from ..core.errors import (IncompleteStoreError, RefineryError, StoreError, StoreMismatchError,
                            StoreNotFoundError, storage_error_message, storage_io_errors)
+from ..core.object_storage import (is_remote, network_failure, remote_filesystem,
+                                   unreachable_message)
 from ..core.validators import flag, one_of, path_like
 from ..plan.crop_plan import CropPlan
 from .creation import StoreCreation
 from .encoding import chunk_checksums
 from .integrity import StoreIntegrity
 from .reading import StoreReads
-from .remote_storage import (is_remote, network_failure, remote_filesystem, remote_store,
-                             unreachable_message)
+from .remote_storage import remote_store
 from .schema import (CHECKSUMS, DONE_FLAGS, FORMAT_NAME, FORMAT_VERSION, OPEN_MODES, Batching,
                      CropRecords, DatasetInfo, RefineryInfo, _parse_layout, _short)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import RefineryWarning, StoreCorruptError, StoreError
+from ..core.object_storage import is_remote
 from .label_store import LabelStore
-from .remote_storage import is_remote
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed entry times: the same store packs to the same bytes
 
