@@ -2,6 +2,13 @@
 import os
 from pathlib import Path
 
+# numba compiles each loader's FFCV pipeline afresh (refinery_pipeline/loaders/replay.py says
+# why), and that compilation is most of the CPU of every tiny training run or precompute in this
+# suite; without LLVM's optimisation passes it costs about a quarter less. The compiled code
+# computes the same (the pixel work is OpenCV's; numba's parts move bytes and integers). Set
+# before numba is first imported; NUMBA_OPT=3 python3 -m pytest tests runs what users run.
+os.environ.setdefault("NUMBA_OPT", "0")
+
 import numpy as np
 import pytest
 import torch
