@@ -102,6 +102,28 @@ def mixup_store(labelled_store) -> Path:
     return labelled_store(seed=5, crops_per_image=2, augment=("mixup:0.4",), top_k=4)
 
 
+@pytest.fixture(scope="module")
+def uncompiled_loaders():
+    """FFCV's pipelines run as plain Python, not compiled by numba, for the rest of a module.
+
+    For modules whose subject is training, the CLI or a refusal, not the loader: compiling each
+    loader's pipeline is ~90% of the CPU of a tiny training run (2.5 s; 0.25 s uncompiled), and
+    the uncompiled pipeline gives the same bytes (tests/test_uncompiled_loaders.py checks it).
+    The compiled path stays the one the loader's own tests (test_replay, test_augment,
+    test_spec_reader, ...) run. Use it as ``pytestmark = pytest.mark.usefixtures(...)``, so it
+    comes before the module's own fixtures."""
+    with pytest.MonkeyPatch.context() as patch:
+        uncompile_loaders(patch)
+        yield
+
+
+def uncompile_loaders(patch: pytest.MonkeyPatch):
+    """FFCV's pipelines built from now on run uncompiled, until ``patch`` is undone: one test's
+    share of :func:`uncompiled_loaders` (``uncompile_loaders(monkeypatch)``)."""
+    from ffcv.pipeline.compiler import Compiler
+    patch.setattr(Compiler, "is_enabled", False)
+
+
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("REFINERY_CACHE", str(tmp_path / "cache"))

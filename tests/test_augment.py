@@ -221,10 +221,11 @@ def train_args(tiny_data, out, *options):
             "--workers", "1", "--out", str(out), *options]
 
 
-@pytest.mark.slow
 def test_train_replays_a_recipe_store_and_refuses_another_recipe(tiny_data, labelled_store,
-                                                                 tmp_path):
+                                                                 tmp_path, monkeypatch):
+    from .conftest import uncompile_loaders
     from .test_cli import assert_one_line_error, run
+    uncompile_loaders(monkeypatch)  # training is the subject: same bytes, a tenth of the CPU
     path = store_for(FULL, labelled_store)
     run(*train_args(tiny_data, tmp_path / "cached", "--labels", path))
     assert (tmp_path / "cached" / "model.pt").is_file()
@@ -236,8 +237,11 @@ def test_train_replays_a_recipe_store_and_refuses_another_recipe(tiny_data, labe
     assert not (tmp_path / "other").exists()
 
 
-def test_online_refinery_labels_fresh_recipe_crops(tiny_data, tiny_refinery_ckpt, tmp_path):
+def test_online_refinery_labels_fresh_recipe_crops(tiny_data, tiny_refinery_ckpt, tmp_path,
+                                                   monkeypatch):
+    from .conftest import uncompile_loaders
     from .test_cli import run
+    uncompile_loaders(monkeypatch)  # training is the subject: same bytes, a tenth of the CPU
     out = tmp_path / "online"
     run(*train_args(tiny_data, out, "--teacher", tiny_refinery_ckpt, "--augment",
                     "trivialaugment", "--augment", "cutmix:1"))

@@ -33,6 +33,10 @@ def assert_one_line_error(result, *fragments):
         assert fragment in errors[0], errors[0]
 
 
+# The subject here is the command, not the loader: its pipelines run uncompiled, the same bytes
+# at a tenth of the CPU (tests/conftest.py uncompiled_loaders)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 # One decoding thread wherever the number of threads is not the point: the default --workers 2
 # compiles numba's parallel pipeline, which costs 2.5x the CPU of a whole tiny run. The default is
 # run end to end by test_store_is_reproducible_byte_for_byte and the shared training run.
@@ -398,12 +402,15 @@ def test_demo_runs_on_tiny_settings(tmp_path):
     assert (tmp_path / "demo" / "students.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_shared_imagenette_subset_replays_exactly(tmp_path):
-    """Real JPEGs from the shared data set (skipped where it is absent)."""
+def test_shared_imagenette_subset_replays_exactly(tmp_path, monkeypatch):
+    """Real JPEGs from the shared data set (skipped where it is absent), through the compiled
+    pipeline users run."""
+    from ffcv.pipeline.compiler import Compiler
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.sources.data_cache import open_dataset
     from .test_replay import plan_arrays, precompute_pixels
     from refinery_pipeline.loaders.replay import ReplayedCrops, make_loader
+    monkeypatch.setattr(Compiler, "is_enabled", True)
     source = shared_data_or_skip()
     tree = tmp_path / "nette"
     for c in sorted((source / "train").iterdir())[:3]:

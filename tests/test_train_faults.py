@@ -20,6 +20,10 @@ from .test_plots import write_run
 
 ARGS = ("--arch", "demo_cnn", "--batch-size", 16, "--res", 24, "--workers", 1)
 
+# The subject here is the refusal, not the loader: its pipelines run uncompiled, the same bytes
+# at a tenth of the CPU (tests/conftest.py uncompiled_loaders)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 
 def train(data, out, *extra, ok=True):
     return run("train", data, *ARGS, "--out", out, *extra, ok=ok)

@@ -18,6 +18,11 @@ from refinery_pipeline.training.targets import OnlineTargets, StoredTargets
 from refinery_pipeline.training.train import fit
 
 
+# The subject here is training, not the loader: its pipelines run uncompiled, the same bytes
+# at a tenth of the CPU (tests/conftest.py uncompiled_loaders)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
+
 @pytest.fixture(scope="module")
 def full_store(labelled_store):
     """BN-eval store with all 10 classes stored (top-k = C) and soft-static labels."""
