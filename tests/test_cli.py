@@ -391,7 +391,6 @@ def test_image_folder_tree_end_to_end(tmp_path, tiny_refinery_ckpt):
     assert_one_line_error(result, "broken.jpg", "cannot be read as an image")
 
 
-@pytest.mark.slow
 def test_demo_runs_on_tiny_settings(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--train-images", 96, "--epochs", 1,
                  *ONE_THREAD)

@@ -149,7 +149,6 @@ def test_resume_with_other_settings_is_refused(option, value, saved, given, unfi
                    f"this resume has {given}", "start a new run in another --out")
 
 
-@pytest.mark.slow
 def test_resume_may_change_how_the_run_executes(unfinished, tiny_data, tmp_path):
     """--workers, --device, --eval-every, ... do not change what is computed: accepted. The
     run's config.json is kept as it was written."""

@@ -119,7 +119,6 @@ def test_static_mode_needs_a_soft_static_store(tiny_data, tmp_path, labelled_sto
         fit(config(tiny_data, tmp_path, labels=str(path), label_mode="static"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, {"precise_bn": 2}], ids=["plain", "precise BN"])
 def test_resume_after_an_interruption_is_bit_for_bit(extra, tiny_data, full_store, tmp_path,
                                                      monkeypatch):
