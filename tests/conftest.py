@@ -65,9 +65,10 @@ def labelled_store(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
     (each label depends on its crop alone), in 3 chunks of 32 images, complete unless
     ``only_chunks`` names the chunks written.
 
-    Each distinct setting is precomputed once per test process (a precompute compiles its FFCV
-    pipeline: seconds of CPU each), so files that agree on a setting share the store. Shared means
-    read-only: a test that changes a byte copies it first (``shutil.copytree`` into tmp_path).
+    Each distinct setting is labelled once per test process, so files that agree on a setting
+    share the store, and uncompiled (see :func:`uncompiled_loaders`: the same bytes, without
+    seconds of numba compilation each). Shared means read-only: a test that changes a byte copies
+    it first (``shutil.copytree`` into tmp_path).
     """
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.sources.data_cache import open_dataset
@@ -83,11 +84,13 @@ def labelled_store(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
         settings = (seed, crops_per_image, augment, top_k, soft_static, only_chunks)
         if settings not in made:
             path = tmp_path_factory.mktemp("labelled") / "labels.zarr"
-            precompute(open_dataset(tiny_data), path,
-                       Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
-                       CropPlan(seed=seed, crops_per_image=crops_per_image, augment=augment),
-                       top_k=top_k, crop_batch=32, chunk_size=32, progress=False, num_workers=1,
-                       soft_static=soft_static, only_chunks=only_chunks)
+            with pytest.MonkeyPatch.context() as patch:
+                uncompile_loaders(patch)
+                precompute(open_dataset(tiny_data), path,
+                           Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
+                           CropPlan(seed=seed, crops_per_image=crops_per_image, augment=augment),
+                           top_k=top_k, crop_batch=32, chunk_size=32, progress=False,
+                           num_workers=1, soft_static=soft_static, only_chunks=only_chunks)
             made[settings] = path
         return made[settings]
 
