@@ -33,6 +33,7 @@ GROUPS = {  # concern -> the scripts measuring it, in reading order
         "generations.py", "adversarial_jitter.py", "paper_tables.py", "bn_recalibration.py",
         "steps_per_epoch.py"],
     "Tools": ["folder_subset.py"],
+    "Development: the test suite": ["suite_time.py"],
 }
 ATTRIBUTED = {  # results files whose command is not a benchmark script
     "demo": "refine demo",

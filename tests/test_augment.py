@@ -17,7 +17,7 @@ from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.loaders.replay import make_loader
 from refinery_pipeline.loaders.crop_sources import FreshCrops
 
-K, TOP_K, SIZE = 3, 4, 24
+K, TOP_K, SIZE = 2, 4, 24
 FULL = ("trivialaugment", "erasing:0.5", "mixup:0.4", "cutmix:1")
 RECIPES = [("trivialaugment",), ("randaugment:2:9",), ("erasing:1",), ("mixup:0.4",),
            ("cutmix:1",), FULL]
@@ -94,13 +94,10 @@ def test_no_recipe_draws_nothing():
 
 # ----------------------------------------------------------------------------- exact pixels
 
-def store_for(recipe, tiny_data, tiny_refinery_ckpt, tmp_path_factory):
-    path = tmp_path_factory.mktemp("augment") / "labels.zarr"
-    refinery_ = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval")
-    precompute(open_dataset(tiny_data), path, refinery_,
-               CropPlan(seed=5, crops_per_image=K, augment=Recipe.parse(recipe).names()),
-               top_k=TOP_K, crop_batch=32, chunk_size=32, progress=False, num_workers=1)
-    return path, refinery_
+def store_for(recipe, labelled_store):
+    """The session's store of ``recipe`` (K = 2, top-4; its mixup one is ``mixup_store``)."""
+    return labelled_store(seed=5, crops_per_image=K, augment=Recipe.parse(recipe).names(),
+                          top_k=TOP_K)
 
 
 def replayed_pixels(store, data, batch_size, workers):
@@ -119,11 +116,12 @@ def replayed_pixels(store, data, batch_size, workers):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: "+".join(r))
 def test_labels_describe_the_pixels_every_backend_shows(recipe, tiny_data, tiny_refinery_ckpt,
-                                                        tmp_path_factory):
+                                                        labelled_store):
     """The refinery (BN in eval mode: each label depends on its crop alone) relabels the crops
     the FFCV replay shows and finds the stored labels; the plain backend shows the same bytes;
     the recipe changed the pixels (so the test can fail)."""
-    path, refinery_ = store_for(recipe, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
+    path = store_for(recipe, labelled_store)
+    refinery_ = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval")
     store = refinery.open_store(path)
     assert store.plan.augment == Recipe.parse(recipe).names()
     shown = replayed_pixels(path, tiny_data, 16, 1)
@@ -150,9 +148,9 @@ def test_labels_describe_the_pixels_every_backend_shows(recipe, tiny_data, tiny_
     assert changed > len(keys) // 4
 
 
-def test_replay_is_independent_of_batch_size_and_workers(tiny_data, tiny_refinery_ckpt,
-                                                         tmp_path_factory):
-    path, _ = store_for(FULL, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
+@pytest.mark.slow
+def test_replay_is_independent_of_batch_size_and_workers(tiny_data, labelled_store):
+    path = store_for(FULL, labelled_store)
     first = replayed_pixels(path, tiny_data, 16, 1)
     second = replayed_pixels(path, tiny_data, 7, 2)
     assert first.keys() == second.keys()
@@ -206,10 +204,10 @@ def test_ground_truth_targets_mix_one_hot_labels():
     assert torch.allclose(target, torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]]))
 
 
-def test_show_draws_the_crops_as_labelled(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
+def test_show_draws_the_crops_as_labelled(tiny_data, labelled_store):
     """`refine show` of a recipe store shows the recipe's pixels, the ones the labels describe."""
     from refinery_pipeline.labelling.shown_crops import sample_stored_crops
-    path, _ = store_for(FULL, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
+    path = store_for(FULL, labelled_store)
     shown = sample_stored_crops(open_dataset(tiny_data), path, num_images=4, seed=2,
                                 num_workers=1)
     plain = refinery.StoreCropDataset(path, tiny_data)
@@ -225,10 +223,12 @@ def train_args(tiny_data, out, *options):
             "--workers", "1", "--out", str(out), *options]
 
 
-def test_train_replays_a_recipe_store_and_refuses_another_recipe(tiny_data, tiny_refinery_ckpt,
-                                                                 tmp_path_factory, tmp_path):
+def test_train_replays_a_recipe_store_and_refuses_another_recipe(tiny_data, labelled_store,
+                                                                 tmp_path, monkeypatch):
+    from .conftest import uncompile_loaders
     from .test_cli import assert_one_line_error, run
-    path, _ = store_for(FULL, tiny_data, tiny_refinery_ckpt, tmp_path_factory)
+    uncompile_loaders(monkeypatch)  # training is the subject: same bytes, a tenth of the CPU
+    path = store_for(FULL, labelled_store)
     run(*train_args(tiny_data, tmp_path / "cached", "--labels", path))
     assert (tmp_path / "cached" / "model.pt").is_file()
     same = [a for step in Recipe.parse(FULL).names() for a in ("--augment", step)]
@@ -239,8 +239,11 @@ def test_train_replays_a_recipe_store_and_refuses_another_recipe(tiny_data, tiny
     assert not (tmp_path / "other").exists()
 
 
-def test_online_refinery_labels_fresh_recipe_crops(tiny_data, tiny_refinery_ckpt, tmp_path):
+def test_online_refinery_labels_fresh_recipe_crops(tiny_data, tiny_refinery_ckpt, tmp_path,
+                                                   monkeypatch):
+    from .conftest import uncompile_loaders
     from .test_cli import run
+    uncompile_loaders(monkeypatch)  # training is the subject: same bytes, a tenth of the CPU
     out = tmp_path / "online"
     run(*train_args(tiny_data, out, "--teacher", tiny_refinery_ckpt, "--augment",
                     "trivialaugment", "--augment", "cutmix:1"))

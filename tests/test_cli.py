@@ -34,12 +34,35 @@ def assert_one_line_error(result, *fragments):
         assert fragment in errors[0], errors[0]
 
 
+# The subject here is the command, not the loader: its pipelines run uncompiled, the same bytes
+# at a tenth of the CPU (tests/conftest.py uncompiled_loaders)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
+# One decoding thread wherever the number of threads is not the point: the default --workers 2
+# compiles numba's parallel pipeline, which costs 2.5x the CPU of a whole tiny run. The default is
+# run end to end by test_store_is_reproducible_byte_for_byte and the shared training run.
+ONE_THREAD = ("--workers", 1)
+
+
 @pytest.fixture(scope="module")
 def store(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
     path = tmp_path_factory.mktemp("stores") / "labels.zarr"
     run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 4, "--top-k", 3,
-        "--batch-size", 32, "--chunk-size", 32)
+        "--batch-size", 32, "--chunk-size", 32, *ONE_THREAD)
     return path
+
+
+@pytest.fixture(scope="module")
+def store_run(store, tiny_data, tmp_path_factory):
+    """One training run from ``store`` with the defaults (2 epochs, no --res: the store's 24 px),
+    shared by the tests that read its outputs or its warnings: ``(out, result, messages)``, the
+    RefineryWarnings it gave."""
+    out = tmp_path_factory.mktemp("store_run") / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 2,
+                     "--batch-size", 16, "--out", out)
+    return out, result, [str(w.message) for w in caught if issubclass(w.category, RefineryWarning)]
 
 
 def test_precompute_writes_a_complete_store(store, tiny_dataset):
@@ -57,9 +80,10 @@ def test_one_crop_per_image_is_a_valid_plan(tiny_data, tiny_refinery_ckpt, tmp_p
     """K = 1 (a one-epoch student at parity): the decoder then emits plain crops, no slot axis."""
     path = tmp_path / "k1.zarr"
     run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 1, "--top-k", 3,
-        "--batch-size", 32)
+        "--batch-size", 32, *ONE_THREAD)
     arrays = LabelStore.open(path).read(("boxes", "topk_indices"))
-    result = run("show", path, tiny_data, "--images", 2, "--out", tmp_path / "k1.png")
+    result = run("show", path, tiny_data, "--images", 2, "--out", tmp_path / "k1.png",
+                 *ONE_THREAD)
     assert "2 images x 1 crop" in result.output
     assert arrays["boxes"].shape[1:] == (1, 4) and arrays["topk_indices"].shape[1:] == (1, 3)
 
@@ -67,14 +91,15 @@ def test_one_crop_per_image_is_a_valid_plan(tiny_data, tiny_refinery_ckpt, tmp_p
 def test_rerun_resumes_and_changes_nothing(store, tiny_data, tiny_refinery_ckpt):
     before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
     result = run("precompute", tiny_data, store, "--weights", tiny_refinery_ckpt, "-K", 4,
-                 "--top-k", 3, "--batch-size", 32, "--chunk-size", 32)
+                 "--top-k", 3, "--batch-size", 32, "--chunk-size", 32, *ONE_THREAD)
     assert "0 chunks written, 3 already done" in result.output
     after = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
     assert before == after
 
 
 def test_store_is_reproducible_byte_for_byte(store, tiny_data, tiny_refinery_ckpt, tmp_path):
-    """Same command, fresh store: identical files (labels do not depend on timing or threads)."""
+    """Same command, fresh store: identical files (labels do not depend on timing or threads:
+    this one decodes with the default 2 threads, the module's store with 1)."""
     other = tmp_path / "again.zarr"
     run("precompute", tiny_data, other, "--weights", tiny_refinery_ckpt, "-K", 4, "--top-k", 3,
         "--batch-size", 32, "--chunk-size", 32)
@@ -107,11 +132,13 @@ def test_extending_a_store_with_another_plan_names_the_mismatch(store, tiny_data
 
 
 @pytest.mark.parametrize("labels", ["store", "none"])
-def test_train_from_store_and_from_ground_truth(labels, store, tiny_data, tmp_path):
-    out = tmp_path / "run"
-    result = run("train", tiny_data, "--labels", store if labels == "store" else "none",
-                 "--arch", "demo_cnn", "--epochs", 2, "--batch-size", 16, "--out", out,
-                 "--res", 24)
+def test_train_from_store_and_from_ground_truth(labels, request, tiny_data, tmp_path):
+    if labels == "store":
+        out, result, _ = request.getfixturevalue("store_run")
+    else:
+        out = tmp_path / "run"
+        result = run("train", tiny_data, "--labels", "none", "--arch", "demo_cnn", "--epochs", 2,
+                     "--batch-size", 16, "--out", out, "--res", 24, *ONE_THREAD)
     assert "val top-1" in result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
@@ -125,7 +152,8 @@ def test_step_lr_scheduler_reaches_the_optimizer(store, tiny_data, tmp_path):
     out = tmp_path / "run"
     run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 2,
         "--batch-size", 16, "--out", out, "--res", 24, "--lr", 0.4, "--lr-scheduler", "step",
-        "--lr-step-size", 1, "--lr-gamma", 0.5, "--lr-warmup-epochs", 0, "--eval-every", 2)
+        "--lr-step-size", 1, "--lr-gamma", 0.5, "--lr-warmup-epochs", 0, "--eval-every", 2,
+        *ONE_THREAD)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records] == pytest.approx([0.2, 0.1])  # after each epoch's steps
 
@@ -136,7 +164,7 @@ def test_multistep_milestones_reach_the_optimizer(store, tiny_data, tmp_path):
     run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 3,
         "--batch-size", 16, "--out", out, "--res", 24, "--lr", 0.4, "--lr-scheduler",
         "multistep", "--lr-milestones", "1,2", "--lr-gamma", 0.5, "--lr-warmup-epochs", 0,
-        "--eval-every", 3)
+        "--eval-every", 3, *ONE_THREAD)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records] == pytest.approx([0.2, 0.1, 0.1])  # after each epoch
     assert json.loads((out / "config.json").read_text())["lr_milestones"] == [1, 2]
@@ -156,18 +184,17 @@ def test_milestones_that_do_not_fit_are_one_line_before_training(store, tiny_dat
     assert not (out / "model.pt").exists()
 
 
-def test_training_at_another_size_than_labelled_warns_in_one_line(store, tiny_data, tmp_path,
-                                                                   monkeypatch):
+def test_training_at_another_size_than_labelled_warns_in_one_line(store, store_run, tiny_data,
+                                                                   tmp_path, monkeypatch):
     """Same boxes, resampled pixels: allowed, never silent (the store was labelled at 24 px)."""
     with pytest.warns(RefineryWarning, match="computed on 24 px crops .* at 16 px; omit --res"):
         run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
-            "--batch-size", 16, "--out", tmp_path / "run", "--res", 16)
-    with warnings.catch_warnings():  # 2 epochs over K=4 crops: no reuse warning
-        warnings.simplefilter("error", RefineryWarning)
-        warnings.filterwarnings("ignore", ".*keeps the top 3", RefineryWarning)  # tested below
-        warnings.filterwarnings("ignore", ".*SGD steps per epoch", RefineryWarning)  # 6 of them
-        run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 2,
-            "--batch-size", 16, "--out", tmp_path / "fits", "--eval-every", 2)
+            "--batch-size", 16, "--out", tmp_path / "run", "--res", 16, *ONE_THREAD)
+    # --res omitted, 2 epochs over K=4 crops: no size or reuse warning, only the top 3 (tested
+    # below) and the 6 SGD steps per epoch
+    others = [m for m in store_run[2] if "keeps the top 3" not in m
+              and "SGD steps per epoch" not in m]
+    assert not others, others
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     _one_line_warnings()
     assert warnings.formatwarning("labels at 24 px", RefineryWarning, "x.py", 1) == \
@@ -181,20 +208,17 @@ def test_more_epochs_than_the_store_has_crops_for_warns_with_the_k_to_use(store,
     with pytest.warns(RefineryWarning, match="9 epochs replay each of its 4 crops per image "
                                              r"2\.2 times; .*precompute with -K 9 or more"):
         run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 9,
-            "--batch-size", 64, "--out", tmp_path / "run", "--eval-every", 9)
+            "--batch-size", 64, "--out", tmp_path / "run", "--eval-every", 9, *ONE_THREAD)
 
 
-def test_labels_truncated_below_the_default_top_k_warn_with_the_top_k_to_use(store, tiny_data,
-                                                                            tmp_path):
+def test_labels_truncated_below_the_default_top_k_warn_with_the_top_k_to_use(store_run):
     """The store keeps 3 of 10 classes; parity needed all 10 (--top-k 10 fixes it)."""
-    with pytest.warns(RefineryWarning, match="keeps the top 3 of 10 classes per crop; .*"
-                                             "precompute with --top-k 10"):
-        run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
-            "--batch-size", 64, "--out", tmp_path / "run")
+    assert [m for m in store_run[2] if "keeps the top 3 of 10 classes per crop; " in m
+            and "precompute with --top-k 10" in m], store_run[2]
 
 
-def test_a_uniform_rest_that_flattens_targets_warns_with_the_measured_share(store, tiny_data,
-                                                                           tmp_path):
+def test_a_uniform_rest_that_flattens_targets_warns_with_the_measured_share(store, store_run,
+                                                                           tiny_data, tmp_path):
     """A top-3 store of 10 classes from the tiny (hesitant) refinery: --rest uniform would spread
     most of each target evenly; the warning says how much, the default does not warn."""
     probs = LabelStore.open(store).read_crops().topk_probs.astype(np.float32)
@@ -203,12 +227,8 @@ def test_a_uniform_rest_that_flattens_targets_warns_with_the_measured_share(stor
     with pytest.warns(RefineryWarning, match=f"--rest uniform spreads {spread:.0%} of each target "
                                              "evenly over the 7 classes outside its top 3"):
         run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
-            "--batch-size", 64, "--rest", "uniform", "--out", tmp_path / "uniform")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
-            "--batch-size", 64, "--out", tmp_path / "default")
-    assert not [w for w in caught if "--rest uniform" in str(w.message)]
+            "--batch-size", 64, "--rest", "uniform", "--out", tmp_path / "uniform", *ONE_THREAD)
+    assert not [m for m in store_run[2] if "--rest uniform" in m]  # the default run
 
 
 def test_init_starts_the_student_from_the_given_weights(store, tiny_data, tiny_refinery_ckpt,
@@ -217,7 +237,7 @@ def test_init_starts_the_student_from_the_given_weights(store, tiny_data, tiny_r
     the student ends where it started, far from a random initialisation's weights."""
     import torch
     common = ("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
-              "--batch-size", 16, "--lr", 1e-12, "--wd", 0, "--res", 24)
+              "--batch-size", 16, "--lr", 1e-12, "--wd", 0, "--res", 24, *ONE_THREAD)
     run(*common, "--init", tiny_refinery_ckpt, "--out", tmp_path / "init")
     run(*common, "--out", tmp_path / "random")
     start = torch.load(tiny_refinery_ckpt, weights_only=False)["model"]
@@ -239,13 +259,11 @@ def test_init_of_another_architecture_is_one_line(store, tiny_data, tiny_refiner
     assert not (out / "model.pt").exists()
 
 
-def test_a_trained_student_is_the_next_refinery(store, tiny_data, tmp_path):
+def test_a_trained_student_is_the_next_refinery(store_run, tiny_data, tmp_path):
     """Chained generations: model.pt loads as a refinery with no architecture flag."""
-    out = tmp_path / "gen1"
-    run("train", tiny_data, "--labels", store, "--arch", "demo_cnn", "--epochs", 1,
-        "--batch-size", 16, "--out", out)
+    out = store_run[0]  # the first generation, trained from the module's store
     run("precompute", tiny_data, tmp_path / "gen2.zarr", "--weights", out / "model.pt", "-K", 2,
-        "--top-k", 3)
+        "--top-k", 3, *ONE_THREAD)
     attrs = LabelStore.open(tmp_path / "gen2.zarr").attrs
     assert attrs["refinery"]["arch"] == "demo_cnn" and attrs["refinery"]["input_size"] == 24
 
@@ -323,7 +341,8 @@ def test_refinery_for_other_classes_is_refused(tiny_data, tmp_path):
     unnamed = tmp_path / "unnamed_train.beton"
     write_beton(ArraySource(shapes.images, shapes.labels), unnamed, num_workers=1)
     assert ImageDataset(unnamed).classes == [str(i) for i in range(10)]
-    run("precompute", unnamed, tmp_path / "u.zarr", "--weights", ckpt, "-K", 1, "--top-k", 2)
+    run("precompute", unnamed, tmp_path / "u.zarr", "--weights", ckpt, "-K", 1, "--top-k", 2,
+        *ONE_THREAD)
 
 
 def make_tree(root, classes=("cat", "dog"), per_class=6, size=(30, 40)):
@@ -365,16 +384,17 @@ def test_image_folder_tree_end_to_end(tmp_path, tiny_refinery_ckpt):
     tree = make_tree(tmp_path / "tree")
     ckpt = tmp_path / "two.pt"
     save_checkpoint(ckpt, create_model("demo_cnn", 2), "demo_cnn", ["cat", "dog"], 16)
-    run("precompute", tree, tmp_path / "s.zarr", "--weights", ckpt, "-K", 3)
+    run("precompute", tree, tmp_path / "s.zarr", "--weights", ckpt, "-K", 3, *ONE_THREAD)
     run("train", tree, "--labels", tmp_path / "s.zarr", "--arch", "demo_cnn", "--epochs", 1,
-        "--batch-size", 4, "--out", tmp_path / "run")
+        "--batch-size", 4, "--out", tmp_path / "run", *ONE_THREAD)
     (tree / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     result = run("precompute", tree, tmp_path / "s2.zarr", "--weights", ckpt, ok=False)
     assert_one_line_error(result, "broken.jpg", "cannot be read as an image")
 
 
 def test_demo_runs_on_tiny_settings(tmp_path):
-    result = run("demo", "--out", tmp_path / "demo", "--train-images", 96, "--epochs", 1)
+    result = run("demo", "--out", tmp_path / "demo", "--train-images", 96, "--epochs", 1,
+                 *ONE_THREAD)
     assert "crops that show no pixel of the labelled object" in result.output
     assert "refined labels" in result.output and "ground truth labels" in result.output
     summary = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
@@ -382,13 +402,16 @@ def test_demo_runs_on_tiny_settings(tmp_path):
     assert (tmp_path / "demo" / "students.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_shared_imagenette_subset_replays_exactly(tmp_path):
-    """Real JPEGs from the shared data set (skipped where it is absent)."""
+def test_shared_imagenette_subset_replays_exactly(tmp_path, monkeypatch):
+    """Real JPEGs from the shared data set (skipped where it is absent), through the compiled
+    pipeline users run."""
+    from ffcv.pipeline.compiler import Compiler
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.sources.data_cache import open_dataset
     from .test_replay import plan_arrays, precompute_pixels
-    from refinery_pipeline.loaders.replay import make_loader
     from refinery_pipeline.loaders.crop_sources import ReplayedCrops
+    from refinery_pipeline.loaders.replay import make_loader
+    monkeypatch.setattr(Compiler, "is_enabled", True)
     source = shared_data_or_skip()
     tree = tmp_path / "nette"
     for c in sorted((source / "train").iterdir())[:3]:
@@ -406,7 +429,8 @@ def test_shared_imagenette_subset_replays_exactly(tmp_path):
 
 def test_audit_reproduces_a_train_mode_store_exactly(store, tiny_data, tiny_refinery_ckpt):
     """Train-mode BN labels depend on batch neighbours; audit rebuilds the same batches."""
-    result = run("audit", store, tiny_data, "--weights", tiny_refinery_ckpt, "--sample-crops", 200)
+    result = run("audit", store, tiny_data, "--weights", tiny_refinery_ckpt, "--sample-crops", 200,
+                 *ONE_THREAD)
     assert "top-1 agreement 100.000%" in result.output, result.output
     assert "max 0.00e+00" in result.output
 
@@ -417,7 +441,7 @@ def test_show_draws_the_crops_students_are_shown_with_their_labels(store, tiny_d
     from refinery_pipeline.loaders.replay import make_loader
     from refinery_pipeline.loaders.crop_sources import ReplayedCrops
     result = run("show", store, tiny_data, "--images", 3, "--crops", 4, "--out",
-                 tmp_path / "crops.png")
+                 tmp_path / "crops.png", *ONE_THREAD)
     assert "3 images x 4 crops" in result.output
     assert (tmp_path / "crops.png").read_bytes()[:4] == b"\x89PNG"
     sample = sample_stored_crops(tiny_dataset, store, num_images=5, seed=1)
@@ -464,7 +488,7 @@ def test_soft_static_labels_are_the_refinery_on_the_centred_image(tiny_data, tin
     from refinery_pipeline.loaders.crop_sources import FixedCrops
     path = tmp_path / "static.zarr"
     run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 3, "--top-k", 3,
-        "--bn-mode", "eval", "--soft-static", "--chunk-size", 32)
+        "--bn-mode", "eval", "--soft-static", "--chunk-size", 32, *ONE_THREAD)
     arrays = LabelStore.open(path).read(("static_indices", "static_probs", "topk_indices"))
     assert arrays["static_indices"].shape == (96, 3)
     refinery = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval")
@@ -476,7 +500,7 @@ def test_soft_static_labels_are_the_refinery_on_the_centred_image(tiny_data, tin
         assert np.array_equal(idx, arrays["static_indices"][n])
         np.testing.assert_allclose(probs.astype(np.float32),
                                    arrays["static_probs"][n].astype(np.float32), atol=2e-3)
-    result = run("audit", path, tiny_data, "--weights", tiny_refinery_ckpt)
+    result = run("audit", path, tiny_data, "--weights", tiny_refinery_ckpt, *ONE_THREAD)
     assert "top-1 agreement 100.000%" in result.output
     result = run("precompute", tiny_data, path, "--weights", tiny_refinery_ckpt, "-K", 3,
                  "--top-k", 3, "--bn-mode", "eval", ok=False)

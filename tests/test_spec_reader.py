@@ -102,15 +102,12 @@ print("spec reader done")
 
 
 @pytest.fixture(scope="module")
-def spec_store(tiny_data, tiny_refinery_ckpt, tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "labels.zarr"
-    precompute(open_dataset(tiny_data), path,
-               Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
-               CropPlan(seed=8, crops_per_image=3), top_k=3, crop_batch=32, chunk_size=32,
-               progress=False)
-    return path
+def spec_store(labelled_store):
+    """K = 3, top-3 of 10 classes (so that --rest uniform has a rest to spread)."""
+    return labelled_store(seed=8, crops_per_image=3, top_k=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, rest, seed", [("cycle", "uniform", 0),
                                                 ("random", "renormalize", 4)])
 def test_a_reader_written_from_the_spec_reproduces_crops_slots_and_targets(
@@ -236,15 +233,13 @@ print("recipe reader done")
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [("trivialaugment", "erasing:0.5", "mixup:0.4", "cutmix:1"),
                                     ("randaugment:2:9", "cutmix:1")])
 def test_a_reader_written_from_the_spec_reproduces_recipe_crops(recipe, tiny_data,
-                                                                tiny_refinery_ckpt, tmp_path):
-    path = tmp_path / "labels.zarr"
-    precompute(open_dataset(tiny_data), path,
-               Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval"),
-               CropPlan(seed=8, crops_per_image=2, augment=recipe), top_k=3, crop_batch=32,
-               chunk_size=32, progress=False, num_workers=1)
+                                                                labelled_store, tmp_path):
+    # test_augment's settings: the session labels each recipe once
+    path = labelled_store(seed=5, crops_per_image=2, augment=recipe, top_k=4)
     out = tmp_path / "recipe.npy"
     result = subprocess.run([sys.executable, "-c", RECIPE_READER, str(path), str(tiny_data),
                              str(out), "1", "0", "cycle", "renormalize"],
@@ -394,6 +389,7 @@ def read_copy(store, files, root, tmp_path) -> dict:
     return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_a_reader_from_the_spec_joins_a_shuffled_subset_and_cuts_exact_crops(keyed_store,
                                                                               tmp_path):
     """A flat copy of three quarters of the files, in another order: joined by the files'
@@ -422,6 +418,7 @@ def test_a_reader_from_the_spec_joins_a_shuffled_subset_and_cuts_exact_crops(key
             assert np.array_equal(crops, labelled[row]), keys[row]
 
 
+@pytest.mark.slow
 def test_a_reader_from_the_spec_carries_boxes_into_a_resized_copy(keyed_store, tmp_path):
     """A copy at 70 % size, re-encoded as PNG, one image turned on its side: all approximate,
     the turned one reframed, every other crop cut from the box as refinery carries it over."""

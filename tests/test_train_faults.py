@@ -8,10 +8,7 @@ import warnings
 import pytest
 
 from refinery_pipeline.core.errors import DataSetError, RefineryError, RefineryWarning
-from refinery_pipeline.labelling.precompute import precompute
-from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.paper.plots import read_run
-from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.training import data as data_module
 from refinery_pipeline.training import train as train_module
 from refinery_pipeline.training.config import TrainConfig
@@ -22,6 +19,10 @@ from .test_cli import assert_one_line_error, make_tree, run
 from .test_plots import write_run
 
 ARGS = ("--arch", "demo_cnn", "--batch-size", 16, "--res", 24, "--workers", 1)
+
+# The subject here is the refusal, not the loader: its pipelines run uncompiled, the same bytes
+# at a tenth of the CPU (tests/conftest.py uncompiled_loaders)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
 
 
 def train(data, out, *extra, ok=True):
@@ -85,13 +86,9 @@ def test_training_set_smaller_than_the_batch_is_refused(tiny_data, tmp_path):
                    "0 steps", "pass --batch-size 96 or less")
 
 
-def test_finished_chunks_smaller_than_the_batch_are_refused(tiny_data, tiny_dataset,
-                                                            tiny_refinery_ckpt, tmp_path):
+def test_finished_chunks_smaller_than_the_batch_are_refused(tiny_data, labelled_store, tmp_path):
     """--allow-partial trains only the finished chunks' images: those must fill a batch."""
-    store = tmp_path / "partial.zarr"
-    precompute(tiny_dataset, store, Refinery.from_checkpoint(tiny_refinery_ckpt),
-               CropPlan(crops_per_image=2), top_k=3, crop_batch=32, chunk_size=32,
-               progress=False, only_chunks=[1])
+    store = labelled_store(only_chunks=[1])
     out = tmp_path / "run"
     result = train(tiny_data, out, "--labels", store, "--allow-partial", "--epochs", 1,
                    "--batch-size", 48, ok=False)

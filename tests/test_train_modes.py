@@ -6,13 +6,11 @@ import pytest
 import torch
 
 from refinery_pipeline.core.errors import RefineryError
-from refinery_pipeline.labelling.precompute import precompute
 from refinery_pipeline.labelling.refinery import Refinery
 from refinery_pipeline.loaders.crop_batch import CropBatch
 from refinery_pipeline.loaders.replay import make_loader
 from refinery_pipeline.loaders.crop_sources import ReplayedCrops
 from refinery_pipeline.models.tensors import to_pixels
-from refinery_pipeline.plan.crop_plan import CropPlan
 from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.training import data as data_module
 from refinery_pipeline.training import train as train_module
@@ -21,14 +19,15 @@ from refinery_pipeline.training.targets import OnlineTargets, StoredTargets
 from refinery_pipeline.training.train import fit
 
 
+# The subject here is training, not the loader: its pipelines run uncompiled, the same bytes
+# at a tenth of the CPU (tests/conftest.py uncompiled_loaders)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
+
 @pytest.fixture(scope="module")
-def full_store(tiny_dataset, tiny_refinery_ckpt, tmp_path_factory):
+def full_store(labelled_store):
     """BN-eval store with all 10 classes stored (top-k = C) and soft-static labels."""
-    path = tmp_path_factory.mktemp("full") / "full.zarr"
-    refinery = Refinery.from_checkpoint(tiny_refinery_ckpt, bn_mode="eval")
-    precompute(tiny_dataset, path, refinery, CropPlan(seed=3, crops_per_image=3), top_k=10,
-               crop_batch=32, chunk_size=32, progress=False, soft_static=True)
-    return path
+    return labelled_store(seed=3, crops_per_image=3, top_k=10, soft_static=True)
 
 
 def config(tiny_data, tmp_path, **kw):
@@ -114,12 +113,9 @@ def test_stored_class_indices_are_compact_and_exact(num_classes, dtype):
         assert torch.allclose(dense.sum(1), torch.ones(4))
 
 
-def test_static_mode_needs_a_soft_static_store(tiny_data, tmp_path, tiny_dataset,
-                                               tiny_refinery_ckpt):
+def test_static_mode_needs_a_soft_static_store(tiny_data, tmp_path, labelled_store):
     from refinery_pipeline.core.errors import RefineryError
-    path = tmp_path / "dyn.zarr"
-    precompute(tiny_dataset, path, Refinery.from_checkpoint(tiny_refinery_ckpt),
-               CropPlan(crops_per_image=2), top_k=3, crop_batch=32, progress=False)
+    path = labelled_store()  # K = 2, top-3, no soft-static labels
     with pytest.raises(RefineryError, match="no soft-static labels"):
         fit(config(tiny_data, tmp_path, labels=str(path), label_mode="static"))
 
@@ -153,13 +149,9 @@ def test_resume_after_an_interruption_is_bit_for_bit(extra, tiny_data, full_stor
     assert epochs == [1, 2, 3]
 
 
-def test_partial_store_trains_only_with_allow_partial(tiny_data, tiny_dataset, tiny_refinery_ckpt,
-                                                      tmp_path):
+def test_partial_store_trains_only_with_allow_partial(tiny_data, labelled_store, tmp_path):
     from refinery_pipeline.core.errors import IncompleteStoreError
-    path = tmp_path / "partial.zarr"
-    precompute(tiny_dataset, path, Refinery.from_checkpoint(tiny_refinery_ckpt),
-               CropPlan(crops_per_image=2), top_k=3, crop_batch=32, chunk_size=32,
-               progress=False, only_chunks=[1])
+    path = labelled_store(only_chunks=[1])
     with pytest.raises(IncompleteStoreError, match="2 of 3 chunks were never written"):
         fit(config(tiny_data, tmp_path, labels=str(path)))
     record = fit(config(tiny_data, tmp_path, labels=str(path), allow_partial=True,
@@ -170,6 +162,7 @@ def test_partial_store_trains_only_with_allow_partial(tiny_data, tiny_dataset, t
     assert sorted(loader_ids.tolist()) == list(range(32, 64))  # chunk 1 only
 
 
+@pytest.mark.slow
 def test_compiled_student_and_teacher_train_with_adversarial_twins(tiny_data, tiny_refinery_ckpt,
                                                                    tmp_path, monkeypatch):
     """--compile wraps both models; input gradients and checkpoints go through the wrappers."""
