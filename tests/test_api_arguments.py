@@ -19,6 +19,9 @@ from refinery_pipeline.store.label_store import LabelStore
 
 from .test_store_integrity import store_bytes
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 NOT_WHOLE = st.one_of(st.floats(allow_nan=True), st.booleans(), st.text(max_size=3),

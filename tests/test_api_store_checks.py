@@ -17,6 +17,9 @@ from refinery_pipeline.store.store_tools import verify_store
 from .test_cli import assert_one_line_error, run
 from .test_store_integrity import copy_store, edit_attributes, store_bytes
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 
 def drop_recipe(store):
     edit_attributes(store, lambda a: a["plan"].pop("augment"))

@@ -24,6 +24,9 @@ from .copy_fixtures import (N, export_files, hf_table, make_origin, mixing_origi
                             origin, precompute_store, stored_bytes, subset, write_shards)
 from .test_cli import assert_one_line_error, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 
 class BytesSource(ImageSource):
     """A copy held in memory: key -> encoded bytes (what a test composes freely)."""

@@ -31,6 +31,9 @@ from .test_ecosystem_models import timm_args, timm_checkpoint, torchvision_refer
 from .test_pretrained_weights import NAME
 from .test_train_faults import assert_refused, copy_of, snapshot
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 OPT_IN = "--trust-checkpoint"
 TRAIN = ("--arch", "demo_cnn", "--batch-size", 16, "--res", 24, "--workers", 1, "--epochs", 1)
 # the settings conftest's tiny refinery was trained with, so that --resume gets to its last.pt

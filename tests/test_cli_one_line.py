@@ -18,6 +18,9 @@ from .test_cli import assert_one_line_error, run
 from .test_plots import write_run
 from .test_wordnet import IMAGENETTE, fresh_reader  # noqa: F401 (a fixture)
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 COMMANDS_WITH_DEVICE = sorted(name for name, command in cli.commands.items()
                               if any(p.name == "device" for p in command.params))
 

@@ -24,6 +24,9 @@ from refinery_pipeline.store.label_store import LabelStore
 
 from .test_cli import assert_one_line_error, make_tree, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 OPTIONS = [(name, command, param) for name, command in sorted(cli.commands.items())
            for param in command.params if isinstance(param, click.Option)]
 NUMERIC = [(name, command, param) for name, command, param in OPTIONS

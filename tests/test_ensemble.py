@@ -14,6 +14,9 @@ from refinery_pipeline.paper.synthetic import SHAPES
 
 from .test_cli import assert_one_line_error, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 PRECOMPUTE = ("-K", 2, "--top-k", 3, "--batch-size", 32, "--chunk-size", 32, "--prob-bits", 0,
               "--workers", 1)
 

@@ -4,11 +4,15 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from refinery_pipeline.sources.dataset import ImageDataset
 from refinery_pipeline.training.evaluation import evaluate_checkpoint
 
 from .test_cli import assert_one_line_error, run
+
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
 
 
 def test_validation_matches_what_training_logged(tiny_refinery_ckpt, tiny_data):

@@ -15,6 +15,9 @@ from .conftest import _write_split
 from .test_cli import assert_one_line_error, run
 from .test_train_faults import snapshot
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 
 @pytest.fixture
 def run_dir(tiny_refinery_ckpt, tmp_path):

@@ -34,6 +34,9 @@ from refinery_pipeline.loaders.crop_sources import ReplayedCrops
 
 from .test_cli import assert_one_line_error, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 REPO = Path(__file__).resolve().parents[1]
 NAME = "MobileNet_V3_Small_Weights.IMAGENET1K_V1"
 # spread over the 1000 outputs, none of them the first four: selecting outputs 0-3 fails

@@ -29,6 +29,9 @@ from refinery_pipeline.store.label_store import LabelStore
 
 from .test_cli import assert_one_line_error, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 # Each file of the tree and whether its bytes pass through: JPEGs in every chroma subsampling,
 # grey and progressive do; CMYK (FFCV's decoder cannot make RGB of it), PNG, and a JPEG that
 # libjpeg-turbo reads only with a warning (PIL reads it) are decoded and re-encoded.

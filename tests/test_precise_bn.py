@@ -16,6 +16,9 @@ from refinery_pipeline.training.precise_bn import recompute_bn_statistics
 
 from .test_train_modes import config
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 
 def small_model():
     torch.manual_seed(0)

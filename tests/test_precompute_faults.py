@@ -20,6 +20,9 @@ from refinery_pipeline.store.label_store import LabelStore
 from .test_cli import assert_one_line_error, run
 from .test_precompute_trust import REPO, precompute_cmd, store_files
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 # one loader worker: FFCV then compiles its pipeline serially, a third of a run's CPU less
 ARGS = ["-K", 4, "--top-k", 3, "--batch-size", 32, "--workers", 1]
 

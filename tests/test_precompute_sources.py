@@ -21,6 +21,9 @@ from refinery_pipeline.store.label_store import LabelStore
 from .test_cli import assert_one_line_error, run
 from .test_train_faults import snapshot
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 wds = pytest.importorskip("webdataset")
 datasets = pytest.importorskip("datasets")
 CLASSES = ["disk", "square", "triangle"]  # names the tiny refinery knows

@@ -131,15 +131,14 @@ def test_staging_a_loader_batch_on_the_host_changes_no_byte(tiny_dataset, tiny_r
                                                             tmp_path, monkeypatch):
     """Loader batches over the device staging budget are shuffled on the host: same store."""
     from refinery_pipeline.labelling import chunk_labeller
-    from refinery_pipeline.labelling.precompute import precompute as precompute_module
+    from refinery_pipeline.labelling.precompute import precompute
     from refinery_pipeline.plan.crop_plan import CropPlan
     from refinery_pipeline.labelling.refinery import Refinery
 
     def make(name):
         refinery = Refinery.from_checkpoint(tiny_refinery_ckpt)  # BN train: batches matter
-        precompute_module.precompute(tiny_dataset, tmp_path / name, refinery,
-                                     CropPlan(seed=2, crops_per_image=5), top_k=4, crop_batch=24,
-                                     chunk_size=32, progress=False, num_workers=1)
+        precompute(tiny_dataset, tmp_path / name, refinery, CropPlan(seed=2, crops_per_image=5),
+                   top_k=4, crop_batch=24, chunk_size=32, progress=False, num_workers=1)
         return store_files(tmp_path / name)
 
     on_device = make("device.zarr")

@@ -20,6 +20,9 @@ from refinery_pipeline.labelling.refinery import Refinery
 
 from .test_cli import assert_one_line_error, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 NAME = "MobileNet_V3_Small_Weights.IMAGENET1K_V1"
 IMAGENET_CLASSES = 1000
 

@@ -15,6 +15,9 @@ from refinery_pipeline.store.label_store import LabelStore
 from .test_cli import assert_one_line_error, run
 from .test_precompute_trust import REPO, precompute_cmd, store_files
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 V1_STORE = Path(__file__).parent / "data" / "store_v1.zarr"
 
 

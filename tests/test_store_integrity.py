@@ -19,6 +19,9 @@ from refinery_pipeline.store.schema import CROP_ARRAYS
 
 from .test_cli import assert_one_line_error, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 FEW = settings(max_examples=12, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -13,6 +13,9 @@ from .copy_fixtures import N, beton_copy, export_files, origin  # noqa: F401
 from .test_cli import assert_one_line_error, run
 from .test_train_faults import snapshot
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 wds = pytest.importorskip("webdataset")
 
 

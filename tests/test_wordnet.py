@@ -18,6 +18,9 @@ from refinery_pipeline.training.config import TrainConfig
 
 from .test_cli import assert_one_line_error, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 # Imagenette's classes: tench, English springer, cassette player, chain saw, church, French horn,
 # garbage truck, gas pump, golf ball, parachute
 IMAGENETTE = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916",
