@@ -36,6 +36,7 @@ GROUPS = {  # concern -> the scripts measuring it, in reading order
     "Development: the test suite": ["suite_time.py"],
 }
 ATTRIBUTED = {  # results files whose command is not a benchmark script
+    "test_suite_wall_cpu": "suite_time.py",
     "demo": "refine demo",
     "prob_bits_demo_cpu": "label_bytes.py",
     "stored_crops_cpu32": "refine show",
