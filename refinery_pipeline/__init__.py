@@ -12,6 +12,11 @@ __version__ = "0.3.0"
 import importlib
 from typing import TYPE_CHECKING
 
+from .core.ffcv_import import install
+
+install()  # FFCV's import without its 3 s typed-dict compile, in every process (see there)
+del install
+
 if TYPE_CHECKING:  # what static tools (IDEs, the docs' API reference) read; _HOMES at run time
     from .loaders.crop_batch import NOT_STORED, CropBatch, SparseLabels
     from .plan.crop_plan import SLOT_POLICIES, CropPlan, slot_of
