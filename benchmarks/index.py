@@ -23,7 +23,7 @@ GROUPS = {  # concern -> the scripts measuring it, in reading order
     "Speed: loaders, labelling, checks": [
         "loader_throughput.py", "plain_loader_throughput.py", "epoch_time.py",
         "precompute_throughput.py", "recipe_cost.py", "checksum_cost.py", "store_read.py",
-        "conversion_passthrough.py", "key_join.py", "ray_engine.py"],
+        "conversion_passthrough.py", "key_join.py", "ray_engine.py", "import_cost.py"],
     "Scale: stores and memory at ImageNet size": [
         "imagenet_store.py", "epoch_reads.py", "label_bytes.py", "large_image_memory.py"],
     "Fidelity: labels describe the pixels shown": [
