@@ -10,7 +10,9 @@ another's (numba caches no typed-dict code on disk).
 
 :func:`install` (run by ``import refinery_pipeline``) adds an import hook that runs that one
 module with ``numba.typed.Dict`` standing for Python's ``dict``, then puts numba's back: the
-module's ``IMAGE_MODES`` is a plain dict of the same items, and nothing else changes. The hook
+module's ``IMAGE_MODES`` is a plain dict of the same items, and nothing else changes (the swap
+lasts only while that module runs, under the import lock; a thread of the user's that built a
+typed dict in those milliseconds would get a ``dict``). The hook
 imports nothing until FFCV itself is imported (importing a torch-free part stays free of numba),
 and a process that imported FFCV before ``refinery_pipeline`` keeps FFCV's own (slower) import.
 """
