@@ -45,7 +45,7 @@ from refinery_pipeline.training.wordnet import DEFAULT_TEMPERATURE
 
 from _results import markdown_table, write_results
 from _runs import (GROUND_TRUTH, StudentRuns, add_student_arguments, describe_students,
-                   final_metrics, overfitting_gap, precompute_once, recorded_device,
+                   overfitting_gap, precompute_once, recorded_device,
                    runs_by_name, threads_per_job)
 
 TABLES = ("levels", "refineries", "architectures")

@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from _results import markdown_table, write_results
 from _runs import device_name
