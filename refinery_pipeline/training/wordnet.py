@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..core.errors import DataSetError, RefineryError
+from ..core.errors import DataSetError, RefineryError, first_line
 from ..core.validators import positive_number, refuse
 from ..sources.data_cache import default_cache_dir
 
@@ -210,10 +210,9 @@ class DatabaseErrors:
     def __exit__(self, kind, exc, tb):
         if exc is None or isinstance(exc, RefineryError) or not isinstance(exc, Exception):
             return False
-        said = (str(exc).splitlines() or [""])[0][:200]
+        reason = first_line(exc, limit=200, typed=True)  # nltk may quote a whole line
         if self.copy is not None:
-            said = said.replace(str(self.copy), self.source)
-        reason = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+            reason = reason.replace(str(self.copy), self.source)
         raise WordNetError(f"{self.source}: not a readable WordNet {WORDNET_VERSION} database "
                            f"({reason}); restore it (Debian's: "
                            f"{REINSTALL}) or set ${WORDNET_ENV} to an intact WordNet "
