@@ -12,13 +12,19 @@ from refinery_pipeline.core.errors import (RefineryError, RefineryWarning, stora
 
 
 def _one_line_warnings():
-    """Our warnings read like our errors: ``warning: <message>``, no source line."""
+    """Our warnings read like our errors: ``warning: <message>``, no source line.
+
+    Installed once per process: every ``cli()`` call runs this (in-process callers, the tests
+    among them, make many), and wrapping our own wrapper again would stack a layer per call."""
     default = warnings.formatwarning
+    if getattr(default, "refinery_one_line", False):
+        return
 
     def format_warning(message, category, *args, **kwargs):
         if issubclass(category, RefineryWarning):
             return f"warning: {message}\n"
         return default(message, category, *args, **kwargs)
+    format_warning.refinery_one_line = True
     warnings.formatwarning = format_warning
 
 

@@ -202,6 +202,24 @@ def test_training_at_another_size_than_labelled_warns_in_one_line(store, store_r
     assert "UserWarning" in warnings.formatwarning("other", UserWarning, "x.py", 1)
 
 
+def test_one_line_warnings_install_once_however_often_the_cli_runs(monkeypatch):
+    """Each ``cli()`` call installs the one-line format: in one process it wraps the format it
+    found (here a stand-in for Python's: earlier tests' runs installed ours) once, not once per
+    call."""
+    def python_format(message, category, filename, lineno, line=None):
+        return f"python: {message}\n"
+    monkeypatch.setattr(warnings, "formatwarning", python_format)
+    _one_line_warnings()
+    installed = warnings.formatwarning
+    assert installed is not python_format
+    _one_line_warnings()
+    for _ in range(2):  # the group's callback runs it before the command's arguments are read
+        assert_one_line_error(run("plot", ok=False), "Missing argument 'RUNS...'")
+    assert warnings.formatwarning is installed
+    assert installed("other", UserWarning, "x.py", 1) == "python: other\n"
+    assert installed("ours", RefineryWarning, "x.py", 1) == "warning: ours\n"
+
+
 def test_more_epochs_than_the_store_has_crops_for_warns_with_the_k_to_use(store, tiny_data,
                                                                          tmp_path):
     """K=4 stored crops cover 4 epochs at parity; 9 epochs reuse them (-K 9 fixes it)."""

@@ -11,7 +11,7 @@ import refinery_pipeline as refinery
 HEAVY = ("torch", "ffcv", "numba", "torchvision")
 TORCH_FREE = ("plan.crop_plan", "plan.recipe", "store.schema", "store.encoding",
               "store.label_store", "sources.keys", "core.errors", "core.validators",
-              "loaders.crop_table")
+              "loaders.crop_table", "training.wordnet")
 
 PUBLIC_API = {
     "open_store", "LabelStore", "StoreLayout", "CropPlan", "RefineryInfo", "DatasetInfo",

@@ -64,6 +64,34 @@ class RunError(RefineryError):
     """A training run's --out directory holds another run, or --resume does not match its run."""
 
 
+def first_line(exc: BaseException, limit: int = None, typed: bool = False) -> str:
+    """What ``exc`` says, in one line for a one-line error: the first non-blank line of its
+    message (a library's message may go on for paragraphs of advice or a traceback), stripped;
+    the exception's type name where the message is empty.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The exception caught.
+    limit : int, optional
+        Keep at most this many characters of the line (a parser's message may quote a whole line
+        of a damaged file).
+    typed : bool
+        Put the type name before the line, ``KeyError: 'model'``, where the type says what the
+        line alone does not (a parser's ``ValueError``, a damaged array's ``KeyError``).
+
+    Returns
+    -------
+    str
+        The line, never empty.
+    """
+    name = type(exc).__name__
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:limit]
+    if not line:
+        return name
+    return f"{name}: {line}" if typed else line
+
+
 def storage_io_errors() -> tuple:
     """Exception types meaning "the storage failed" (disk full, network down), not a bug.
 
@@ -127,7 +155,7 @@ def storage_error_message(exc: BaseException, location=None) -> str:
     """
     number = getattr(exc, "errno", None)
     reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
-              else (str(exc).splitlines() or [type(exc).__name__])[0])
+              else first_line(exc))
     if isinstance(exc, OSError):
         fix = ERRNO_FIXES.get(number, GENERIC_FIX)
     else:  # an object-store client's own error: the network, not the path

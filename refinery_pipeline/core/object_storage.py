@@ -9,7 +9,7 @@ URL) reach object stores through here, so it sits in ``core`` below both.
 import math
 import os
 
-from .errors import ArgumentError
+from .errors import ArgumentError, first_line
 
 
 def is_remote(location) -> bool:
@@ -57,7 +57,7 @@ def env_setting(name: str, default, kind, wanted: str):
 
 def unreachable_message(location, exc) -> str:
     """One line for an object store that does not answer (within the bounded timeouts)."""
-    reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+    reason = first_line(exc)
     if isinstance(exc, TimeoutError):  # aiohttp's and the socket's say little more than this
         reason = f"no answer within {storage_limits()[0]:g} s: {reason}"
     endpoint = ("the endpoint URL (AWS_ENDPOINT_URL for S3)" if _protocol(location) in S3

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.errors import CheckpointError, UntrustedCheckpointError
+from ..core.errors import CheckpointError, UntrustedCheckpointError, first_line
 from .checkpoint_safety import load_weights_file
 from .classes import _check_classes, select_outputs
 from .registry import (PYTHON_NAMES, TIMM_PREFIX, OptionNames, _other_arch_fix, _timm,
@@ -41,8 +41,8 @@ def save_checkpoint(path, model: nn.Module, arch: str, classes, input_size: int,
         torch.save(state, tmp)
     except RuntimeError as exc:  # torch's zip writer reports a full disk as RuntimeError
         tmp.unlink(missing_ok=True)
-        raise OSError(errno.EIO, f"writing the checkpoint failed "
-                      f"({(str(exc).splitlines() or ['RuntimeError'])[0]})", str(path)) from None
+        raise OSError(errno.EIO, f"writing the checkpoint failed ({first_line(exc)})",
+                      str(path)) from None
     os.replace(tmp, path)
 
 
@@ -230,9 +230,8 @@ def load_trained_model(weights, arch: str = None, classes: list = None, ema: boo
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{weights}: weights do not fit a {arch} ({first}); pass the "
-                              "architecture they were trained with") from None
+        raise CheckpointError(f"{weights}: weights do not fit a {arch} ({first_line(exc)}); "
+                              "pass the architecture they were trained with") from None
     ckpt.update(arch=arch, file=Path(weights))
     return select_outputs(model, outputs), ckpt
 

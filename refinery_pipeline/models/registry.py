@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, first_line
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,7 @@ def _forward_problem(arch: str, res: int, device: str):
             warnings.simplefilter("ignore")  # e.g. torchvision's init-weights FutureWarnings
             create_model(arch, 2).eval()(torch.zeros(1, 3, res, res))
     except Exception as exc:
-        lines = str(exc).strip().splitlines()
-        return lines[0] if lines else type(exc).__name__
+        return first_line(exc)
     return None
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.errors import DataSetError
+from ..core.errors import DataSetError, first_line
 from .pixels import decode_exactly, image_file_size, jpeg_frame, open_image_bytes, rgb_of_array
 
 JPEG_MODES = ("passthrough", "reencode")
@@ -196,7 +196,7 @@ def unreadable_message(what, exc: Exception) -> str:
     """Ours (a :class:`DataSetError` names the item and the fix), or PIL's reason in one line."""
     if isinstance(exc, DataSetError):
         return str(exc)
-    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    reason = first_line(exc)
     return f"{what}: cannot be read as an image ({reason}); delete or replace the file"
 
 

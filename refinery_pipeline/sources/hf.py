@@ -3,7 +3,7 @@ Parquet files. Images are read as stored bytes (``Image(decode=False)``), keys f
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..core.errors import DataSetError
+from ..core.errors import DataSetError, first_line
 from .base import ImageSource, as_labels, read_file_bytes
 from .data_cache import default_cache_dir
 
@@ -138,7 +138,7 @@ def _load(data, split: str, cache_dir) -> tuple:
     except DataSetError:
         raise
     except Exception as exc:  # datasets and pyarrow raise many types for foreign files
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         raise DataSetError(f"{location}: not a readable Hugging Face dataset ({reason}); pass "
                            "a save_to_disk folder or Arrow/Parquet files") from None
 

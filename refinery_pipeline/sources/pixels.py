@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import DataSetError
+from ..core.errors import DataSetError, first_line
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ARRAY_FIX = ("give uint8 (0..255), uint16 (0..65535), bool, or float in [0, 1] pixels, "
@@ -212,7 +212,7 @@ def decode_image(data: bytes, what="image") -> np.ndarray:
     except DataSetError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for foreign bytes
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         raise DataSetError(f"{what}: cannot be read as an image ({reason}); delete or replace "
                            "it") from None
 

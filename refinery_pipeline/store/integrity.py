@@ -8,7 +8,7 @@ and each written chunk against its checksums (:meth:`~StoreIntegrity.chunk_probl
 chunk check). Each problem is one line naming the array, the chunk's key and the fix.
 
 The read path calls these checks and these checks read the store; both are methods of one
-object, so neither module imports the other's class (only :func:`_reason` is shared).
+object, so neither module imports the other's class.
 """
 import itertools
 import os
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import StoreCorruptError, storage_io_errors
+from ..core.errors import StoreCorruptError, first_line, storage_io_errors
 from ..core.object_storage import is_remote
 from ..plan.crop_plan import sample_boxes, sample_flips
 from .encoding import array_checksum, attributes_digest, values_sha256
@@ -142,7 +142,7 @@ class StoreIntegrity:
 
     def _decode_problem(self, name: str, c: int, exc: Exception) -> str:
         return (f"chunk {c}: {name} (key {self.chunk_key(name, c)}) cannot be decoded "
-                f"({_reason(exc)}); {self._fix(name, c)}")
+                f"({first_line(exc, typed=True)}); {self._fix(name, c)}")
 
     def _require_chunks_intact(self, pieces, checks=None):
         """``pieces``: (chunk, {name: its rows}); raise for the first written chunk whose
@@ -310,8 +310,3 @@ class StoreIntegrity:
         return [f"the stored boxes and flips are not the ones the plan attribute draws "
                 f"({_short(self.attrs['plan'])}): the plan was edited; {RESTORE}"]
 
-
-def _reason(exc: Exception) -> str:
-    """``Type: first line of the message``, for a one-line error."""
-    text = str(exc).strip().splitlines()
-    return type(exc).__name__ + (f": {text[0]}" if text else "")

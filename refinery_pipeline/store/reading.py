@@ -9,10 +9,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.errors import StoreError, storage_io_errors
+from ..core.errors import StoreError, first_line, storage_io_errors
 from ..core.validators import flag, index_array, refuse
 from .encoding import decode_keys
-from .integrity import _reason
 from .schema import (CHECKSUMS, CROP_ARRAYS, DONE_FLAGS, IMAGE_DIGESTS, IMAGE_KEYS, IMAGE_SIZES,
                      LABELS, RESTORE, STATIC_ARRAYS, CropRecords)
 
@@ -216,7 +215,7 @@ class StoreReads:
         except Exception as exc:  # find the chunk behind it: reading failed somewhere inside
             for problem in self._undecodable(name):
                 raise self._corrupt(problem) from None
-            raise self._corrupt(f"array {name} cannot be read ({_reason(exc)}); "
+            raise self._corrupt(f"array {name} cannot be read ({first_line(exc, typed=True)}); "
                                 f"{RESTORE}") from None
 
     def _array(self, name: str):
@@ -229,4 +228,4 @@ class StoreReads:
             raise
         except Exception as exc:
             raise self._corrupt(f"the metadata of array {name} (key {name}/zarr.json) cannot be "
-                                f"read ({_reason(exc)}); {RESTORE}") from None
+                                f"read ({first_line(exc, typed=True)}); {RESTORE}") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import CheckpointError, RefineryError, RunError
+from ..core.errors import CheckpointError, RefineryError, RunError, first_line
 from ..models.checkpoint_safety import load_weights_file
 from .config import TrainConfig
 from .schedule import milestone_problem
@@ -89,7 +89,7 @@ def _maybe_resume(cfg, out, model, optimizer, scheduler) -> int:
         return int(state["epoch"])
     except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, TypeError,
             ValueError) as exc:
-        raise CheckpointError(f"{last}: cannot resume from it ({str(exc).splitlines()[0]}); it is "
+        raise CheckpointError(f"{last}: cannot resume from it ({first_line(exc)}); it is "
                               "not this run's last.pt; start a new run in another --out") from None
 
 

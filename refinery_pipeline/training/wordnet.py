@@ -35,13 +35,16 @@ import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from ..core.errors import DataSetError, RefineryError
+from ..core.errors import DataSetError, RefineryError, first_line
 from ..core.validators import positive_number, refuse
 from ..sources.data_cache import default_cache_dir
+
+if TYPE_CHECKING:  # torch loads when a table is made: `refine --help` reads DEFAULT_TEMPERATURE
+    import torch
 
 DEFAULT_TEMPERATURE = 0.1
 WORDNET_ENV = "REFINERY_WORDNET"
@@ -207,10 +210,9 @@ class DatabaseErrors:
     def __exit__(self, kind, exc, tb):
         if exc is None or isinstance(exc, RefineryError) or not isinstance(exc, Exception):
             return False
-        said = (str(exc).splitlines() or [""])[0][:200]
+        reason = first_line(exc, limit=200, typed=True)  # nltk may quote a whole line
         if self.copy is not None:
-            said = said.replace(str(self.copy), self.source)
-        reason = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+            reason = reason.replace(str(self.copy), self.source)
         raise WordNetError(f"{self.source}: not a readable WordNet {WORDNET_VERSION} database "
                            f"({reason}); restore it (Debian's: "
                            f"{REINSTALL}) or set ${WORDNET_ENV} to an intact WordNet "
@@ -326,7 +328,7 @@ def wup_similarities(classes, where: str = "the data set") -> np.ndarray:
 
 
 def wordnet_category_table(classes, temperature: float = DEFAULT_TEMPERATURE,
-                           where: str = "the data set") -> torch.Tensor:
+                           where: str = "the data set") -> "torch.Tensor":
     """The taxonomy-based category labels: row ``c`` is ``softmax(wup(c, .) / temperature)``.
 
     Parameters
@@ -355,5 +357,6 @@ def wordnet_category_table(classes, temperature: float = DEFAULT_TEMPERATURE,
     if not names or not all(isinstance(name, str) for name in names):
         raise refuse("classes", classes, "must be a non-empty list of class names (WordNet "
                      "noun ids)", "pass store.classes")
+    import torch
     sims = torch.from_numpy(wup_similarities(names, where))
     return torch.softmax(sims / temperature, dim=1).float()
