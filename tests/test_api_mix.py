@@ -14,6 +14,9 @@ import refinery_pipeline as refinery
 from refinery_pipeline.loaders.crop_batch import MixedLabels
 from refinery_pipeline.training.targets import CategoryTargets, GroundTruthTargets
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 EPOCHS = (0, 1, 3)
 
 

@@ -31,6 +31,9 @@ from refinery_pipeline.loaders.crop_sources import replayed_crops
 from refinery_pipeline.loaders.crop_table import TABLE_FIELDS
 from refinery_pipeline.training.targets import store_category_table, visual_category_table
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 EPOCHS = 4  # more than K of either store: the cycle policy starts a second round
 POLICIES = ("cycle", "random")
 

@@ -18,6 +18,9 @@ from refinery_pipeline.loaders.dense_targets import dense_from_sparse
 from refinery_pipeline.training.data import load_data
 from refinery_pipeline.training.config import TrainConfig
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "imagenet_store.py"
 
 

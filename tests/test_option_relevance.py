@@ -18,6 +18,9 @@ from refinery_pipeline.training.config import TrainConfig
 
 from .test_cli import assert_one_line_error, make_tree, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 STORE, TEACHER = "labels.zarr", "refinery.pt"
 
 # Settings every mode of `refine train` uses: each TrainConfig field is here or in the table.

@@ -16,6 +16,9 @@ from refinery_pipeline.store.label_store import LabelStore
 from refinery_pipeline.store.remote_storage import CREATION_MARKER
 from refinery_pipeline.store.schema import StoreLayout
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 PLAN = CropPlan(seed=0, crops_per_image=2)
 
 

@@ -22,6 +22,9 @@ from refinery_pipeline.store.store_tools import pack_store
 
 from .test_cli import assert_one_line_error, run
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 TIMEOUT = 0.5  # seconds per request in these tests (the default is 10)
 BOUND = 15.0   # a hang is anything longer: aiohttp's own default is 300 s per request
 

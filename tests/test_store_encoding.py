@@ -16,6 +16,9 @@ from refinery_pipeline.store.schema import (DEFAULT_PROB_BITS, FORMAT_VERSION, M
 from .test_cli import assert_one_line_error, run
 from .test_precompute_trust import store_files
 
+# not the loader's tests: its pipelines run uncompiled, the same bytes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("uncompiled_loaders")
+
 DATA = Path(__file__).parent / "data"
 V2_STORE = DATA / "store_v2.zarr"
 # The codecs of the Zarr v3 core spec and its registered extensions that every v3 reader has.
