@@ -20,7 +20,7 @@ def test_one_non_blank_line_of_the_message_or_the_type_name(kind, message, limit
     if not said:
         assert line == kind.__name__
         return
-    quoted = said[0][:limit]
+    quoted = said[0][:limit].rstrip()
     assert line == (f"{kind.__name__}: {quoted}" if typed else quoted)
 
 
@@ -39,3 +39,4 @@ def test_typed_names_the_type_and_limit_cuts_the_line_only():
     assert first_line(KeyError("model"), typed=True) == "KeyError: 'model'"
     assert first_line(KeyError(), typed=True) == "KeyError"
     assert first_line(ValueError("x" * 500), limit=200, typed=True) == "ValueError: " + "x" * 200
+    assert first_line(ValueError("ab cd"), limit=3) == "ab"  # cut, then stripped again

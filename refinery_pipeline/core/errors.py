@@ -86,7 +86,8 @@ def first_line(exc: BaseException, limit: int = None, typed: bool = False) -> st
         The line, never empty.
     """
     name = type(exc).__name__
-    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:limit]
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    line = line[:limit].rstrip()  # a cut may end in a space
     if not line:
         return name
     return f"{name}: {line}" if typed else line
