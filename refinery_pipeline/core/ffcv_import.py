@@ -12,9 +12,9 @@ another's (numba caches no typed-dict code on disk).
 module with ``numba.typed.Dict`` standing for Python's ``dict``, then puts numba's back: the
 module's ``IMAGE_MODES`` is a plain dict of the same items, and nothing else changes (the swap
 lasts only while that module runs, under the import lock; a thread of the user's that built a
-typed dict in those milliseconds would get a ``dict``). The hook
-imports nothing until FFCV itself is imported (importing a torch-free part stays free of numba),
-and a process that imported FFCV before ``refinery_pipeline`` keeps FFCV's own (slower) import.
+typed dict in those milliseconds would get a ``dict``). The hook imports nothing until FFCV
+itself is imported (importing a torch-free part stays free of numba), and a process that
+imported FFCV before ``refinery_pipeline`` keeps FFCV's own (slower) import.
 """
 import importlib.abc
 import importlib.machinery
@@ -25,7 +25,7 @@ TYPED_DICT_MODULE = "ffcv.fields.rgb_image"  # the one FFCV module that builds a
 
 class _PlainDictFinder(importlib.abc.MetaPathFinder):
     """Finds :data:`TYPED_DICT_MODULE` as the normal path finder does, with a loader that runs
-    it under :func:`_plain_dicts`; every other module is left to the next finder."""
+    it with :class:`_PlainDictLoader`; every other module is left to the next finder."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != TYPED_DICT_MODULE:
